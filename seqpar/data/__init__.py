@@ -1,0 +1,63 @@
+"""Data pipeline: tokenizers, datasets of packed samples, the global sampler and the loader.
+
+Typical use (every DP rank)::
+
+    tokenizer = build_tokenizer(cfg.data)
+    dataset = build_dataset(cfg.data, cache_dir)          # rank 0 first if it must tokenize
+    sampler = GlobalSampler(len(dataset), cfg.data.seed, cfg.data.shuffle)
+    loader = MicroBatchLoader(dataset, sampler, layout.micro_batch_size, dp_rank, layout.dp,
+                              layout.grad_accum_steps)
+    for micro_step, batch in enumerate(loader.window(step)): ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seqpar.config import DataConfig
+from seqpar.data.loader import Batch, MicroBatchLoader
+from seqpar.data.packing import IGNORE_INDEX, PackedDataset, Sample
+from seqpar.data.sampler import GlobalSampler
+from seqpar.data.sources import SFTDataset, TextDataset, TokenDataset
+from seqpar.data.synthetic import PasskeyDataset
+from seqpar.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+Dataset = PackedDataset
+
+
+def build_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """``cfg.tokenizer`` (a tokenizer.json) or, when unset, the byte tokenizer."""
+    return HFTokenizer(cfg.tokenizer) if cfg.tokenizer is not None else ByteTokenizer()
+
+
+def build_dataset(cfg: DataConfig, cache_dir: Path) -> PackedDataset:
+    """The training dataset selected by ``cfg.type``. ``cache_dir`` holds tokenized text/SFT."""
+    if cfg.type == "passkey":
+        return PasskeyDataset(cfg)
+    if cfg.type == "tokens":
+        return TokenDataset(cfg)
+    if cfg.type == "text":
+        return TextDataset(cfg, build_tokenizer(cfg), Path(cache_dir))
+    if cfg.type == "sft":
+        return SFTDataset(cfg, build_tokenizer(cfg), Path(cache_dir))
+    raise ValueError(f"unknown data.type '{cfg.type}'")
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Batch",
+    "ByteTokenizer",
+    "Dataset",
+    "GlobalSampler",
+    "HFTokenizer",
+    "MicroBatchLoader",
+    "PackedDataset",
+    "PasskeyDataset",
+    "SFTDataset",
+    "Sample",
+    "TextDataset",
+    "TokenDataset",
+    "Tokenizer",
+    "build_dataset",
+    "build_tokenizer",
+]

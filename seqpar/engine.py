@@ -1,0 +1,256 @@
+"""The training loop: one micro-batch at a time, on a DeepSpeed engine.
+
+This is the one module that talks to DeepSpeed. Flow: config -> topology -> data -> model ->
+``deepspeed.initialize`` -> ``Trainer.train()``. The loop position is explicit: ``step`` (optimizer
+steps done) and ``micro_step`` (micro-batches done inside the open accumulation window), so a
+checkpoint can be taken after any micro-batch.
+
+Loss normalisation: the loss of an optimizer step is the sum of token cross-entropies over the whole
+global batch divided by the number of labelled tokens in it (counted on every DP rank for its share
+of the window and all-reduced once per step). DeepSpeed averages gradients over its data-parallel
+ranks, so each rank back-propagates ``ce_sum * dp / tokens`` (``scale_wrt_gas=False``): the result
+is independent of how the global batch is split into ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from seqpar import __version__
+from seqpar.config import Config, Layout, flops_per_token
+from seqpar.data import GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
+from seqpar.evaluate import passkey_accuracy
+from seqpar.kernels import LocalAttention, select_attention
+from seqpar.metrics import RunLogger, memory_gib, peak_tflops
+from seqpar.models import Transformer, build_model, count_parameters
+from seqpar.parallel import Topology
+from seqpar.rng import seed_everything
+from seqpar.schedule import WarmupDecay
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on vectors (norms, biases, router bias) — the usual Llama recipe."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class TrainState:
+    """Loop position and run history: everything the trainer itself needs to resume."""
+
+    step: int = 0  # optimizer steps completed
+    micro_step: int = 0  # micro-batches done in the open window (0 = at a step boundary)
+    consumed_samples: int = 0
+    consumed_tokens: int = 0  # labelled tokens of completed steps
+    losses: list[float] = field(default_factory=list)  # per optimizer step
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, losses=list(self.losses))
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for k in self.__dict__:
+            setattr(self, k, sd[k])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, topo: Topology, config_path: str | None = None):
+        import deepspeed
+
+        self.cfg, self.topo = cfg, topo
+        self.layout: Layout = cfg.layout(topo.world_size)
+        self.device = topo.device
+        self.state = TrainState()
+        self.run_dir = Path(cfg.logging.run_dir)
+        seed_everything(cfg.train.seed)
+
+        # data: rank 0 tokenizes into the cache first, the others then read it
+        cache_dir = cfg.data.cache_dir or self.run_dir / "cache"
+        if not topo.is_main:
+            dist.barrier()
+        self.dataset = build_dataset(cfg.data, cache_dir)
+        if topo.is_main:
+            dist.barrier()
+        if self.dataset.vocab_size_needed > cfg.model.vocab_size:
+            raise ValueError(
+                f"data emits token ids up to {self.dataset.vocab_size_needed - 1} but "
+                f"model.vocab_size={cfg.model.vocab_size}: raise model.vocab_size or fix the tokenizer"
+            )
+        self.sampler = GlobalSampler(len(self.dataset), cfg.data.seed, cfg.data.shuffle)
+        self.loader = MicroBatchLoader(
+            self.dataset, self.sampler, self.layout.micro_batch_size, topo.dp_rank, self.layout.dp,
+            self.layout.grad_accum_steps,
+        )
+
+        # model
+        model = build_model(cfg.model, seed=cfg.train.seed)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        model.loss_chunk_size = cfg.train.loss_chunk_size
+        self.kernel = select_attention(cfg.train.attention, self.device)
+        model.set_attention(LocalAttention(self.kernel))
+        self.n_params, self.n_active = count_parameters(model)
+        if cfg.parallel.zero_stage == 3 and cfg.model.tie_word_embeddings:
+            # the tied head reads the embedding matrix outside the embedding's forward
+            deepspeed.zero.register_external_parameter(model.lm_head, model.model.embed_tokens.weight)
+
+        self.ds_config = cfg.deepspeed_config(self.layout)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.to(self.device),
+            model_parameters=param_groups(model, cfg.train.weight_decay),
+            config=self.ds_config,
+            lr_scheduler=lambda opt: WarmupDecay(opt, cfg.train),
+            dist_init_required=False,
+        )
+        self.model: Transformer = self.engine.module
+
+        self.logger = RunLogger(
+            self.run_dir, topo.is_main, cfg.train.max_steps, cfg.logging.progress_bar, cfg.logging.tensorboard
+        )
+        self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.config_path = config_path
+        self._window: list | None = None
+        self._acc: dict[str, torch.Tensor] = {}
+
+    # -- summary ----------------------------------------------------------------------------------
+    def summary(self) -> str:
+        c, lay, m = self.cfg, self.layout, self.cfg.model
+        tokens = lay.global_batch_size * c.data.seq_len
+        kv = f"{m.num_attention_heads}/{m.kv_heads} kv"
+        moe = f", MoE {m.moe.num_experts} experts top-{m.moe.top_k}" if m.moe else ""
+        return "\n".join(
+            [
+                f"seqpar {__version__} | config {self.config_path or '<dict>'} (hash {c.fingerprint()})",
+                f"layout  {self.topo.describe()}, backend {dist.get_backend()}",
+                f"engine  DeepSpeed ZeRO-{c.parallel.zero_stage}, {c.train.precision}, attention "
+                f"{self.kernel.describe()}, activation checkpointing "
+                f"{'on' if c.train.activation_checkpointing else 'off'}",
+                f"model   {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads {kv}, "
+                f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
+                f"({self.n_active / 1e6:,.2f}M active)"
+                + (f", from {m.hf_path}" if m.hf_path else ""),
+                f"data    {self.dataset.describe()}",
+                f"batch   micro {lay.micro_batch_size} x dp {lay.dp} x grad-accum {lay.grad_accum_steps} "
+                f"= {lay.global_batch_size} sequences x {c.data.seq_len} = {tokens:,} tokens per step",
+                f"optim   {c.train.max_steps} steps, AdamW lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
+                f"{c.train.decay} to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
+                f"output  {self.run_dir}",
+            ]
+        )
+
+    # -- loop -------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Run until ``train.max_steps``; returns final metrics (rank 0's view, same everywhere)."""
+        self.logger.print(self.summary())
+        self.logger.start_at(self.state.step)
+        self.engine.train()
+        while self.state.step < self.cfg.train.max_steps:
+            self.train_micro_batch()
+        result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.losses[-1]}
+        if isinstance(self.dataset, PasskeyDataset) and self.cfg.data.passkey.eval_samples:
+            result["passkey_accuracy"] = self.evaluate_passkey()
+            self.logger.log(self.state.step, {"passkey_accuracy": result["passkey_accuracy"]})
+        self.logger.close()
+        if self.topo.is_main:
+            first = self.state.losses[0]
+            print(
+                f"done: {self.state.step} steps, loss {first:.4f} -> {result['final_loss']:.4f}"
+                + (f", passkey accuracy {result['passkey_accuracy']:.1%}" if "passkey_accuracy" in result else ""),
+                flush=True,
+            )
+        return result
+
+    def train_micro_batch(self) -> None:
+        """Forward + backward of one micro-batch; an optimizer step when it closes the window."""
+        st, lay = self.state, self.layout
+        if self._window is None:
+            self._open_window()
+        batch = self._window[st.micro_step].to(self.device)
+        out = self.engine(batch.input_ids, batch.position_ids, batch.labels)
+        loss = out.loss_sum * (lay.dp / self._acc["tokens"]) + out.aux_loss / lay.grad_accum_steps
+        self.engine.backward(loss, scale_wrt_gas=False)
+        closes = st.micro_step + 1 == lay.grad_accum_steps
+        assert self.engine.is_gradient_accumulation_boundary() == closes, "DeepSpeed micro-step drifted"
+        self.engine.step()
+        self._acc["ce"] += out.loss_sum.detach().float()
+        self._acc["aux"] += out.aux_loss.detach().float()
+        st.micro_step += 1
+        st.consumed_samples += lay.micro_batch_size * lay.dp
+        if closes:
+            self._close_window()
+
+    def _open_window(self) -> None:
+        """Fetch this rank's micro-batches of the step and count labelled tokens globally."""
+        self._window = self.loader.window(self.state.step)
+        local = sum(b.num_loss_tokens for b in self._window)
+        tokens = torch.tensor(float(local), dtype=torch.float64, device=self.device)
+        dist.all_reduce(tokens, group=self.topo.dp_group)
+        if tokens.item() == 0:
+            raise RuntimeError(f"step {self.state.step}: the global batch has no labelled tokens")
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._acc = {"tokens": tokens.float(), "ce": zero.clone(), "aux": zero.clone(), "t0": time.time()}
+
+    def _close_window(self) -> None:
+        st, lay = self.state, self.layout
+        router_stats = self.model.update_routers()
+        sums = torch.stack([self._acc["ce"], self._acc["aux"]]).double()
+        dist.all_reduce(sums, group=self.topo.dp_group)
+        loss = (sums[0] / self._acc["tokens"].double()).item()
+        aux = (sums[1] / (lay.grad_accum_steps * lay.dp)).item()
+        st.step += 1
+        st.micro_step = 0
+        st.consumed_tokens += int(self._acc["tokens"].item())
+        st.losses.append(loss)
+        self._window = None
+        if st.step % self.cfg.logging.log_every == 0 or st.step == self.cfg.train.max_steps:
+            self._log(loss, aux, router_stats)
+
+    def _log(self, loss: float, aux: float, router_stats: dict[str, float]) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = max(time.time() - self._acc["t0"], 1e-9)
+        tok_s = self.layout.global_batch_size * self.cfg.data.seq_len / dt
+        metrics: dict[str, Any] = {
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tok_s": tok_s,
+            "step_time_s": dt,
+            "mem_gib": memory_gib(self.device),
+            "consumed_tokens": self.state.consumed_tokens,
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if self.cfg.model.moe is not None:
+            metrics["aux_loss"] = aux
+            metrics.update(router_stats)
+        if self.peak is not None:
+            metrics["mfu"] = tok_s * self.flops_per_token / (self.peak * 1e12 * self.topo.world_size)
+        self.logger.log(self.state.step, metrics)
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_passkey(self) -> float:
+        """Share of held-out passkey samples whose every key digit is the argmax (teacher forced)."""
+        eval_set = PasskeyDataset(self.cfg.data, split="eval")
+        n = min(self.cfg.data.passkey.eval_samples, len(eval_set))
+        # every DP rank scores its share; ZeRO-3 needs all ranks in every forward, so pad the turns
+        mine = list(range(self.topo.dp_rank, n, self.layout.dp))
+        turns = -(-n // self.layout.dp)
+        self.engine.eval()
+        correct = passkey_accuracy(self.engine, eval_set, mine, turns, self.device)
+        self.engine.train()
+        total = torch.tensor([correct], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, group=self.topo.dp_group)
+        return total.item() / n

@@ -1,0 +1,98 @@
+"""Attention kernels behind one interface.
+
+A kernel is called as ``kernel(q, k, v, cu_seqlens, max_seqlen, scale) -> (out, lse)`` with
+q [T, H, D], k/v [T, Hkv, D] (GQA allowed), cumulative document lengths ``cu_seqlens`` [N+1] over
+the T tokens, and returns out [T, H, D] (differentiable) and lse [H, T] fp32 (detached). Masking is
+always causal within documents. Sequence-parallel wrappers (``seqpar.parallel``) build on this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from seqpar.kernels import flash as _flash
+from seqpar.kernels.sdpa import SDPAAttention
+from seqpar.kernels.torch_math import varlen_attention
+
+
+@dataclass
+class AttnMeta:
+    """Document layout of the tokens a rank's attention sees (built once per micro-batch)."""
+
+    cu_seqlens: Tensor  # int64 [N+1], cumulative document lengths over the T local tokens
+    max_seqlen: int
+
+
+class LocalAttention:
+    """Adapts a kernel to the model's ``attention(q, k, v, meta, scale) -> out`` call (no SP)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float) -> Tensor:
+        return self.kernel(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)[0]
+
+    def describe(self) -> str:
+        return self.kernel.describe()
+
+
+class TorchAttention:
+    """Exact pure-torch kernel (CPU default; any device)."""
+
+    name = "torch"
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
+        return varlen_attention(q, k, v, cu_seqlens, scale)
+
+    def describe(self) -> str:
+        return "torch"
+
+
+def select_attention(name: str, device: torch.device, deterministic: bool = False):
+    """Pick the kernel: ``auto`` = flash-attn if installed and on CUDA, else SDPA on CUDA, else torch."""
+    if name == "auto":
+        if device.type == "cuda":
+            name = "flash_attn" if _flash.available() else "sdpa"
+        else:
+            name = "torch"
+    if name == "torch":
+        return TorchAttention()
+    if device.type != "cuda":
+        raise ValueError(
+            f"train.attention='{name}' needs a CUDA device (this run is on {device.type}): "
+            f"use 'torch' or 'auto'"
+        )
+    if name == "flash_attn":
+        if not _flash.available():
+            raise ValueError(
+                "train.attention='flash_attn' but flash-attn is not installed: "
+                "pip install 'seqpar[flash]' or use 'sdpa'"
+            )
+        return _flash.FlashAttnAttention(deterministic)
+    if name == "sdpa":
+        return SDPAAttention(deterministic)
+    raise ValueError(f"unknown attention kernel '{name}': use auto, torch, sdpa or flash_attn")
+
+
+def attn_meta_from_positions(position_ids: Tensor) -> AttnMeta:
+    """Document boundaries of a flattened packed sequence: documents start where position == 0."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0, as_tuple=False).flatten()
+    if starts.numel() == 0 or starts[0].item() != 0:
+        raise ValueError("position_ids must start every sequence with 0 (a document start)")
+    total = torch.tensor([flat.numel()], device=flat.device)
+    cu = torch.cat([starts, total])
+    return AttnMeta(cu, int((cu[1:] - cu[:-1]).max().item()))
+
+
+__all__ = [
+    "AttnMeta",
+    "LocalAttention",
+    "SDPAAttention",
+    "TorchAttention",
+    "attn_meta_from_positions",
+    "select_attention",
+]

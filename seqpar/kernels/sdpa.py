@@ -1,0 +1,157 @@
+"""CUDA attention through torch's fused SDPA ops that also return the log-sum-exp.
+
+The public ``F.scaled_dot_product_attention`` hides the LSE, which ring attention needs, so we call
+the aten ops directly (as torch's own context parallelism does). Their autograd formulas give the
+gradient of ``out``; ``lse`` is returned detached. Backends, fastest first on an H100: cuDNN, then
+flash (FA2), then memory-efficient. cuDNN has no deterministic backward, so deterministic mode
+skips it. Packed documents use the varlen entry points (cumulative sequence lengths).
+
+Which op runs is decided once per (backend list, dense/varlen, GQA) by trying them in order and
+remembering the first that works on this GPU/torch build (``BackendChooser``): the logic is plain
+Python and tested on CPU with fake backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+aten = torch.ops.aten
+
+# (q, k, v, cu_seqlens | None, max_seqlen, scale) -> (out [T, H, D], lse [H, T])
+Backend = Callable[[Tensor, Tensor, Tensor, "Tensor | None", int, float], tuple[Tensor, Tensor]]
+
+
+def _as_bhsd(x: Tensor) -> Tensor:
+    """[T, H, D] -> [1, H, T, D] view (the fused ops accept this stride pattern)."""
+    return x.unsqueeze(0).transpose(1, 2)
+
+
+def _lse_ht(lse: Tensor, heads: int, total: int) -> Tensor:
+    """Normalise the various LSE shapes ([1,H,T], [1,H,T,1], [H,T], padded) to fp32 [H, T]."""
+    return lse.reshape(-1, lse.shape[-1] if lse.shape[-1] != 1 else lse.shape[-2])[:heads, :total].float()
+
+
+def _expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def cudnn_dense(q, k, v, cu, max_len, scale):
+    out, lse = aten._scaled_dot_product_cudnn_attention(
+        _as_bhsd(q), _as_bhsd(k), _as_bhsd(v), None, True, 0.0, True, False, scale=scale
+    )[:2]
+    return out.squeeze(0).transpose(0, 1), _lse_ht(lse, q.shape[1], q.shape[0])
+
+
+def flash_dense(q, k, v, cu, max_len, scale):
+    out, lse = aten._scaled_dot_product_flash_attention(
+        _as_bhsd(q), _as_bhsd(k), _as_bhsd(v), 0.0, True, False, scale=scale
+    )[:2]
+    return out.squeeze(0).transpose(0, 1), _lse_ht(lse, q.shape[1], q.shape[0])
+
+
+def efficient_dense(q, k, v, cu, max_len, scale):
+    out, lse = aten._scaled_dot_product_efficient_attention(
+        _as_bhsd(q), _as_bhsd(k), _as_bhsd(v), None, True, 0.0, True, scale=scale
+    )[:2]
+    return out.squeeze(0).transpose(0, 1), _lse_ht(lse, q.shape[1], q.shape[0])
+
+
+def cudnn_varlen(q, k, v, cu, max_len, scale):
+    out, lse = aten._cudnn_attention_forward(
+        q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False, scale=scale
+    )[:2]
+    return out, _lse_ht(lse, q.shape[1], q.shape[0])
+
+
+def flash_varlen(q, k, v, cu, max_len, scale):
+    out, lse = aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
+    )[:2]
+    return out, _lse_ht(lse, q.shape[1], q.shape[0])
+
+
+def efficient_varlen(q, k, v, cu, max_len, scale):
+    # custom_mask_type 1 = causal from the top-left of each (q, k) document pair.
+    out, lse = aten._efficient_attention_forward(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu, cu, max_len, max_len, 0.0, 1, True,
+        scale=scale,
+    )[:2]
+    return out.squeeze(0), _lse_ht(lse, q.shape[1], q.shape[0])
+
+
+DENSE = {"cudnn": cudnn_dense, "flash": flash_dense, "efficient": efficient_dense}
+VARLEN = {"cudnn": cudnn_varlen, "flash": flash_varlen, "efficient": efficient_varlen}
+ORDER = ("cudnn", "flash", "efficient")
+
+
+def backend_order(deterministic: bool, prefer: Sequence[str] | None = None) -> list[str]:
+    """Backends to try, fastest first; cuDNN's backward is never deterministic, so it is dropped."""
+    order = list(prefer or ORDER)
+    unknown = [b for b in order if b not in ORDER]
+    if unknown:
+        raise ValueError(f"unknown SDPA backend(s) {unknown}; choose from {ORDER}")
+    return [b for b in order if not (deterministic and b == "cudnn")]
+
+
+class BackendChooser:
+    """Try backends in order for each call signature; remember the first that works.
+
+    With GQA (fewer kv heads) each backend is tried first natively, then with kv heads repeated,
+    since which fused kernels accept GQA differs between torch builds.
+    """
+
+    def __init__(self, table: dict[str, Backend], order: Sequence[str]):
+        if not order:
+            raise ValueError("no attention backend left to try (deterministic mode drops cuDNN)")
+        self.table, self.order = table, list(order)
+        self.chosen: dict[tuple, tuple[str, bool]] = {}
+        self.errors: dict[str, str] = {}
+
+    def _run(self, name: str, expand: bool, q, k, v, cu, max_len, scale):
+        if expand:
+            k, v = _expand_kv(q, k, v)
+        return self.table[name](q, k, v, cu, max_len, scale)
+
+    def __call__(self, key: tuple, q, k, v, cu, max_len, scale) -> tuple[Tensor, Tensor]:
+        if key in self.chosen:
+            return self._run(*self.chosen[key], q, k, v, cu, max_len, scale)
+        gqa = q.shape[1] != k.shape[1]
+        for name in self.order:
+            for expand in (False, True) if gqa else (False,):
+                try:
+                    result = self._run(name, expand, q, k, v, cu, max_len, scale)
+                except (RuntimeError, NotImplementedError) as e:  # unsupported for these inputs
+                    self.errors[f"{name}{'+expand' if expand else ''}"] = str(e).splitlines()[0][:200]
+                    continue
+                self.chosen[key] = (name, expand)
+                return result
+        raise RuntimeError(f"no SDPA backend ran for {key}: {self.errors}")
+
+
+class SDPAAttention:
+    """Local causal attention within documents on CUDA via fused SDPA ops."""
+
+    name = "sdpa"
+
+    def __init__(self, deterministic: bool = False, prefer: Sequence[str] | None = None):
+        order = backend_order(deterministic, prefer)
+        self.dense = BackendChooser(DENSE, order)
+        self.varlen = BackendChooser(VARLEN, order)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
+        key = (q.dtype, q.shape[1] != k.shape[1], q.shape[-1])
+        if cu_seqlens.numel() == 2:  # one document: the dense kernels are the fastest
+            out, lse = self.dense(key, q, k, v, None, max_seqlen, scale)
+        else:
+            out, lse = self.varlen(key, q, k, v, cu_seqlens.to(torch.int32), max_seqlen, scale)
+        return out, lse.detach()
+
+    def describe(self) -> str:
+        chosen = {n for n, _ in self.dense.chosen.values()} | {n for n, _ in self.varlen.chosen.values()}
+        return f"sdpa[{','.join(sorted(chosen)) or 'not yet run'}]"

@@ -1,0 +1,298 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE) on packed token streams.
+
+Parameter names equal Hugging Face's (``model.layers.3.self_attn.q_proj.weight``) so safetensors
+checkpoints map one to one; only MoE experts differ (stacked per layer, see ``seqpar.models.hf``).
+
+The model works on a flat stream of T tokens: a micro-batch [B, S] is flattened and documents are
+told apart by ``position_ids`` restarting at 0, so attention (``AttnMeta``) never crosses a document
+and padding costs nothing special. Attention itself is injected (``set_attention``): a local kernel,
+or a sequence-parallel wrapper that exchanges q/k/v with other ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from seqpar.config import ModelConfig, RopeScalingConfig, is_moe_layer
+from seqpar.kernels import AttnMeta, LocalAttention, TorchAttention, attn_meta_from_positions
+from seqpar.loss import chunked_cross_entropy
+from seqpar.models.moe import MoE, Router, SwiGLU
+
+# attention(q [T,H,D], k [T,Hkv,D], v, meta, scale) -> out [T,H,D]
+AttentionFn = Callable[[Tensor, Tensor, Tensor, AttnMeta, float], Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScalingConfig | None) -> Tensor:
+    """Inverse frequencies (fp32), with linear or Llama-3.1 wavelength-dependent scaling."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling is None:
+        return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    lo_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    hi_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > lo_wavelen, inv / scaling.factor, inv)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary:
+    """cos/sin tables for given positions. Not a module: bf16 casts of the model must not touch
+    the fp32 frequencies."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+
+    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * inv[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [T, H, D], cos/sin [T, D]."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.dim_per_head
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, d
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttnMeta, attn: AttentionFn) -> Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attn(q, k, v, meta, 1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = is_moe_layer(cfg, index)
+        self.mlp: nn.Module = (
+            MoE(cfg.hidden_size, cfg.moe) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        )
+
+    def forward(self, x, cos, sin, meta: AttnMeta, attn: AttentionFn) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Returns (hidden, aux loss, tokens per expert or None)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, attn)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, aux, counts = self.mlp(h)
+            return x + y, aux, counts
+        return x + self.mlp(h), x.new_zeros((), dtype=torch.float32), None
+
+
+class LMHead(nn.Linear):
+    """Output projection; with labels, returns the chunked cross-entropy sum instead of logits.
+
+    Computing the loss inside this module's forward matters under ZeRO-3: parameters are
+    gathered only while their module runs.
+    """
+
+    def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 4096) -> Tensor:  # type: ignore[override]
+        if labels is None:
+            return F.linear(x, self.weight)
+        return chunked_cross_entropy(x, self.weight, labels, chunk)
+
+
+class TiedLMHead(nn.Module):
+    """LM head sharing the embedding matrix. Under ZeRO-3 the engine registers that matrix as an
+    external parameter of this module so it is gathered here too."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = [embedding]  # a list hides it from the module tree (no duplicate param)
+
+    @property
+    def weight(self) -> Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 4096) -> Tensor:
+        if labels is None:
+            return F.linear(x, self.weight)
+        return chunked_cross_entropy(x, self.weight, labels, chunk)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    loss_sum: Tensor | None  # summed CE over labelled tokens (caller normalises)
+    aux_loss: Tensor  # MoE load-balancing loss (0 for dense)
+    logits: Tensor | None = None  # [B, S, V] when no labels are given
+
+
+class Transformer(nn.Module):
+    """Causal LM. ``forward(input_ids, position_ids, labels)``; all of shape [B, S]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head: nn.Module = (
+            TiedLMHead(self.model.embed_tokens)
+            if cfg.tie_word_embeddings
+            else LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+        self.rotary = Rotary(cfg)
+        self.attention: AttentionFn = LocalAttention(TorchAttention())
+        self.activation_checkpointing = False
+        self.loss_chunk_size = 4096
+
+    # -- setup ------------------------------------------------------------------------------------
+    def set_attention(self, fn: AttentionFn) -> None:
+        self.attention = fn
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases."""
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
+
+    def routers(self) -> list[tuple[str, Router]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, Router)]
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        labels: Tensor | None = None,
+        meta: AttnMeta | None = None,
+    ) -> ModelOutput:
+        ids = input_ids.reshape(-1)
+        pos = position_ids.reshape(-1)
+        if meta is None:
+            meta = attn_meta_from_positions(pos)
+        x = self.model.embed_tokens(ids)
+        cos, sin = self.rotary(pos, x.dtype)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training:
+                x, a, counts = checkpoint(layer, x, cos, sin, meta, self.attention, use_reentrant=False)
+            else:
+                x, a, counts = layer(x, cos, sin, meta, self.attention)
+            aux = aux + a
+            if counts is not None and self.training:
+                # outside the checkpointed region: recomputation must not count twice
+                layer.mlp.gate.tokens_per_expert += counts
+        x = self.model.norm(x)
+        if labels is None:
+            return ModelOutput(None, aux, self.lm_head(x).view(*input_ids.shape, -1))
+        return ModelOutput(self.lm_head(x, labels.reshape(-1), self.loss_chunk_size), aux)
+
+    # -- router state -----------------------------------------------------------------------------
+    def router_state_dict(self) -> dict[str, Tensor]:
+        """Expert bias and the open window's token counts of every MoE layer (fp32, CPU)."""
+        out = {}
+        for name, r in self.routers():
+            out[f"{name}.tokens_per_expert"] = r.tokens_per_expert.detach().cpu().clone()
+            if r.expert_bias is not None:
+                out[f"{name}.expert_bias"] = r.expert_bias.detach().cpu().clone()
+        return out
+
+    def load_router_state_dict(self, state: dict[str, Tensor]) -> None:
+        expected = set(self.router_state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"router state mismatch: missing {sorted(expected - set(state))}, "
+                f"unexpected {sorted(set(state) - expected)}"
+            )
+        for name, r in self.routers():
+            r.tokens_per_expert.copy_(state[f"{name}.tokens_per_expert"])
+            if r.expert_bias is not None:
+                r.expert_bias.copy_(state[f"{name}.expert_bias"])
+
+    @torch.no_grad()
+    def update_routers(self, group=None) -> dict[str, float]:
+        """End of an optimizer step: sum token counts over all ranks, step the expert bias, reset.
+
+        One all-reduce for all layers. Returns load statistics for logging.
+        """
+        routers = [r for _, r in self.routers()]
+        if not routers:
+            return {}
+        counts = torch.stack([r.tokens_per_expert for r in routers])  # [L, E]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts, group=group)
+        mean = counts.mean(dim=1, keepdim=True)
+        for r, c, m in zip(routers, counts, mean):
+            if r.expert_bias is not None:
+                # DeepSeek-V3: raise under-loaded experts' bias, lower over-loaded ones'.
+                r.expert_bias += r.cfg.bias_update_rate * torch.sign(m - c)
+            r.tokens_per_expert.zero_()
+        return {"moe_max_load": float((counts.max(1).values / mean.squeeze(1).clamp_min(1)).max())}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, active per token) parameter counts; works under ZeRO-3 (``ds_numel``)."""
+    total = active = 0
+    for name, p in model.named_parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        total += n
+        if ".experts." in name:
+            moe_cfg = model.cfg.moe  # type: ignore[union-attr]
+            active += n * moe_cfg.top_k // moe_cfg.num_experts
+        else:
+            active += n
+    return total, active

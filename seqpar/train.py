@@ -1,0 +1,74 @@
+"""Entry point: ``deepspeed seqpar/train.py --config configs/tiny-cpu.yaml [--section.key value ...]``.
+
+Also runs under ``torchrun --nproc_per_node N seqpar/train.py`` and as ``python seqpar/train.py``
+(one process). Without ``--config`` the embedded CPU default is used.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: put the repo root (not seqpar/) on sys.path, so `import seqpar` works from a
+    # fresh clone and our subpackage names (data, kernels, ...) never shadow other libraries.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="seqpar/train.py",
+        description="Long-context sequence-parallel training on DeepSpeed.",
+        epilog="Any config key can be overridden as --section.key value, e.g. --train.lr 1e-3.",
+    )
+    p.add_argument("--config", default=None, help="YAML config (default: the embedded tiny-cpu config)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
+
+    from seqpar.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"seqpar: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+
+    from seqpar.engine import Trainer
+    from seqpar.parallel import init_topology, pick_device
+
+    device = pick_device(cfg.train.device)
+    topo = init_topology(cfg.parallel.ulysses_degree, cfg.parallel.ring_degree, device, cfg.parallel.backend)
+    try:
+        cfg.layout(topo.world_size)  # batch / layout consistency, before any data or model work
+    except ConfigError as e:
+        if topo.is_main:
+            print(f"seqpar: {e}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg, topo, config_path=args.config or "<embedded tiny-cpu>")
+    trainer.train()
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
