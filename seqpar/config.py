@@ -82,6 +82,12 @@ class MoEConfig(_Section):
         return self
 
 
+# Training choices that may differ from a loaded checkpoint's config.json (context extension,
+# balancing); everything else defines weight shapes or the function computed and must match.
+HF_OVERRIDABLE = {"rope_theta", "rope_scaling", "max_position_embeddings", "initializer_range"}
+HF_OVERRIDABLE_MOE = {"aux_loss_coef", "bias_update_rate"}
+
+
 class ModelConfig(_Section):
     """Decoder architecture (Llama family, dense or MoE). Field names follow Hugging Face."""
 
@@ -106,6 +112,50 @@ class ModelConfig(_Section):
     tie_word_embeddings: bool = False
     initializer_range: float = Field(0.02, gt=0)
     moe: MoEConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_hf(cls, data: Any) -> Any:
+        """With ``hf_path``, the architecture comes from its config.json; explicit keys that
+        disagree with it are an error (a silent mix would load weights into the wrong shapes)."""
+        if not isinstance(data, dict) or data.get("hf_path") is None:
+            return data
+        path = Path(data["hf_path"])
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"model.hf_path: '{cfg_file}' not found (want a HF model directory)")
+        from seqpar.models.hf import hf_config_to_fields
+
+        try:
+            fields = hf_config_to_fields(json.loads(cfg_file.read_text()))
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"model.hf_path: cannot use {cfg_file}: {e}") from None
+        merged = {**data, **fields}
+        clashes = []
+        for k, v in fields.items():
+            if k not in data or data[k] == v:
+                continue
+            if k in HF_OVERRIDABLE:
+                merged[k] = data[k]
+            elif k == "moe" and isinstance(data[k], dict):
+                moe = dict(v)
+                for mk, mv in data[k].items():
+                    if mk in HF_OVERRIDABLE_MOE or moe.get(mk) == mv:
+                        moe[mk] = mv
+                    else:
+                        clashes.append(f"model.moe.{mk}={mv!r} (config.json: {moe.get(mk)!r})")
+                merged["moe"] = moe
+            else:
+                clashes.append(f"model.{k}={data[k]!r} (config.json: {v!r})")
+        if clashes:
+            raise ValueError(
+                "these keys disagree with model.hf_path's config.json: "
+                + ", ".join(clashes)
+                + "; remove them from the YAML (the checkpoint defines the architecture; only "
+                + ", ".join(sorted(HF_OVERRIDABLE | {f"moe.{k}" for k in HF_OVERRIDABLE_MOE}))
+                + " may be changed)"
+            )
+        return merged
 
     @property
     def kv_heads(self) -> int:
