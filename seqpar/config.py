@@ -283,7 +283,7 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = False
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
     attention: Literal["auto", "torch", "sdpa", "flash_attn"] = Field(
-        "auto", description="auto: flash_attn if installed, sdpa on CUDA, torch on CPU"
+        "auto", description="auto: flash_attn if installed on CUDA, else sdpa; torch = exact math"
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

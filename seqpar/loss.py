@@ -17,14 +17,15 @@ IGNORE_INDEX = -100
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        lse = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
         for lo in range(0, hidden.shape[0], chunk):
             lab = labels[lo : lo + chunk]
             valid = lab != IGNORE_INDEX
             if not bool(valid.any()):
                 continue
-            logits = (hidden[lo : lo + chunk] @ weight.t()).float()
+            logits = (hidden[lo : lo + chunk] @ weight.t()).to(acc)
             lse_c = torch.logsumexp(logits, dim=-1)
             lse[lo : lo + chunk] = lse_c
             tgt = logits.gather(1, lab.clamp_min(0).unsqueeze(1)).squeeze(1)
@@ -37,7 +38,7 @@ class _ChunkedCE(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         hidden, weight, labels, lse = ctx.saved_tensors
         d_hidden = torch.zeros_like(hidden)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        d_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
         for lo in range(0, hidden.shape[0], ctx.chunk):
             lab = labels[lo : lo + ctx.chunk]
             valid = lab != IGNORE_INDEX
@@ -45,11 +46,11 @@ class _ChunkedCE(torch.autograd.Function):
                 continue
             h = hidden[lo : lo + ctx.chunk]
             # softmax - onehot, zero for ignored rows, times the incoming scalar gradient
-            p = torch.exp((h @ weight.t()).float() - lse[lo : lo + ctx.chunk, None])
+            p = torch.exp((h @ weight.t()).to(lse.dtype) - lse[lo : lo + ctx.chunk, None])
             p.scatter_add_(1, lab.clamp_min(0).unsqueeze(1), -torch.ones_like(p[:, :1]))
             p = p * (valid.unsqueeze(1) * grad)
             d_hidden[lo : lo + ctx.chunk] = (p.to(weight.dtype) @ weight).to(hidden.dtype)
-            d_weight += p.t() @ h.float()
+            d_weight += p.t() @ h.to(lse.dtype)
         return d_hidden, d_weight.to(weight.dtype), None, None
 
 

@@ -52,14 +52,14 @@ class TorchAttention:
 
 
 def select_attention(name: str, device: torch.device, deterministic: bool = False):
-    """Pick the kernel: ``auto`` = flash-attn if installed and on CUDA, else SDPA on CUDA, else torch."""
+    """Pick the kernel: ``auto`` = flash-attn when installed on CUDA, else torch's fused SDPA ops
+    (cuDNN / flash / efficient on CUDA, the CPU flash kernel on CPU). ``torch`` = exact math."""
     if name == "auto":
-        if device.type == "cuda":
-            name = "flash_attn" if _flash.available() else "sdpa"
-        else:
-            name = "torch"
+        name = "flash_attn" if device.type == "cuda" and _flash.available() else "sdpa"
     if name == "torch":
         return TorchAttention()
+    if name == "sdpa":
+        return SDPAAttention(deterministic, device_type=device.type)
     if device.type != "cuda":
         raise ValueError(
             f"train.attention='{name}' needs a CUDA device (this run is on {device.type}): "
@@ -72,8 +72,6 @@ def select_attention(name: str, device: torch.device, deterministic: bool = Fals
                 "pip install 'seqpar[flash]' or use 'sdpa'"
             )
         return _flash.FlashAttnAttention(deterministic)
-    if name == "sdpa":
-        return SDPAAttention(deterministic)
     raise ValueError(f"unknown attention kernel '{name}': use auto, torch, sdpa or flash_attn")
 
 

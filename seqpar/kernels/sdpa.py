@@ -1,4 +1,4 @@
-"""CUDA attention through torch's fused SDPA ops that also return the log-sum-exp.
+"""Attention through torch's fused SDPA ops that also return the log-sum-exp (CUDA; CPU too).
 
 The public ``F.scaled_dot_product_attention`` hides the LSE, which ring attention needs, so we call
 the aten ops directly (as torch's own context parallelism does). Their autograd formulas give the
@@ -85,6 +85,24 @@ def efficient_varlen(q, k, v, cu, max_len, scale):
     return out.squeeze(0), _lse_ht(lse, q.shape[1], q.shape[0])
 
 
+def cpu_flash_varlen(q, k, v, cu, max_len, scale):
+    """CPU: torch's fused CPU flash kernel, one causal call per document.
+
+    Its LSE output carries no gradient (a known limitation), which is fine here: local attention
+    only differentiates ``out``. Ring attention on CPU uses the exact ``torch_math`` blocks.
+    """
+    k, v = _expand_kv(q, k, v)
+    outs, lses = [], []
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        o, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            _as_bhsd(q[a:b]), _as_bhsd(k[a:b]), _as_bhsd(v[a:b]), 0.0, True, scale=scale
+        )
+        outs.append(o.squeeze(0).transpose(0, 1))
+        lses.append(lse.reshape(q.shape[1], b - a))
+    return torch.cat(outs), torch.cat(lses, dim=1).float()
+
+
 DENSE = {"cudnn": cudnn_dense, "flash": flash_dense, "efficient": efficient_dense}
 VARLEN = {"cudnn": cudnn_varlen, "flash": flash_varlen, "efficient": efficient_varlen}
 ORDER = ("cudnn", "flash", "efficient")
@@ -135,16 +153,20 @@ class BackendChooser:
 
 
 class SDPAAttention:
-    """Local causal attention within documents on CUDA via fused SDPA ops."""
+    """Local causal attention within documents via torch's fused SDPA ops (CUDA or CPU)."""
 
     name = "sdpa"
 
-    def __init__(self, deterministic: bool = False, prefer: Sequence[str] | None = None):
+    def __init__(self, deterministic: bool = False, prefer: Sequence[str] | None = None, device_type: str = "cuda"):
         order = backend_order(deterministic, prefer)
         self.dense = BackendChooser(DENSE, order)
         self.varlen = BackendChooser(VARLEN, order)
+        self.on_cpu = device_type == "cpu"
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
+        if q.device.type == "cpu":
+            out, lse = cpu_flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+            return out, lse.detach()
         key = (q.dtype, q.shape[1] != k.shape[1], q.shape[-1])
         if cu_seqlens.numel() == 2:  # one document: the dense kernels are the fastest
             out, lse = self.dense(key, q, k, v, None, max_seqlen, scale)
@@ -153,5 +175,7 @@ class SDPAAttention:
         return out, lse.detach()
 
     def describe(self) -> str:
+        if self.on_cpu:
+            return "sdpa[cpu-flash]"
         chosen = {n for n, _ in self.dense.chosen.values()} | {n for n, _ in self.varlen.chosen.values()}
-        return f"sdpa[{','.join(sorted(chosen)) or 'not yet run'}]"
+        return f"sdpa[{','.join(sorted(chosen)) or 'chosen at first call'}]"

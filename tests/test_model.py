@@ -1,0 +1,234 @@
+"""Model pieces on one process: attention kernels, document masking, chunked loss, MoE routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqpar.config import ModelConfig, MoEConfig, TrainConfig, flops_per_token
+from seqpar.kernels import LocalAttention, SDPAAttention, TorchAttention, attn_meta_from_positions, select_attention
+from seqpar.kernels.sdpa import BackendChooser, backend_order
+from seqpar.kernels.torch_math import varlen_attention
+from seqpar.loss import chunked_cross_entropy
+from seqpar.models import build_model
+from seqpar.models.moe import MoE
+from seqpar.schedule import lr_at
+
+
+def reference_attention(q, k, v, cu, scale):
+    """Dense fp64 causal-within-document attention (the definition)."""
+    t, h, _ = q.shape
+    doc = torch.searchsorted(cu[1:], torch.arange(t), right=True)
+    kk, vv = (x.double().repeat_interleave(h // k.shape[1], 1) for x in (k, v))
+    s = torch.einsum("qhd,khd->hqk", q.double(), kk) * scale
+    idx = torch.arange(t)
+    s = s.masked_fill(~((doc[:, None] == doc[None, :]) & (idx[:, None] >= idx[None, :])), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", s.softmax(-1), vv), torch.logsumexp(s, -1)
+
+
+def rand_qkv(t=70, h=4, hkv=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(t, n, d, generator=g, requires_grad=True) for n in (h, hkv, hkv)]
+
+
+CU = torch.tensor([0, 9, 10, 41, 70])  # uneven documents, one of length 1
+
+
+@pytest.mark.parametrize("kernel", ["torch", "sdpa"])
+@pytest.mark.parametrize("hkv", [1, 2, 4])
+def test_kernels_match_dense_reference(kernel, hkv):
+    q, k, v = rand_qkv(hkv=hkv)
+    if kernel == "torch":
+        out, lse = varlen_attention(q, k, v, CU, 0.25, chunk=16)  # chunks cross documents
+    else:
+        out, lse = SDPAAttention()(q, k, v, CU, 31, 0.25)
+    ref, ref_lse = reference_attention(q, k, v, CU, 0.25)
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert (lse.double() - ref_lse).abs().max() < 1e-5
+    assert not lse.requires_grad
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad((out.double() * g).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() / b.abs().max() < 1e-5
+
+
+def test_attn_meta_from_positions():
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
+    meta = attn_meta_from_positions(pos)
+    assert meta.cu_seqlens.tolist() == [0, 3, 5, 7, 10] and meta.max_seqlen == 3
+    with pytest.raises(ValueError, match="start every sequence with 0"):
+        attn_meta_from_positions(torch.tensor([1, 2, 3]))
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    return ModelConfig(**{**base, **kw})
+
+
+MOE = dict(arch="qwen2_moe", moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16,
+                                          shared_expert_intermediate_size=8, shared_expert_gate=True,
+                                          aux_loss_coef=0.01, bias_update_rate=1e-3))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+@pytest.mark.parametrize("kernel", ["torch", "sdpa"])
+def test_packing_never_crosses_documents(kind, kernel):
+    """Logits of a packed [A | B] sequence equal those of A and B run alone, and changing A's
+    tokens leaves B's logits untouched."""
+    model = build_model(tiny_cfg(**(MOE if kind == "moe" else {})), seed=1).eval()
+    model.set_attention(LocalAttention(select_attention(kernel, torch.device("cpu"))))
+    a, b = torch.randint(0, 97, (1, 13)), torch.randint(0, 97, (1, 19))
+    pos = torch.cat([torch.arange(13), torch.arange(19)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], 1), pos).logits
+        alone_a = model(a, torch.arange(13)[None]).logits
+        alone_b = model(b, torch.arange(19)[None]).logits
+        a2 = (a + 1) % 97
+        packed2 = model(torch.cat([a2, b], 1), pos).logits
+    assert torch.allclose(packed[:, :13], alone_a, atol=1e-5)
+    assert torch.allclose(packed[:, 13:], alone_b, atol=1e-5)
+    # not bitwise for MoE: experts batch different token sets, so matmul rounding differs ~1e-8
+    assert (packed2[:, 13:] - packed[:, 13:]).abs().max() < 1e-6
+    assert (packed2[:, :13] - packed[:, :13]).abs().max() > 1e-3  # the change itself is visible
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_cross_entropy_matches_full(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (23,), generator=g)
+    labels[[0, 7, 8, 22]] = -100
+    got = chunked_cross_entropy(h, w, labels, chunk)
+    want = F.cross_entropy(h @ w.t(), labels, ignore_index=-100, reduction="sum")
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+    gh, gw = torch.autograd.grad(got * 3, (h, w))
+    wh, ww = torch.autograd.grad(want * 3, (h, w))
+    assert torch.allclose(gh, wh, rtol=1e-5, atol=1e-7) and torch.allclose(gw, ww, rtol=1e-5, atol=1e-7)
+    assert chunked_cross_entropy(h, w, torch.full((23,), -100), chunk).item() == 0.0
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Per-token loop: the definition of dropless top-k routing."""
+    scores, idx, w = moe.gate(x)
+    ex = moe.experts
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = idx[t, j]
+            h = F.silu(x[t] @ ex.gate_proj[e].t()) * (x[t] @ ex.up_proj[e].t())
+            out[t] += w[t, j] * (h @ ex.down_proj[e].t())
+    s = moe.shared_expert(x)
+    return out + torch.sigmoid(moe.shared_expert_gate(x)) * s
+
+
+def test_moe_dropless_equals_per_token_loop():
+    model = build_model(tiny_cfg(**MOE), seed=3)
+    moe = model.model.layers[0].mlp
+    x = torch.randn(40, 32)
+    y, aux, counts = moe(x)
+    assert torch.allclose(y, naive_moe(moe, x), atol=1e-5)
+    assert counts.sum().item() == 40 * 2 and aux.item() > 0
+
+
+def test_expert_bias_changes_selection_not_weights():
+    model = build_model(tiny_cfg(**MOE), seed=3)
+    gate = model.model.layers[0].mlp.gate
+    x = torch.randn(30, 32)
+    scores, idx, w = gate(x)
+    gate.expert_bias[2] = 10.0  # force expert 2 into every token's top-k
+    scores_b, idx_b, w_b = gate(x)
+    assert torch.equal(scores, scores_b) and (idx_b == 2).any(1).all()
+    unbiased = scores.gather(1, idx_b)
+    assert torch.allclose(w_b, unbiased / unbiased.sum(-1, keepdim=True))
+
+
+def test_router_counts_bias_update_and_checkpointing():
+    torch.manual_seed(0)
+    ids, pos = torch.randint(0, 97, (2, 24)), torch.arange(24).repeat(2, 1)
+    labels = ids.roll(-1, 1)
+    plain = build_model(tiny_cfg(**MOE), seed=3)
+    ckpt = build_model(tiny_cfg(**MOE), seed=3)
+    ckpt.activation_checkpointing = True
+    outs = []
+    for m in (plain, ckpt):
+        for _ in range(2):  # two micro-batches accumulate into one window
+            o = m(ids, pos, labels)
+            (o.loss_sum + o.aux_loss).backward()
+        outs.append(o)
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+    sd_plain, sd_ckpt = plain.router_state_dict(), ckpt.router_state_dict()
+    for key in sd_plain:
+        assert torch.equal(sd_plain[key], sd_ckpt[key]), key  # recomputation did not count again
+    counts = sd_plain["model.layers.0.mlp.gate.tokens_per_expert"]
+    assert counts.sum().item() == 2 * 48 * 2  # micro-batches x tokens x top_k
+    stats = plain.update_routers()
+    bias = plain.model.layers[0].mlp.gate.expert_bias
+    expect = 1e-3 * torch.sign(counts.mean() - counts)
+    assert torch.equal(bias, expect) and stats["moe_max_load"] >= 1.0
+    assert plain.model.layers[0].mlp.gate.tokens_per_expert.sum().item() == 0
+    # state round trip, and fp32 routing state survives a bf16 cast of the model
+    ckpt.load_router_state_dict(plain.router_state_dict())
+    assert torch.equal(ckpt.model.layers[0].mlp.gate.expert_bias, bias)
+    ckpt.bfloat16()
+    assert ckpt.model.layers[0].mlp.gate.expert_bias.dtype == torch.float32
+    assert ckpt.model.layers[0].mlp.gate.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="router state mismatch"):
+        ckpt.load_router_state_dict({})
+
+
+def test_backend_chooser_falls_back_and_remembers():
+    calls = []
+
+    def failing(name):
+        def fn(q, k, v, *a):
+            calls.append((name, k.shape[1]))
+            raise RuntimeError(f"{name} unsupported")
+        return fn
+
+    def ok(q, k, v, *a):
+        calls.append(("flash", k.shape[1]))
+        if k.shape[1] != q.shape[1]:
+            raise RuntimeError("no native GQA")
+        return q, torch.zeros(1)
+
+    chooser = BackendChooser({"cudnn": failing("cudnn"), "flash": ok, "efficient": failing("efficient")},
+                             backend_order(deterministic=False))
+    q, k = torch.zeros(4, 4, 2), torch.zeros(4, 2, 2)
+    chooser(("key",), q, k, k, None, 4, 1.0)
+    assert calls == [("cudnn", 2), ("cudnn", 4), ("flash", 2), ("flash", 4)]
+    calls.clear()
+    chooser(("key",), q, k, k, None, 4, 1.0)
+    assert calls == [("flash", 4)]  # remembered: flash with repeated kv heads
+    assert backend_order(deterministic=True) == ["flash", "efficient"]
+    with pytest.raises(ValueError, match="unknown SDPA backend"):
+        backend_order(False, ["cudnn", "triton"])
+
+
+def test_select_attention_errors():
+    cpu = torch.device("cpu")
+    assert isinstance(select_attention("torch", cpu), TorchAttention)
+    assert isinstance(select_attention("auto", cpu), SDPAAttention)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        select_attention("flash_attn", cpu)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(max_steps=10, warmup_steps=2, lr=1.0, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(11)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and abs(lrs[10] - 0.1) < 1e-12
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    lin = TrainConfig(max_steps=10, warmup_steps=0, lr=1.0, min_lr_ratio=0.0, decay="linear")
+    assert [round(lr_at(s, lin), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+
+
+def test_flops_per_token_formula():
+    m = tiny_cfg()
+    h, d, L, V, S = 32, 8, 2, 97, 100
+    attn = h * d * (4 + 2 * 2) + 4 * d * h
+    n = L * (attn + 3 * h * 64) + h * V
+    assert flops_per_token(m, S) == 6 * n + 6 * L * 4 * d * S
