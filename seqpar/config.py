@@ -198,7 +198,7 @@ class ModelConfig(_Section):
 class PasskeyConfig(_Section):
     """Built-in synthetic long-context task: find a key planted in filler text."""
 
-    key_digits: int = Field(5, ge=1, le=32)
+    key_digits: int = Field(5, ge=1, le=32, description="length of the random numeric key")
     loss_on: Literal["all", "answer"] = Field(
         "all", description="'answer' puts loss only on the key tokens after the question"
     )
@@ -211,18 +211,20 @@ DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
 class DataConfig(_Section):
     """Where tokens come from and how they are packed into fixed-length sequences."""
 
-    type: Literal["passkey", "text", "tokens", "sft"] = "passkey"
+    type: Literal["passkey", "text", "tokens", "sft"] = Field(
+        "passkey", description="passkey: built-in synthetic; text: jsonl; tokens: .npy/.bin; sft: pairs"
+    )
     seq_len: int = Field(1024, ge=8, description="tokens per packed sequence")
     seed: int = Field(1234, ge=0, description="data order and synthetic samples")
-    shuffle: bool = True
+    shuffle: bool = Field(True, description="new permutation of the sequences every epoch")
     paths: list[Path] = Field(default_factory=list, description="input files (text/tokens/sft)")
     tokenizer: Path | None = Field(None, description="tokenizer.json (text/sft); None = bytes")
-    text_field: str = "text"
+    text_field: str = Field("text", description="text: jsonl field holding the document")
     token_dtype: Literal["uint16", "uint32"] = Field("uint16", description="dtype of raw .bin files")
     eos_id: int | None = Field(None, ge=0, description="tokens: document separator id")
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str = "messages"
+    prompt_field: str = Field("prompt", description="sft: prompt field (no loss)")
+    response_field: str = Field("response", description="sft: response field (loss)")
+    messages_field: str = Field("messages", description="sft: chat list of {role, content}; loss on assistant")
     chat_template: str = Field(
         DEFAULT_CHAT_TEMPLATE, description="per-message format with {role} and {content}"
     )
@@ -252,9 +254,9 @@ class DataConfig(_Section):
 class ParallelConfig(_Section):
     """Layout: world = data-parallel x sequence-parallel (ulysses x ring)."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    ulysses_degree: int = Field(1, ge=1)
-    ring_degree: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    ulysses_degree: int = Field(1, ge=1, description="ranks splitting attention heads (all-to-all)")
+    ring_degree: int = Field(1, ge=1, description="ranks passing k/v blocks around a ring")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
 
     @property
@@ -271,22 +273,22 @@ class TrainConfig(_Section):
         None, ge=1, description="sequences per optimizer step (sets grad_accum_steps)"
     )
     grad_accum_steps: int | None = Field(None, ge=1, description="alternative to global_batch_size")
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr = lr * min_lr_ratio")
-    warmup_steps: int = Field(10, ge=0)
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(10, ge=0, description="linear warmup to lr over this many steps")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="after warmup, to lr*min_lr_ratio")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (not on norms/biases)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
-    precision: Literal["fp32", "bf16"] = "fp32"
-    activation_checkpointing: bool = False
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master")
+    activation_checkpointing: bool = Field(False, description="recompute each layer in the backward")
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
     attention: Literal["auto", "torch", "sdpa", "flash_attn"] = Field(
         "auto", description="auto: flash_attn if installed on CUDA, else sdpa; torch = exact math"
     )
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, description="model init and global RNGs (same on every rank)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
 
     @field_validator("betas")
     @classmethod
@@ -305,10 +307,18 @@ class TrainConfig(_Section):
 
 
 class LoggingConfig(_Section):
+    """Where metrics go and how progress is shown (rank 0 only)."""
+
     run_dir: Path = Field(Path("runs/default"), description="metrics.jsonl, tensorboard, cache")
     log_every: int = Field(1, ge=1, description="optimizer steps between metric records")
-    progress_bar: bool = True
-    tensorboard: Literal["auto", "on", "off"] = "auto"
+    progress_bar: bool = Field(True, description="tqdm bar on rank 0 (else plain lines)")
+    tensorboard: Literal["auto", "on", "off"] = Field("auto", description="auto: when installed")
+
+    @field_validator("tensorboard", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
     peak_tflops: float | None = Field(
         None, gt=0, description="per-device peak for MFU; None = known GPUs, else MFU not shown"
     )
@@ -341,6 +351,8 @@ class Layout:
 
 
 class Config(_Section):
+    """A whole run."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)

@@ -70,6 +70,11 @@ class Trainer:
 
         self.cfg, self.topo = cfg, topo
         self.layout: Layout = cfg.layout(topo.world_size)
+        if self.layout.sp > 1:
+            raise NotImplementedError(
+                "parallel.ulysses_degree / ring_degree > 1: sequence parallelism is not in this "
+                "release yet (issue 3); set both to 1"
+            )
         self.device = topo.device
         self.state = TrainState()
         self.run_dir = Path(cfg.logging.run_dir)

@@ -199,3 +199,14 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0 and yaml.safe_load(r.stdout)["train"]["lr"] == 0.5
+
+
+def test_configuration_doc_is_current():
+    """docs/configuration.md embeds the generated key table; regenerate it when keys change."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from config_reference import reference
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    start = doc.index("<!-- GENERATED")
+    body = doc[doc.index("\n", start) + 1 : doc.index("<!-- END GENERATED -->")]
+    assert body == reference(), "run: python scripts/config_reference.py and paste into docs/configuration.md"

@@ -41,7 +41,15 @@ def _expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
 
 
+def _half_only(q: Tensor, name: str) -> None:
+    # Measured on an H200 (torch 2.11): the cuDNN op accepts fp32 and returns NaN. cuDNN and flash
+    # are half-precision kernels; refuse other dtypes so the chooser moves on to `efficient`.
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise NotImplementedError(f"{name} supports fp16/bf16 only, got {q.dtype}")
+
+
 def cudnn_dense(q, k, v, cu, max_len, scale):
+    _half_only(q, "cudnn")
     out, lse = aten._scaled_dot_product_cudnn_attention(
         _as_bhsd(q), _as_bhsd(k), _as_bhsd(v), None, True, 0.0, True, False, scale=scale
     )[:2]
@@ -49,6 +57,7 @@ def cudnn_dense(q, k, v, cu, max_len, scale):
 
 
 def flash_dense(q, k, v, cu, max_len, scale):
+    _half_only(q, "flash")
     out, lse = aten._scaled_dot_product_flash_attention(
         _as_bhsd(q), _as_bhsd(k), _as_bhsd(v), 0.0, True, False, scale=scale
     )[:2]
@@ -62,14 +71,8 @@ def efficient_dense(q, k, v, cu, max_len, scale):
     return out.squeeze(0).transpose(0, 1), _lse_ht(lse, q.shape[1], q.shape[0])
 
 
-def cudnn_varlen(q, k, v, cu, max_len, scale):
-    out, lse = aten._cudnn_attention_forward(
-        q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False, scale=scale
-    )[:2]
-    return out, _lse_ht(lse, q.shape[1], q.shape[0])
-
-
 def flash_varlen(q, k, v, cu, max_len, scale):
+    _half_only(q, "flash")
     out, lse = aten._flash_attention_forward(
         q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale
     )[:2]
@@ -82,6 +85,9 @@ def efficient_varlen(q, k, v, cu, max_len, scale):
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu, cu, max_len, max_len, 0.0, 1, True,
         scale=scale,
     )[:2]
+    # varlen LSE comes per document, padded: [N docs, H, >= max_len] (seen on an H200)
+    lens = (cu[1:] - cu[:-1]).tolist()
+    lse = torch.cat([lse[i, :, :n] for i, n in enumerate(lens)], dim=1) if lse.dim() == 3 else lse
     return out.squeeze(0), _lse_ht(lse, q.shape[1], q.shape[0])
 
 
@@ -104,7 +110,9 @@ def cpu_flash_varlen(q, k, v, cu, max_len, scale):
 
 
 DENSE = {"cudnn": cudnn_dense, "flash": flash_dense, "efficient": efficient_dense}
-VARLEN = {"cudnn": cudnn_varlen, "flash": flash_varlen, "efficient": efficient_varlen}
+# No cuDNN varlen: torch 2.11's `_cudnn_attention_forward` with cumulative lengths gave wrong
+# outputs and ~25 TFLOP/s on an H200 (scripts/gpu_selftest.py); flash varlen is the fast path.
+VARLEN = {"flash": flash_varlen, "efficient": efficient_varlen}
 ORDER = ("cudnn", "flash", "efficient")
 
 
@@ -127,7 +135,7 @@ class BackendChooser:
     def __init__(self, table: dict[str, Backend], order: Sequence[str]):
         if not order:
             raise ValueError("no attention backend left to try (deterministic mode drops cuDNN)")
-        self.table, self.order = table, list(order)
+        self.table, self.order = table, [name for name in order if name in table]
         self.chosen: dict[tuple, tuple[str, bool]] = {}
         self.errors: dict[str, str] = {}
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything seqpar checks on a lent GPU, in one call (see docs/benchmarks.md for the results):
+# kernel self-test, attention benchmark, a GPU training run per launcher, a 1B-shape throughput run.
+# Wheels for what the machine lacks (DeepSpeed, pydantic, ...) travel in .whl/ (docs/benchmarks.md).
+set -uo pipefail
+OUT=${OUT:-/tmp/seqpar-device}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
+  export PATH=/tmp/site/bin:$PATH
+fi
+export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+python3 scripts/gpu_selftest.py 2>&1 | tee "$OUT/selftest.log"
+python3 scripts/bench_attention.py --seqlens 8192 32768 131072 --budget 0.5 2>&1 | tee "$OUT/bench_attention.log"
+python3 scripts/bench_attention.py --seqlens 32768 --kv-heads 8 --docs 8 --budget 0.5 2>&1 | tee -a "$OUT/bench_attention.log"
+
+# the default config on one GPU through the deepspeed launcher (nccl, bf16)
+deepspeed --num_gpus 1 seqpar/train.py --config configs/tiny-cpu.yaml --train.precision bf16 \
+  --train.max_steps 60 --logging.run_dir "$OUT/tiny" --logging.progress_bar false 2>&1 \
+  | grep -vi warn | tail -15 | tee "$OUT/train_tiny.log"
+
+# Llama-3.2-1B shape (tied 128K vocab), 8K tokens per step, random init: throughput and MFU
+python3 seqpar/train.py --config configs/tiny-cpu.yaml --model.vocab_size 128256 \
+  --model.hidden_size 2048 --model.intermediate_size 8192 --model.num_hidden_layers 16 \
+  --model.num_attention_heads 32 --model.num_key_value_heads 8 --model.tie_word_embeddings true \
+  --model.rope_theta 500000 --data.seq_len 8192 --data.passkey.eval_samples 0 \
+  --train.micro_batch_size 1 --train.global_batch_size 1 --train.precision bf16 \
+  --train.max_steps 12 --train.warmup_steps 1 --logging.log_every 1 --logging.progress_bar false \
+  --logging.run_dir "$OUT/b1" 2>&1 | grep -vi warn | tail -12 | tee "$OUT/train_1b.log"
