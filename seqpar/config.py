@@ -376,6 +376,18 @@ class Config(_Section):
                 f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
                 f"parallel.ulysses_degree={p.ulysses_degree}: pick a degree that divides the heads"
             )
+        kv, u = m.kv_heads, p.ulysses_degree
+        if (kv >= u and kv % u) or (kv < u and u % kv):
+            raise ValueError(
+                f"model.num_key_value_heads={kv} and parallel.ulysses_degree={u}: one must be a "
+                f"multiple of the other (kv heads are split, or repeated, across Ulysses ranks); "
+                f"{'it is not a multiple of num_key_value_heads' if kv < u else 'kv heads are not a multiple of the degree'}"
+            )
+        if p.sp_degree > 1 and self.data.seq_len < 2 * p.ring_degree * p.ulysses_degree:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is shorter than 2 x ring_degree x ulysses_degree = "
+                f"{2 * p.sp_degree}: every rank needs tokens of its own; lower the degrees"
+            )
         if self.data.type == "passkey" and self.data.tokenizer is not None:
             raise ValueError("data.tokenizer is not used by the passkey task (byte-level): remove it")
         if self.model.hf_path is None and self.data.type == "passkey":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from seqpar.data.packing import IGNORE_INDEX
 
 
 class _ChunkedCE(torch.autograd.Function):

@@ -144,3 +144,45 @@ def varlen_attention(
     ``lse`` is returned for merging but carries no gradient (like flash attention's).
     """
     return _VarlenAttention.apply(q, k, v, cu_seqlens, scale, chunk)
+
+
+class TorchBlockKernel:
+    """Dense blocks (causal or full) for ring attention, exact, chunked over query rows."""
+
+    name = "torch"
+
+    def __init__(self, chunk: int = DEFAULT_CHUNK):
+        self.chunk = chunk
+
+    def _blocks(self, lq: int, lk: int, causal: bool, device):
+        for lo in range(0, lq, self.chunk):
+            hi = min(lo + self.chunk, lq)
+            k_hi = hi if causal else lk  # causal blocks are square and aligned
+            if causal:
+                qi = torch.arange(lo, hi, device=device)
+                mask = qi[:, None] >= torch.arange(k_hi, device=device)[None, :]
+            else:
+                mask = torch.ones(hi - lo, k_hi, dtype=torch.bool, device=device)
+            yield lo, hi, k_hi, mask
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+        for lo, hi, k_hi, mask in self._blocks(q.shape[0], k.shape[0], causal, q.device):
+            out[lo:hi], lse[:, lo:hi] = block_forward(q[lo:hi], k[:k_hi], v[:k_hi], mask, scale)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        for lo, hi, k_hi, mask in self._blocks(q.shape[0], k.shape[0], causal, q.device):
+            dq[lo:hi], dk_, dv_ = block_backward(
+                dout[lo:hi], q[lo:hi], k[:k_hi], v[:k_hi], out[lo:hi], lse[:, lo:hi], mask, scale
+            )
+            dk[:k_hi] += dk_
+            dv[:k_hi] += dv_
+        return dq, dk, dv
+
+    def describe(self) -> str:
+        return "torch"

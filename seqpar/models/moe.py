@@ -101,6 +101,9 @@ class MoE(nn.Module):
             else None
         )
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if cfg.shared_expert_gate else None
+        # Under sequence parallelism the aux loss must see the whole sequence's routing statistics,
+        # not this rank's shard: set by Transformer.set_sequence_parallel_group.
+        self.stats_group = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         t, h = x.shape
@@ -126,8 +129,17 @@ class MoE(nn.Module):
 
         f_i = E / (k T) * tokens routed to i, P_i = mean over tokens of the (normalised) score.
         """
-        t = scores.shape[0]
         k, e = self.cfg.top_k, self.cfg.num_experts
         probs = scores if self.cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
-        f = counts.float() * (e / (k * t))
-        return self.cfg.aux_loss_coef * (f * probs.mean(0)).sum()
+        prob_sum, counts = probs.sum(0), counts.float()
+        t = torch.tensor(float(scores.shape[0]), device=scores.device)
+        if self.stats_group is not None:
+            import torch.distributed as dist
+            from torch.distributed.nn.functional import all_reduce
+
+            stats = torch.cat([counts, t[None]])
+            dist.all_reduce(stats, group=self.stats_group)
+            counts, t = stats[:-1], stats[-1]
+            prob_sum = all_reduce(prob_sum, group=self.stats_group)  # gradient flows to every shard
+        f = counts * (e / (k * t))
+        return self.cfg.aux_loss_coef * (f * prob_sum / t).sum()

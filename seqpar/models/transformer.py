@@ -197,6 +197,12 @@ class Transformer(nn.Module):
     def set_attention(self, fn: AttentionFn) -> None:
         self.attention = fn
 
+    def set_sequence_parallel_group(self, group) -> None:
+        """MoE aux losses then use routing statistics summed over the group's shards."""
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.stats_group = group
+
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases."""

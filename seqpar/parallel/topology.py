@@ -59,6 +59,7 @@ class Topology:
     sp_group: object = field(repr=False, default=None)
     ulysses_group: object = field(repr=False, default=None)
     ring_group: object = field(repr=False, default=None)
+    ring_ranks: list[int] = field(repr=False, default_factory=list)  # global ranks of my ring
 
     @property
     def sp(self) -> int:
@@ -113,6 +114,11 @@ def init_topology(ulysses: int, ring: int, device: torch.device, backend: str = 
     ensure_launcher_env()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
+    return make_topology(ulysses, ring, device)
+
+
+def make_topology(ulysses: int, ring: int, device: torch.device) -> Topology:
+    """Create this layout's process groups (collective: every rank calls it with the same args)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     sp = ulysses * ring
     if world % sp:
@@ -126,5 +132,6 @@ def init_topology(ulysses: int, ring: int, device: torch.device, backend: str = 
             g = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
             if rank in ranks:
                 setattr(topo, f"{kind}_group", g)
+                if kind == "ring":
+                    topo.ring_ranks = ranks
     return topo
-
