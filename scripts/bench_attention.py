@@ -17,7 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seqpar.kernels import SDPAAttention, TorchAttention  # noqa: E402
+from seqpar.kernels import SDPAAttention, TorchAttention, select_block_kernel  # noqa: E402
+from seqpar.parallel.ring import RingAttention  # noqa: E402
+from seqpar.parallel.sharding import RingMeta  # noqa: E402
 
 
 def timed(fn, min_iters: int, budget_s: float) -> float:
@@ -58,7 +60,14 @@ def bench(seqlen: int, heads: int, kv_heads: int, dim: int, docs: int, budget: f
         return f
 
     ours = SDPAAttention(deterministic)
-    results["seqpar sdpa"] = run_kernel(ours)
+    results["seqpar sdpa"] = run_kernel(ours)  # = Ulysses at degree 1 (no all-to-all)
+    ring = RingAttention([0], 0, None, select_block_kernel(dev, deterministic))
+    ring_meta = RingMeta(cu.tolist(), seqlen, 1, 0)
+
+    def run_ring():
+        out = ring(q, k, v, ring_meta, scale)
+        torch.autograd.backward(out, dout)
+    results["seqpar ring1"] = run_ring
     if docs == 1:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -87,7 +96,8 @@ def bench(seqlen: int, heads: int, kv_heads: int, dim: int, docs: int, budget: f
             rows.append((name, float("nan"), float("nan")))
             print(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
         q.grad = k.grad = v.grad = None
-    return [(f"seqpar {ours.describe()}" if n == "seqpar sdpa" else n, ms, tf) for n, ms, tf in rows]
+    names = {"seqpar sdpa": f"seqpar {ours.describe()}", "seqpar ring1": f"seqpar {ring.describe()}"}
+    return [(names.get(n, n), ms, tf) for n, ms, tf in rows]
 
 
 def main() -> None:

@@ -447,9 +447,9 @@ class Config(_Section):
         ds: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": layout.micro_batch_size,
             "gradient_accumulation_steps": layout.grad_accum_steps,
-            # DeepSpeed checks train_batch_size == micro * gas * its data-parallel world; under
-            # sequence parallelism its world is dp (the mpu tells it), so this stays consistent.
-            "train_batch_size": layout.global_batch_size,
+            # DeepSpeed treats every rank as a data-parallel replica (parameters are replicated over
+            # DP and SP; ZeRO partitions over all ranks), and checks micro x accum x world.
+            "train_batch_size": layout.micro_batch_size * layout.grad_accum_steps * layout.world_size,
             "gradient_clipping": t.grad_clip,
             "steps_per_print": 10**9,  # seqpar prints its own progress
             "wall_clock_breakdown": False,

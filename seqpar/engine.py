@@ -24,12 +24,14 @@ import torch.distributed as dist
 
 from seqpar import __version__
 from seqpar.config import Config, Layout, flops_per_token
-from seqpar.data import GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
-from seqpar.evaluate import passkey_accuracy
-from seqpar.kernels import LocalAttention, select_attention
+from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
+from seqpar.evaluate import passkey_results
+from seqpar.kernels import LocalAttention, select_attention, select_block_kernel
 from seqpar.metrics import RunLogger, memory_gib, peak_tflops
 from seqpar.models import Transformer, build_model, count_parameters
 from seqpar.parallel import Topology
+from seqpar.parallel.attention import build_attention, shard_for
+from seqpar.parallel.sharding import owner_of
 from seqpar.rng import seed_everything
 from seqpar.schedule import WarmupDecay
 
@@ -70,11 +72,6 @@ class Trainer:
 
         self.cfg, self.topo = cfg, topo
         self.layout: Layout = cfg.layout(topo.world_size)
-        if self.layout.sp > 1:
-            raise NotImplementedError(
-                "parallel.ulysses_degree / ring_degree > 1: sequence parallelism is not in this "
-                "release yet (issue 3); set both to 1"
-            )
         self.device = topo.device
         self.state = TrainState()
         self.run_dir = Path(cfg.logging.run_dir)
@@ -103,7 +100,12 @@ class Trainer:
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.loss_chunk_size = cfg.train.loss_chunk_size
         self.kernel = select_attention(cfg.train.attention, self.device)
-        model.set_attention(LocalAttention(self.kernel))
+        if topo.sp > 1:
+            model.set_attention(build_attention(topo, self.kernel, select_block_kernel(self.device)))
+            model.set_sequence_parallel_group(topo.sp_group)
+        else:
+            model.set_attention(LocalAttention(self.kernel))
+        self.attention_name = model.attention.describe()
         self.n_params, self.n_active = count_parameters(model)
         if cfg.parallel.zero_stage == 3 and cfg.model.tie_word_embeddings:
             # the tied head reads the embedding matrix outside the embedding's forward
@@ -139,7 +141,7 @@ class Trainer:
                 f"seqpar {__version__} | config {self.config_path or '<dict>'} (hash {c.fingerprint()})",
                 f"layout  {self.topo.describe()}, backend {dist.get_backend()}",
                 f"engine  DeepSpeed ZeRO-{c.parallel.zero_stage}, {c.train.precision}, attention "
-                f"{self.kernel.describe()}, activation checkpointing "
+                f"{self.attention_name}, activation checkpointing "
                 f"{'on' if c.train.activation_checkpointing else 'off'}",
                 f"model   {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads {kv}, "
                 f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
@@ -164,14 +166,16 @@ class Trainer:
             self.train_micro_batch()
         result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.losses[-1]}
         if isinstance(self.dataset, PasskeyDataset) and self.cfg.data.passkey.eval_samples:
-            result["passkey_accuracy"] = self.evaluate_passkey()
-            self.logger.log(self.state.step, {"passkey_accuracy": result["passkey_accuracy"]})
+            result.update(self.evaluate_passkey())
+            self.logger.log(self.state.step, {k: v for k, v in result.items() if k.startswith("passkey")})
         self.logger.close()
         if self.topo.is_main:
             first = self.state.losses[0]
             print(
                 f"done: {self.state.step} steps, loss {first:.4f} -> {result['final_loss']:.4f}"
-                + (f", passkey accuracy {result['passkey_accuracy']:.1%}" if "passkey_accuracy" in result else ""),
+                + (f", passkey accuracy {result['passkey_accuracy']:.1%}" if "passkey_accuracy" in result else "")
+                + (f" ({result['passkey_accuracy_other_shard']:.1%} with the key in another rank's shard)"
+                   if "passkey_accuracy_other_shard" in result else ""),
                 flush=True,
             )
         return result
@@ -181,9 +185,10 @@ class Trainer:
         st, lay = self.state, self.layout
         if self._window is None:
             self._open_window()
-        batch = self._window[st.micro_step].to(self.device)
-        out = self.engine(batch.input_ids, batch.position_ids, batch.labels)
-        loss = out.loss_sum * (lay.dp / self._acc["tokens"]) + out.aux_loss / lay.grad_accum_steps
+        ids, pos, labels, meta = self._model_inputs(self._window[st.micro_step])
+        out = self.engine(ids, pos, labels, meta)
+        # DeepSpeed averages gradients over all world ranks (DP x SP replicas); see module docstring
+        loss = out.loss_sum * (lay.world_size / self._acc["tokens"]) + out.aux_loss / lay.grad_accum_steps
         self.engine.backward(loss, scale_wrt_gas=False)
         closes = st.micro_step + 1 == lay.grad_accum_steps
         assert self.engine.is_gradient_accumulation_boundary() == closes, "DeepSpeed micro-step drifted"
@@ -195,10 +200,18 @@ class Trainer:
         if closes:
             self._close_window()
 
+    def _model_inputs(self, batch):
+        """Device tensors for the model: the whole micro-batch, or this rank's sequence shard."""
+        batch = batch.to(self.device)
+        if self.topo.sp == 1:
+            return batch.input_ids, batch.position_ids, batch.labels, None
+        sh = shard_for(self.topo, batch.input_ids, batch.labels, batch.position_ids, self.dataset.pad_id)
+        return sh.input_ids[None], sh.position_ids[None], sh.labels[None], sh.meta
+
     def _open_window(self) -> None:
         """Fetch this rank's micro-batches of the step and count labelled tokens globally."""
         self._window = self.loader.window(self.state.step)
-        local = sum(b.num_loss_tokens for b in self._window)
+        local = sum(b.num_loss_tokens for b in self._window)  # whole sequences: count per DP rank
         tokens = torch.tensor(float(local), dtype=torch.float64, device=self.device)
         dist.all_reduce(tokens, group=self.topo.dp_group)
         if tokens.item() == 0:
@@ -210,9 +223,9 @@ class Trainer:
         st, lay = self.state, self.layout
         router_stats = self.model.update_routers()
         sums = torch.stack([self._acc["ce"], self._acc["aux"]]).double()
-        dist.all_reduce(sums, group=self.topo.dp_group)
+        dist.all_reduce(sums)  # CE is split over SP ranks; each SP rank holds the whole-sequence aux
         loss = (sums[0] / self._acc["tokens"].double()).item()
-        aux = (sums[1] / (lay.grad_accum_steps * lay.dp)).item()
+        aux = (sums[1] / (lay.grad_accum_steps * lay.world_size)).item()
         st.step += 1
         st.micro_step = 0
         st.consumed_tokens += int(self._acc["tokens"].item())
@@ -246,16 +259,43 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_passkey(self) -> float:
-        """Share of held-out passkey samples whose every key digit is the argmax (teacher forced)."""
+    def predict(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Greedy next-token ids [S] for one sequence [1, S] (sequence-parallel aware)."""
+        labels = torch.zeros_like(input_ids)
+        ids, pos, _, meta = self._model_inputs(Batch(input_ids, labels, position_ids))
+        pred = self.engine(ids, pos, None, meta).logits[0].argmax(-1)
+        if self.topo.sp == 1:
+            return pred
+        sh_index = shard_for(self.topo, input_ids, labels, position_ids).local_index.to(self.device)
+        parts = [torch.empty_like(pred) for _ in range(self.topo.sp)]
+        index = [torch.empty_like(sh_index) for _ in range(self.topo.sp)]
+        dist.all_gather(parts, pred, group=self.topo.sp_group)
+        dist.all_gather(index, sh_index, group=self.topo.sp_group)
+        full = torch.empty(int(sum(i.numel() for i in index)), dtype=pred.dtype, device=self.device)
+        for p, i in zip(parts, index):
+            full[i] = p
+        return full[: input_ids.shape[1]]
+
+    @torch.no_grad()
+    def evaluate_passkey(self) -> dict[str, float]:
+        """Share of held-out passkey samples whose key digits are all the greedy prediction
+        (teacher forced). Under sequence parallelism also the share among samples whose key was
+        planted in another rank's shard than the one holding the question."""
         eval_set = PasskeyDataset(self.cfg.data, split="eval")
         n = min(self.cfg.data.passkey.eval_samples, len(eval_set))
         # every DP rank scores its share; ZeRO-3 needs all ranks in every forward, so pad the turns
         mine = list(range(self.topo.dp_rank, n, self.layout.dp))
         turns = -(-n // self.layout.dp)
         self.engine.eval()
-        correct = passkey_accuracy(self.engine, eval_set, mine, turns, self.device)
+        results = passkey_results(self.predict, eval_set, mine, turns, self.device)
         self.engine.train()
-        total = torch.tensor([correct], dtype=torch.float64, device=self.device)
-        dist.all_reduce(total, group=self.topo.dp_group)
-        return total.item() / n
+        owner = owner_of(self.cfg.data.seq_len, self.topo.ring, self.topo.ulysses)
+        far = [ok for i, ok in results if owner[eval_set.needle(i)] != owner[eval_set.answer(i)[1]]]
+        stats = torch.tensor([sum(ok for _, ok in results), len(far), sum(far)], dtype=torch.float64,
+                             device=self.device)
+        dist.all_reduce(stats, group=self.topo.dp_group)
+        out = {"passkey_accuracy": stats[0].item() / n}
+        if self.topo.sp > 1 and stats[1] > 0:
+            out["passkey_accuracy_other_shard"] = stats[2].item() / stats[1].item()
+            out["passkey_other_shard_samples"] = int(stats[1].item())
+        return out

@@ -10,24 +10,28 @@ from seqpar.data import PasskeyDataset
 
 
 @torch.no_grad()
-def passkey_accuracy(
-    model: Callable, dataset: PasskeyDataset, indices: list[int], turns: int, device: torch.device
-) -> int:
-    """Number of ``indices`` whose key digits are all the model's argmax after the question.
+def passkey_results(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    dataset: PasskeyDataset,
+    indices: list[int],
+    turns: int,
+    device: torch.device,
+) -> list[tuple[int, bool]]:
+    """(index, all key digits predicted) for each of ``indices``, teacher forced.
 
-    ``turns`` >= len(indices) forwards are run (repeating the last sample) because under ZeRO-3
-    every rank must take part in every forward.
+    ``predict(input_ids [1, S], position_ids [1, S]) -> greedy next-token ids [S]``. ``turns`` >=
+    len(indices) predictions are made (repeating the last sample) because under ZeRO-3 and
+    sequence parallelism every rank must take part in every forward.
     """
-    correct = 0
+    results = []
     for t in range(turns):
         i = indices[min(t, len(indices) - 1)] if indices else 0
         s = dataset[i]
         ids = torch.from_numpy(s["input_ids"])[None].to(device)
         pos = torch.from_numpy(s["position_ids"])[None].to(device)
-        logits = model(ids, pos).logits[0]
+        pred = predict(ids, pos)
         key, start = dataset.answer(i)
-        pred = logits[start : start + len(key)].argmax(-1)
-        target = torch.from_numpy(s["input_ids"][start + 1 : start + 1 + len(key)]).to(device)
+        target = ids[0, start + 1 : start + 1 + len(key)]
         if t < len(indices):
-            correct += int(torch.equal(pred, target))
-    return correct
+            results.append((i, bool(torch.equal(pred[start : start + len(key)], target))))
+    return results

@@ -67,7 +67,7 @@ def losses(records: list[dict]) -> list[float]:
 
 
 def assert_same_curve(ref: list[float], got: list[float], rtol: float = 1e-5) -> None:
-    assert len(ref) == len(got) == TINY["train"]["max_steps"]
+    assert len(ref) == len(got) > 0
     worst = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
     assert worst <= rtol, f"relative loss difference {worst:.2e} > {rtol}: {ref} vs {got}"
 
@@ -96,3 +96,21 @@ def test_deepspeed_launcher_bf16_activation_checkpointing(tmp_path):
         assert key in steps[-1], key
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert 0.0 <= recs[-1]["passkey_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_sequence_parallel_training_matches_sp1(tmp_path, model):
+    """20 optimizer steps: Ulysses 2 (ZeRO-2), ring 2 (ZeRO-3) and 2x2 hybrid (ZeRO-3, 4 ranks)
+    follow the single-rank loss curve within 1e-4 (same global batch of 4 sequences)."""
+    m = MOE if model == "moe" else None
+    steps = {"max_steps": 20, "warmup_steps": 2}
+    ref = losses(launch(tmp_path, "ref", 1, "python", m, parallel={"zero_stage": 0}, train=steps))
+    assert ref[-1] < ref[0] * 0.8, f"loss did not fall: {ref}"
+    for name, nproc, par in [
+        ("u2z2", 2, {"ulysses_degree": 2, "zero_stage": 2}),
+        ("r2z3", 2, {"ring_degree": 2, "zero_stage": 3}),
+        ("u2r2z3", 4, {"ulysses_degree": 2, "ring_degree": 2, "zero_stage": 3}),
+    ]:
+        got = losses(launch(tmp_path, name, nproc, "torchrun", m, parallel=par, train=steps))
+        assert_same_curve(ref, got, rtol=1e-4)

@@ -75,6 +75,22 @@ def select_attention(name: str, device: torch.device, deterministic: bool = Fals
     raise ValueError(f"unknown attention kernel '{name}': use auto, torch, sdpa or flash_attn")
 
 
+def select_block_kernel(device: torch.device, deterministic: bool = False):
+    """Dense (causal or full) block kernel for ring attention.
+
+    CUDA: cuDNN forward + backward (from the global out/LSE), checked against the exact reference
+    on an H200 (scripts/gpu_selftest.py); fp32 blocks and deterministic mode (no cuDNN) use the
+    exact torch blocks until the flash / efficient block backward has been checked on a GPU.
+    CPU: exact torch math (the CPU flash kernel's LSE cannot be merged, see kernels/torch_math.py).
+    """
+    from seqpar.kernels.sdpa import SDPABlockKernel
+    from seqpar.kernels.torch_math import TorchBlockKernel
+
+    if device.type == "cuda" and not deterministic:
+        return SDPABlockKernel(order=["cudnn"], fallback=TorchBlockKernel())
+    return TorchBlockKernel()
+
+
 def attn_meta_from_positions(position_ids: Tensor) -> AttnMeta:
     """Document boundaries of a flattened packed sequence: documents start where position == 0."""
     flat = position_ids.reshape(-1)
@@ -93,4 +109,5 @@ __all__ = [
     "TorchAttention",
     "attn_meta_from_positions",
     "select_attention",
+    "select_block_kernel",
 ]

@@ -187,3 +187,102 @@ class SDPAAttention:
             return "sdpa[cpu-flash]"
         chosen = {n for n, _ in self.dense.chosen.values()} | {n for n, _ in self.varlen.chosen.values()}
         return f"sdpa[{','.join(sorted(chosen)) or 'chosen at first call'}]"
+
+
+class SDPABlockKernel:
+    """Dense blocks (causal or full) for ring attention on CUDA, forward and backward through the
+    fused SDPA ops. The backward takes the *global* out and LSE of the queries (flash-attention
+    style), which is what makes the ring's per-block gradients exact. kv heads are repeated for
+    GQA and their gradients summed back. Backend per (dtype, causal) chosen like SDPAAttention."""
+
+    name = "sdpa"
+
+    def __init__(self, deterministic: bool = False, order: Sequence[str] | None = None, fallback=None):
+        self.order = backend_order(deterministic, order)
+        self.fallback = fallback  # used for dtypes no listed backend takes (fp32 with cuDNN only)
+        self.chosen: dict[tuple, str] = {}
+        self.errors: dict[str, str] = {}
+
+    def _use_fallback(self, q: Tensor) -> bool:
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        return self.fallback is not None and not half and "efficient" not in self.order
+
+    @staticmethod
+    def _fwd(name: str, q4, k4, v4, causal: bool, scale: float):
+        if name == "cudnn":
+            r = aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, causal, False, scale=scale)
+        elif name == "flash":
+            r = aten._scaled_dot_product_flash_attention(q4, k4, v4, 0.0, causal, False, scale=scale)
+        else:
+            r = aten._scaled_dot_product_efficient_attention(q4, k4, v4, None, True, 0.0, causal, scale=scale)
+        return r[0], r[1]
+
+    @staticmethod
+    def _bwd(name: str, do, q, k, v, o, lse, causal: bool, scale: float):
+        """[L, H, D] tensors in, [L, H, D] gradients out."""
+        lq, lk = q.shape[0], k.shape[0]
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        if name == "efficient":  # the low-level op works in [B, S, H, D]
+            grads = aten._efficient_attention_backward(
+                do[None], q[None], k[None], v[None], None, o[None], None, None, lq, lk, lse, 0.0,
+                zero, zero, int(causal), False, scale=scale,
+            )[:3]
+            return tuple(g[0] for g in grads)
+        args = (_as_bhsd(do), _as_bhsd(q), _as_bhsd(k), _as_bhsd(v), _as_bhsd(o), lse)
+        if name == "cudnn":
+            grads = aten._scaled_dot_product_cudnn_attention_backward(
+                *args, zero, zero, None, None, None, lq, lk, 0.0, causal, scale=scale
+            )
+        else:
+            grads = aten._scaled_dot_product_flash_attention_backward(
+                *args, None, None, lq, lk, 0.0, causal, zero, zero, scale=scale
+            )
+        return tuple(g[0].transpose(0, 1) for g in grads)
+
+    def _expand(self, q: Tensor, k: Tensor, v: Tensor):
+        return _expand_kv(q, k, v)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+        if self._use_fallback(q):
+            return self.fallback.forward(q, k, v, causal, scale)
+        k, v = self._expand(q, k, v)
+        key = (q.dtype, causal)
+        names = [self.chosen[key]] if key in self.chosen else self.order
+        for name in names:
+            if name in ("cudnn", "flash") and q.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            try:
+                out, lse = self._fwd(name, _as_bhsd(q), _as_bhsd(k), _as_bhsd(v), causal, scale)
+            except (RuntimeError, NotImplementedError) as e:
+                self.errors[name] = str(e).splitlines()[0][:200]
+                continue
+            self.chosen[key] = name
+            return out.squeeze(0).transpose(0, 1), _lse_ht(lse, q.shape[1], q.shape[0])
+        raise RuntimeError(f"no SDPA block backend ran: {self.errors}")
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+        if self._use_fallback(q):
+            return self.fallback.backward(dout, q, k, v, out, lse, causal, scale)
+        hkv = k.shape[1]
+        k, v = self._expand(q, k, v)
+        name = self.chosen[(q.dtype, causal)]
+        lq = q.shape[0]
+        # each op wants the LSE in the layout its forward produced
+        lse4 = lse.unsqueeze(0).contiguous()
+        if name == "cudnn":
+            lse4 = lse4.unsqueeze(-1)
+        elif name == "efficient":
+            pad = -(-lq // 32) * 32  # the efficient kernel stores LSE rows padded to 32
+            lse4 = torch.nn.functional.pad(lse4, (0, pad - lq))
+        o = out.to(q.dtype)
+        dq, dk, dv = self._bwd(name, dout.to(q.dtype).contiguous(), q, k, v, o, lse4, causal, scale)
+        dq, dk, dv = (x.float() for x in (dq, dk, dv))
+        rep = q.shape[1] // hkv
+        if rep > 1:  # gradients of repeated kv heads go back to their shared head
+            dk = dk.reshape(dk.shape[0], hkv, rep, -1).sum(2)
+            dv = dv.reshape(dv.shape[0], hkv, rep, -1).sum(2)
+        return dq, dk, dv
+
+    def describe(self) -> str:
+        names = sorted(set(self.chosen.values())) or ["chosen at first call"]
+        return f"sdpa[{','.join(names)}]" + ("+torch(fp32)" if self.fallback is not None else "")

@@ -145,7 +145,7 @@ class _RingAttention(torch.autograd.Function):
                 dk += acc[0]
                 dv += acc[1]
             # hand block src's gradient to the next rank; receive block (src - 1)'s from the previous
-            acc = comm.wait(comm.start([dk, dv]))
+            acc = comm.wait(comm.start([dk, dv])) if n > 1 else [dk, dv]
             if pending is not None:
                 kv = comm.wait(pending)
         # after n hops the accumulator that arrived last is this rank's own block, complete

@@ -104,3 +104,13 @@ def shard_batch(
     else:
         meta = RingMeta(cu, total, ring, ring_rank)
     return ShardedBatch(ids[local], lab[local], pos[local], meta, local, total)
+
+
+def owner_of(total: int, ring: int, ulysses: int) -> Tensor:
+    """SP rank (ring_rank x ulysses + ulysses_rank) holding each token of an unpadded stream."""
+    padded = padded_length(total, ring, ulysses)
+    owner = torch.empty(padded, dtype=torch.long)
+    for r in range(ring):
+        for u, idx in enumerate(ring_local_indices(padded, ring, r).view(ulysses, -1)):
+            owner[idx] = r * ulysses + u
+    return owner[:total]
