@@ -1,16 +1,21 @@
 """Attention fwd+bwd throughput: seqpar's kernels against torch SDPA's backends.
 
-    python scripts/bench_attention.py --seqlens 8192 32768 131072
+    python scripts/bench_attention.py --seqlens 8192 32768 131072            # one GPU, degree 1
+    torchrun --nproc_per_node 8 scripts/bench_attention.py --seqlens 131072  # SP layouts, 8 ranks
 
 Causal, bf16, [S, H, D] single sequence (and a packed variant with --docs N). TFLOP/s counts the
 causal work only: fwd 2*H*S^2*D, fwd+bwd 3.5x that (the FlashAttention convention), per document
-for packed inputs. Sequence-parallel paths at degree > 1 are added with issue 3.
+for packed inputs; under SP it is per rank (total work / ranks / time). With several processes
+every Ulysses x ring factorisation of the world size is timed (``--device cpu`` runs that on gloo,
+fp32, for a smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -100,6 +105,65 @@ def bench(seqlen: int, heads: int, kv_heads: int, dim: int, docs: int, budget: f
     return [(names.get(n, n), ms, tf) for n, ms, tf in rows]
 
 
+def bench_sp(a) -> None:
+    """Every Ulysses x ring layout of the world size, on the sharded sequence."""
+    import torch.distributed as dist
+
+    from seqpar.kernels import select_attention
+    from seqpar.parallel import make_topology
+    from seqpar.parallel.attention import build_attention, shard_for
+
+    cuda = a.device == "cuda"
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if rank == 0:
+        print(f"# {torch.cuda.get_device_name() if cuda else 'cpu'} x{world} | heads {a.heads}/{a.kv_heads} "
+              f"d {a.dim} {str(dtype)[6:]} causal docs {a.docs}")
+        print("| seqlen | layout | ms fwd+bwd | TFLOP/s per rank |\n|---|---|---|---|")
+    layouts = [(u, world // u) for u in range(world, 0, -1) if world % u == 0 and a.heads % u == 0]
+    for seqlen in a.seqlens:
+        g = torch.Generator().manual_seed(0)
+        full = [torch.randn(seqlen, h, a.dim, generator=g).to(dev, dtype) for h in (a.heads, a.kv_heads, a.kv_heads, a.heads)]
+        bounds = torch.linspace(0, seqlen, a.docs + 1).long()
+        pos = torch.cat([torch.arange(int(n)) for n in bounds[1:] - bounds[:-1]])[None].to(dev)
+        flops = 3.5 * 2 * a.heads * a.dim * float(((bounds[1:] - bounds[:-1]).double() ** 2).sum())
+        for u, r in layouts:
+            topo = make_topology(u, r, dev)
+            if topo.sp != world:
+                continue
+            attn = build_attention(topo, select_attention("auto", dev), select_block_kernel(dev))
+            sh = shard_for(topo, pos, torch.zeros_like(pos), pos)
+            pad = sh.total - seqlen
+            q, k, v, dout = (torch.cat([x, x.new_zeros(pad, *x.shape[1:])])[sh.local_index] for x in full)
+            q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+            def step():
+                out = attn(q, k, v, sh.meta, a.dim**-0.5)
+                torch.autograd.backward(out, dout)
+
+            times = []
+            for i in range(a.iters + 1):
+                dist.barrier()
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
+                dist.barrier()
+                if i:  # first call warms up (kernel choice, allocations)
+                    times.append(time.perf_counter() - t0)
+            t = sorted(times)[len(times) // 2]
+            if rank == 0:
+                print(f"| {seqlen} | ulysses{u} x ring{r} [{attn.describe()}] | {t * 1000:.2f} | "
+                      f"{flops / world / t / 1e12:.3g} |", flush=True)
+    dist.destroy_process_group()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqlens", type=int, nargs="+", default=[8192, 32768, 131072])
@@ -109,7 +173,12 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=1, help="equal-length packed documents")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timing per cell")
     p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: SP layouts on gloo")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per SP layout")
     a = p.parse_args()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        bench_sp(a)
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA device")
     if a.deterministic:

@@ -16,6 +16,10 @@ if __package__ in (None, ""):
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import warnings  # noqa: E402
+
+# DeepSpeed 0.19.8 calls a collective torch has deprecated; nothing for users to act on.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

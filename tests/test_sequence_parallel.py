@@ -84,12 +84,16 @@ def test_sp_constraints_fail_at_startup(cfg, fragment):
         validate_config(cfg)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_sp_attention_and_model_exact(tmp_path, nproc):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "results.jsonl"
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
@@ -102,3 +106,17 @@ def test_sp_attention_and_model_exact(tmp_path, nproc):
     assert r.returncode == 0 and rows and not failed, f"{failed}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     layouts = {2: 2, 4: 3}[nproc]
     assert len(rows) == layouts * 8  # 6 attention + 2 model checks per layout
+
+
+@pytest.mark.slow
+def test_bench_attention_sp_layouts_run_on_cpu(tmp_path):
+    """scripts/bench_attention.py under torchrun times every Ulysses x ring layout (gloo smoke)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         str(ROOT / "scripts" / "bench_attention.py"), "--device", "cpu", "--seqlens", "128",
+         "--heads", "4", "--kv-heads", "2", "--dim", "16", "--docs", "3", "--iters", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 128 |")]
+    assert len(rows) == 2 and "ulysses2 x ring1" in rows[0] and "ulysses1 x ring2" in rows[1]
