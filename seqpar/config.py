@@ -288,6 +288,9 @@ class TrainConfig(_Section):
         "auto", description="auto: flash_attn if installed on CUDA, else sdpa; torch = exact math"
     )
     seed: int = Field(0, description="model init and global RNGs (same on every rank)")
+    deterministic: bool = Field(
+        False, description="repeatable kernels: torch deterministic algorithms, no cuDNN attention"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
 
     @field_validator("betas")

@@ -99,9 +99,10 @@ class Trainer:
         model = build_model(cfg.model, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.loss_chunk_size = cfg.train.loss_chunk_size
-        self.kernel = select_attention(cfg.train.attention, self.device)
+        det = cfg.train.deterministic
+        self.kernel = select_attention(cfg.train.attention, self.device, det)
         if topo.sp > 1:
-            model.set_attention(build_attention(topo, self.kernel, select_block_kernel(self.device)))
+            model.set_attention(build_attention(topo, self.kernel, select_block_kernel(self.device, det)))
             model.set_sequence_parallel_group(topo.sp_group)
         else:
             model.set_attention(LocalAttention(self.kernel))

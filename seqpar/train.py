@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.engine import Trainer
     from seqpar.parallel import init_topology, pick_device
 
+    if cfg.train.deterministic:
+        # before any CUDA work: cuBLAS needs a fixed workspace to be repeatable
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        import torch
+
+        torch.use_deterministic_algorithms(True)
     device = pick_device(cfg.train.device)
     topo = init_topology(cfg.parallel.ulysses_degree, cfg.parallel.ring_degree, device, cfg.parallel.backend)
     try:

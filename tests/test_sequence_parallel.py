@@ -41,9 +41,10 @@ def test_zigzag_and_padding():
     assert shards[0].meta.cu_seqlens == [0, 10, 30, 32]  # padding is its own document
 
 
-def test_ring_segments_cover_exactly_the_visible_pairs():
+@pytest.mark.parametrize("ring", [1, 2, 3])
+def test_ring_segments_cover_exactly_the_visible_pairs(ring):
     """Union of segments over all source ranks = the causal-within-document mask."""
-    cu, total, ring = [0, 3, 7, 8, 19, 24], 24, 3
+    cu, total = [0, 3, 7, 8, 11, 12, 19, 24], 24
     doc = torch.searchsorted(torch.tensor(cu[1:]), torch.arange(total), right=True)
     want = (doc[:, None] == doc[None, :]) & (torch.arange(total)[:, None] >= torch.arange(total)[None, :])
     got = torch.zeros(total, total, dtype=torch.int32)

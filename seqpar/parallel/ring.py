@@ -47,6 +47,8 @@ def _doc_of(cu: list[int], pos: int) -> int:
 def segments(meta: RingMeta, src: int) -> list[Segment]:
     """Dense blocks between this rank's queries and ring rank ``src``'s keys."""
     c, cu = meta.chunk, meta.cu_seqlens
+    if meta.ring == 1:  # both chunks are this rank's and adjacent: one causal block per document
+        return [Segment(a, b, a, b, True) for a, b in zip(cu[:-1], cu[1:])]
     out: list[Segment] = []
     for qi, qc in enumerate(zigzag_chunks(meta.ring, meta.rank)):
         for ki, kc in enumerate(zigzag_chunks(meta.ring, src)):
