@@ -309,6 +309,22 @@ class TrainConfig(_Section):
         return self
 
 
+class CheckpointConfig(_Section):
+    """When micro-batch checkpoints are written, where, and how a run resumes
+    (docs/checkpoint-format.md)."""
+
+    dir: Path | None = Field(None, description="None = <run_dir>/checkpoints")
+    every_micro_batches: int = Field(0, ge=0, description="save after every N micro-batches (0 = off)")
+    every_steps: int = Field(0, ge=0, description="save after every N optimizer steps (0 = off)")
+    at_end: bool = Field(True, description="save when training finishes")
+    keep_last: int = Field(3, ge=1, description="complete checkpoints kept (plus the resumed-from one)")
+    async_write: bool = Field(True, description="write in the background (one write in flight)")
+    resume: str = Field("auto", description="auto (newest that verifies) | none | <checkpoint path>")
+    allow_changes: list[str] = Field(
+        default_factory=list, description="keys allowed to differ from the checkpoint's config on resume"
+    )
+
+
 class LoggingConfig(_Section):
     """Where metrics go and how progress is shown (rank 0 only)."""
 
@@ -360,6 +376,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="passed through to DeepSpeed, merged over derived keys"

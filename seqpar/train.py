@@ -30,6 +30,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument("--config", default=None, help="YAML config (default: the embedded tiny-cpu config)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                   help="resume from the newest valid checkpoint (auto, default), none, or a checkpoint dir")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment anyway.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_known_args(argv)
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from seqpar.config import ConfigError, load_config
 
+    if args.resume is not None:
+        overrides = overrides + ["--checkpoint.resume", args.resume]
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
 
+    from seqpar.checkpoint.manager import ResumeError
     from seqpar.engine import Trainer
     from seqpar.parallel import init_topology, pick_device
 
@@ -69,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         if topo.is_main:
             print(f"seqpar: {e}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg, topo, config_path=args.config or "<embedded tiny-cpu>")
+    try:
+        trainer = Trainer(cfg, topo, config_path=args.config or "<embedded tiny-cpu>")
+    except ResumeError as e:
+        print(f"seqpar: rank {topo.rank}: {e}", file=sys.stderr)
+        return 2
     trainer.train()
-    return 0
+    return trainer.exit_code
 
 
 def _cuda_available() -> bool:

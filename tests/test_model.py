@@ -129,7 +129,7 @@ def test_moe_dropless_equals_per_token_loop():
     model = build_model(tiny_cfg(**MOE), seed=3)
     moe = model.model.layers[0].mlp
     x = torch.randn(40, 32)
-    y, aux, counts = moe(x)
+    y, aux, (counts, digest) = moe(x)
     assert torch.allclose(y, naive_moe(moe, x), atol=1e-5)
     assert counts.sum().item() == 40 * 2 and aux.item() > 0
 

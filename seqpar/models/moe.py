@@ -27,6 +27,9 @@ class Router(nn.Module):
         self.register_buffer(
             "tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False
         )
+        # Fingerprint of every (token, slot) -> expert assignment since the last reset: lets tests
+        # prove that routing after a resume equals routing without a stop.
+        self.register_buffer("routing_digest", torch.zeros((), dtype=torch.int64), persistent=False)
         if cfg.bias_update_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         else:
@@ -88,7 +91,8 @@ class SwiGLU(nn.Module):
 
 
 class MoE(nn.Module):
-    """Dropless top-k MoE block. ``forward`` returns (output, aux_loss, tokens_per_expert)."""
+    """Dropless top-k MoE block. ``forward`` returns (output, aux_loss, (tokens per expert,
+    assignment digest))."""
 
     def __init__(self, hidden: int, cfg: MoEConfig):
         super().__init__()
@@ -105,7 +109,7 @@ class MoE(nn.Module):
         # not this rank's shard: set by Transformer.set_sequence_parallel_group.
         self.stats_group = None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         t, h = x.shape
         k, e = self.cfg.top_k, self.cfg.num_experts
         scores, idx, weights = self.gate(x)
@@ -122,7 +126,9 @@ class MoE(nn.Module):
                 s = torch.sigmoid(self.shared_expert_gate(x)) * s
             y = y + s
         aux = self._aux_loss(scores, counts) if self.cfg.aux_loss_coef > 0 else scores.new_zeros(())
-        return y, aux, counts.detach().float()
+        slots = torch.arange(1, flat.numel() + 1, device=flat.device)
+        digest = ((flat.long() + 1) * slots).sum() % (2**61 - 1)
+        return y, aux, (counts.detach().float(), digest.detach())
 
     def _aux_loss(self, scores: Tensor, counts: Tensor) -> Tensor:
         """Switch/DeepSeek load-balancing loss: sum_i f_i * P_i, equal to 1.0 when balanced.

@@ -120,8 +120,8 @@ class DecoderLayer(nn.Module):
             MoE(cfg.hidden_size, cfg.moe) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         )
 
-    def forward(self, x, cos, sin, meta: AttnMeta, attn: AttentionFn) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Returns (hidden, aux loss, tokens per expert or None)."""
+    def forward(self, x, cos, sin, meta: AttnMeta, attn: AttentionFn):
+        """Returns (hidden, aux loss, (tokens per expert, routing digest) or None)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, attn)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -241,7 +241,8 @@ class Transformer(nn.Module):
             aux = aux + a
             if counts is not None and self.training:
                 # outside the checkpointed region: recomputation must not count twice
-                layer.mlp.gate.tokens_per_expert += counts
+                layer.mlp.gate.tokens_per_expert += counts[0]
+                layer.mlp.gate.routing_digest += counts[1]
         x = self.model.norm(x)
         if labels is None:
             return ModelOutput(None, aux, self.lm_head(x).view(*input_ids.shape, -1))
@@ -253,6 +254,7 @@ class Transformer(nn.Module):
         out = {}
         for name, r in self.routers():
             out[f"{name}.tokens_per_expert"] = r.tokens_per_expert.detach().cpu().clone()
+            out[f"{name}.routing_digest"] = r.routing_digest.detach().cpu().clone()
             if r.expert_bias is not None:
                 out[f"{name}.expert_bias"] = r.expert_bias.detach().cpu().clone()
         return out
@@ -266,10 +268,15 @@ class Transformer(nn.Module):
             )
         for name, r in self.routers():
             r.tokens_per_expert.copy_(state[f"{name}.tokens_per_expert"])
+            r.routing_digest.copy_(state[f"{name}.routing_digest"])
             if r.expert_bias is not None:
                 r.expert_bias.copy_(state[f"{name}.expert_bias"])
 
     @torch.no_grad()
+    def routing_digest(self) -> int:
+        """Combined assignment fingerprint of all MoE layers (0 for dense models)."""
+        return int(sum(int(r.routing_digest) * (i + 1) for i, (_, r) in enumerate(self.routers())) % (2**61 - 1))
+
     def update_routers(self, group=None) -> dict[str, float]:
         """End of an optimizer step: sum token counts over all ranks, step the expert bias, reset.
 

@@ -1,19 +1,24 @@
 """The training loop: one micro-batch at a time, on a DeepSpeed engine.
 
-This is the one module that talks to DeepSpeed. Flow: config -> topology -> data -> model ->
+With ``deepspeed_state`` the only code that talks to DeepSpeed. Flow: config -> topology -> data -> model ->
 ``deepspeed.initialize`` -> ``Trainer.train()``. The loop position is explicit: ``step`` (optimizer
 steps done) and ``micro_step`` (micro-batches done inside the open accumulation window), so a
 checkpoint can be taken after any micro-batch.
 
 Loss normalisation: the loss of an optimizer step is the sum of token cross-entropies over the whole
 global batch divided by the number of labelled tokens in it (counted on every DP rank for its share
-of the window and all-reduced once per step). DeepSpeed averages gradients over its data-parallel
-ranks, so each rank back-propagates ``ce_sum * dp / tokens`` (``scale_wrt_gas=False``): the result
-is independent of how the global batch is split into ranks and micro-batches.
+of the window and all-reduced once per step). DeepSpeed averages gradients over all ranks (DP and
+SP replicas), so each rank back-propagates ``ce_sum * world / tokens`` (``scale_wrt_gas=False``):
+the result is independent of how the global batch is split into ranks and micro-batches.
+
+Checkpoints: after any micro-batch the trainer hands the checkpoint manager named state trees
+(every component's ``state_dict``) and restores them by name on resume.
 """
 
 from __future__ import annotations
 
+import json
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +26,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from seqpar import __version__
+from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE, CheckpointManager, ResumeError, check_resume_config
+from seqpar.checkpoint.signals import EXIT_PREEMPTED, StopSignal
+from seqpar.checkpoint.store import FORMAT_VERSION, tag_for
 from seqpar.config import Config, Layout, flops_per_token
+from seqpar.engine import deepspeed_state as dss
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
 from seqpar.evaluate import passkey_results
 from seqpar.kernels import LocalAttention, select_attention, select_block_kernel
@@ -32,7 +42,7 @@ from seqpar.models import Transformer, build_model, count_parameters
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, shard_for
 from seqpar.parallel.sharding import owner_of
-from seqpar.rng import seed_everything
+from seqpar.rng import load_rng_state_dict, rng_state_dict, seed_everything
 from seqpar.schedule import WarmupDecay
 
 
@@ -57,6 +67,8 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0  # labelled tokens of completed steps
     losses: list[float] = field(default_factory=list)  # per optimizer step
+    micro_losses: list[float] = field(default_factory=list)  # rank 0's local CE sum per micro-batch
+    routing: list[int] = field(default_factory=list)  # MoE assignment digest after each micro-batch
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__, losses=list(self.losses))
@@ -129,7 +141,14 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.config_path = config_path
         self._window: list | None = None
-        self._acc: dict[str, torch.Tensor] = {}
+        self._acc: dict[str, Any] = {}
+        self._resumed_acc: dict[str, float] | None = None
+        self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, topo.rank, topo.world_size,
+                                      pin=self.device.type == "cuda")
+        self.stop = StopSignal()
+        self.exit_code = 0
+        self._last_tag: str | None = None
+        self.resume(cfg.checkpoint.resume)
 
     # -- summary ----------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -163,14 +182,28 @@ class Trainer:
         self.logger.print(self.summary())
         self.logger.start_at(self.state.step)
         self.engine.train()
-        while self.state.step < self.cfg.train.max_steps:
-            self.train_micro_batch()
-        result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.losses[-1]}
+        try:
+            while self.state.step < self.cfg.train.max_steps:
+                self.train_micro_batch()
+                self.stop.tick()
+                if self.stop.agreed(self.device):
+                    tag = self.save_checkpoint()
+                    self.logger.print(f"signal {self.stop.received or 'on another rank'}: saved {tag}, exiting")
+                    self.exit_code = EXIT_PREEMPTED
+                    return {"step": self.state.step, "preempted": True}
+                st = self.state
+                if self.ckpt.due(st.step, st.micro_step, st.step * self.layout.grad_accum_steps + st.micro_step):
+                    self.save_checkpoint()
+            if self.cfg.checkpoint.at_end and not self._saved_at(self.state.step, 0):
+                self.save_checkpoint()
+        finally:
+            self.ckpt.finish()  # never exit with a write in flight
+        result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.losses[-1] if self.state.losses else None}
         if isinstance(self.dataset, PasskeyDataset) and self.cfg.data.passkey.eval_samples:
             result.update(self.evaluate_passkey())
             self.logger.log(self.state.step, {k: v for k, v in result.items() if k.startswith("passkey")})
         self.logger.close()
-        if self.topo.is_main:
+        if self.topo.is_main and self.state.losses:
             first = self.state.losses[0]
             print(
                 f"done: {self.state.step} steps, loss {first:.4f} -> {result['final_loss']:.4f}"
@@ -194,8 +227,11 @@ class Trainer:
         closes = st.micro_step + 1 == lay.grad_accum_steps
         assert self.engine.is_gradient_accumulation_boundary() == closes, "DeepSpeed micro-step drifted"
         self.engine.step()
-        self._acc["ce"] += out.loss_sum.detach().float()
-        self._acc["aux"] += out.aux_loss.detach().float()
+        self._acc["ce"] += out.loss_sum.detach().double()
+        self._acc["aux"] += out.aux_loss.detach().double()
+        st.micro_losses.append(float(out.loss_sum))
+        if self.cfg.model.moe is not None:
+            st.routing.append(self.model.routing_digest())
         st.micro_step += 1
         st.consumed_samples += lay.micro_batch_size * lay.dp
         if closes:
@@ -217,13 +253,17 @@ class Trainer:
         dist.all_reduce(tokens, group=self.topo.dp_group)
         if tokens.item() == 0:
             raise RuntimeError(f"step {self.state.step}: the global batch has no labelled tokens")
-        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self._acc = {"tokens": tokens.float(), "ce": zero.clone(), "aux": zero.clone(), "t0": time.time()}
+        if self._resumed_acc is not None:  # resumed inside this window: sums of the micro-batches done
+            self._acc["ce"] += self._resumed_acc["ce"]
+            self._acc["aux"] += self._resumed_acc["aux"]
+            self._resumed_acc = None
 
     def _close_window(self) -> None:
         st, lay = self.state, self.layout
         router_stats = self.model.update_routers()
-        sums = torch.stack([self._acc["ce"], self._acc["aux"]]).double()
+        sums = torch.stack([self._acc["ce"], self._acc["aux"]])
         dist.all_reduce(sums)  # CE is split over SP ranks; each SP rank holds the whole-sequence aux
         loss = (sums[0] / self._acc["tokens"].double()).item()
         aux = (sums[1] / (lay.grad_accum_steps * lay.world_size)).item()
@@ -257,6 +297,98 @@ class Trainer:
         if self.peak is not None:
             metrics["mfu"] = tok_s * self.flops_per_token / (self.peak * 1e12 * self.topo.world_size)
         self.logger.log(self.state.step, metrics)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _saved_at(self, step: int, micro_step: int) -> bool:
+        return self._last_tag == tag_for(step, micro_step)
+
+    def _meta(self) -> dict[str, Any]:
+        import deepspeed
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "config_hash": self.cfg.fingerprint(),
+            "topology": {"world_size": self.topo.world_size, "dp": self.layout.dp, "ulysses": self.topo.ulysses,
+                         "ring": self.topo.ring, "zero_stage": self.cfg.parallel.zero_stage,
+                         "grad_accum_steps": self.layout.grad_accum_steps},
+            "versions": {"seqpar": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "python": platform.python_version()},
+        }
+
+    def save_checkpoint(self) -> str:
+        """Checkpoint after the current micro-batch (collective; returns the tag)."""
+        st, eng = self.state, self.engine
+        mid_window = st.micro_step > 0
+        rank_trees: dict[str, Any] = {
+            "rng": rng_state_dict(),
+            "engine": {"counters": dss.capture_counters(eng),
+                       "window": {"ce": float(self._acc["ce"]), "aux": float(self._acc["aux"])} if mid_window else None},
+        }
+        if self.topo.is_main or not dss.optimizer_is_replicated(eng):
+            rank_trees["optimizer"] = dss.capture_optimizer(eng)
+        if mid_window:
+            rank_trees["grads"] = dss.capture_partial_grads(eng)
+        if self.cfg.model.moe is not None:
+            rank_trees["router"] = self.model.router_state_dict()
+        jobs = []
+        if self.cfg.parallel.zero_stage < 3 and self.topo.is_main:
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            jobs.append(self._hf_job(weights))
+        elif self.cfg.parallel.zero_stage == 3:
+            rank_trees["model_shard"] = {n: p.ds_tensor.detach().to("cpu", copy=True)
+                                         for n, p in self.model.named_parameters()}
+        meta = self._meta()
+        trainer_state = {**meta, **st.state_dict(), "sampler": self.sampler.state_dict()}
+        raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),
+               CONFIG_FILE: yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False).encode()}
+        tag = self.ckpt.save(st.step, st.micro_step, rank_trees, {}, raw if self.topo.is_main else {}, jobs, meta)
+        self._last_tag = tag
+        self.logger.print(f"checkpoint {tag}: training blocked {self.ckpt.last_block_s:.3f} s "
+                          f"({'background' if self.cfg.checkpoint.async_write else 'synchronous'} write)")
+        self.logger.log(st.step, {"ckpt_block_s": self.ckpt.last_block_s, "ckpt_tag": tag})
+        return tag
+
+    def _hf_job(self, weights: dict[str, torch.Tensor]):
+        cfg = self.cfg.model
+
+        def job(part: Path) -> list[Path]:
+            from seqpar.models.hf import save_hf_checkpoint
+
+            out = save_hf_checkpoint(weights, cfg, part / "model")
+            return sorted(p for p in Path(out).rglob("*") if p.is_file())
+        return job
+
+    def resume(self, spec: str) -> None:
+        """Restore everything from a checkpoint (``auto`` | ``none`` | path); every rank."""
+        path = self.ckpt.find_resume(spec)
+        if path is None:
+            return
+        state, saved_cfg = self.ckpt.read_shared(path)
+        accepted = check_resume_config(saved_cfg, self.cfg.model_dump(mode="json"), self.cfg.checkpoint.allow_changes)
+        topo = self._meta()["topology"]
+        if state["topology"] != topo:
+            raise ResumeError(f"checkpoint {path} was written with layout {state['topology']}, this run is {topo}")
+        eng, r = self.engine, self.topo.rank
+        if dss.needs_module_weights(eng):
+            from seqpar.models.hf import load_hf_checkpoint
+
+            load_hf_checkpoint(self.model, path / "model")
+        opt_rank = r if not dss.optimizer_is_replicated(eng) else 0
+        dss.restore_optimizer(eng, self.ckpt.read_tree(path, "optimizer", opt_rank))
+        dss.restore_counters(eng, self.ckpt.read_tree(path, "engine", r)["counters"])
+        if self.cfg.model.moe is not None:
+            self.model.load_router_state_dict(self.ckpt.read_tree(path, "router", r))
+        self.state.load_state_dict({k: state[k] for k in self.state.state_dict()})
+        self.sampler.load_state_dict(state["sampler"])
+        if self.state.micro_step > 0:
+            dss.restore_partial_grads(eng, self.ckpt.read_tree(path, "grads", r))
+            self._resumed_acc = self.ckpt.read_tree(path, "engine", r)["window"]
+        load_rng_state_dict(self.ckpt.read_tree(path, "rng", r))
+        self.ckpt.resumed_from = path.name
+        self._last_tag = path.name
+        if self.topo.is_main:
+            print(f"resumed from {path} (step {self.state.step}, micro-step {self.state.micro_step})"
+                  + (f"; allowed config changes: {accepted}" if accepted else ""), flush=True)
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()

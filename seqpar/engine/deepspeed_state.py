@@ -1,0 +1,171 @@
+"""DeepSpeed engine state seqpar saves and restores itself (pinned: deepspeed==0.19.8).
+
+DeepSpeed's own ``save_checkpoint`` drops the gradients accumulated inside an accumulation window
+and ``micro_steps``, saves no RNG and writes pickles; so seqpar captures the state directly:
+
+* optimizer: ``engine.optimizer.state_dict()`` (this rank's ZeRO partition: fp32 master, Adam
+  moments, loss scaler) and the matching ``load_state_dict`` calls DeepSpeed's loader makes;
+* module weights only where the optimizer holds no fp32 master (stage 0, fp32);
+* partial gradients of the open window, where each ZeRO stage keeps them (below);
+* engine counters (``global_steps``, ``global_samples``, ``skipped_steps``, ``micro_steps``).
+
+Where partial gradients live (verified bitwise on CPU, 2 ranks; docs/checkpoint-format.md):
+stage 0/1: the local, not yet reduced ``param.grad`` (stage 1 may use ``param.grad_accum``), or for
+``BF16_Optimizer`` its fp32 gradient buffers; stage 2: the per-micro-step *reduced* accumulator
+``optimizer.averaged_gradients`` (built from ``all_grad_tensors``); stage 3: the flat
+``grad_partitions_flat_buffer`` plus ``micro_step_id`` and the epilogue flag.
+Everything returned is a CPU copy (the live tensors keep changing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+DEEPSPEED_VERSION = "0.19.8"
+
+
+def _clone(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_clone(v) for v in tree]
+    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
+        return tuple(_clone(v) for v in tree)
+    return tree
+
+
+def optimizer_kind(engine) -> str:
+    opt = engine.optimizer
+    if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        return "zero3"
+    if isinstance(opt, BF16_Optimizer):
+        return "bf16"
+    if isinstance(opt, DeepSpeedZeroOptimizer):
+        return "zero12"
+    if isinstance(opt, FP16_UnfusedOptimizer):
+        return "unfused16"
+    return "torch"
+
+
+def needs_module_weights(engine) -> bool:
+    """Only plain stage-0 fp32 keeps no fp32 master copy in the optimizer."""
+    return optimizer_kind(engine) == "torch"
+
+
+def optimizer_is_replicated(engine) -> bool:
+    """Stage 0 optimizer state is identical on every rank (one copy is enough)."""
+    return optimizer_kind(engine) in ("torch", "unfused16")
+
+
+# -- optimizer + scheduler -------------------------------------------------------------------------
+def capture_optimizer(engine) -> dict[str, Any]:
+    return {
+        "optimizer": _clone(engine.optimizer.state_dict()),
+        "scheduler": _clone(engine.lr_scheduler.state_dict()) if engine.lr_scheduler is not None else None,
+    }
+
+
+def restore_optimizer(engine, state: dict[str, Any]) -> None:
+    """On a fresh engine, every rank (collectives inside). For plain stage-0 fp32 the caller first
+    loads the module weights (``needs_module_weights``); elsewhere they come from the fp32 master."""
+    opt, kind, sd = engine.optimizer, optimizer_kind(engine), state["optimizer"]
+    if kind in ("zero12", "bf16", "zero3"):
+        group = opt.dp_process_group
+        sd_list: list[Any] = [None] * dist.get_world_size(group=group)
+        sd_list[dist.get_rank(group=group)] = sd
+        if kind == "zero3":
+            opt.checkpoint_event_prologue()
+        opt.load_state_dict(state_dict_list=sd_list, load_optimizer_states=True, load_from_fp32_weights=True)
+        if kind == "zero3":
+            opt.checkpoint_event_epilogue()
+        else:
+            opt.update_lp_params()  # bit16 params from the fp32 master
+    elif kind == "unfused16":
+        opt.load_state_dict(sd, load_optimizer_states=True)
+        with torch.no_grad():
+            for low, high in zip(opt.fp16_groups, opt.fp32_groups):
+                for lp, hp in zip(low, high):
+                    lp.copy_(hp)
+    else:
+        opt.load_state_dict(sd)
+    if state["scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(state["scheduler"])
+
+
+# -- counters --------------------------------------------------------------------------------------
+def capture_counters(engine) -> dict[str, int]:
+    return {
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "skipped_steps": int(engine.skipped_steps),
+        "micro_steps": int(engine.micro_steps),
+    }
+
+
+def restore_counters(engine, counters: dict[str, int]) -> None:
+    for k, v in counters.items():
+        setattr(engine, k, v)
+
+
+# -- partial gradients of the open accumulation window ---------------------------------------------
+def capture_partial_grads(engine) -> dict[str, Any]:
+    opt, kind = engine.optimizer, optimizer_kind(engine)
+    if kind == "zero3":
+        return {
+            "flat": _clone(opt.grad_partitions_flat_buffer),
+            "micro_step_id": int(opt.micro_step_id),
+            "epilogue_ran": bool(getattr(opt, "_epilogue_ran_this_backward", False)),
+        }
+    if kind == "zero12" and opt.partition_gradients:  # stage 2: reduced every micro-step
+        out = {}
+        for i in range(len(opt.bit16_groups)):
+            if opt.averaged_gradients.get(i) is None and opt.all_grad_tensors.get(i) is not None:
+                out[str(i)] = [_clone(t) if t is not None else None for t in opt.all_grad_tensors[i]]
+        return {"all_grad_tensors": out}
+    if kind == "bf16":
+        return {
+            "flat": [_clone(t) for t in opt.fp32_groups_gradients_flat],
+            "has": _clone(opt.fp32_groups_has_gradients),
+        }
+    # stage 0 / 1: local, unreduced gradients on the parameters
+    grads, accum = {}, {}
+    for name, p in engine.module.named_parameters():
+        if p.grad is not None:
+            grads[name] = _clone(p.grad)
+        if getattr(p, "grad_accum", None) is not None:
+            accum[name] = _clone(p.grad_accum)
+    return {"grad": grads, "grad_accum": accum}
+
+
+def restore_partial_grads(engine, state: dict[str, Any]) -> None:
+    opt, kind = engine.optimizer, optimizer_kind(engine)
+    if kind == "zero3":
+        opt.grad_partitions_flat_buffer.copy_(state["flat"])
+        opt.micro_step_id = state["micro_step_id"]
+        opt._epilogue_ran_this_backward = state["epilogue_ran"]
+        return
+    if kind == "zero12" and opt.partition_gradients:
+        device = next(engine.module.parameters()).device
+        for i, tensors in state["all_grad_tensors"].items():
+            opt.all_grad_tensors[int(i)] = [t.to(device) if t is not None else None for t in tensors]
+        return
+    if kind == "bf16":
+        for dst, src in zip(opt.fp32_groups_gradients_flat, state["flat"]):
+            dst.copy_(src)
+        for i, has in enumerate(state["has"]):
+            opt.fp32_groups_has_gradients[i] = list(has)
+        return
+    params = dict(engine.module.named_parameters())
+    for name, g in state["grad"].items():
+        params[name].grad = g.to(params[name].device)
+    for name, g in state["grad_accum"].items():
+        params[name].grad_accum = g.to(params[name].device)
