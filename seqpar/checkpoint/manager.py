@@ -21,9 +21,11 @@ from seqpar.checkpoint.store import CheckpointStore, tag_for
 from seqpar.checkpoint.writer import CheckpointWriter, Snapshot, rank_dir
 from seqpar.config import CheckpointConfig
 
-# Keys whose change does not alter what a resumed run computes up to the old end (given
-# explicitly in checkpoint.allow_changes). Everything else that differs is refused.
-SAFE_CHANGES = ("train.max_steps", "logging.*", "checkpoint.*", "data.passkey.eval_samples")
+# Keys that never change what is computed: accepted silently (reported in the resume line).
+NEUTRAL_CHANGES = ("logging.*", "checkpoint.*", "data.passkey.eval_samples", "data.cache_dir")
+# Deliberate changes a resumed run may make, each only when named in checkpoint.allow_changes
+# (e.g. extending a run: train.max_steps also stretches the LR decay). Anything else is refused.
+SAFE_CHANGES = ("train.max_steps", "train.lr", "train.min_lr_ratio", "train.decay", "train.warmup_steps")
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 
@@ -52,7 +54,9 @@ def check_resume_config(saved: dict, current: dict, allowed: list[str]) -> list[
     for key, old, new in config_changes(saved, current):
         safe = any(fnmatch.fnmatch(key, pat) for pat in SAFE_CHANGES)
         line = f"{key}: {old!r} -> {new!r}"
-        if safe and any(fnmatch.fnmatch(key, pat) for pat in allowed):
+        if any(fnmatch.fnmatch(key, pat) for pat in NEUTRAL_CHANGES):
+            accepted.append(line)
+        elif safe and any(fnmatch.fnmatch(key, pat) for pat in allowed):
             accepted.append(line)
         elif safe:
             refused.append(f"{line}  (safe: allow it with --checkpoint.allow_changes '[{key}]')")

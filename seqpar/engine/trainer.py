@@ -322,7 +322,9 @@ class Trainer:
         rank_trees: dict[str, Any] = {
             "rng": rng_state_dict(),
             "engine": {"counters": dss.capture_counters(eng),
-                       "window": {"ce": float(self._acc["ce"]), "aux": float(self._acc["aux"])} if mid_window else None},
+                       "window": {"ce": float(self._acc["ce"]), "aux": float(self._acc["aux"])} if mid_window else None,
+                       # per-rank records (trainer_state.json holds rank 0's)
+                       "history": {"micro_losses": list(st.micro_losses), "routing": list(st.routing)}},
         }
         if self.topo.is_main or not dss.optimizer_is_replicated(eng):
             rank_trees["optimizer"] = dss.capture_optimizer(eng)
@@ -375,14 +377,15 @@ class Trainer:
             load_hf_checkpoint(self.model, path / "model")
         opt_rank = r if not dss.optimizer_is_replicated(eng) else 0
         dss.restore_optimizer(eng, self.ckpt.read_tree(path, "optimizer", opt_rank))
-        dss.restore_counters(eng, self.ckpt.read_tree(path, "engine", r)["counters"])
+        engine_state = self.ckpt.read_tree(path, "engine", r)
+        dss.restore_counters(eng, engine_state["counters"])
         if self.cfg.model.moe is not None:
             self.model.load_router_state_dict(self.ckpt.read_tree(path, "router", r))
-        self.state.load_state_dict({k: state[k] for k in self.state.state_dict()})
+        self.state.load_state_dict({**{k: state[k] for k in self.state.state_dict()}, **engine_state["history"]})
         self.sampler.load_state_dict(state["sampler"])
         if self.state.micro_step > 0:
             dss.restore_partial_grads(eng, self.ckpt.read_tree(path, "grads", r))
-            self._resumed_acc = self.ckpt.read_tree(path, "engine", r)["window"]
+            self._resumed_acc = engine_state["window"]
         load_rng_state_dict(self.ckpt.read_tree(path, "rng", r))
         self.ckpt.resumed_from = path.name
         self._last_tag = path.name

@@ -425,8 +425,11 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path) -> None:
             if _is_ignored(key):
                 continue
             shape = shapes[key]
-            if key not in ours and key.endswith("self_attn.o_proj.bias"):
-                extras.append((f, key, "zero"))  # HF llama/qwen3 attention_bias: must be 0
+            if key not in ours and key.endswith(("self_attn.o_proj.bias", "self_attn.q_proj.bias",
+                                                 "self_attn.k_proj.bias", "self_attn.v_proj.bias")):
+                # HF llama/qwen3 attention_bias adds an o_proj bias, Qwen2 always has q/k/v bias;
+                # a model without them can load them only when they are all zero (our exports)
+                extras.append((f, key, "zero"))
                 continue
             if key == "lm_head.weight" and tied and key not in ours:
                 extras.append((f, key, "tied"))  # some tied checkpoints keep a copy
