@@ -189,6 +189,14 @@ class ModelConfig(_Section):
             bad = [i for i in self.moe.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
             if bad:
                 raise ValueError(f"moe.mlp_only_layers {bad} outside 0..{self.num_hidden_layers - 1}")
+        # Checkpoints store weights in the Hugging Face layout of `arch`: make sure it can express
+        # this model now rather than at the first save.
+        from seqpar.models.hf import fields_to_hf_config
+
+        try:
+            fields_to_hf_config(self)
+        except ValueError as e:
+            raise ValueError(f"model.arch='{self.arch}' cannot represent this model: {e}") from None
         return self
 
 
