@@ -21,6 +21,8 @@ from seqpar.checkpoint.store import CheckpointStore, tag_for
 from seqpar.checkpoint.writer import CheckpointWriter, Snapshot, rank_dir
 from seqpar.config import CheckpointConfig
 
+# Keys that describe the resume itself.
+RESUME_KEYS = ("checkpoint.resume", "checkpoint.allow_changes")
 # Keys that never change what is computed: accepted silently (reported in the resume line).
 NEUTRAL_CHANGES = ("logging.*", "checkpoint.*", "data.passkey.eval_samples", "data.cache_dir")
 # Deliberate changes a resumed run may make, each only when named in checkpoint.allow_changes
@@ -52,6 +54,8 @@ def check_resume_config(saved: dict, current: dict, allowed: list[str]) -> list[
     """Raise ``ResumeError`` listing refused changes; return the allowed ones (for the log)."""
     refused, accepted = [], []
     for key, old, new in config_changes(saved, current):
+        if key in RESUME_KEYS:
+            continue
         safe = any(fnmatch.fnmatch(key, pat) for pat in SAFE_CHANGES)
         line = f"{key}: {old!r} -> {new!r}"
         if any(fnmatch.fnmatch(key, pat) for pat in NEUTRAL_CHANGES):

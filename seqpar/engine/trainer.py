@@ -229,7 +229,7 @@ class Trainer:
         self.engine.step()
         self._acc["ce"] += out.loss_sum.detach().double()
         self._acc["aux"] += out.aux_loss.detach().double()
-        st.micro_losses.append(float(out.loss_sum))
+        st.micro_losses.append(out.loss_sum.item())
         if self.cfg.model.moe is not None:
             st.routing.append(self.model.routing_digest())
         st.micro_step += 1

@@ -1,0 +1,190 @@
+"""Faults around checkpoints, with real processes: SIGKILL at random instants (also during a save),
+SIGTERM on 2 ranks, corrupted checkpoints found by ``verify`` and skipped by ``--resume auto``.
+
+After any fault the run is restarted with ``--resume auto`` and must end exactly where an
+uninterrupted run ends: the final checkpoint's model, optimizer and RNG files have the same
+sha256 as the reference run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "seqpar" / "train.py")
+BASE = {
+    "model": {"arch": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "data": {"type": "passkey", "seq_len": 128, "passkey": {"eval_samples": 0, "key_digits": 2}},
+    "parallel": {"zero_stage": 2},
+    "train": {"max_steps": 4, "micro_batch_size": 1, "global_batch_size": 4, "lr": 1e-2, "warmup_steps": 1},
+    "checkpoint": {"every_micro_batches": 1, "keep_last": 2},
+    "logging": {"progress_bar": False, "tensorboard": "off"},
+}
+
+
+def port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def command(tmp: Path, name: str, nproc: int, **over) -> tuple[list[str], Path]:
+    cfg = json.loads(json.dumps(BASE))
+    for sec, kv in over.items():
+        cfg[sec].update(kv)
+    run_dir = tmp / name
+    cfg["logging"]["run_dir"] = str(run_dir)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}", f"--master_port={port()}"]
+    return launcher + [TRAIN, "--config", str(path)], run_dir
+
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def final_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of the state files of the last checkpoint (config.yaml differs: it names run_dir)."""
+    ck = run_dir / "checkpoints"
+    tag = (ck / "latest").read_text().strip()
+    files = json.loads((ck / tag / "manifest.json").read_text())["files"]
+    keep = ("model/", "/optimizer.", "/rng.", "/grads.")
+    return {k: v["sha256"] for k, v in files.items() if any(s in k for s in keep)} | {"tag": tag}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[int, dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("ref")
+    out = {}
+    for nproc in (1, 2):
+        cmd, run_dir = command(tmp, f"ref{nproc}", nproc, checkpoint={"every_micro_batches": 0})
+        r = run(cmd)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[nproc] = final_hashes(run_dir)
+    return out
+
+
+def kill_trial(tmp: Path, i: int, nproc: int, during_save: bool, rng: random.Random) -> str:
+    cmd, run_dir = command(tmp, f"kill{i}", nproc)
+    ck = run_dir / "checkpoints"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not (ck / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if during_save:  # wait for a write in progress, then kill at once
+        while proc.poll() is None and not list(ck.glob(".partial-*")) and time.time() < deadline:
+            time.sleep(0.001)
+    else:
+        time.sleep(rng.uniform(0.0, 1.5))
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank at once, like a lost node
+    proc.wait()
+    return "killed"
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_instants_always_resumes_exactly(tmp_path, references):
+    rng = random.Random(1234)
+    trials = [(1, i % 2 == 1) for i in range(15)] + [(2, i % 2 == 1) for i in range(5)]
+    outcomes = []
+    for i, (nproc, during_save) in enumerate(trials):
+        kill_trial(tmp_path, i, nproc, during_save, rng)
+        cmd, run_dir = command(tmp_path, f"kill{i}", nproc)
+        r = run(cmd + ["--resume", "auto"])
+        assert r.returncode == 0, f"trial {i}: resume failed\n{r.stderr[-3000:]}"
+        resumed = [line for line in r.stdout.splitlines() if line.startswith("resumed from")]
+        outcomes.append((nproc, during_save, resumed[0].split("/")[-1] if resumed else "fresh start"))
+        got = final_hashes(run_dir)
+        assert got == references[nproc], f"trial {i} ({outcomes[-1]}): final state differs"
+        assert not list((run_dir / "checkpoints").glob(".partial-*")), "a partial checkpoint was left behind"
+    print("\n".join(map(str, outcomes)))
+    assert sum(1 for o in outcomes if o[2] != "fresh start") >= 15  # most kills hit a running job
+
+
+@pytest.mark.slow
+def test_sigterm_two_ranks_saves_mid_window_exits_and_resumes_exactly(tmp_path, references):
+    for attempt in range(3):
+        cmd, run_dir = command(tmp_path, f"term{attempt}", 2, checkpoint={"every_micro_batches": 0})
+        ck = run_dir / "checkpoints"
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                                start_new_session=True)
+        while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None:
+            time.sleep(0.01)  # the first optimizer step is done: training is under way
+        time.sleep(random.Random(attempt).uniform(0.0, 0.3))
+        t0 = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)  # every rank receives it (docs: the runner alone is not enough)
+        out, _ = proc.communicate(timeout=120)
+        waited = time.time() - t0
+        assert proc.returncode == 75, out[-3000:]
+        assert waited < 60, f"took {waited:.1f} s to save and exit"
+        tag = (ck / "latest").read_text().strip()
+        if not tag.endswith("micro0000"):
+            break
+    assert not tag.endswith("micro0000"), "never signalled inside an accumulation window"
+    r = run(cmd + ["--resume", "auto"])
+    assert r.returncode == 0 and f"resumed from {ck / tag}" in r.stdout, r.stderr[-3000:]
+    assert final_hashes(run_dir) == references[2]
+
+
+CORRUPTIONS = {
+    "truncated file": lambda ck: _edit(ck / "rank00000" / "optimizer.safetensors", lambda b: b[:-100]),
+    "flipped byte": lambda ck: _edit(ck / "rank00000" / "optimizer.safetensors", lambda b: b[:-50] + bytes([b[-50] ^ 1]) + b[-49:]),
+    "missing rank file": lambda ck: (ck / "rank00000" / "rng.json").unlink(),
+    "missing commit marker": lambda ck: (ck / "COMMITTED").unlink(),
+}
+
+
+def _edit(path: Path, fn) -> None:
+    path.write_bytes(fn(path.read_bytes()))
+
+
+@pytest.mark.slow
+def test_corruption_is_detected_and_auto_resume_falls_back(tmp_path, references):
+    cmd, run_dir = command(tmp_path, "corrupt", 1, checkpoint={"every_micro_batches": 4, "keep_last": 10},
+                           train={"max_steps": 3})
+    assert run(cmd).returncode == 0
+    ck = run_dir / "checkpoints"
+    newest = ck / (ck / "latest").read_text().strip()
+    pristine = {p.relative_to(newest): p.read_bytes() for p in newest.rglob("*") if p.is_file()}
+    for name, corrupt in CORRUPTIONS.items():
+        corrupt(newest)
+        v = subprocess.run([sys.executable, "-m", "seqpar.ckpt", "verify", str(ck)], capture_output=True,
+                           text=True, env=ENV)
+        assert v.returncode == 1 and f"FAIL {newest.name}" in v.stdout, (name, v.stdout)
+        # resume auto on a longer run: skips the corrupt newest checkpoint, takes the previous one
+        r = run(cmd + ["--resume", "auto", "--train.max_steps", "4", "--checkpoint.allow_changes", "[train.max_steps]",
+                       "--checkpoint.at_end", "false", "--checkpoint.every_micro_batches", "0"])
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        assert "does not verify" in r.stderr and "resumed from" in r.stdout, name
+        assert newest.name not in [l for l in r.stdout.splitlines() if l.startswith("resumed from")][0], name
+        for rel, data in pristine.items():  # repair for the next case
+            (newest / rel).write_bytes(data)
+    assert subprocess.run([sys.executable, "-m", "seqpar.ckpt", "verify", str(newest)], env=ENV).returncode == 0
+
+
+def test_incompatible_config_is_refused_with_the_changes(tmp_path):
+    cmd, run_dir = command(tmp_path, "compat", 1, train={"max_steps": 1}, checkpoint={"every_micro_batches": 0})
+    assert run(cmd).returncode == 0
+    r = run(cmd + ["--model.hidden_size", "64", "--train.max_steps", "2"])
+    assert r.returncode == 2
+    assert "model.hidden_size: 32 -> 64  (changes what training computes" in r.stderr
+    assert "train.max_steps: 1 -> 2  (safe: allow it with --checkpoint.allow_changes" in r.stderr
+    r = run(cmd + ["--train.max_steps", "2", "--checkpoint.allow_changes", "[train.max_steps]"])
+    assert r.returncode == 0 and "allowed config changes: ['train.max_steps: 1 -> 2']" in r.stdout
