@@ -142,7 +142,12 @@ class CheckpointStore:
 
     def verify(self, path: Path, check_hashes: bool = True) -> list[str]:
         """Problems of one checkpoint (empty list = verified)."""
-        path = Path(path)
+        try:
+            return self._verify(Path(path), check_hashes)
+        except FileNotFoundError as e:  # deleted by retention while we looked
+            return [f"{Path(path).name}: disappeared while verifying ({e.filename})"]
+
+    def _verify(self, path: Path, check_hashes: bool) -> list[str]:
         if not (path / MARKER).is_file():
             return [f"{path.name}: no {MARKER} marker (incomplete write)"]
         if not (path / MANIFEST).is_file():
