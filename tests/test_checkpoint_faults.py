@@ -233,3 +233,47 @@ def test_incompatible_config_is_refused_with_the_changes(tmp_path):
     assert "train.max_steps: 1 -> 2  (safe: allow it with --checkpoint.allow_changes" in r.stderr
     r = run(cmd + ["--train.max_steps", "2", "--checkpoint.allow_changes", "[train.max_steps]"])
     assert r.returncode == 0 and "allowed config changes: ['train.max_steps: 1 -> 2']" in r.stdout
+
+
+def test_auto_restart_wrapper(tmp_path):
+    """scripts/auto_restart.sh: restarts at once on 75, after a back-off on a crash, stops on 0,
+    and always appends --resume auto."""
+    counter = tmp_path / "n"
+    fake = tmp_path / "fake.sh"
+    fake.write_text(f"""#!/usr/bin/env bash
+n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}
+echo "args: $*"
+case $n in 0) exit 75;; 1) exit 3;; *) exit 0;; esac
+""")
+    fake.chmod(0o755)
+    r = subprocess.run([str(ROOT / "scripts" / "auto_restart.sh"), str(fake), "--config", "x.yaml"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "BACKOFF_S": "0"})
+    assert r.returncode == 0 and counter.read_text().strip() == "3", r.stdout + r.stderr
+    assert r.stdout.count("args: --config x.yaml --resume auto") == 3
+    assert "exited with 75; restart 1 in 0s" in r.stdout and "exited with 3; restart 2" in r.stdout
+
+
+def test_auto_restart_forwards_signals_to_the_ranks(tmp_path):
+    """A signal to the wrapper reaches the rank under an intermediate launcher process; the rank
+    'saves' (exits 75) and the wrapper stops instead of restarting."""
+    rank = tmp_path / "rank.py"
+    rank.write_text(
+        "import signal, sys, time\n"
+        "got = []\n"
+        "signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))\n"
+        "open(sys.argv[1], 'w').write('up')\n"
+        "for _ in range(400):\n"
+        "    time.sleep(0.05)\n"
+        "    if got: print('rank saved', flush=True); sys.exit(75)\n"
+        "sys.exit(0)\n"
+    )
+    ready = tmp_path / "ready"
+    launcher = ["bash", "-c", f"{sys.executable} {rank} {ready} \"$@\"; exit $?", "launcher"]
+    proc = subprocess.Popen([str(ROOT / "scripts" / "auto_restart.sh"), *launcher], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert "rank saved" in out and "stopped by signal (status 75)" in out and proc.returncode == 75, out
