@@ -87,9 +87,10 @@ class CheckpointManager:
             return True
         return bool(c.every_steps) and micro_step == 0 and step % c.every_steps == 0
 
-    def save(self, step: int, micro_step: int, rank_trees: dict[str, Any], rank0_trees: dict[str, Any],
-             rank0_raw: dict[str, bytes], jobs: list, meta: dict) -> str:
-        """Collective: every rank calls it at the same micro-batch boundary."""
+    def save(self, step: int, micro_step: int, rank_trees: dict[str, Any], rank0_raw: dict[str, bytes],
+             jobs: list, meta: dict) -> str:
+        """Collective: every rank calls it at the same micro-batch boundary. ``rank_trees`` go to
+        this rank's directory; ``rank0_raw`` files (rank 0 only) and ``jobs`` to the top level."""
         t0 = time.perf_counter()
         self.writer.wait()  # at most one write in flight
         tag = tag_for(step, micro_step)
@@ -99,8 +100,6 @@ class CheckpointManager:
         if dist.is_initialized():
             dist.barrier()
         trees = {f"{rank_dir(self.rank)}/{k}": v for k, v in rank_trees.items()}
-        if self.rank == 0:
-            trees.update(rank0_trees)
         snap = Snapshot.take(trees, self.pin)
         if self.rank == 0:
             snap.raw.update(rank0_raw)

@@ -343,7 +343,7 @@ class Trainer:
         trainer_state = {**meta, **st.state_dict(), "sampler": self.sampler.state_dict()}
         raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),
                CONFIG_FILE: yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False).encode()}
-        tag = self.ckpt.save(st.step, st.micro_step, rank_trees, {}, raw if self.topo.is_main else {}, jobs, meta)
+        tag = self.ckpt.save(st.step, st.micro_step, rank_trees, raw if self.topo.is_main else {}, jobs, meta)
         self._last_tag = tag
         self.logger.print(f"checkpoint {tag}: training blocked {self.ckpt.last_block_s:.3f} s "
                           f"({'background' if self.cfg.checkpoint.async_write else 'synchronous'} write)")
