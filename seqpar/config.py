@@ -266,6 +266,9 @@ class ParallelConfig(_Section):
     ulysses_degree: int = Field(1, ge=1, description="ranks splitting attention heads (all-to-all)")
     ring_degree: int = Field(1, ge=1, description="ranks passing k/v blocks around a ring")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
+    zero3_init: bool = Field(
+        True, description="ZeRO-3: build the model already partitioned (deepspeed.zero.Init); false = whole, then split"
+    )
 
     @property
     def sp_degree(self) -> int:
@@ -330,6 +333,9 @@ class CheckpointConfig(_Section):
     resume: str = Field("auto", description="auto (newest that verifies) | none | <checkpoint path>")
     allow_changes: list[str] = Field(
         default_factory=list, description="keys allowed to differ from the checkpoint's config on resume"
+    )
+    elastic: bool = Field(
+        True, description="resume onto another layout (DP/SP sizes, ZeRO stage) from a step-boundary checkpoint"
     )
 
 
@@ -594,7 +600,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "value_error" else f" (got {got!r})"
         lines.append(f"  - {key}: {msg}{shown}")
-    lines.append(f"Fix these keys in the YAML file or the matching --section.key override.")
+    lines.append("Fix these keys in the YAML file or the matching --section.key override.")
     return "\n".join(lines)
 
 

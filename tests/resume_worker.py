@@ -10,15 +10,14 @@ MoE routing digests. Writes one JSON line per cell to argv[1] (rank 0).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from common import every_rank, finish, report, shared_tmpdir, tiny_model
 from seqpar.config import validate_config
 from seqpar.engine import Trainer
 from seqpar.engine import deepspeed_state as dss
@@ -26,12 +25,7 @@ from seqpar.parallel import make_topology
 
 
 def config(run_dir: Path, stage: int, moe: bool, sp: int, sp_kind: str) -> dict:
-    model = {"arch": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-    if moe:
-        model.update(arch="qwen2_moe", tie_word_embeddings=True, moe={
-            "num_experts": 4, "top_k": 2, "intermediate_size": 32, "shared_expert_intermediate_size": 16,
-            "shared_expert_gate": True, "aux_loss_coef": 0.01, "bias_update_rate": 0.01})
+    model = tiny_model(moe)
     par = {"zero_stage": stage}
     if sp == 2:
         par["ulysses_degree" if sp_kind == "ulysses" else "ring_degree"] = 2
@@ -87,13 +81,9 @@ def compare(a: dict, c: dict) -> list[str]:
 
 def main() -> int:
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     cpu = torch.device("cpu")
     topos = {1: make_topology(1, 1, cpu), ("ulysses", 2): make_topology(2, 1, cpu), ("ring", 2): make_topology(1, 2, cpu)}
-    root = Path(tempfile.mkdtemp(prefix="seqpar-resume-")) if rank == 0 else None
-    shared = [str(root)]
-    dist.broadcast_object_list(shared)
-    root = Path(shared[0])
+    root = shared_tmpdir("seqpar-resume-")
     rows = []
     cells = [(stage, moe, sp) for stage in (0, 1, 2, 3) for moe in (False, True) for sp in (1, 2)]
     only = os.environ.get("SEQPAR_RESUME_CELLS")  # e.g. "2,3" to run some stages while debugging
@@ -113,17 +103,10 @@ def main() -> int:
             cfg["checkpoint"]["resume"] = "auto"
             c = run(cfg, topo)
             tag = c.ckpt.resumed_from
-            bad = compare(a, final_state(c))
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, bad[:4])
-            rows.append({"cell": f"{name} {where}", "resumed_from": tag, "ok": not any(every),
-                         "diff": {r: d for r, d in enumerate(every) if d}})
-            if rank == 0:
-                print(json.dumps(rows[-1]), flush=True)
-    if rank == 0:
-        Path(sys.argv[1]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dist.barrier()
-    return 0 if all(r["ok"] for r in rows) else 1
+            every = every_rank(compare(a, final_state(c)))
+            report({"cell": f"{name} {where}", "resumed_from": tag, "ok": not any(every),
+                    "diff": {r: d for r, d in enumerate(every) if d}}, rows)
+    return finish(rows, Path(sys.argv[1]))
 
 
 if __name__ == "__main__":

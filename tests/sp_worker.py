@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.config import ModelConfig, MoEConfig
-from seqpar.kernels import LocalAttention, TorchAttention, attn_meta_from_positions
+from seqpar.kernels import TorchAttention, attn_meta_from_positions
 from seqpar.kernels.torch_math import TorchBlockKernel, varlen_attention
 from seqpar.models import build_model
 from seqpar.parallel import make_topology

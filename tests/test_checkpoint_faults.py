@@ -219,6 +219,10 @@ def test_corruption_is_detected_and_auto_resume_falls_back(tmp_path):
         assert r.returncode == 0, (name, r.stderr[-2000:])
         assert "does not verify" in r.stderr and "resumed from" in r.stdout, name
         assert newest.name not in [l for l in r.stdout.splitlines() if l.startswith("resumed from")][0], name
+        # the corrupt one is moved aside, not deleted, so the resumed run can write its tag again
+        aside = ck / "superseded" / newest.name
+        assert aside.is_dir() and not newest.exists() and "moved aside" in r.stdout, name
+        aside.rename(newest)
         for rel, data in pristine.items():  # repair for the next case
             (newest / rel).write_bytes(data)
     assert subprocess.run([sys.executable, "-m", "seqpar.ckpt", "verify", str(newest)], env=ENV).returncode == 0

@@ -109,3 +109,17 @@ def test_partial_cleanup_and_retention(tmp_path):
     assert [c.step for c in store.list()] == [5]  # the newest complete one always survives
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         store.begin(tag_for(5, 0))
+
+
+def test_set_aside_newer_keeps_everything(tmp_path):
+    """Resuming an older checkpoint moves the newer ones aside (never deletes or overwrites)."""
+    store = CheckpointStore(tmp_path)
+    for s, m in ((1, 0), (2, 0), (2, 1), (3, 0)):
+        make_checkpoint(store, s, m)
+    (tmp_path / "superseded" / tag_for(3, 0)).mkdir(parents=True)  # left by an earlier set-aside
+    moved = store.set_aside_newer(tag_for(2, 0))
+    assert [c.tag for c in store.list()] == [tag_for(1, 0), tag_for(2, 0)]
+    assert sorted(p.name for p in moved) == [tag_for(2, 1), f"{tag_for(3, 0)}.1"]
+    assert all(store.verify(p) == [] for p in moved)  # intact, just elsewhere
+    assert (tmp_path / "superseded" / tag_for(3, 0)).is_dir()
+    store.begin(tag_for(2, 1))  # the resumed run can write that tag again

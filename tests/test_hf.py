@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from seqpar.config import ModelConfig
 from seqpar.models.hf import (
-    fields_to_hf_config,
     hf_config_to_fields,
     load_hf_checkpoint,
     save_hf_checkpoint,

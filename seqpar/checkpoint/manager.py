@@ -10,6 +10,7 @@ import fnmatch
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,16 @@ from seqpar.config import CheckpointConfig
 # Keys that describe the resume itself.
 RESUME_KEYS = ("checkpoint.resume", "checkpoint.allow_changes")
 # Keys that never change what is computed: accepted silently (reported in the resume line).
-NEUTRAL_CHANGES = ("logging.*", "checkpoint.*", "data.passkey.eval_samples", "data.cache_dir")
+NEUTRAL_CHANGES = ("logging.*", "checkpoint.*", "data.passkey.eval_samples", "data.cache_dir",
+                   "parallel.zero3_init")
 # Deliberate changes a resumed run may make, each only when named in checkpoint.allow_changes
 # (e.g. extending a run: train.max_steps also stretches the LR decay). Anything else is refused.
 SAFE_CHANGES = ("train.max_steps", "train.lr", "train.min_lr_ratio", "train.decay", "train.warmup_steps")
+# How the computation is laid out on ranks. Accepted here: the trainer compares the saved and
+# current layouts themselves and allows a change only as an elastic resume (a step-boundary
+# checkpoint, the same global batch, checkpoint.elastic on).
+LAYOUT_CHANGES = ("parallel.zero_stage", "parallel.ulysses_degree", "parallel.ring_degree", "parallel.backend",
+                  "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size")
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 
@@ -58,7 +65,7 @@ def check_resume_config(saved: dict, current: dict, allowed: list[str]) -> list[
             continue
         safe = any(fnmatch.fnmatch(key, pat) for pat in SAFE_CHANGES)
         line = f"{key}: {old!r} -> {new!r}"
-        if any(fnmatch.fnmatch(key, pat) for pat in NEUTRAL_CHANGES):
+        if any(fnmatch.fnmatch(key, pat) for pat in NEUTRAL_CHANGES) or key in LAYOUT_CHANGES:
             accepted.append(line)
         elif safe and any(fnmatch.fnmatch(key, pat) for pat in allowed):
             accepted.append(line)
@@ -116,25 +123,39 @@ class CheckpointManager:
         self.store.retain(self.cfg.keep_last, protect)
 
     # -- resuming ---------------------------------------------------------------------------------
-    def find_resume(self, spec: str) -> Path | None:
+    def find_resume(self, spec: str, refuse: Callable[[Path], str | None] = lambda p: None) -> Path | None:
         """``auto``: newest checkpoint that verifies (older ones if the newest is corrupt), or
-        None when there is none; ``none``: None; else the given path, which must verify."""
+        None when there is none; ``none``: None; else the given path, which must verify.
+        ``refuse(path)`` names why this run cannot resume a (verified) checkpoint, or returns None;
+        ``auto`` then tries older ones, and fails when every checkpoint was refused."""
         if spec == "none":
             return None
         if spec != "auto":
             path = Path(spec)
             problems = self.store.verify(path) if path.is_dir() else [f"{path} is not a directory"]
+            if not problems and (why := refuse(path)):
+                problems = [why]
             if problems:
                 raise ResumeError(f"cannot resume from {path}:\n  " + "\n  ".join(problems))
             return path
+        refused = []
         for ck in reversed(self.store.list()):
             problems = self.store.verify(ck.path)
+            if not problems and (why := refuse(ck.path)):
+                refused.append(f"{ck.path.name}: {why}")
+                warnings.warn(f"cannot resume checkpoint {ck.path}: {why}; trying an older one", stacklevel=2)
+                continue
             if not problems:
+                if refused and self.rank == 0:
+                    print(f"resuming the older checkpoint {ck.path.name} (newer ones refused above)", flush=True)
                 return ck.path
             warnings.warn(
                 f"checkpoint {ck.path} does not verify ({'; '.join(problems[:3])}); trying an older one",
                 stacklevel=2,
             )
+        if refused:  # never start from scratch when checkpoints exist but this run may not use them
+            raise ResumeError("no checkpoint this run can resume:\n  " + "\n  ".join(refused)
+                              + "\n(start a new run with --checkpoint.resume none and another checkpoint.dir)")
         return None
 
     def read_shared(self, path: Path) -> tuple[dict, dict]:

@@ -7,6 +7,8 @@
         COMMITTED                         written last; holds the manifest's sha256
         ...
       .partial-step00000013-micro0000/    being written; ignored and removed if left behind
+      superseded/                         newer checkpoints a resume skipped (corrupt or refused),
+                                          moved aside so the resumed run can write their tags again
 
 Commit: all ranks write into the ``.partial-`` directory and report their files' sizes and
 hashes; after every rank is done, rank 0 writes the manifest and the COMMITTED marker, fsyncs,
@@ -30,6 +32,7 @@ MANIFEST = "manifest.json"
 MARKER = "COMMITTED"
 LATEST = "latest"
 PARTIAL_PREFIX = ".partial-"
+SUPERSEDED = "superseded"
 _TAG = re.compile(r"^step(\d{8})-micro(\d{4})$")
 
 
@@ -184,6 +187,25 @@ class CheckpointStore:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
                     gone.append(p)
         return gone
+
+    def set_aside_newer(self, resumed: str) -> list[Path]:
+        """Move checkpoints newer than ``resumed`` (corrupt, or refused for this run) into
+        ``superseded/``: the resumed run will write those tags again, and nothing is overwritten or
+        deleted. Rank 0, before training starts. Returns the new paths."""
+        cut = parse_tag(resumed)
+        moved = []
+        for c in self.list():
+            if cut is not None and (c.step, c.micro_step) > cut:
+                dest = self.root / SUPERSEDED / c.tag
+                n = 1
+                while dest.exists():
+                    dest, n = self.root / SUPERSEDED / f"{c.tag}.{n}", n + 1
+                dest.parent.mkdir(exist_ok=True)
+                os.replace(c.path, dest)
+                moved.append(dest)
+        if moved:
+            fsync_dir(self.root)
+        return moved
 
     def retain(self, keep_last: int, protect: set[str]) -> list[Path]:
         """Keep the newest ``keep_last`` committed checkpoints plus ``protect``; delete older ones.

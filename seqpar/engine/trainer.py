@@ -29,11 +29,14 @@ import torch.distributed as dist
 import yaml
 
 from seqpar import __version__
-from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE, CheckpointManager, ResumeError, check_resume_config
+from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE, CheckpointManager, check_resume_config
 from seqpar.checkpoint.signals import EXIT_PREEMPTED, StopSignal
 from seqpar.checkpoint.store import FORMAT_VERSION, tag_for
+from seqpar.checkpoint.writer import rank_dir
 from seqpar.config import Config, Layout, flops_per_token
 from seqpar.engine import deepspeed_state as dss
+from seqpar.engine.reshard import ELASTIC_KINDS, fragment_map, reshard_optimizer
+from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
 from seqpar.evaluate import passkey_results
 from seqpar.kernels import LocalAttention, select_attention, select_block_kernel
@@ -46,12 +49,18 @@ from seqpar.rng import load_rng_state_dict, rng_state_dict, seed_everything
 from seqpar.schedule import WarmupDecay
 
 
+def _layout(t: dict[str, Any]) -> str:
+    return (f"world {t['world_size']} = dp {t['dp']} x ulysses {t['ulysses']} x ring {t['ring']}, "
+            f"ZeRO-{t['zero_stage']}, {t['grad_accum_steps']} micro-batches per step")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on vectors (norms, biases, router bias) — the usual Llama recipe."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter is 1-D locally
+            (decay if len(shape) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -107,8 +116,13 @@ class Trainer:
             self.layout.grad_accum_steps,
         )
 
-        # model
-        model = build_model(cfg.model, seed=cfg.train.seed)
+        # model: under ZeRO-3 built partitioned, so no rank ever holds all of it
+        self.ds_config = cfg.deepspeed_config(self.layout)
+        partitioned = cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_init
+        if partitioned:
+            model = build_partitioned_model(cfg.model, self.ds_config, cfg.train.seed, self.device)
+        else:
+            model = build_model(cfg.model, seed=cfg.train.seed)
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.loss_chunk_size = cfg.train.loss_chunk_size
         det = cfg.train.deterministic
@@ -124,9 +138,8 @@ class Trainer:
             # the tied head reads the embedding matrix outside the embedding's forward
             deepspeed.zero.register_external_parameter(model.lm_head, model.model.embed_tokens.weight)
 
-        self.ds_config = cfg.deepspeed_config(self.layout)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model.to(self.device),
+            model=model if partitioned else model.to(self.device),
             model_parameters=param_groups(model, cfg.train.weight_decay),
             config=self.ds_config,
             lr_scheduler=lambda opt: WarmupDecay(opt, cfg.train),
@@ -311,6 +324,7 @@ class Trainer:
             "topology": {"world_size": self.topo.world_size, "dp": self.layout.dp, "ulysses": self.topo.ulysses,
                          "ring": self.topo.ring, "zero_stage": self.cfg.parallel.zero_stage,
                          "grad_accum_steps": self.layout.grad_accum_steps},
+            "optimizer_kind": dss.optimizer_kind(self.engine),
             "versions": {"seqpar": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                          "python": platform.python_version()},
         }
@@ -328,6 +342,7 @@ class Trainer:
         }
         if self.topo.is_main or not dss.optimizer_is_replicated(eng):
             rank_trees["optimizer"] = dss.capture_optimizer(eng)
+            rank_trees["fragments"] = fragment_map(eng)  # makes the optimizer state reshardable
         if mid_window:
             rank_trees["grads"] = dss.capture_partial_grads(eng)
         if self.cfg.model.moe is not None:
@@ -362,14 +377,60 @@ class Trainer:
 
     def resume(self, spec: str) -> None:
         """Restore everything from a checkpoint (``auto`` | ``none`` | path); every rank."""
-        path = self.ckpt.find_resume(spec)
+        path = self.ckpt.find_resume(spec, self._cannot_resume)
         if path is None:
             return
         state, saved_cfg = self.ckpt.read_shared(path)
+        elastic = state["topology"] != self._meta()["topology"]
         accepted = check_resume_config(saved_cfg, self.cfg.model_dump(mode="json"), self.cfg.checkpoint.allow_changes)
-        topo = self._meta()["topology"]
-        if state["topology"] != topo:
-            raise ResumeError(f"checkpoint {path} was written with layout {state['topology']}, this run is {topo}")
+        self._set_aside_newer(path)
+        (self._restore_elastic if elastic else self._restore_exact)(path, state)
+        self.ckpt.resumed_from = path.name
+        self._last_tag = path.name
+        if self.topo.is_main:
+            how = (f" onto a new layout ({_layout(state['topology'])} -> {_layout(self._meta()['topology'])}; "
+                   "state restored exactly, the trajectory now differs by reduction order)") if elastic else ""
+            print(f"resumed from {path} (step {self.state.step}, micro-step {self.state.micro_step}){how}"
+                  + (f"; allowed config changes: {accepted}" if accepted else ""), flush=True)
+
+    def _cannot_resume(self, path: Path) -> str | None:
+        """Why this run cannot resume the (verified) checkpoint ``path``, or None."""
+        state, saved_cfg = self.ckpt.read_shared(path)
+        old, new = state["topology"], self._meta()["topology"]
+        if old == new:
+            return None
+        where = f"saved on layout {_layout(old)}, this run is {_layout(new)}"
+        if not self.cfg.checkpoint.elastic:
+            return f"{where} and checkpoint.elastic is off"
+        if state["micro_step"]:
+            return (f"{where}; it was taken inside an accumulation window (micro-step {state['micro_step']}), "
+                    "whose partial gradients cannot move to another layout: an elastic resume needs a "
+                    "step-boundary checkpoint (tag ending in micro0000)")
+        old_batch = saved_cfg["train"]["micro_batch_size"] * old["grad_accum_steps"] * old["dp"]
+        lay = self.layout
+        new_batch = lay.micro_batch_size * lay.grad_accum_steps * lay.dp
+        if old_batch != new_batch:
+            return (f"{where}: the global batch would change from {old_batch} to {new_batch} sequences per "
+                    f"optimizer step; keep it with --train.global_batch_size {old_batch}")
+        if not (path / rank_dir(0) / "fragments.json").is_file():
+            return f"{where}; it was written before elastic resume existed (no fragments.json)"
+        kinds = (state.get("optimizer_kind"), dss.optimizer_kind(self.engine))
+        if not all(k in ELASTIC_KINDS for k in kinds):
+            return f"{where}; optimizer state {kinds[0]!r} -> {kinds[1]!r} cannot be resharded"
+        return None
+
+    def _set_aside_newer(self, path: Path) -> None:
+        """Checkpoints newer than the resumed one (corrupt or refused) move to ``superseded/``."""
+        if Path(path).resolve().parent != self.ckpt.store.root.resolve():
+            return
+        dist.barrier()  # every rank has chosen its checkpoint before rank 0 moves any
+        if self.topo.is_main:
+            for moved in self.ckpt.store.set_aside_newer(path.name):
+                print(f"checkpoint newer than {path.name} moved aside (not resumed): {moved}", flush=True)
+        dist.barrier()
+
+    def _restore_exact(self, path: Path, state: dict[str, Any]) -> None:
+        """Same layout: every rank reads back exactly what it saved."""
         eng, r = self.engine, self.topo.rank
         if dss.needs_module_weights(eng):
             from seqpar.models.hf import load_hf_checkpoint
@@ -387,11 +448,37 @@ class Trainer:
             dss.restore_partial_grads(eng, self.ckpt.read_tree(path, "grads", r))
             self._resumed_acc = engine_state["window"]
         load_rng_state_dict(self.ckpt.read_tree(path, "rng", r))
-        self.ckpt.resumed_from = path.name
-        self._last_tag = path.name
-        if self.topo.is_main:
-            print(f"resumed from {path} (step {self.state.step}, micro-step {self.state.micro_step})"
-                  + (f"; allowed config changes: {accepted}" if accepted else ""), flush=True)
+
+    def _restore_elastic(self, path: Path, state: dict[str, Any]) -> None:
+        """Another layout, at a step boundary (``_cannot_resume`` checked): the optimizer state is
+        resharded from every saved rank; what was the same on every rank (counters, router, RNG,
+        history) comes from saved rank 0."""
+        old, kind = state["topology"], state["optimizer_kind"]
+        ranks = [0] if kind in ("torch", "unfused16") else list(range(old["world_size"]))
+        trees = {0: self.ckpt.read_tree(path, "optimizer", 0)}
+        scheduler = trees[0]["scheduler"]
+
+        def sources():  # one saved rank's optimizer state in memory at a time
+            for r in ranks:
+                tree = trees.pop(r, None) or self.ckpt.read_tree(path, "optimizer", r)
+                yield tree["optimizer"], self.ckpt.read_tree(path, "fragments", r)
+
+        def old_weights() -> dict[str, torch.Tensor]:  # ZeRO-0 fp32 keeps its master in the module
+            from seqpar.models.hf import load_hf_checkpoint
+
+            saved = build_model(self.cfg.model, seed=self.cfg.train.seed)
+            load_hf_checkpoint(saved, path / "model")
+            return {n: p.detach() for n, p in saved.named_parameters()}
+
+        reshard_optimizer(self.engine, kind, sources(), scheduler, old_weights)
+        counters = self.ckpt.read_tree(path, "engine", 0)["counters"]
+        counters["micro_steps"] = counters["micro_steps"] // old["grad_accum_steps"] * self.layout.grad_accum_steps
+        dss.restore_counters(self.engine, counters)
+        if self.cfg.model.moe is not None:
+            self.model.load_router_state_dict(self.ckpt.read_tree(path, "router", 0))
+        self.state.load_state_dict({k: state[k] for k in self.state.state_dict()})
+        self.sampler.load_state_dict(state["sampler"])
+        load_rng_state_dict(self.ckpt.read_tree(path, "rng", 0))
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -397,16 +397,22 @@ def _listing(names: Iterable[str], limit: int = 20) -> str:
 
 
 @torch.no_grad()
-def load_hf_checkpoint(model: nn.Module, path: str | Path) -> None:
+def load_hf_checkpoint(model: nn.Module, path: str | Path, write: Callable[[str, Tensor], None] | None = None,
+                       shapes: dict[str, torch.Size] | None = None) -> None:
     """Copy a Hub safetensors checkpoint (single file or sharded) into ``model`` (cast to its dtype).
 
     Strict: every parameter must be found and every tensor used, else ``ValueError`` listing them
     (rotary ``inv_freq`` buffers are ignored). The expert bias (``mlp.gate.e_score_correction_bias``)
     is optional: without it the model's ``expert_bias`` buffer keeps its value. All names and
     shapes are checked before anything is copied. ``model`` is an unwrapped ``Transformer``.
+
+    ``write(name, value)``: instead of copying piece by piece in place, each parameter is first
+    assembled whole on the CPU (one at a time) and handed over; ``shapes`` then gives the full
+    shapes of parameters that have none of their own (ZeRO-3 partitions).
     """
     files, by_key = _checkpoint_files(Path(path))
     ours = model.state_dict(keep_vars=True)
+    full_shape = {k: tuple((shapes or {}).get(k, v.shape)) for k, v in ours.items()}
     cfg: ModelConfig | None = getattr(model, "cfg", None)
     tied = bool(cfg is not None and cfg.tie_word_embeddings)
 
@@ -438,10 +444,10 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path) -> None:
                 if name not in ours:
                     unexpected.append(key)
                     break
-                want = tuple(ours[name].shape)
+                want = full_shape[name]
                 if expert is not None:
                     want = want[1:]
-                    if not 0 <= expert < ours[name].shape[0]:
+                    if not 0 <= expert < full_shape[name][0]:
                         unexpected.append(key)
                         break
                 elif part is not None:
@@ -463,7 +469,7 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path) -> None:
         if -1 in got:
             continue
         if _STACKED.match(name):
-            lost = sorted(set(range(t.shape[0])) - got)
+            lost = sorted(set(range(full_shape[name][0])) - got)
             missing += [f"{name}[expert {e}]" for e in lost]
         elif not got and not name.endswith("mlp.gate.expert_bias"):  # expert bias is optional
             missing.append(name)
@@ -485,25 +491,33 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path) -> None:
             raise ValueError(f"'{key}' in {f} is non-zero, but seqpar's attention has no o_proj "
                              f"bias: this checkpoint cannot be represented")
         if kind == "tied":
-            emb = ours["model.embed_tokens.weight"]
             src = _read(files, by_key, "model.embed_tokens.weight")
-            if t.shape != emb.shape or not torch.equal(t, src):
+            if tuple(t.shape) != full_shape["model.embed_tokens.weight"] or not torch.equal(t, src):
                 raise ValueError(f"'{key}' in {f} differs from model.embed_tokens.weight but the "
                                  f"config ties them (tie_word_embeddings=true)")
 
     # -- pass 2b: copy ------------------------------------------------------------------------------
-    for f, items in plan.items():
-        with safe_open(str(f), framework="pt") as sf:
-            for key, name, expert, part in items:
-                t = sf.get_tensor(key)
-                dst = ours[name]
-                if expert is not None:
-                    dst[expert].copy_(t)
-                elif part is not None:
-                    half = t.shape[1] // 2
-                    dst.copy_(t[:, half * part.start : half * part.stop])
-                else:
-                    dst.copy_(t)
+    pieces_left = {name: sum(n == name for items in plan.values() for _, n, _, _ in items) for name in covered}
+    assembling: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for f, items in plan.items():
+            with safe_open(str(f), framework="pt") as sf:
+                for key, name, expert, part in items:
+                    t = sf.get_tensor(key)
+                    if write is None:
+                        dst = ours[name]
+                    else:
+                        dst = assembling.setdefault(name, torch.empty(full_shape[name], dtype=t.dtype))
+                    if expert is not None:
+                        dst[expert].copy_(t)
+                    elif part is not None:
+                        half = t.shape[1] // 2
+                        dst.copy_(t[:, half * part.start : half * part.stop])
+                    else:
+                        dst.copy_(t)
+                    pieces_left[name] -= 1
+                    if write is not None and pieces_left[name] == 0:
+                        write(name, assembling.pop(name))
 
 
 def _read(files: list[Path], by_key: dict[str, Path], key: str) -> Tensor:

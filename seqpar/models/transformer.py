@@ -204,16 +204,29 @@ class Transformer(nn.Module):
                 m.stats_group = group
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases."""
+    def init_weights(self, generator: torch.Generator | None = None,
+                     write: Callable[[str, Tensor], None] | None = None,
+                     shapes: dict[str, torch.Size] | None = None) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases.
+
+        One parameter at a time, in a fixed order, from ``generator``: the values do not depend on
+        where the parameters live. ``write(name, value)`` stores a full fp32 value instead of the
+        default in-place copy (ZeRO-3 partitioned parameters keep only their slice of it), and
+        ``shapes`` gives the full shapes (a partitioned parameter has none of its own).
+        """
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
+            shape = shapes[name] if shapes is not None else p.shape
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                value = torch.ones(shape)
             elif name.endswith(".bias"):
-                p.zero_()
+                value = torch.zeros(shape)
             else:
-                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
+                value = torch.randn(shape, generator=generator, dtype=torch.float32).mul_(std)  # no 2nd copy
+            if write is None:
+                p.copy_(value)
+            else:
+                write(name, value)
 
     def routers(self) -> list[tuple[str, Router]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, Router)]

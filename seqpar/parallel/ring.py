@@ -130,6 +130,7 @@ class _RingAttention(torch.autograd.Function):
         n = meta.ring
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = [k, v]
+        acc: list[Tensor] = []  # (dk, dv) of the block travelling through this rank
         for step in range(n):
             src = (meta.rank - step) % n
             pending = comm.start(kv) if step < n - 1 else None

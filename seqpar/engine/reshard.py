@@ -1,0 +1,188 @@
+"""Elastic resume: move optimizer state saved under one layout onto another (pinned deepspeed==0.19.8).
+
+A ZeRO rank's optimizer state is a few flat fp32 buffers (master weights, Adam moments) whose
+layout depends on the DP size, the ZeRO stage and alignment padding. At every save each rank also
+writes its *fragment map*: for every parameter (by name), which flat buffer holds its slice, where
+in that buffer (``hp_start``), which elements of the flattened parameter it is (``lp_start``) and
+how many (``numel``). That makes any saved layout readable as per-parameter slices, and a new
+layout is filled by copying the overlap of each saved slice with each slice the new rank owns.
+
+Supported optimizer kinds (``deepspeed_state.optimizer_kind``): ``torch`` (ZeRO-0 fp32: the
+master weights are the module's, read from the HF weights), ``unfused16`` (ZeRO-0 bf16),
+``zero12`` (ZeRO-1/2, fp32 or bf16), ``zero3``. Every element of every new slice must be covered,
+or the resume is refused. One saved rank's state is in memory at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqpar.engine.deepspeed_state import capture_optimizer, optimizer_kind, restore_optimizer
+
+ELASTIC_KINDS = ("torch", "unfused16", "zero12", "zero3")
+
+
+class ReshardError(RuntimeError):
+    pass
+
+
+@dataclass
+class Slice:
+    """Elements ``[lp_start, lp_start + numel)`` of one flattened parameter, as 1-D views per state
+    key (``fp32`` for the master weights, then the optimizer's: ``exp_avg``, ``exp_avg_sq``)."""
+
+    lp_start: int
+    numel: int
+    tensors: dict[str, Tensor]
+
+
+def _names(engine) -> dict[int, str]:
+    return {id(p): n for n, p in engine.module.named_parameters()}
+
+
+def _ordered_params(engine) -> list[tuple[str, Any]]:
+    """ZeRO-0 trainable parameters in optimizer order (its state is indexed by this position)."""
+    names, opt = _names(engine), engine.optimizer
+    # FP16_UnfusedOptimizer swapped fp32 copies into its optimizer's groups; the originals are here
+    groups = opt.fp16_groups if optimizer_kind(engine) == "unfused16" else [g["params"] for g in opt.param_groups]
+    return [(names[id(p)], p) for group in groups for p in group]
+
+
+def fragment_map(engine) -> dict[str, list[int]]:
+    """``{param name: [flat buffer, hp_start, lp_start, numel]}`` of this rank's optimizer state."""
+    opt, kind = engine.optimizer, optimizer_kind(engine)
+    if kind not in ELASTIC_KINDS:
+        return {}
+    out: dict[str, list[int]] = {}
+    if kind in ("torch", "unfused16"):
+        for i, (name, p) in enumerate(_ordered_params(engine)):
+            out[name] = [i, 0, 0, p.numel()]
+    elif kind == "zero12":
+        names = _names(engine)
+        for g, params in enumerate(opt.bit16_groups):
+            for p in params:
+                m = getattr(p, "_hp_mapping", None)
+                if m is not None:
+                    out[names[id(p)]] = [g, m.hp_fragment_address.start, m.lp_fragment_address.start,
+                                         m.lp_fragment_address.numel]
+    else:  # zero3: rank r holds elements [r * partition, (r + 1) * partition) of the padded param
+        rank = dist.get_rank(group=opt.dp_process_group)
+        for name, p in engine.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            g, offset, numel = opt.grad_position[opt.get_param_id(p)]
+            start = rank * p.ds_tensor.ds_numel
+            valid = max(0, min(int(numel), p.ds_numel - start))  # the last partition is padded
+            if valid:
+                out[name] = [int(g), int(offset), start, valid]
+    return out
+
+
+def _flat_state(kind: str, sd: dict[str, Any], weights: list[Tensor] | None) -> tuple[list[Tensor], dict]:
+    """(flat fp32 master buffers, optimizer ``state`` keyed by buffer index) of a saved state."""
+    if kind == "zero12":
+        return sd["single_partition_of_fp32_groups"], sd["base_optimizer_state"]["state"]
+    if kind == "zero3":
+        return sd["fp32_flat_groups"], sd["optimizer_state_dict"]["state"]
+    if kind == "unfused16":
+        return [t for group in sd["fp32_groups"] for t in group], sd["optimizer_state_dict"]["state"]
+    assert weights is not None, "ZeRO-0 fp32 keeps its master weights in the module"
+    return weights, sd["state"]
+
+
+def slices(kind: str, sd: dict[str, Any], fmap: dict[str, list[int]], weights: list[Tensor] | None = None,
+           ) -> dict[str, Slice]:
+    """Per-parameter views into a saved (or template) optimizer state dict."""
+    flats, state = _flat_state(kind, sd, weights)
+    out = {}
+    for name, (g, hp, lp, n) in fmap.items():
+        flat = flats[g].reshape(-1)
+        views = {"fp32": flat.narrow(0, hp, n)}
+        for key, t in state.get(g, {}).items():
+            if isinstance(t, Tensor) and t.numel() == flat.numel():
+                views[key] = t.reshape(-1).narrow(0, hp, n)
+        out[name] = Slice(lp, n, views)
+    return out
+
+
+def _step_and_keys(kind: str, sd: dict[str, Any]) -> tuple[Tensor, list[str]]:
+    flats, state = _flat_state(kind, sd, [] if kind == "torch" else None)
+    if not state:
+        raise ReshardError("the checkpoint's optimizer has no state (saved before the first step?)")
+    first = state[min(state)]
+    keys = [k for k, v in first.items() if isinstance(v, Tensor) and k != "step"]
+    return first["step"].clone(), keys
+
+
+def _template(engine, step: Tensor, keys: list[str]) -> tuple[dict[str, Any], list[Tensor] | None]:
+    """This rank's fresh optimizer state dict with zeroed per-buffer state entries to fill in."""
+    kind = optimizer_kind(engine)
+    sd = capture_optimizer(engine)["optimizer"]
+    weights = None
+    if kind == "torch":  # the master weights are the module's own parameters: fill them in place
+        weights = [p.data for _, p in _ordered_params(engine)]
+    flats, state = _flat_state(kind, sd, weights)
+    for g, flat in enumerate(flats):
+        state[g] = {"step": step.clone(), **{k: torch.zeros(flat.shape, dtype=torch.float32) for k in keys}}
+    return sd, weights
+
+
+def _param_groups(kind: str, sd: dict[str, Any]) -> list[dict[str, Any]]:
+    base = {"zero12": "base_optimizer_state", "zero3": "optimizer_state_dict",
+            "unfused16": "optimizer_state_dict"}.get(kind)
+    return (sd[base] if base else sd)["param_groups"]
+
+
+def reshard_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, Any], dict[str, list[int]]]],
+                      scheduler: dict[str, Any] | None,
+                      old_weights: Callable[[], dict[str, Tensor]] | None = None) -> None:
+    """Fill this rank's optimizer from every saved rank's ``(optimizer state dict, fragment map)``.
+
+    ``old_weights`` gives the saved module weights by name (needed when ``old_kind == "torch"``).
+    Collective (DeepSpeed's loader all-gathers the new weights); every rank calls it.
+    """
+    new_kind = optimizer_kind(engine)
+    for k in (old_kind, new_kind):
+        if k not in ELASTIC_KINDS:
+            raise ReshardError(f"optimizer kind {k!r} cannot be resharded (supported: {ELASTIC_KINDS})")
+    target_map = fragment_map(engine)
+    sd = None
+    covered: dict[str, list[tuple[int, int]]] = {name: [] for name in target_map}
+    weights_by_name = old_weights() if old_kind == "torch" else None
+    for old_sd, old_map in sources:
+        if sd is None:  # the first source fixes the step count and which state keys exist
+            step, keys = _step_and_keys(old_kind, old_sd)
+            sd, weights = _template(engine, step, keys)
+            targets = slices(new_kind, sd, target_map, weights)
+            for new_pg, old_pg in zip(_param_groups(new_kind, sd), _param_groups(old_kind, old_sd), strict=True):
+                new_pg.update({k: v for k, v in old_pg.items() if k != "params"})
+        old_w = [weights_by_name[n] for n in sorted(old_map, key=lambda n: old_map[n][0])] if weights_by_name else None
+        for name, src in slices(old_kind, old_sd, old_map, old_w).items():
+            dst = targets.get(name)
+            if dst is None:
+                continue
+            lo, hi = max(dst.lp_start, src.lp_start), min(dst.lp_start + dst.numel, src.lp_start + src.numel)
+            if lo >= hi:
+                continue
+            for key, view in dst.tensors.items():
+                if key not in src.tensors:
+                    raise ReshardError(f"saved optimizer state has no {key!r} for {name}")
+                view[lo - dst.lp_start : hi - dst.lp_start].copy_(src.tensors[key][lo - src.lp_start : hi - src.lp_start])
+            covered[name].append((lo, hi))
+    if sd is None:
+        raise ReshardError("the checkpoint holds no optimizer state")
+    for name, (_, _, lp, n) in target_map.items():
+        end = lp
+        for lo, hi in sorted(covered[name]):
+            if lo > end:
+                break
+            end = max(end, hi)
+        if end < lp + n:
+            raise ReshardError(f"the checkpoint does not cover elements [{end}, {lp + n}) of {name}")
+    restore_optimizer(engine, {"optimizer": sd, "scheduler": scheduler})
