@@ -30,3 +30,12 @@ python3 seqpar/train.py --config configs/tiny-cpu.yaml --model.vocab_size 128256
   --train.micro_batch_size 1 --train.global_batch_size 1 --train.precision bf16 \
   --train.max_steps 12 --train.warmup_steps 1 --logging.log_every 1 --logging.progress_bar false \
   --logging.run_dir "$OUT/b1" 2>&1 | grep -vi warn | tail -12 | tee "$OUT/train_1b.log"
+
+# ZeRO-3 built partitioned (deepspeed.zero.Init) on CUDA, bf16: must train like ZeRO-2 does above
+python3 seqpar/train.py --config configs/tiny-cpu.yaml --parallel.zero_stage 3 --train.precision bf16 \
+  --train.max_steps 60 --logging.run_dir "$OUT/tiny_z3" --logging.progress_bar false 2>&1 \
+  | grep -vi warn | tail -6 | tee "$OUT/train_tiny_z3.log"
+
+# checkpoint costs with pinned-memory snapshots (the CPU numbers are in docs/benchmarks.md)
+python3 scripts/bench_checkpoint.py --hidden 2048 --layers 8 --out /tmp/ckbench 2>&1 | tail -12 \
+  | tee "$OUT/bench_checkpoint.log"

@@ -40,13 +40,22 @@ MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 class RopeScalingConfig(_Section):
-    """RoPE frequency scaling. ``llama3`` is Llama-3.1's wavelength-dependent scaling."""
+    """RoPE frequency scaling as in transformers: linear, llama3 (Llama-3.1) or yarn (Qwen long context).
 
-    rope_type: Literal["linear", "llama3"] = "llama3"
+    ``llama3`` is Llama-3.1's wavelength-dependent scaling; ``yarn`` ramps between kept and
+    interpolated frequencies and also scales cos/sin by an attention factor."""
+
+    rope_type: Literal["linear", "llama3", "yarn"] = "llama3"
     factor: float = Field(8.0, gt=0)
-    low_freq_factor: float = Field(1.0, gt=0)
-    high_freq_factor: float = Field(4.0, gt=0)
-    original_max_position_embeddings: int = Field(8192, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0, description="llama3")
+    high_freq_factor: float = Field(4.0, gt=0, description="llama3")
+    original_max_position_embeddings: int = Field(8192, gt=0, description="llama3, yarn")
+    beta_fast: float = Field(32.0, gt=0, description="yarn: ramp bound (rotations) for extrapolation")
+    beta_slow: float = Field(1.0, gt=0, description="yarn: ramp bound (rotations) for interpolation")
+    mscale: float | None = Field(None, description="yarn: with mscale_all_dim, sets the attention factor")
+    mscale_all_dim: float | None = Field(None, description="yarn")
+    attention_factor: float | None = Field(None, gt=0, description="yarn: cos/sin scale; None = from factor")
+    truncate: bool = Field(True, description="yarn: round the ramp bounds to whole dimensions")
 
 
 class MoEConfig(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -210,3 +211,20 @@ def test_configuration_doc_is_current():
     start = doc.index("<!-- GENERATED")
     body = doc[doc.index("\n", start) + 1 : doc.index("<!-- END GENERATED -->")]
     assert body == reference(), "run: python scripts/config_reference.py and paste into docs/configuration.md"
+
+
+def test_resume_ignores_keys_added_since_the_checkpoint():
+    """A checkpoint's config lacks keys a newer seqpar added: they take their defaults, not count
+    as changes; real changes are still refused."""
+    from seqpar.checkpoint.manager import ResumeError, check_resume_config
+    from seqpar.engine.trainer import _with_defaults
+
+    now = validate_config({"model": {"rope_scaling": {"rope_type": "llama3"}}}).model_dump(mode="json")
+    old = copy.deepcopy(now)
+    del old["parallel"]["zero3_init"], old["model"]["rope_scaling"]["beta_fast"], old["checkpoint"]["elastic"]
+    with pytest.raises(ResumeError, match="beta_fast"):
+        check_resume_config(old, now, [])
+    assert check_resume_config(_with_defaults(old), now, []) == []
+    old["model"]["hidden_size"] = 64
+    with pytest.raises(ResumeError, match="model.hidden_size"):
+        check_resume_config(_with_defaults(old), now, [])

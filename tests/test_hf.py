@@ -47,6 +47,12 @@ CASES = {
     "mistral": dict(model_type="mistral", sliding_window=None, rope_theta=50000.0),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", head_dim=24),  # != hidden / heads = 16
+    # YaRN (Qwen long context): the frequency ramp and the cos/sin attention factor
+    "qwen3_yarn": dict(model_type="qwen3", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                         "original_max_position_embeddings": 16}),
+    "qwen2_yarn_tuned": dict(model_type="qwen2", rope_scaling={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 8.0,
+        "beta_slow": 2.0, "attention_factor": 0.9, "truncate": False}),
     "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, shared_expert_intermediate_size=48,
@@ -297,8 +303,8 @@ def test_unknown_model_type() -> None:
 @pytest.mark.parametrize(
     "kw, pattern",
     [
-        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-         r"rope_parameters\.rope_type='yarn'"),
+        (dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}),
+         r"rope_parameters\.rope_type='dynamic'"),
         (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), r"rope_scaling\.type='dynamic'"),
         (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}),
          r"rope_scaling\.rope_type='longrope'"),

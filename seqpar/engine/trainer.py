@@ -33,7 +33,7 @@ from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE, CheckpointMana
 from seqpar.checkpoint.signals import EXIT_PREEMPTED, StopSignal
 from seqpar.checkpoint.store import FORMAT_VERSION, tag_for
 from seqpar.checkpoint.writer import rank_dir
-from seqpar.config import Config, Layout, flops_per_token
+from seqpar.config import Config, ConfigError, Layout, flops_per_token, validate_config
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import ELASTIC_KINDS, fragment_map, reshard_optimizer
 from seqpar.engine.zero3_init import build_partitioned_model
@@ -52,6 +52,15 @@ from seqpar.schedule import WarmupDecay
 def _layout(t: dict[str, Any]) -> str:
     return (f"world {t['world_size']} = dp {t['dp']} x ulysses {t['ulysses']} x ring {t['ring']}, "
             f"ZeRO-{t['zero_stage']}, {t['grad_accum_steps']} micro-batches per step")
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config through today's schema: keys added since it was written take their
+    defaults instead of counting as changes. As saved when it no longer validates."""
+    try:
+        return validate_config(saved).model_dump(mode="json")
+    except (ConfigError, ValueError, OSError):
+        return saved
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -382,7 +391,8 @@ class Trainer:
             return
         state, saved_cfg = self.ckpt.read_shared(path)
         elastic = state["topology"] != self._meta()["topology"]
-        accepted = check_resume_config(saved_cfg, self.cfg.model_dump(mode="json"), self.cfg.checkpoint.allow_changes)
+        accepted = check_resume_config(_with_defaults(saved_cfg), self.cfg.model_dump(mode="json"),
+                                       self.cfg.checkpoint.allow_changes)
         self._set_aside_newer(path)
         (self._restore_elastic if elastic else self._restore_exact)(path, state)
         self.ckpt.resumed_from = path.name
@@ -405,7 +415,8 @@ class Trainer:
         if state["micro_step"]:
             return (f"{where}; it was taken inside an accumulation window (micro-step {state['micro_step']}), "
                     "whose partial gradients cannot move to another layout: an elastic resume needs a "
-                    "step-boundary checkpoint (tag ending in micro0000)")
+                    "step-boundary checkpoint (tag ending in micro0000); resume on the saved layout, or "
+                    "save at step boundaries too (checkpoint.every_steps)")
         old_batch = saved_cfg["train"]["micro_batch_size"] * old["grad_accum_steps"] * old["dp"]
         lay = self.layout
         new_batch = lay.micro_batch_size * lay.grad_accum_steps * lay.dp

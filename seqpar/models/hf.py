@@ -34,7 +34,7 @@ from seqpar.config import MOE_ARCHS, ModelConfig
 from seqpar.models.transformer import Transformer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -104,14 +104,23 @@ def _rope_fields(c: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | 
         raise ValueError(f"config.json: {key} of type '{rope_type}' lacks 'factor'")
     if rope_type == "linear":
         return theta, {"rope_type": "linear", "factor": float(params["factor"])}
-    for k in ("low_freq_factor", "high_freq_factor"):
-        if k not in params:
-            raise ValueError(f"config.json: {key} of type 'llama3' lacks '{k}'")
     # transformers: a top-level original_max_position_embeddings wins, then the dict's, then
     # max_position_embeddings.
     orig = c.get("original_max_position_embeddings") or params.get(
         "original_max_position_embeddings", c.get("max_position_embeddings")
     )
+    if rope_type == "yarn":
+        out: dict[str, Any] = {"rope_type": "yarn", "factor": float(params["factor"]),
+                               "original_max_position_embeddings": int(orig)}
+        for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            if params.get(k):  # transformers treats 0 / None as "use the default"
+                out[k] = float(params[k])
+        if "truncate" in params:
+            out["truncate"] = bool(params["truncate"])
+        return theta, out
+    for k in ("low_freq_factor", "high_freq_factor"):
+        if k not in params:
+            raise ValueError(f"config.json: {key} of type 'llama3' lacks '{k}'")
     return theta, {
         "rope_type": "llama3",
         "factor": float(params["factor"]),
@@ -263,6 +272,11 @@ def fields_to_hf_config(cfg: ModelConfig, dtype: torch.dtype | str = torch.float
                 high_freq_factor=r.high_freq_factor,
                 original_max_position_embeddings=r.original_max_position_embeddings,
             )
+        if r.rope_type == "yarn":
+            scaling.update(original_max_position_embeddings=r.original_max_position_embeddings,
+                           beta_fast=r.beta_fast, beta_slow=r.beta_slow, truncate=r.truncate)
+            scaling.update({k: v for k, v in (("mscale", r.mscale), ("mscale_all_dim", r.mscale_all_dim),
+                                               ("attention_factor", r.attention_factor)) if v is not None})
     out: dict[str, Any] = {
         "architectures": [_ARCHITECTURES[arch]],
         "model_type": arch,

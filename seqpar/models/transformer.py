@@ -43,12 +43,14 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScalingConfig | None) -> Tensor:
-    """Inverse frequencies (fp32), with linear or Llama-3.1 wavelength-dependent scaling."""
+    """Inverse frequencies (fp32), with linear, Llama-3.1 or YaRN scaling (as transformers)."""
     inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if scaling is None:
         return inv
     if scaling.rope_type == "linear":
         return inv / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_inv_freq(dim, theta, scaling)
     lo_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     hi_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -61,18 +63,57 @@ def rope_inv_freq(dim: int, theta: float, scaling: RopeScalingConfig | None) -> 
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(dim: int, theta: float, s: RopeScalingConfig) -> Tensor:
+    """YaRN: high-frequency dimensions keep their frequency (extrapolate), low-frequency ones are
+    divided by ``factor`` (interpolate), with a linear ramp between the dimensions that turn
+    ``beta_fast`` and ``beta_slow`` times over the original context."""
+
+    def dim_for(rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_for(s.beta_fast), dim_for(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    keep = 1 - ramp  # 1 = extrapolate (keep the frequency)
+    return (1.0 / (s.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_attention_scaling(scaling: RopeScalingConfig | None) -> float:
+    """Factor on cos/sin: 1 except for YaRN (0.1 ln(factor) + 1 by default)."""
+    if scaling is None or scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if scaling.mscale and scaling.mscale_all_dim:
+        return mscale(scaling.factor, scaling.mscale) / mscale(scaling.factor, scaling.mscale_all_dim)
+    return mscale(scaling.factor)
+
+
 class Rotary:
     """cos/sin tables for given positions. Not a module: bf16 casts of the model must not touch
     the fp32 frequencies."""
 
     def __init__(self, cfg: ModelConfig):
         self.inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+        self.scale = rope_attention_scaling(cfg.rope_scaling)
 
     def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         inv = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * inv[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
+        return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
