@@ -64,6 +64,10 @@ def cmd_inspect(path: Path) -> int:
           f"({'inside an accumulation window' if state['micro_step'] else 'at a step boundary'})")
     print(f"consumed    {state['consumed_samples']:,} samples, {state['consumed_tokens']:,} labelled tokens")
     print(f"layout      {state['topology']}")
+    elastic = (path / "rank00000" / "fragments.json").is_file()
+    print("elastic     " + ("no: written before elastic resume" if not elastic else
+                           "no: inside an accumulation window (resume on this layout)" if state["micro_step"]
+                           else "yes: resumable on another layout with the same global batch"))
     print(f"model       {cfg['model']['arch']}, {cfg['model']['num_hidden_layers']} layers, "
           f"hidden {cfg['model']['hidden_size']}")
     print(f"versions    {state['versions']}, format {state['format_version']}, config hash {state['config_hash']}")

@@ -304,6 +304,7 @@ def test_ckpt_cli_list_inspect_export_zero3(tmp_path):
     assert ls.returncode == 0 and "step00000002-micro0000" in ls.stdout and "<- latest" in ls.stdout
     ins = subprocess.run(cli + ["inspect", str(runs[3])], capture_output=True, text=True, env=ENV)
     assert "step 2, micro-step 0" in ins.stdout and "'zero_stage': 3" in ins.stdout, ins.stdout
+    assert "elastic     yes" in ins.stdout, ins.stdout
     for stage in (3, 2):
         ex = subprocess.run(cli + ["export", str(runs[stage]), str(tmp_path / f"hf{stage}")],
                             capture_output=True, text=True, env=ENV)
