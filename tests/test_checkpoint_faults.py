@@ -318,3 +318,24 @@ def test_ckpt_cli_list_inspect_export_zero3(tmp_path):
     assert worst < 1e-5, worst
     again = subprocess.run(cli + ["export", str(runs[3]), str(tmp_path / "hf3")], capture_output=True, text=True, env=ENV)
     assert again.returncode == 1 and "not empty" in again.stderr
+
+
+def test_preempted_job_comes_back_on_fewer_ranks(tmp_path):
+    """The command-line flow of an elastic resume: 2 ranks are preempted inside a window (exit 75),
+    the job comes back as one process with --resume auto: the mid-window checkpoint cannot move,
+    so it resumes the step-boundary one, moves the newer one aside, and finishes."""
+    over = {"train": {"max_steps": 3}, "checkpoint": {"every_micro_batches": 0, "every_steps": 1}}
+    cmd, run_dir = command(tmp_path, "elastic", 2, **over)
+    stop = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**ENV, "SEQPAR_STOP_AFTER_MICRO_BATCHES": "5"})  # 4 per step on dp 2
+    # the ranks exit 75 (saved); torchrun itself reports any non-zero worker as 1
+    assert stop.returncode == 1 and "exitcode  : 75" in stop.stderr, stop.stderr[-3000:]
+    ck = run_dir / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step00000001-micro0001"
+    cmd, _ = command(tmp_path, "elastic", 1, **over)
+    r = run(cmd + ["--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "inside an accumulation window" in r.stderr
+    assert "resumed from" in r.stdout and "step00000001-micro0000" in r.stdout and "onto a new layout" in r.stdout
+    assert (ck / "superseded" / "step00000001-micro0001").is_dir()
+    assert json.loads((ck / "step00000003-micro0000" / "trainer_state.json").read_text())["step"] == 3
