@@ -42,6 +42,14 @@ class StopSignal:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
+    def describe(self) -> str:
+        """What asked this rank to stop, for the log."""
+        if self.received is None:
+            return "a signal on another rank"
+        if self.received == -1:
+            return "SEQPAR_STOP_AFTER_MICRO_BATCHES"
+        return signal.Signals(self.received).name
+
     def agreed(self, device: torch.device, group=None) -> bool:
         """True on every rank if any rank has received a signal (collective)."""
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)

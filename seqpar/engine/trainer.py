@@ -210,7 +210,7 @@ class Trainer:
                 self.stop.tick()
                 if self.stop.agreed(self.device):
                     tag = self.save_checkpoint()
-                    self.logger.print(f"signal {self.stop.received or 'on another rank'}: saved {tag}, exiting")
+                    self.logger.print(f"stop requested ({self.stop.describe()}): saved {tag}, exiting")
                     self.exit_code = EXIT_PREEMPTED
                     return {"step": self.state.step, "preempted": True}
                 st = self.state
