@@ -44,6 +44,12 @@ def partitions(tr: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.ds_tensor.detach().cpu().clone() for n, p in tr.model.named_parameters()}
 
 
+def state(tr: Trainer) -> dict[str, torch.Tensor]:
+    """Everything that is not a parameter: buffers (MoE router state) and the RoPE table."""
+    out = {f"buffer {n}": b.detach().cpu().clone() for n, b in tr.model.named_buffers()}
+    return out | {"rope inv_freq": tr.model.rotary.inv_freq.cpu().clone()}
+
+
 def main() -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -64,6 +70,10 @@ def main() -> int:
         "random dense tied": (model_cfg(False), "fp32"),
         "random moe": (model_cfg(True), "fp32"),
         "random dense bf16": (model_cfg(False), "bf16"),
+        # zero.Init casts every float tensor made inside it to bf16: buffers and RoPE tables must not be
+        "random moe bf16": (model_cfg(True), "bf16"),
+        "random dense yarn bf16": (dict(model_cfg(False), rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                           "original_max_position_embeddings": 32}), "bf16"),
         "hf dense": (hf[False], "fp32"),
         "hf moe": (hf[True], "fp32"),
     }
@@ -78,14 +88,15 @@ def main() -> int:
         runs = {}
         for z3 in (True, False):
             tr = Trainer(validate_config(config(root / f"{case}-{z3}".replace(" ", "_"), model, z3, precision)), topo)
-            at_start = partitions(tr)
+            at_start = partitions(tr) | state(tr)
             bias = {n: r.expert_bias.clone() for n, r in tr.model.routers() if r.expert_bias is not None}
             tr.train()
-            runs[z3] = (at_start, bias, partitions(tr), list(tr.state.losses))
+            runs[z3] = (at_start, bias, partitions(tr) | state(tr), list(tr.state.losses))
         (a0, ab, a2, al), (b0, bb, b2, bl) = runs[True], runs[False]
-        bad = [f"init {n}" for n in a0 if not torch.equal(a0[n], b0[n])]
-        bad += [f"bias {n}" for n in ab if not torch.equal(ab[n], bb[n])]
-        bad += [f"trained {n}" for n in a2 if not torch.equal(a2[n], b2[n])]
+        same = lambda x, y: x.dtype == y.dtype and torch.equal(x, y)  # noqa: E731
+        bad = [f"init {n}" for n in a0 if not same(a0[n], b0[n])]
+        bad += [f"bias {n}" for n in ab if not same(ab[n], bb[n])]
+        bad += [f"trained {n}" for n in a2 if not same(a2[n], b2[n])]
         if al != bl:
             bad.append(f"losses {al} != {bl}")
         every = every_rank(bad)

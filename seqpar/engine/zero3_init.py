@@ -18,6 +18,7 @@ from torch import Tensor
 
 from seqpar.config import ModelConfig
 from seqpar.models import Transformer
+from seqpar.models.transformer import Rotary
 
 
 def write_partition(param: Any, value: Tensor) -> None:
@@ -35,6 +36,20 @@ def write_partition(param: Any, value: Tensor) -> None:
         part.narrow(0, 0, mine.numel()).copy_(mine.to(part.dtype))
 
 
+def _undo_float_casts(model: Transformer, cfg: ModelConfig) -> None:
+    """zero.Init turns every floating tensor created inside it into the training dtype (bf16), not
+    just parameters: rebuild the RoPE tables and give buffers back the dtypes the model class
+    chose (the MoE router keeps fp32 state; its buffers are zeros at construction, so exact)."""
+    model.rotary = Rotary(cfg)
+    with torch.device("meta"):
+        intended = {name: b.dtype for name, b in Transformer(cfg).named_buffers()}
+    for module_name, module in model.named_modules():
+        for key, buf in module._buffers.items():
+            name = f"{module_name}.{key}" if module_name else key
+            if buf is not None and buf.dtype != intended[name]:
+                module._buffers[key] = buf.to(intended[name])
+
+
 def build_partitioned_model(cfg: ModelConfig, ds_config: dict[str, Any], seed: int,
                             device: torch.device) -> Transformer:
     """``build_model`` for ZeRO-3: random init from ``seed``, then HF weights when configured."""
@@ -44,6 +59,7 @@ def build_partitioned_model(cfg: ModelConfig, ds_config: dict[str, Any], seed: i
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False, verbose=False)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = Transformer(cfg)
+    _undo_float_casts(model, cfg)
     params = dict(model.named_parameters())
     shapes = {name: p.ds_shape for name, p in params.items()}
 
