@@ -2,7 +2,7 @@
 
 Built whole, an 8B model is 32 GB of fp32 on every rank before DeepSpeed partitions it, and a 70B
 one does not fit a host at all. Under ``zero.Init`` each parameter is partitioned as its module is
-created, so a rank only ever holds its 1/world slice. The values are the same as the whole-model
+created, so a rank holds its 1/world slice plus, briefly, one parameter whole. The values are the same as the whole-model
 path, bit for bit: the model draws each parameter's full initial value from the seeded generator
 (one parameter at a time, on the CPU) and every rank keeps its own slice; Hugging Face weights are
 assembled one parameter at a time the same way.
