@@ -28,6 +28,21 @@ def torchrun(nproc: int, script: str, *args: str, cwd: Path, timeout: float = 15
     )
 
 
+def write_config(tmp: Path, name: str, base: dict, **sections: dict) -> tuple[Path, Path]:
+    """``base`` with each section updated, logging to ``tmp/name``; written to ``tmp/name.yaml``.
+    Returns (config path, run dir)."""
+    import yaml
+
+    cfg = json.loads(json.dumps(base))
+    for sec, kv in sections.items():
+        cfg.setdefault(sec, {}).update(kv)
+    run_dir = tmp / name
+    cfg.setdefault("logging", {})["run_dir"] = str(run_dir)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, run_dir
+
+
 def read_rows(path: Path) -> list[dict]:
     """The JSON lines a worker wrote (none if it died before writing)."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

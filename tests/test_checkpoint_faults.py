@@ -12,14 +12,14 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from common import free_port, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "seqpar" / "train.py")
@@ -34,22 +34,10 @@ BASE = {
 }
 
 
-def port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def command(tmp: Path, name: str, nproc: int, **over) -> tuple[list[str], Path]:
-    cfg = json.loads(json.dumps(BASE))
-    for sec, kv in over.items():
-        cfg.setdefault(sec, {}).update(kv)
-    run_dir = tmp / name
-    cfg["logging"]["run_dir"] = str(run_dir)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path, run_dir = write_config(tmp, name, BASE, **over)
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                    f"--nproc_per_node={nproc}", f"--master_port={port()}"]
+                                                    f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
     return launcher + [TRAIN, "--config", str(path)], run_dir
 
 
@@ -157,7 +145,7 @@ def test_sigterm_two_ranks_saves_mid_window_exits_and_resumes_exactly(tmp_path, 
     cfg_cmd, run_dir = command(tmp_path, "term", 1, checkpoint={"every_micro_batches": 0})
     ck = run_dir / "checkpoints"
     for attempt in range(3):
-        env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port()}
+        env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         procs = [subprocess.Popen(cfg_cmd + ["--resume", "none" if attempt == 0 else "auto"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
@@ -180,7 +168,7 @@ def test_sigterm_two_ranks_saves_mid_window_exits_and_resumes_exactly(tmp_path, 
         if not tag.endswith("micro0000"):
             break
     assert not tag.endswith("micro0000"), "never signalled inside an accumulation window"
-    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port()}
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     procs = [subprocess.Popen(cfg_cmd + ["--resume", "auto"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from common import free_port, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "seqpar" / "train.py")
@@ -31,23 +31,9 @@ MOE = {
 }
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def launch(tmp: Path, name: str, nproc: int, launcher: str, model: dict | None = None, **sections) -> list[dict]:
     """Run one training job; return its metrics.jsonl records."""
-    cfg = json.loads(json.dumps(TINY))
-    if model:
-        cfg["model"].update(model)
-    for sec, kv in sections.items():
-        cfg.setdefault(sec, {}).update(kv)
-    run_dir = tmp / name
-    cfg["logging"]["run_dir"] = str(run_dir)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path, run_dir = write_config(tmp, name, TINY, **({"model": model} if model else {}), **sections)
     port = free_port()
     if launcher == "python":
         cmd = [sys.executable, TRAIN]
