@@ -513,25 +513,24 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, write: Callable[[str,
     # -- pass 2b: copy ------------------------------------------------------------------------------
     pieces_left = {name: sum(n == name for items in plan.values() for _, n, _, _ in items) for name in covered}
     assembling: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for f, items in plan.items():
-            with safe_open(str(f), framework="pt") as sf:
-                for key, name, expert, part in items:
-                    t = sf.get_tensor(key)
-                    if write is None:
-                        dst = ours[name]
-                    else:
-                        dst = assembling.setdefault(name, torch.empty(full_shape[name], dtype=t.dtype))
-                    if expert is not None:
-                        dst[expert].copy_(t)
-                    elif part is not None:
-                        half = t.shape[1] // 2
-                        dst.copy_(t[:, half * part.start : half * part.stop])
-                    else:
-                        dst.copy_(t)
-                    pieces_left[name] -= 1
-                    if write is not None and pieces_left[name] == 0:
-                        write(name, assembling.pop(name))
+    for f, items in plan.items():
+        with safe_open(str(f), framework="pt") as sf:
+            for key, name, expert, part in items:
+                t = sf.get_tensor(key)
+                if write is None:
+                    dst = ours[name]
+                else:
+                    dst = assembling.setdefault(name, torch.empty(full_shape[name], dtype=t.dtype))
+                if expert is not None:
+                    dst[expert].copy_(t)
+                elif part is not None:
+                    half = t.shape[1] // 2
+                    dst.copy_(t[:, half * part.start : half * part.stop])
+                else:
+                    dst.copy_(t)
+                pieces_left[name] -= 1
+                if write is not None and pieces_left[name] == 0:
+                    write(name, assembling.pop(name))
 
 
 def _read(files: list[Path], by_key: dict[str, Path], key: str) -> Tensor:
