@@ -121,3 +121,23 @@ def test_bench_attention_sp_layouts_run_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 128 |")]
     assert len(rows) == 2 and "ulysses2 x ring1" in rows[0] and "ulysses1 x ring2" in rows[1]
+
+
+def test_ring_of_one_rank_equals_local_attention():
+    """The ring's own-block path (step 0 assigns, no merge) alone: packed documents, GQA, odd length."""
+    from seqpar.kernels.torch_math import TorchBlockKernel, varlen_attention
+    from seqpar.parallel.ring import RingAttention
+
+    g = torch.Generator().manual_seed(0)
+    cu = [0, 5, 17, 18, 29]
+    q, k, v = (torch.randn(29, h, 8, generator=g, dtype=torch.float32) for h in (4, 2, 2))
+    dout = torch.randn(29, 4, 8, generator=g)
+    grads = []
+    for f in (lambda q, k, v: RingAttention([0], 0, None, TorchBlockKernel(chunk=4))(q, k, v, RingMeta(cu, 29, 1, 0), 0.3),
+              lambda q, k, v: varlen_attention(q, k, v, torch.tensor(cu), 0.3)[0]):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = f(*leaves)
+        torch.autograd.backward(out, dout)
+        grads.append([out.detach()] + [x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-5, atol=1e-6)

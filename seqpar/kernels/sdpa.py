@@ -276,11 +276,11 @@ class SDPABlockKernel:
             lse4 = torch.nn.functional.pad(lse4, (0, pad - lq))
         o = out.to(q.dtype)
         dq, dk, dv = self._bwd(name, dout.to(q.dtype).contiguous(), q, k, v, o, lse4, causal, scale)
-        dq, dk, dv = (x.float() for x in (dq, dk, dv))
         rep = q.shape[1] // hkv
-        if rep > 1:  # gradients of repeated kv heads go back to their shared head
-            dk = dk.reshape(dk.shape[0], hkv, rep, -1).sum(2)
-            dv = dv.reshape(dv.shape[0], hkv, rep, -1).sum(2)
+        if rep > 1:  # gradients of repeated kv heads go back to their shared head, summed in fp32
+            dk = dk.reshape(dk.shape[0], hkv, rep, -1).sum(2, dtype=torch.float32)
+            dv = dv.reshape(dv.shape[0], hkv, rep, -1).sum(2, dtype=torch.float32)
+        # in the kernel's dtype otherwise: the ring accumulates into fp32 without a cast copy
         return dq, dk, dv
 
     def describe(self) -> str:
