@@ -53,6 +53,23 @@ def cmd_list(root: Path) -> int:
     return 0
 
 
+def _elastic(path: Path, state: dict, cfg: dict) -> str:
+    """Whether (and with what constraint) the checkpoint resumes on another layout."""
+    from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_movable
+
+    if not (path / "rank00000" / "fragments.json").is_file():
+        return "no: written before elastic resume"
+    if state.get("optimizer_kind") not in ELASTIC_KINDS:
+        return f"no: optimizer state {state.get('optimizer_kind')!r} cannot be resharded"
+    if not state["micro_step"]:
+        return "yes: resumable on another layout with the same global batch"
+    if not partial_grads_movable(json.loads((path / "rank00000" / "grads.json").read_text())):
+        return "no: its partial gradients have no slice map (an older seqpar): resume on this layout"
+    done = state["micro_step"] * cfg["train"]["micro_batch_size"] * state["topology"]["dp"]
+    return (f"yes: same global batch, and micro_batch_size x dp must divide the {done} sequences "
+            "done in the open window")
+
+
 def cmd_inspect(path: Path) -> int:
     path = _resolve(path)
     state = json.loads((path / TRAINER_STATE).read_text())
@@ -64,10 +81,7 @@ def cmd_inspect(path: Path) -> int:
           f"({'inside an accumulation window' if state['micro_step'] else 'at a step boundary'})")
     print(f"consumed    {state['consumed_samples']:,} samples, {state['consumed_tokens']:,} labelled tokens")
     print(f"layout      {state['topology']}")
-    elastic = (path / "rank00000" / "fragments.json").is_file()
-    print("elastic     " + ("no: written before elastic resume" if not elastic else
-                           "no: inside an accumulation window (resume on this layout)" if state["micro_step"]
-                           else "yes: resumable on another layout with the same global batch"))
+    print("elastic     " + _elastic(path, state, cfg))
     print(f"model       {cfg['model']['arch']}, {cfg['model']['num_hidden_layers']} layers, "
           f"hidden {cfg['model']['hidden_size']}")
     print(f"versions    {state['versions']}, format {state['format_version']}, config hash {state['config_hash']}")

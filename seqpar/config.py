@@ -344,7 +344,7 @@ class CheckpointConfig(_Section):
         default_factory=list, description="keys allowed to differ from the checkpoint's config on resume"
     )
     elastic: bool = Field(
-        True, description="resume onto another layout (DP/SP sizes, ZeRO stage) from a step-boundary checkpoint"
+        True, description="resume onto another layout (DP/SP sizes, ZeRO stage, same global batch), also mid-window"
     )
 
 

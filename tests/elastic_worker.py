@@ -1,7 +1,7 @@
 """Worker for tests/test_elastic_resume.py: one role per launch (torchrun, gloo).
 
-``source``: for each cell whose source layout has this world size, train 2 of 4 steps and stop
-through the preemption path (a step-boundary checkpoint), dump the full per-parameter state gathered with DeepSpeed's own
+``source``: for each cell whose source layout has this world size, train 2 of 4 steps (and for
+``mid-`` cells a micro-step or two of the third) and stop through the preemption path, dump the full per-parameter state gathered with DeepSpeed's own
 ``safe_get_full_*`` API, then resume on the same layout and train to step 4 (the reference run).
 ``target``: for each cell whose target layout has this world size, resume that checkpoint on the
 other layout, dump the same full state before training (must equal the source's bitwise) and
@@ -25,15 +25,28 @@ from seqpar.config import validate_config
 from seqpar.engine import Trainer
 from seqpar.parallel import make_topology
 
-# name: (source (world, zero, ulysses, ring), target (world, zero, ulysses, ring), moe, precision)
+# name: (source (world, zero, ulysses, ring), target (world, zero, ulysses, ring), moe, precision,
+#        micro-steps into step 3's window at which the source stops: 0 = a step boundary)
+# Global batch 4 sequences of 1: dp 2 runs windows of 2 micro-steps, dp 1 windows of 4.
 CELLS = {
-    "dp2-zero2_to_dp1-zero1": ((2, 2, 1, 1), (1, 1, 1, 1), False, "fp32"),
-    "ring2-zero3-moe_to_dp1-zero0": ((2, 3, 1, 2), (1, 0, 1, 1), True, "fp32"),
-    "dp2-zero1-bf16_to_dp1-zero3": ((2, 1, 1, 1), (1, 3, 1, 1), False, "bf16"),
-    "dp1-zero3_to_dp2-zero2": ((1, 3, 1, 1), (2, 2, 1, 1), False, "fp32"),
-    "dp1-zero0-moe_to_ulysses2-zero3": ((1, 0, 1, 1), (2, 3, 2, 1), True, "fp32"),
-    "dp1-zero0-bf16_to_dp2-zero2": ((1, 0, 1, 1), (2, 2, 1, 1), False, "bf16"),
+    "dp2-zero2_to_dp1-zero1": ((2, 2, 1, 1), (1, 1, 1, 1), False, "fp32", 0),
+    "ring2-zero3-moe_to_dp1-zero0": ((2, 3, 1, 2), (1, 0, 1, 1), True, "fp32", 0),
+    "dp2-zero1-bf16_to_dp1-zero3": ((2, 1, 1, 1), (1, 3, 1, 1), False, "bf16", 0),
+    "dp1-zero3_to_dp2-zero2": ((1, 3, 1, 1), (2, 2, 1, 1), False, "fp32", 0),
+    "dp1-zero0-moe_to_ulysses2-zero3": ((1, 0, 1, 1), (2, 3, 2, 1), True, "fp32", 0),
+    "dp1-zero0-bf16_to_dp2-zero2": ((1, 0, 1, 1), (2, 2, 1, 1), False, "bf16", 0),
+    # inside a window: partial gradients of every saved form (local stage 0/1, stage 2, stage 3)
+    # into every accumulator form; the window goes on at the same sample on the new layout
+    "mid-dp2-zero2_to_dp1-zero1": ((2, 2, 1, 1), (1, 1, 1, 1), False, "fp32", 1),
+    "mid-dp2-zero0-moe_to_dp1-zero3": ((2, 0, 1, 1), (1, 3, 1, 1), True, "fp32", 1),
+    "mid-ring2-zero3_to_dp1-zero2": ((2, 3, 1, 2), (1, 2, 1, 1), False, "fp32", 1),
+    "mid-dp2-zero1-bf16_to_dp1-zero0": ((2, 1, 1, 1), (1, 0, 1, 1), False, "bf16", 1),
+    "mid-dp1-zero3_to_dp2-zero0": ((1, 3, 1, 1), (2, 0, 1, 1), False, "fp32", 2),
 }
+
+
+def tag(cell: str) -> str:
+    return f"step00000002-micro{CELLS[cell][4]:04d}"
 
 
 def config(run_dir: Path, layout: tuple[int, int, int, int], moe: bool, max_steps: int, resume: str,
@@ -78,6 +91,22 @@ def full_state(tr: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+def window_sums(tr: Trainer, carried: dict | None) -> dict[str, torch.Tensor]:
+    """What the open window has summed so far over all ranks (collective): loss, the aux loss in
+    units of the window's normalisation, MoE token counts. ``carried``: the per-rank sums."""
+    acc = carried or {"ce": 0.0, "aux": 0.0}
+    lay = tr.layout
+    sums = torch.tensor([float(acc["ce"]), float(acc["aux"]) / (lay.grad_accum_steps * lay.world_size)],
+                        dtype=torch.float64)
+    dist.all_reduce(sums)
+    out = {"ce": sums[0], "aux": sums[1]}
+    for name, r in tr.model.routers():
+        counts = r.tokens_per_expert.detach().clone()
+        dist.all_reduce(counts)
+        out[name] = counts
+    return out
+
+
 REFUSALS = (2, 2, 1, 1)  # layout of the run whose checkpoints the refusal checks resume
 
 
@@ -94,8 +123,9 @@ def refusals(out: Path, role: str) -> dict[str, str]:
         return {}
     topo, ckpts, found = make_topology(1, 1, torch.device("cpu")), run_dir / "checkpoints", {}
     one = (1, 2, 1, 1)
+    # 2 of the window's 4 sequences were done: micro-batches of 4 cannot go on from there
     for name, resume, change in (
-        ("mid_window", str(ckpts / "step00000002-micro0001"), {}),
+        ("mid_window", str(ckpts / "step00000002-micro0001"), {"micro_batch_size": 4}),
         ("global_batch", str(ckpts / "step00000002-micro0000"), {"global_batch_size": 8}),
         ("elastic_off", "auto", {"elastic": False}),
     ):
@@ -110,6 +140,7 @@ def refusals(out: Path, role: str) -> dict[str, str]:
             found[name] = str(e)
     cfg = config(out / "refusal-auto", one, False, 4, "auto")
     cfg["checkpoint"]["dir"] = str(ckpts)
+    cfg["train"]["micro_batch_size"] = 4
     tr = Trainer(validate_config(cfg), topo)
     found["auto_resumed"] = tr.ckpt.resumed_from
     found["superseded"] = " ".join(sorted(p.name for p in (ckpts / "superseded").iterdir()))
@@ -126,7 +157,7 @@ def main() -> int:
         found = refusals(out, role)
         if rank == 0 and found:
             torch.save(found, out / "refusals.target.pt")
-    for cell, (src, dst, moe, precision) in CELLS.items():
+    for cell, (src, dst, moe, precision, micro) in CELLS.items():
         layout = src if role == "source" else dst
         if layout[0] != world:
             continue
@@ -135,18 +166,20 @@ def main() -> int:
         if role == "source":
             run_dir = out / cell / "source"
             dp = world // (layout[2] * layout[3])
-            os.environ["SEQPAR_STOP_AFTER_MICRO_BATCHES"] = str(2 * 4 // dp)  # after step 2
+            os.environ["SEQPAR_STOP_AFTER_MICRO_BATCHES"] = str(2 * 4 // dp + micro)  # step 2 (+ micro)
             tr = Trainer(validate_config(config(run_dir, layout, moe, 4, "none", precision)), topo)
             del os.environ["SEQPAR_STOP_AFTER_MICRO_BATCHES"]
             tr.train()
-            assert tr.exit_code == 75 and tr.state.step == 2, (tr.exit_code, tr.state.step)
+            assert tr.exit_code == 75 and (tr.state.step, tr.state.micro_step) == (2, micro), tr.state
             record["state"] = full_state(tr)
+            record["window"] = window_sums(tr, tr._acc if micro else None)
             tr = Trainer(validate_config(config(run_dir, layout, moe, 4, "auto", precision)), topo)
         else:
-            ckpt = out / cell / "source" / "checkpoints" / "step00000002-micro0000"
+            ckpt = out / cell / "source" / "checkpoints" / tag(cell)
             tr = Trainer(validate_config(config(out / cell / "target", layout, moe, 4, str(ckpt), precision)), topo)
             record["resumed_from"] = tr.ckpt.resumed_from
             record["state"] = full_state(tr)
+            record["window"] = window_sums(tr, tr._resumed_acc)
         tr.train()
         record["losses"] = list(tr.state.losses)
         record["final"] = full_state(tr)

@@ -31,8 +31,8 @@ NEUTRAL_CHANGES = ("logging.*", "checkpoint.*", "data.passkey.eval_samples", "da
 # (e.g. extending a run: train.max_steps also stretches the LR decay). Anything else is refused.
 SAFE_CHANGES = ("train.max_steps", "train.lr", "train.min_lr_ratio", "train.decay", "train.warmup_steps")
 # How the computation is laid out on ranks. Accepted here: the trainer compares the saved and
-# current layouts themselves and allows a change only as an elastic resume (a step-boundary
-# checkpoint, the same global batch, checkpoint.elastic on).
+# current layouts themselves and allows a change only as an elastic resume (the same global
+# batch, checkpoint.elastic on; mid-window: a window position the new micro-steps can continue).
 LAYOUT_CHANGES = ("parallel.zero_stage", "parallel.ulysses_degree", "parallel.ring_degree", "parallel.backend",
                   "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size")
 TRAINER_STATE = "trainer_state.json"

@@ -119,18 +119,22 @@ def restore_counters(engine, counters: dict[str, int]) -> None:
 # -- partial gradients of the open accumulation window ---------------------------------------------
 def capture_partial_grads(engine) -> dict[str, Any]:
     opt, kind = engine.optimizer, optimizer_kind(engine)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
     if kind == "zero3":
         return {
             "flat": _clone(opt.grad_partitions_flat_buffer),
             "micro_step_id": int(opt.micro_step_id),
             "epilogue_ran": bool(getattr(opt, "_epilogue_ran_this_backward", False)),
+            "index": zero3_grad_index(engine),  # for an elastic resume (engine/reshard.py)
         }
     if kind == "zero12" and opt.partition_gradients:  # stage 2: reduced every micro-step
-        out = {}
+        out, where = {}, {}
         for i in range(len(opt.bit16_groups)):
             if opt.averaged_gradients.get(i) is None and opt.all_grad_tensors.get(i) is not None:
                 out[str(i)] = [_clone(t) if t is not None else None for t in opt.all_grad_tensors[i]]
-        return {"all_grad_tensors": out}
+                # full-shape tensors, valid on this rank's partition only: which elements, per tensor
+                where[str(i)] = [[names[id(p)], *_lp_range(p)] for p in opt.params_in_partition[i]]
+        return {"all_grad_tensors": out, "slices": where}
     if kind == "bf16":
         return {
             "flat": [_clone(t) for t in opt.fp32_groups_gradients_flat],
@@ -144,6 +148,35 @@ def capture_partial_grads(engine) -> dict[str, Any]:
         if getattr(p, "grad_accum", None) is not None:
             accum[name] = _clone(p.grad_accum)
     return {"grad": grads, "grad_accum": accum}
+
+
+def _lp_range(p) -> list[int]:
+    """[first element, count] of a ZeRO-1/2 parameter that this rank's partition holds."""
+    m = p._hp_mapping
+    return [int(m.lp_fragment_address.start), int(m.lp_fragment_address.numel)]
+
+
+def zero3_grad_partitions(engine) -> dict[str, tuple[Any, int, int]]:
+    """ZeRO-3: ``{name: (view into the flat gradient buffer, first element, count)}`` of the
+    parameters whose partition on this rank holds real elements (the last one is padded)."""
+    opt = engine.optimizer
+    by_id = opt._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+    rank = dist.get_rank(group=opt.dp_process_group)
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad or p.ds_id not in by_id:
+            continue
+        start = rank * p.partition_numel()
+        valid = min(p.partition_numel(), p.ds_numel - start)
+        if valid > 0:
+            out[name] = (by_id[p.ds_id].narrow(0, 0, valid), start, valid)
+    return out
+
+
+def zero3_grad_index(engine) -> dict[str, list[int]]:
+    """``{name: [offset in the flat buffer, first element, count]}`` (saved with the buffer)."""
+    base = engine.optimizer.grad_partitions_flat_buffer.storage_offset()
+    return {n: [v.storage_offset() - base, start, count] for n, (v, start, count) in zero3_grad_partitions(engine).items()}
 
 
 def restore_partial_grads(engine, state: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqpar.engine.deepspeed_state import capture_optimizer, optimizer_kind, restore_optimizer
+from seqpar.engine.deepspeed_state import capture_optimizer, optimizer_kind, restore_optimizer, zero3_grad_partitions
 
 ELASTIC_KINDS = ("torch", "unfused16", "zero12", "zero3")
 
@@ -139,6 +139,16 @@ def _param_groups(kind: str, sd: dict[str, Any]) -> list[dict[str, Any]]:
     return (sd[base] if base else sd)["param_groups"]
 
 
+def _covered_to(start: int, ranges: list[tuple[int, int]]) -> int:
+    """End of the gap-free run of ``ranges`` from ``start`` (``start`` if nothing covers it)."""
+    end = start
+    for lo, hi in sorted(ranges):
+        if lo > end:
+            break
+        end = max(end, hi)
+    return end
+
+
 def reshard_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, Any], dict[str, list[int]]]],
                       scheduler: dict[str, Any] | None,
                       old_weights: Callable[[], dict[str, Tensor]] | None = None) -> None:
@@ -178,11 +188,125 @@ def reshard_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, A
     if sd is None:
         raise ReshardError("the checkpoint holds no optimizer state")
     for name, (_, _, lp, n) in target_map.items():
-        end = lp
-        for lo, hi in sorted(covered[name]):
-            if lo > end:
-                break
-            end = max(end, hi)
+        end = _covered_to(lp, covered[name])
         if end < lp + n:
             raise ReshardError(f"the checkpoint does not cover elements [{end}, {lp + n}) of {name}")
     restore_optimizer(engine, {"optimizer": sd, "scheduler": scheduler})
+
+
+# -- partial gradients of an open accumulation window ----------------------------------------------
+# Saved per rank in one of three forms (deepspeed_state.capture_partial_grads):
+#   local:  stages 0/1, each rank's own unreduced gradient of every parameter ("sum" over ranks);
+#   stage 2: all-reduced per micro-step, the rank's partition of each parameter ("copy");
+#   stage 3: reduce-scattered per micro-step, the rank's partition in one flat buffer ("copy").
+# DeepSpeed averages over the (old) world at reduction, so the layout-free quantity is
+# A = sum over ranks of the local gradients / world; stages 2/3 hold slices of A itself.
+
+
+def _grad_sources(tree: dict[str, Any]) -> tuple[str, dict[str, tuple[int, int, Tensor]]]:
+    """(``sum`` | ``copy``, ``{name: (first element, count, 1-D values)}``) of one saved rank."""
+    if "grad" in tree:
+        grads = {**tree["grad"], **tree["grad_accum"]}  # grad_accum, where used, is the accumulator
+        return "sum", {n: (0, g.numel(), g.reshape(-1)) for n, g in grads.items()}
+    if "all_grad_tensors" in tree and "slices" in tree:
+        out = {}
+        for i, tensors in tree["all_grad_tensors"].items():
+            for t, (name, lp, n) in zip(tensors, tree["slices"][i], strict=True):
+                if t is not None and n > 0:
+                    out[name] = (lp, n, t.reshape(-1).narrow(0, lp, n))
+        return "copy", out
+    if "flat" in tree and "index" in tree:
+        flat = tree["flat"].reshape(-1)
+        return "copy", {n: (lp, k, flat.narrow(0, off, k)) for n, (off, lp, k) in tree["index"].items()}
+    raise ReshardError("these partial gradients cannot move to another layout (BF16_Optimizer buffers, "
+                       "or saved before mid-window elastic resume existed)")
+
+
+def partial_grads_movable(tree_keys: Iterable[str]) -> bool:
+    """Whether a saved ``grads`` tree (its top-level keys) has what ``reshard_partial_grads`` needs."""
+    keys = set(tree_keys)
+    return "grad" in keys or {"all_grad_tensors", "slices"} <= keys or {"flat", "index"} <= keys
+
+
+def _grad_targets(engine) -> tuple[str, dict[str, tuple[int, int]], Callable[[dict[str, Tensor]], None]]:
+    """This rank's gradient accumulator in the new layout: (``local`` | ``partition``, the slices
+    to fill ``{name: (first element, count)}``, and a function writing filled fp32 slices in)."""
+    opt, kind = engine.optimizer, optimizer_kind(engine)
+    if kind == "zero3":
+        parts = zero3_grad_partitions(engine)
+
+        def write3(vals: dict[str, Tensor]) -> None:
+            opt.grad_partitions_flat_buffer.zero_()
+            for name, (view, _, _) in parts.items():
+                view.copy_(vals[name])
+            # as after a completed backward: the next forward counts it, the next reduction adds
+            opt.micro_step_id, opt._epilogue_ran_this_backward = 0, True
+
+        return "partition", {n: (s, k) for n, (_, s, k) in parts.items()}, write3
+    if kind == "zero12" and opt.partition_gradients:
+        names = _names(engine)
+        if any(opt._use_compact_grad_partition_buffer(i) for i in range(len(opt.bit16_groups))):
+            raise ReshardError("ZeRO-2 with fp32 gradient accumulation of bf16 weights keeps partial gradients "
+                               "in a compact buffer that cannot be resharded")
+        slots: dict[str, tuple[int, Tensor]] = {}
+        for i, params in enumerate(opt.params_in_partition):
+            full = [torch.zeros_like(p, dtype=opt.gradient_accumulation_dtype) for p in params]
+            opt.all_grad_tensors[i] = full
+            for p, t in zip(params, full):
+                m = p._hp_mapping
+                slots[names[id(p)]] = (m.lp_fragment_address.start, t.reshape(-1).narrow(
+                    0, m.lp_fragment_address.start, m.lp_fragment_address.numel))
+
+        def write2(vals: dict[str, Tensor]) -> None:
+            for name, (_, view) in slots.items():
+                view.copy_(vals[name])
+
+        return "partition", {n: (s, v.numel()) for n, (s, v) in slots.items()}, write2
+    if kind not in ("torch", "unfused16", "zero12"):
+        raise ReshardError(f"partial gradients of optimizer kind {kind!r} cannot be resharded")
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    attr = "grad_accum" if getattr(opt, "use_grad_accum_attribute", False) else "grad"
+    dtype = getattr(opt, "gradient_accumulation_dtype", None) if attr == "grad_accum" else None
+
+    def write_local(vals: dict[str, Tensor]) -> None:
+        world = dist.get_world_size()
+        for name, p in params.items():
+            g = vals[name] * world if name in vals else torch.zeros(p.numel())
+            setattr(p, attr, g.view(p.shape).to(p.device, dtype or p.dtype))
+
+    return "local", {n: (0, p.numel()) for n, p in params.items()}, write_local
+
+
+def reshard_partial_grads(engine, trees: Iterable[dict[str, Any]], old_world: int) -> None:
+    """Fill this rank's gradient accumulator from every saved rank's partial gradients.
+
+    New stages 2/3 receive their partition of A; new stages 0/1 put ``A x world`` on rank 0 and
+    zeros elsewhere (DeepSpeed sums and averages them at the boundary: A plus the new gradients).
+    Every rank calls it (no collectives); one saved rank's tree is in memory at a time.
+    """
+    mode, targets, write = _grad_targets(engine)
+    if mode == "local" and dist.get_rank() != 0:
+        write({})
+        return
+    vals = {name: torch.zeros(n, dtype=torch.float32) for name, (_, n) in targets.items()}
+    covered: dict[str, list[tuple[int, int]]] = {name: [] for name in targets}
+    for tree in trees:
+        how, sources = _grad_sources(tree)
+        for name, (lp_s, n_s, t) in sources.items():
+            if name not in targets:
+                continue
+            lp_t, n_t = targets[name]
+            lo, hi = max(lp_t, lp_s), min(lp_t + n_t, lp_s + n_s)
+            if lo >= hi:
+                continue
+            piece, dst = t[lo - lp_s : hi - lp_s].float(), vals[name][lo - lp_t : hi - lp_t]
+            if how == "sum":
+                dst.add_(piece / old_world)
+            else:
+                dst.copy_(piece)
+            covered[name].append((lo, hi))
+    for name, (lp, n) in targets.items():
+        end = _covered_to(lp, covered[name])
+        if end < lp + n:
+            raise ReshardError(f"the checkpoint's partial gradients miss elements [{end}, {lp + n}) of {name}")
+    write(vals)

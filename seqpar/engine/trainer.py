@@ -35,7 +35,8 @@ from seqpar.checkpoint.store import FORMAT_VERSION, tag_for
 from seqpar.checkpoint.writer import rank_dir
 from seqpar.config import Config, ConfigError, Layout, flops_per_token, validate_config
 from seqpar.engine import deepspeed_state as dss
-from seqpar.engine.reshard import ELASTIC_KINDS, fragment_map, reshard_optimizer
+from seqpar.engine.reshard import (ELASTIC_KINDS, fragment_map, partial_grads_movable, reshard_optimizer,
+                                   reshard_partial_grads)
 from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
 from seqpar.evaluate import passkey_results
@@ -52,6 +53,11 @@ from seqpar.schedule import WarmupDecay
 def _layout(t: dict[str, Any]) -> str:
     return (f"world {t['world_size']} = dp {t['dp']} x ulysses {t['ulysses']} x ring {t['ring']}, "
             f"ZeRO-{t['zero_stage']}, {t['grad_accum_steps']} micro-batches per step")
+
+
+def _window_done(state: dict[str, Any], saved_cfg: dict[str, Any]) -> int:
+    """Sequences of the open window a checkpoint had done (all DP ranks; 0 at a step boundary)."""
+    return state["micro_step"] * int(saved_cfg["train"]["micro_batch_size"]) * state["topology"]["dp"]
 
 
 def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
@@ -412,11 +418,6 @@ class Trainer:
         where = f"saved on layout {_layout(old)}, this run is {_layout(new)}"
         if not self.cfg.checkpoint.elastic:
             return f"{where} and checkpoint.elastic is off"
-        if state["micro_step"]:
-            return (f"{where}; it was taken inside an accumulation window (micro-step {state['micro_step']}), "
-                    "whose partial gradients cannot move to another layout: an elastic resume needs a "
-                    "step-boundary checkpoint (tag ending in micro0000); resume on the saved layout, or "
-                    "save at step boundaries too (checkpoint.every_steps)")
         old_batch = saved_cfg["train"]["micro_batch_size"] * old["grad_accum_steps"] * old["dp"]
         lay = self.layout
         new_batch = lay.micro_batch_size * lay.grad_accum_steps * lay.dp
@@ -428,6 +429,19 @@ class Trainer:
         kinds = (state.get("optimizer_kind"), dss.optimizer_kind(self.engine))
         if not all(k in ELASTIC_KINDS for k in kinds):
             return f"{where}; optimizer state {kinds[0]!r} -> {kinds[1]!r} cannot be resharded"
+        if state["micro_step"]:
+            done = _window_done(state, saved_cfg)
+            unit = lay.micro_batch_size * lay.dp
+            if done % unit:
+                return (f"{where}; it was taken {done} sequences into an accumulation window, which is not a "
+                        f"whole number of this layout's micro-steps ({unit} sequences = micro_batch_size x dp): "
+                        f"choose --train.micro_batch_size so that micro_batch_size x dp divides {done}, or "
+                        "resume a step-boundary checkpoint (tag ending in micro0000)")
+            skeleton = json.loads((path / rank_dir(0) / "grads.json").read_text())
+            if not partial_grads_movable(skeleton):
+                return (f"{where}; its partial gradients (micro-step {state['micro_step']}) were saved without "
+                        "the slice map an elastic resume needs (an older seqpar, or BF16_Optimizer buffers): "
+                        "resume on the saved layout or a step-boundary checkpoint")
         return None
 
     def _set_aside_newer(self, path: Path) -> None:
@@ -461,9 +475,11 @@ class Trainer:
         load_rng_state_dict(self.ckpt.read_tree(path, "rng", r))
 
     def _restore_elastic(self, path: Path, state: dict[str, Any]) -> None:
-        """Another layout, at a step boundary (``_cannot_resume`` checked): the optimizer state is
-        resharded from every saved rank; what was the same on every rank (counters, router, RNG,
-        history) comes from saved rank 0."""
+        """Another layout (``_cannot_resume`` checked): the optimizer state is resharded from every
+        saved rank; what was the same on every rank (counters, expert bias, RNG, history) comes
+        from saved rank 0. Inside a window, the partial gradients are resharded too, the window
+        goes on at the micro-step of the new layout that starts at the same sample, and the
+        per-rank sums of the window (loss, MoE token counts) are carried by the new rank 0."""
         old, kind = state["topology"], state["optimizer_kind"]
         ranks = [0] if kind in ("torch", "unfused16") else list(range(old["world_size"]))
         trees = {0: self.ckpt.read_tree(path, "optimizer", 0)}
@@ -482,14 +498,38 @@ class Trainer:
             return {n: p.detach() for n, p in saved.named_parameters()}
 
         reshard_optimizer(self.engine, kind, sources(), scheduler, old_weights)
+        lay, old_ranks = self.layout, range(old["world_size"])
+        old_micro = state["micro_step"]
+        new_micro = _window_done(state, self.ckpt.read_shared(path)[1]) // (lay.micro_batch_size * lay.dp)
         counters = self.ckpt.read_tree(path, "engine", 0)["counters"]
-        counters["micro_steps"] = counters["micro_steps"] // old["grad_accum_steps"] * self.layout.grad_accum_steps
+        counters["micro_steps"] = counters["micro_steps"] // old["grad_accum_steps"] * lay.grad_accum_steps + new_micro
         dss.restore_counters(self.engine, counters)
         if self.cfg.model.moe is not None:
-            self.model.load_router_state_dict(self.ckpt.read_tree(path, "router", 0))
+            routers = [self.ckpt.read_tree(path, "router", r) for r in (old_ranks if old_micro else [0])]
+            self.model.load_router_state_dict(self._window_sums(routers, ("tokens_per_expert",)))
         self.state.load_state_dict({k: state[k] for k in self.state.state_dict()})
+        self.state.micro_step = new_micro
+        if old_micro:
+            reshard_partial_grads(self.engine, (self.ckpt.read_tree(path, "grads", r) for r in old_ranks),
+                                  old["world_size"])
+            window = self._window_sums([self.ckpt.read_tree(path, "engine", r)["window"] for r in old_ranks],
+                                       ("ce", "aux"))
+            # each micro-step's aux loss counts 1 / (accumulation steps x world) of the window
+            window["aux"] *= (lay.grad_accum_steps * lay.world_size) / (old["grad_accum_steps"] * old["world_size"])
+            self._resumed_acc = window
         self.sampler.load_state_dict(state["sampler"])
         load_rng_state_dict(self.ckpt.read_tree(path, "rng", 0))
+
+    def _window_sums(self, trees: list[dict[str, Any]], summed: tuple[str, ...]) -> dict[str, Any]:
+        """Saved rank 0's tree, with the entries whose key ends in one of ``summed`` replaced by
+        their sum over all saved ranks on the new rank 0 and by zero on the others (what is
+        summed over ranks at the end of the window: loss sums, MoE token counts)."""
+        out = dict(trees[0])
+        for key in out:
+            if key.endswith(summed):
+                total = sum(t[key] for t in trees)
+                out[key] = total if self.topo.is_main else total * 0
+        return out
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
