@@ -55,7 +55,7 @@ def cmd_list(root: Path) -> int:
 
 def _elastic(path: Path, state: dict, cfg: dict) -> str:
     """Whether (and with what constraint) the checkpoint resumes on another layout."""
-    from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_movable
+    from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form
 
     if not (path / "rank00000" / "fragments.json").is_file():
         return "no: written before elastic resume"
@@ -63,7 +63,7 @@ def _elastic(path: Path, state: dict, cfg: dict) -> str:
         return f"no: optimizer state {state.get('optimizer_kind')!r} cannot be resharded"
     if not state["micro_step"]:
         return "yes: resumable on another layout with the same global batch"
-    if not partial_grads_movable(json.loads((path / "rank00000" / "grads.json").read_text())):
+    if partial_grads_form(json.loads((path / "rank00000" / "grads.json").read_text())) is None:
         return "no: its partial gradients have no slice map (an older seqpar): resume on this layout"
     done = state["micro_step"] * cfg["train"]["micro_batch_size"] * state["topology"]["dp"]
     return (f"yes: same global batch, and micro_batch_size x dp must divide the {done} sequences "

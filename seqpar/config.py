@@ -413,6 +413,19 @@ class Config(_Section):
         zo = self.deepspeed.get("zero_optimization", {})
         if isinstance(zo, dict) and "stage" in zo:
             raise ValueError("deepspeed.zero_optimization.stage is derived: set parallel.zero_stage")
+        # Micro-batch checkpoints read partial gradients where DeepSpeed keeps them on the device
+        # (engine/deepspeed_state.py); these settings keep them elsewhere, so a save would lose them.
+        for key in ("offload_optimizer", "offload_param"):
+            off = zo.get(key) if isinstance(zo, dict) else None
+            if off and (off.get("device", "none") if isinstance(off, dict) else off) != "none":
+                raise ValueError(f"deepspeed.zero_optimization.{key} is not supported: micro-batch checkpoints "
+                                 "cannot capture partial gradients held in offload buffers; remove it")
+        dt = self.deepspeed.get("data_types", {})
+        if (isinstance(dt, dict) and str(dt.get("grad_accum_dtype", "")).lower() in ("fp32", "float32")
+                and self.train.precision == "bf16" and self.parallel.zero_stage == 2):
+            raise ValueError("deepspeed.data_types.grad_accum_dtype=fp32 with bf16 at ZeRO-2 keeps partial gradients "
+                             "in a compact buffer micro-batch checkpoints do not capture: remove it, or use "
+                             "parallel.zero_stage 1 or 3 (both checkpoint fp32 accumulation)")
         m, p = self.model, self.parallel
         if m.num_attention_heads % p.ulysses_degree:
             raise ValueError(

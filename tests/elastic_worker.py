@@ -42,11 +42,16 @@ CELLS = {
     "mid-ring2-zero3_to_dp1-zero2": ((2, 3, 1, 2), (1, 2, 1, 1), False, "fp32", 1),
     "mid-dp2-zero1-bf16_to_dp1-zero0": ((2, 1, 1, 1), (1, 0, 1, 1), False, "bf16", 1),
     "mid-dp1-zero3_to_dp2-zero0": ((1, 3, 1, 1), (2, 0, 1, 1), False, "fp32", 2),
+    "mid-dp1-zero2-bf16_to_dp2-zero1": ((1, 2, 1, 1), (2, 1, 1, 1), False, "bf16", 2),
+    "mid-dp2-zero0_to_ulysses2-zero3": ((2, 0, 1, 1), (2, 3, 2, 1), False, "fp32", 1),
+    "mid-dp2-zero1_to_ring2-zero0": ((2, 1, 1, 1), (2, 0, 1, 2), False, "fp32", 1),
+    "mid-step0-dp2-zero1_to_dp1-zero2": ((2, 1, 1, 1), (1, 2, 1, 1), False, "fp32", 1),
 }
+STOP_STEP = {"mid-step0-dp2-zero1_to_dp1-zero2": 0}  # inside the first window: no optimizer state yet
 
 
 def tag(cell: str) -> str:
-    return f"step00000002-micro{CELLS[cell][4]:04d}"
+    return f"step{STOP_STEP.get(cell, 2):08d}-micro{CELLS[cell][4]:04d}"
 
 
 def config(run_dir: Path, layout: tuple[int, int, int, int], moe: bool, max_steps: int, resume: str,
@@ -166,19 +171,20 @@ def main() -> int:
         if role == "source":
             run_dir = out / cell / "source"
             dp = world // (layout[2] * layout[3])
-            os.environ["SEQPAR_STOP_AFTER_MICRO_BATCHES"] = str(2 * 4 // dp + micro)  # step 2 (+ micro)
+            step = STOP_STEP.get(cell, 2)
+            os.environ["SEQPAR_STOP_AFTER_MICRO_BATCHES"] = str(step * 4 // dp + micro)
             tr = Trainer(validate_config(config(run_dir, layout, moe, 4, "none", precision)), topo)
             del os.environ["SEQPAR_STOP_AFTER_MICRO_BATCHES"]
             tr.train()
-            assert tr.exit_code == 75 and (tr.state.step, tr.state.micro_step) == (2, micro), tr.state
-            record["state"] = full_state(tr)
+            assert tr.exit_code == 75 and (tr.state.step, tr.state.micro_step) == (step, micro), tr.state
+            record["state"] = full_state(tr) if step else {}
             record["window"] = window_sums(tr, tr._acc if micro else None)
             tr = Trainer(validate_config(config(run_dir, layout, moe, 4, "auto", precision)), topo)
         else:
             ckpt = out / cell / "source" / "checkpoints" / tag(cell)
             tr = Trainer(validate_config(config(out / cell / "target", layout, moe, 4, str(ckpt), precision)), topo)
             record["resumed_from"] = tr.ckpt.resumed_from
-            record["state"] = full_state(tr)
+            record["state"] = full_state(tr) if STOP_STEP.get(cell, 2) else {}
             record["window"] = window_sums(tr, tr._resumed_acc)
         tr.train()
         record["losses"] = list(tr.state.losses)

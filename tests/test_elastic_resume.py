@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common import torchrun
-from elastic_worker import CELLS, tag
+from elastic_worker import CELLS, STOP_STEP, tag
 
 
 def _launch(nproc: int, role: str, out: Path) -> None:
@@ -37,23 +37,25 @@ def test_elastic_resume_moves_state_exactly(runs, cell):
     src = torch.load(runs / f"{cell}.source.pt")
     dst = torch.load(runs / f"{cell}.target.pt")
     assert dst["resumed_from"] == tag(cell)
-    assert set(src["state"]) == set(dst["state"]) and len(src["state"]) > 0
-    moved = [k for k in src["state"] if not torch.equal(src["state"][k], dst["state"][k])]
-    assert not moved, f"state changed by the move: {moved[:5]}"
+    step = STOP_STEP.get(cell, 2)  # optimizer steps done when the source stopped
+    if step:  # (inside the first window there is no optimizer state to move yet)
+        assert set(src["state"]) == set(dst["state"]) and len(src["state"]) > 0
+        moved = [k for k in src["state"] if not torch.equal(src["state"][k], dst["state"][k])]
+        assert not moved, f"state changed by the move: {moved[:5]}"
+        assert any(k.endswith("exp_avg") and src["state"][k].abs().sum() > 0 for k in src["state"])
     # the open window's sums (loss, aux loss, MoE token counts) arrive whole on the new layout
     for k, ref in src["window"].items():
         assert torch.allclose(dst["window"][k], ref, rtol=1e-12, atol=0), (k, dst["window"][k], ref)
     if CELLS[cell][2] and CELLS[cell][4]:
         assert sum(float(v.sum()) for k, v in src["window"].items() if k not in ("ce", "aux")) > 0
-    assert any(k.endswith("exp_avg") and src["state"][k].abs().sum() > 0 for k in src["state"])  # real state
-    # steps 1-2 are history; steps 3-4 were computed on the new layout (for mid- cells, step 3's
-    # loss and update combine the old layout's micro-steps with the new one's: carried sums and
+    # steps before the stop are history; the rest were computed on the new layout (for mid- cells
+    # the first of them combines the old layout's micro-steps with the new one's: carried sums and
     # partial gradients that were lost or double counted would show here and in the weights)
-    assert dst["losses"][:2] == src["losses"][:2] and len(dst["losses"]) == 4
+    assert dst["losses"][:step] == src["losses"][:step] and len(dst["losses"]) == 4
     # bf16 gradients summed in another order round differently: the squared-gradient moment shows
     # it most, and Adam turns it into weight changes of about the learning rate
     fp32 = CELLS[cell][3] == "fp32"
-    assert dst["losses"][2:] == pytest.approx(src["losses"][2:], rel=1e-6 if fp32 else 1e-4)
+    assert dst["losses"][step:] == pytest.approx(src["losses"][step:], rel=1e-6 if fp32 else 1e-4)
     worst = {}
     for k, ref in src["final"].items():
         worst[k] = ((dst["final"][k] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()

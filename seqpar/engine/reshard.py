@@ -149,14 +149,36 @@ def _covered_to(start: int, ranges: list[tuple[int, int]]) -> int:
     return end
 
 
+def all_ranks_ok(device: torch.device, ok: bool, error: Exception | None = None) -> None:
+    """Collective: raise on every rank if any rank failed (so none waits in a later collective)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if not flag.item():
+        raise ReshardError("another rank could not reshard the checkpoint (its error is in its log)")
+
+
 def reshard_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, Any], dict[str, list[int]]]],
                       scheduler: dict[str, Any] | None,
                       old_weights: Callable[[], dict[str, Tensor]] | None = None) -> None:
     """Fill this rank's optimizer from every saved rank's ``(optimizer state dict, fragment map)``.
 
     ``old_weights`` gives the saved module weights by name (needed when ``old_kind == "torch"``).
-    Collective (DeepSpeed's loader all-gathers the new weights); every rank calls it.
+    Collective (DeepSpeed's loader all-gathers the new weights); every rank calls it, and an error
+    on any rank is raised on all of them before that collective.
     """
+    try:
+        sd = _fill_optimizer(engine, old_kind, sources, old_weights)
+    except Exception as e:  # noqa: BLE001  (re-raised here, after telling the other ranks)
+        all_ranks_ok(engine.device, False, e)
+    all_ranks_ok(engine.device, True)
+    restore_optimizer(engine, {"optimizer": sd, "scheduler": scheduler})
+
+
+def _fill_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, Any], dict[str, list[int]]]],
+                    old_weights: Callable[[], dict[str, Tensor]] | None) -> dict[str, Any]:
+    """This rank's new optimizer state dict, filled from the saved ranks' slices (no collectives)."""
     new_kind = optimizer_kind(engine)
     for k in (old_kind, new_kind):
         if k not in ELASTIC_KINDS:
@@ -191,46 +213,47 @@ def reshard_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, A
         end = _covered_to(lp, covered[name])
         if end < lp + n:
             raise ReshardError(f"the checkpoint does not cover elements [{end}, {lp + n}) of {name}")
-    restore_optimizer(engine, {"optimizer": sd, "scheduler": scheduler})
+    return sd
 
 
 # -- partial gradients of an open accumulation window ----------------------------------------------
-# Saved per rank in one of three forms (deepspeed_state.capture_partial_grads):
-#   local:  stages 0/1, each rank's own unreduced gradient of every parameter ("sum" over ranks);
-#   stage 2: all-reduced per micro-step, the rank's partition of each parameter ("copy");
-#   stage 3: reduce-scattered per micro-step, the rank's partition in one flat buffer ("copy").
-# DeepSpeed averages over the (old) world at reduction, so the layout-free quantity is
-# A = sum over ranks of the local gradients / world; stages 2/3 hold slices of A itself.
+# Saved per rank in one of two forms (deepspeed_state.capture_partial_grads):
+#   ``sum``:  stages 0/1, each rank's own unreduced gradient of every parameter;
+#   ``copy``: stages 2/3, reduced at every micro-step: the rank's partition of A, with a slice map.
+# DeepSpeed averages over the (old) world when it reduces, so the layout-free quantity is
+# A = (sum of all ranks' local gradients) / world.
 
 
-def _grad_sources(tree: dict[str, Any]) -> tuple[str, dict[str, tuple[int, int, Tensor]]]:
-    """(``sum`` | ``copy``, ``{name: (first element, count, 1-D values)}``) of one saved rank."""
+def partial_grads_form(tree_keys: Iterable[str]) -> str | None:
+    """``sum`` | ``copy`` for a saved ``grads`` tree (its top-level keys); None if it cannot move
+    (BF16_Optimizer buffers, or written before mid-window elastic resume existed)."""
+    keys = set(tree_keys)
+    if "grad" in keys:
+        return "sum"
+    if {"all_grad_tensors", "slices"} <= keys or {"flat", "index"} <= keys:
+        return "copy"
+    return None
+
+
+def _grad_sources(tree: dict[str, Any]) -> dict[str, tuple[int, int, Tensor]]:
+    """``{name: (first element, count, 1-D values)}`` of one saved rank's partial gradients."""
     if "grad" in tree:
         grads = {**tree["grad"], **tree["grad_accum"]}  # grad_accum, where used, is the accumulator
-        return "sum", {n: (0, g.numel(), g.reshape(-1)) for n, g in grads.items()}
-    if "all_grad_tensors" in tree and "slices" in tree:
+        return {n: (0, g.numel(), g.reshape(-1)) for n, g in grads.items()}
+    if "all_grad_tensors" in tree:
         out = {}
         for i, tensors in tree["all_grad_tensors"].items():
             for t, (name, lp, n) in zip(tensors, tree["slices"][i], strict=True):
                 if t is not None and n > 0:
                     out[name] = (lp, n, t.reshape(-1).narrow(0, lp, n))
-        return "copy", out
-    if "flat" in tree and "index" in tree:
-        flat = tree["flat"].reshape(-1)
-        return "copy", {n: (lp, k, flat.narrow(0, off, k)) for n, (off, lp, k) in tree["index"].items()}
-    raise ReshardError("these partial gradients cannot move to another layout (BF16_Optimizer buffers, "
-                       "or saved before mid-window elastic resume existed)")
-
-
-def partial_grads_movable(tree_keys: Iterable[str]) -> bool:
-    """Whether a saved ``grads`` tree (its top-level keys) has what ``reshard_partial_grads`` needs."""
-    keys = set(tree_keys)
-    return "grad" in keys or {"all_grad_tensors", "slices"} <= keys or {"flat", "index"} <= keys
+        return out
+    flat = tree["flat"].reshape(-1)
+    return {n: (lp, k, flat.narrow(0, off, k)) for n, (off, lp, k) in tree["index"].items()}
 
 
 def _grad_targets(engine) -> tuple[str, dict[str, tuple[int, int]], Callable[[dict[str, Tensor]], None]]:
     """This rank's gradient accumulator in the new layout: (``local`` | ``partition``, the slices
-    to fill ``{name: (first element, count)}``, and a function writing filled fp32 slices in)."""
+    to fill ``{name: (first element, count)}``, and a function writing the filled fp32 slices)."""
     opt, kind = engine.optimizer, optimizer_kind(engine)
     if kind == "zero3":
         parts = zero3_grad_partitions(engine)
@@ -269,30 +292,42 @@ def _grad_targets(engine) -> tuple[str, dict[str, tuple[int, int]], Callable[[di
     dtype = getattr(opt, "gradient_accumulation_dtype", None) if attr == "grad_accum" else None
 
     def write_local(vals: dict[str, Tensor]) -> None:
-        world = dist.get_world_size()
         for name, p in params.items():
-            g = vals[name] * world if name in vals else torch.zeros(p.numel())
-            setattr(p, attr, g.view(p.shape).to(p.device, dtype or p.dtype))
+            setattr(p, attr, vals[name].view(p.shape).to(p.device, dtype or p.dtype))
 
     return "local", {n: (0, p.numel()) for n, p in params.items()}, write_local
 
 
-def reshard_partial_grads(engine, trees: Iterable[dict[str, Any]], old_world: int) -> None:
-    """Fill this rank's gradient accumulator from every saved rank's partial gradients.
+def reshard_partial_grads(engine, read: Callable[[int], dict[str, Any]], old_world: int, form: str) -> None:
+    """Fill this rank's gradient accumulator from the saved ranks' partial gradients (``read(r)``
+    gives saved rank r's tree; ``form`` is ``partial_grads_form`` of them). Collective only to
+    agree that every rank succeeded.
 
-    New stages 2/3 receive their partition of A; new stages 0/1 put ``A x world`` on rank 0 and
-    zeros elsewhere (DeepSpeed sums and averages them at the boundary: A plus the new gradients).
-    Every rank calls it (no collectives); one saved rank's tree is in memory at a time.
+    New stages 2/3 receive their partition of A. New stages 0/1 hold shares that sum to
+    A x new world (DeepSpeed averages them at the boundary): from ``copy`` trees every rank holds A;
+    from ``sum`` trees new rank r holds new world / old world x the gradients of old ranks
+    r, r + new world, ... so gradients keep their usual size per rank (it matters in bf16) and
+    each old file is read by one new rank. A parameter with no saved gradient counts as zero in
+    ``sum`` trees, as DeepSpeed treats a missing gradient.
     """
+    try:
+        _fill_partial_grads(engine, read, old_world, form)
+    except Exception as e:  # noqa: BLE001  (re-raised here, after telling the other ranks)
+        all_ranks_ok(engine.device, False, e)
+    all_ranks_ok(engine.device, True)
+
+
+def _fill_partial_grads(engine, read: Callable[[int], dict[str, Any]], old_world: int, form: str) -> None:
     mode, targets, write = _grad_targets(engine)
-    if mode == "local" and dist.get_rank() != 0:
-        write({})
-        return
+    if form not in ("sum", "copy"):
+        raise ReshardError("the checkpoint's partial gradients cannot move to another layout")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    old_ranks = range(rank, old_world, world) if (mode, form) == ("local", "sum") else range(old_world)
+    scale = world / old_world if (mode, form) == ("local", "sum") else 1.0 / old_world if form == "sum" else 1.0
     vals = {name: torch.zeros(n, dtype=torch.float32) for name, (_, n) in targets.items()}
     covered: dict[str, list[tuple[int, int]]] = {name: [] for name in targets}
-    for tree in trees:
-        how, sources = _grad_sources(tree)
-        for name, (lp_s, n_s, t) in sources.items():
+    for r in old_ranks:
+        for name, (lp_s, n_s, t) in _grad_sources(read(r)).items():
             if name not in targets:
                 continue
             lp_t, n_t = targets[name]
@@ -300,13 +335,14 @@ def reshard_partial_grads(engine, trees: Iterable[dict[str, Any]], old_world: in
             if lo >= hi:
                 continue
             piece, dst = t[lo - lp_s : hi - lp_s].float(), vals[name][lo - lp_t : hi - lp_t]
-            if how == "sum":
-                dst.add_(piece / old_world)
+            if form == "sum":
+                dst.add_(piece, alpha=scale)
             else:
                 dst.copy_(piece)
             covered[name].append((lo, hi))
-    for name, (lp, n) in targets.items():
-        end = _covered_to(lp, covered[name])
-        if end < lp + n:
-            raise ReshardError(f"the checkpoint's partial gradients miss elements [{end}, {lp + n}) of {name}")
+    if form == "copy":  # stage 2/3 partitions tile every parameter: a gap is a broken checkpoint
+        for name, (lp, n) in targets.items():
+            end = _covered_to(lp, covered[name])
+            if end < lp + n:
+                raise ReshardError(f"the checkpoint's partial gradients miss elements [{end}, {lp + n}) of {name}")
     write(vals)

@@ -35,7 +35,7 @@ from seqpar.checkpoint.store import FORMAT_VERSION, tag_for
 from seqpar.checkpoint.writer import rank_dir
 from seqpar.config import Config, ConfigError, Layout, flops_per_token, validate_config
 from seqpar.engine import deepspeed_state as dss
-from seqpar.engine.reshard import (ELASTIC_KINDS, fragment_map, partial_grads_movable, reshard_optimizer,
+from seqpar.engine.reshard import (ELASTIC_KINDS, fragment_map, partial_grads_form, reshard_optimizer,
                                    reshard_partial_grads)
 from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
@@ -438,7 +438,7 @@ class Trainer:
                         f"choose --train.micro_batch_size so that micro_batch_size x dp divides {done}, or "
                         "resume a step-boundary checkpoint (tag ending in micro0000)")
             skeleton = json.loads((path / rank_dir(0) / "grads.json").read_text())
-            if not partial_grads_movable(skeleton):
+            if partial_grads_form(skeleton) is None:
                 return (f"{where}; its partial gradients (micro-step {state['micro_step']}) were saved without "
                         "the slice map an elastic resume needs (an older seqpar, or BF16_Optimizer buffers): "
                         "resume on the saved layout or a step-boundary checkpoint")
@@ -497,7 +497,10 @@ class Trainer:
             load_hf_checkpoint(saved, path / "model")
             return {n: p.detach() for n, p in saved.named_parameters()}
 
-        reshard_optimizer(self.engine, kind, sources(), scheduler, old_weights)
+        if state["step"] > 0:
+            reshard_optimizer(self.engine, kind, sources(), scheduler, old_weights)
+        # else inside the first window: no optimizer step yet, so the saved optimizer holds just the
+        # initial weights, which this run has built from the same config and seed; nothing to move
         lay, old_ranks = self.layout, range(old["world_size"])
         old_micro = state["micro_step"]
         new_micro = _window_done(state, self.ckpt.read_shared(path)[1]) // (lay.micro_batch_size * lay.dp)
@@ -510,8 +513,9 @@ class Trainer:
         self.state.load_state_dict({k: state[k] for k in self.state.state_dict()})
         self.state.micro_step = new_micro
         if old_micro:
-            reshard_partial_grads(self.engine, (self.ckpt.read_tree(path, "grads", r) for r in old_ranks),
-                                  old["world_size"])
+            form = partial_grads_form(json.loads((path / rank_dir(0) / "grads.json").read_text()))
+            reshard_partial_grads(self.engine, lambda r: self.ckpt.read_tree(path, "grads", r), old["world_size"],
+                                  str(form))
             window = self._window_sums([self.ckpt.read_tree(path, "engine", r)["window"] for r in old_ranks],
                                        ("ce", "aux"))
             # each micro-step's aux loss counts 1 / (accumulation steps x world) of the window
