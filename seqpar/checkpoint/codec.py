@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # DeepSpeed optimizer state dicts carry these (ZeRO stage enum, flat-buffer fragment addresses,
@@ -107,7 +108,7 @@ def _check_allowed(cls: type, where: str) -> None:
         )
 
 
-def decode(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def decode(skeleton: Any, tensors: Any) -> Any:
     """Inverse of ``encode``."""
 
     def dec(x: Any) -> Any:
@@ -156,7 +157,44 @@ def save_tree(tree: Any, path: Path) -> list[Path]:
     return files
 
 
-def load_tree(path: Path) -> Any:
+class LazyTensor:
+    """A tensor of a checkpoint file, read on demand (elastic resume needs a few slices of each).
+
+    ``flat(lo, hi)`` returns elements ``[lo, hi)`` of the flattened values, reading only the rows
+    that hold them (safetensors slices of a memory-mapped file).
+    """
+
+    def __init__(self, handle: Any, key: str):
+        self._slice = handle.get_slice(key)
+        self.shape = tuple(self._slice.get_shape())
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def flat(self, lo: int, hi: int) -> torch.Tensor:
+        if len(self.shape) == 1:
+            return self._slice[lo:hi]
+        row = math.prod(self.shape[1:])
+        first, last = lo // row, -(-hi // row)
+        return self._slice[first:last].reshape(-1)[lo - first * row : hi - first * row]
+
+
+LAZY_MIN_NUMEL = 1 << 16  # smaller tensors are read whole even when lazy
+
+
+class _LazyTensors:
+    def __init__(self, path: Path):
+        self.handle = safe_open(str(path), framework="pt")
+
+    def __getitem__(self, key: str) -> Any:
+        t = LazyTensor(self.handle, key)
+        return t if len(t.shape) >= 1 and t.numel() >= LAZY_MIN_NUMEL else self.handle.get_tensor(key)
+
+
+def load_tree(path: Path, lazy: bool = False) -> Any:
+    """Read ``path.json`` (+ ``.safetensors``). ``lazy``: large tensors come as ``LazyTensor``."""
     skeleton = json.loads(path.with_suffix(".json").read_text())
     st = path.with_suffix(".safetensors")
-    return decode(skeleton, load_file(str(st)) if st.exists() else {})
+    if not st.exists():
+        return decode(skeleton, {})
+    return decode(skeleton, _LazyTensors(st) if lazy else load_file(str(st)))

@@ -164,6 +164,6 @@ class CheckpointManager:
         saved_cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
         return state, saved_cfg
 
-    def read_tree(self, path: Path, name: str, rank: int | None = None) -> Any:
+    def read_tree(self, path: Path, name: str, rank: int | None = None, lazy: bool = False) -> Any:
         base = path / (f"{rank_dir(rank)}/{name}" if rank is not None else name)
-        return load_tree(base) if base.with_suffix(".json").exists() else None
+        return load_tree(base, lazy) if base.with_suffix(".json").exists() else None

@@ -10,7 +10,8 @@ layout is filled by copying the overlap of each saved slice with each slice the 
 Supported optimizer kinds (``deepspeed_state.optimizer_kind``): ``torch`` (ZeRO-0 fp32: the
 master weights are the module's, read from the HF weights), ``unfused16`` (ZeRO-0 bf16),
 ``zero12`` (ZeRO-1/2, fp32 or bf16), ``zero3``. Every element of every new slice must be covered,
-or the resume is refused. One saved rank's state is in memory at a time.
+or the resume is refused. Saved files are read lazily: a new rank reads only the parts that overlap
+its own slices (safetensors slices of memory-mapped files).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from seqpar.checkpoint.codec import LazyTensor
 from seqpar.engine.deepspeed_state import capture_optimizer, optimizer_kind, restore_optimizer, zero3_grad_partitions
 
 ELASTIC_KINDS = ("torch", "unfused16", "zero12", "zero3")
@@ -32,6 +34,24 @@ class ReshardError(RuntimeError):
     pass
 
 
+class _LazyRange:
+    """Elements ``[offset, offset + numel)`` of a file tensor; slicing reads just that part."""
+
+    def __init__(self, t: LazyTensor, offset: int, numel: int):
+        self.t, self.offset, self.numel = t, offset, numel
+
+    def __getitem__(self, s: slice) -> Tensor:
+        lo, hi, _ = s.indices(self.numel)
+        return self.t.flat(self.offset + lo, self.offset + hi)
+
+
+def _flat(t: Tensor | LazyTensor, offset: int, numel: int) -> Tensor | _LazyRange:
+    """A 1-D range of a tensor's flattened values: a view, or a lazy range of a file tensor."""
+    if isinstance(t, LazyTensor):
+        return _LazyRange(t, offset, numel)
+    return t.reshape(-1).narrow(0, offset, numel)
+
+
 @dataclass
 class Slice:
     """Elements ``[lp_start, lp_start + numel)`` of one flattened parameter, as 1-D views per state
@@ -39,7 +59,7 @@ class Slice:
 
     lp_start: int
     numel: int
-    tensors: dict[str, Tensor]
+    tensors: dict[str, Tensor | _LazyRange]
 
 
 def _names(engine) -> dict[int, str]:
@@ -102,11 +122,11 @@ def slices(kind: str, sd: dict[str, Any], fmap: dict[str, list[int]], weights: l
     flats, state = _flat_state(kind, sd, weights)
     out = {}
     for name, (g, hp, lp, n) in fmap.items():
-        flat = flats[g].reshape(-1)
-        views = {"fp32": flat.narrow(0, hp, n)}
+        flat = flats[g]
+        views = {"fp32": _flat(flat, hp, n)}
         for key, t in state.get(g, {}).items():
-            if isinstance(t, Tensor) and t.numel() == flat.numel():
-                views[key] = t.reshape(-1).narrow(0, hp, n)
+            if isinstance(t, (Tensor, LazyTensor)) and t.numel() == flat.numel():
+                views[key] = _flat(t, hp, n)
         out[name] = Slice(lp, n, views)
     return out
 
@@ -116,7 +136,7 @@ def _step_and_keys(kind: str, sd: dict[str, Any]) -> tuple[Tensor, list[str]]:
     if not state:
         raise ReshardError("the checkpoint's optimizer has no state (saved before the first step?)")
     first = state[min(state)]
-    keys = [k for k, v in first.items() if isinstance(v, Tensor) and k != "step"]
+    keys = [k for k, v in first.items() if isinstance(v, (Tensor, LazyTensor)) and k != "step"]
     return first["step"].clone(), keys
 
 
@@ -239,16 +259,15 @@ def _grad_sources(tree: dict[str, Any]) -> dict[str, tuple[int, int, Tensor]]:
     """``{name: (first element, count, 1-D values)}`` of one saved rank's partial gradients."""
     if "grad" in tree:
         grads = {**tree["grad"], **tree["grad_accum"]}  # grad_accum, where used, is the accumulator
-        return {n: (0, g.numel(), g.reshape(-1)) for n, g in grads.items()}
+        return {n: (0, g.numel(), _flat(g, 0, g.numel())) for n, g in grads.items()}
     if "all_grad_tensors" in tree:
         out = {}
         for i, tensors in tree["all_grad_tensors"].items():
             for t, (name, lp, n) in zip(tensors, tree["slices"][i], strict=True):
                 if t is not None and n > 0:
-                    out[name] = (lp, n, t.reshape(-1).narrow(0, lp, n))
+                    out[name] = (lp, n, _flat(t, lp, n))
         return out
-    flat = tree["flat"].reshape(-1)
-    return {n: (lp, k, flat.narrow(0, off, k)) for n, (off, lp, k) in tree["index"].items()}
+    return {n: (lp, k, _flat(tree["flat"], off, k)) for n, (off, lp, k) in tree["index"].items()}
 
 
 def _grad_targets(engine) -> tuple[str, dict[str, tuple[int, int]], Callable[[dict[str, Tensor]], None]]:

@@ -482,12 +482,13 @@ class Trainer:
         per-rank sums of the window (loss, MoE token counts) are carried by the new rank 0."""
         old, kind = state["topology"], state["optimizer_kind"]
         ranks = [0] if kind in ("torch", "unfused16") else list(range(old["world_size"]))
-        trees = {0: self.ckpt.read_tree(path, "optimizer", 0)}
+        # lazily: each new rank reads only the parts of the saved files that overlap its slices
+        trees = {0: self.ckpt.read_tree(path, "optimizer", 0, lazy=True)}
         scheduler = trees[0]["scheduler"]
 
         def sources():  # one saved rank's optimizer state in memory at a time
             for r in ranks:
-                tree = trees.pop(r, None) or self.ckpt.read_tree(path, "optimizer", r)
+                tree = trees.pop(r, None) or self.ckpt.read_tree(path, "optimizer", r, lazy=True)
                 yield tree["optimizer"], self.ckpt.read_tree(path, "fragments", r)
 
         def old_weights() -> dict[str, torch.Tensor]:  # ZeRO-0 fp32 keeps its master in the module
@@ -514,8 +515,8 @@ class Trainer:
         self.state.micro_step = new_micro
         if old_micro:
             form = partial_grads_form(json.loads((path / rank_dir(0) / "grads.json").read_text()))
-            reshard_partial_grads(self.engine, lambda r: self.ckpt.read_tree(path, "grads", r), old["world_size"],
-                                  str(form))
+            reshard_partial_grads(self.engine, lambda r: self.ckpt.read_tree(path, "grads", r, lazy=True),
+                                  old["world_size"], str(form))
             window = self._window_sums([self.ckpt.read_tree(path, "engine", r)["window"] for r in old_ranks],
                                        ("ce", "aux"))
             # each micro-step's aux loss counts 1 / (accumulation steps x world) of the window
