@@ -373,6 +373,7 @@ _DERIVED_DS_KEYS = {
     "gradient_accumulation_steps": "train.grad_accum_steps or train.global_batch_size",
     "gradient_clipping": "train.grad_clip",
     "bf16": "train.precision",
+    "bfloat16": "train.precision",  # DeepSpeed's other spelling of bf16
     "fp16": "train.precision (fp16 is not supported; use bf16)",
     "scheduler": "train.lr / warmup_steps / decay (seqpar owns the LR schedule)",
 }
@@ -411,17 +412,22 @@ class Config(_Section):
             if key in self.deepspeed:
                 raise ValueError(f"deepspeed.{key} is derived by seqpar: set {ours} instead")
         zo = self.deepspeed.get("zero_optimization", {})
-        if isinstance(zo, dict) and "stage" in zo:
+        if not isinstance(zo, dict):
+            raise ValueError("deepspeed.zero_optimization must be a mapping of ZeRO options (a plain value "
+                             "would replace the stage seqpar derives): set parallel.zero_stage")
+        if "stage" in zo:
             raise ValueError("deepspeed.zero_optimization.stage is derived: set parallel.zero_stage")
         # Micro-batch checkpoints read partial gradients where DeepSpeed keeps them on the device
         # (engine/deepspeed_state.py); these settings keep them elsewhere, so a save would lose them.
-        for key in ("offload_optimizer", "offload_param"):
-            off = zo.get(key) if isinstance(zo, dict) else None
+        # (The engine is checked again after start-up: deepspeed_state.unsupported_settings.)
+        for key in ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param"):
+            off = zo.get(key)
             if off and (off.get("device", "none") if isinstance(off, dict) else off) != "none":
                 raise ValueError(f"deepspeed.zero_optimization.{key} is not supported: micro-batch checkpoints "
                                  "cannot capture partial gradients held in offload buffers; remove it")
         dt = self.deepspeed.get("data_types", {})
-        if (isinstance(dt, dict) and str(dt.get("grad_accum_dtype", "")).lower() in ("fp32", "float32")
+        fp32_names = ("fp32", "float32", "float", "torch.float32")
+        if (isinstance(dt, dict) and str(dt.get("grad_accum_dtype", "")).lower() in fp32_names
                 and self.train.precision == "bf16" and self.parallel.zero_stage == 2):
             raise ValueError("deepspeed.data_types.grad_accum_dtype=fp32 with bf16 at ZeRO-2 keeps partial gradients "
                              "in a compact buffer micro-batch checkpoints do not capture: remove it, or use "

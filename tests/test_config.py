@@ -51,6 +51,9 @@ ERROR_CASES = {
     "derived ds stage": ({"deepspeed": {"zero_optimization": {"stage": 1}}}, ["zero_optimization.stage", "parallel.zero_stage"]),
     "offload": ({"deepspeed": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}},
                 ["zero_optimization.offload_optimizer", "partial gradients", "remove it"]),
+    "legacy offload": ({"deepspeed": {"zero_optimization": {"cpu_offload": True}}}, ["zero_optimization.cpu_offload"]),
+    "bfloat16 key": ({"deepspeed": {"bfloat16": {"enabled": True}}}, ["deepspeed.bfloat16", "train.precision"]),
+    "zero_optimization not a mapping": ({"deepspeed": {"zero_optimization": True}}, ["must be a mapping", "parallel.zero_stage"]),
     "fp32 accumulation at zero-2 bf16": ({"train": {"precision": "bf16"}, "deepspeed": {"data_types": {"grad_accum_dtype": "fp32"}}},
                                          ["grad_accum_dtype=fp32", "zero_stage 1 or 3"]),
     "fp16": ({"deepspeed": {"fp16": {"enabled": True}}}, ["deepspeed.fp16", "bf16"]),
@@ -232,3 +235,19 @@ def test_resume_ignores_keys_added_since_the_checkpoint():
     old["model"]["hidden_size"] = 64
     with pytest.raises(ResumeError, match="model.hidden_size"):
         check_resume_config(_with_defaults(old), now, [])
+
+
+def test_unsupported_deepspeed_settings_are_refused(tmp_path):
+    """Settings that keep state where checkpoints do not look are refused after start-up too,
+    whatever spelling reached DeepSpeed (the YAML checks above see only the usual keys)."""
+    from common import torchrun
+
+    r = torchrun(1, "ds_settings_worker.py", str(tmp_path / "found.json"), cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    found = json.loads((tmp_path / "found.json").read_text())
+    assert found["supported"] == []
+    assert any("offload_optimizer" in w for w in found["legacy cpu_offload"]), found
+    assert any("train.precision" in w for w in found["bfloat16 key"]), found
+    assert any("grad_accum_dtype" in w for w in found["fp32 accumulation spelt float"]), found
+    assert any("elastic_checkpoint" in w for w in found["elastic_checkpoint"]), found
+    assert "managed_gradient_accumulation" in found["trainer"] and "not supported" in found["trainer"], found

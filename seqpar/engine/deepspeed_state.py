@@ -43,6 +43,41 @@ def _clone(tree: Any) -> Any:
     return tree
 
 
+def unsupported_settings(engine, precision: str) -> list[str]:
+    """Why this engine's setup would make seqpar's checkpoints lose or misplace state (each reason
+    names the ``deepspeed:`` key and the fix); empty when supported. Checked after start-up,
+    whatever spelling the config used."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
+    why = []
+    for key, off in (("offload_optimizer", engine.zero_offload_optimizer()),
+                     ("offload_param", engine.zero_offload_param())):
+        if off is not None and str(getattr(off.device, "value", off.device)) != "none":
+            why.append(f"deepspeed.zero_optimization.{key} (or cpu_offload*): partial gradients live in offload "
+                       "buffers that micro-batch checkpoints do not capture; remove it")
+    if engine.bfloat16_enabled() != (precision == "bf16"):
+        why.append(f"DeepSpeed runs {'bf16' if engine.bfloat16_enabled() else 'without bf16'} but train.precision "
+                   f"is {precision}: set the precision with train.precision only (no deepspeed.bf16/bfloat16)")
+    opt = engine.optimizer
+    if isinstance(opt, DeepSpeedZeroOptimizer) and any(
+            opt._use_compact_grad_partition_buffer(i) for i in range(len(opt.bit16_groups))):
+        why.append("deepspeed.data_types.grad_accum_dtype fp32 with bf16 at ZeRO-2 keeps partial gradients in a "
+                   "compact buffer micro-batch checkpoints do not capture; remove it or use ZeRO-1/3")
+    if isinstance(opt, FP16_Optimizer):
+        why.append("deepspeed.optimizer.params.torch_adam false at ZeRO-0 bf16 (FusedAdam under FP16_Optimizer) "
+                   "is not supported by seqpar's checkpoints; set torch_adam true or use ZeRO-1/2/3")
+    if engine.zero_elastic_checkpoint():
+        why.append("deepspeed.zero_optimization.elastic_checkpoint makes the optimizer state unloadable by "
+                   "seqpar's resume; remove it (seqpar's elastic resume is checkpoint.elastic)")
+    if engine.torch_autocast_enabled():
+        why.append("deepspeed.torch_autocast: its gradient scaler state is not checkpointed and seqpar owns "
+                   "precision; remove it and set train.precision")
+    if not engine.managed_gradient_accumulation():
+        why.append("deepspeed.managed_gradient_accumulation false: seqpar drives accumulation windows itself; "
+                   "remove it")
+    return why
+
+
 def optimizer_kind(engine) -> str:
     opt = engine.optimizer
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
@@ -118,6 +153,26 @@ def restore_counters(engine, counters: dict[str, int]) -> None:
 
 # -- partial gradients of the open accumulation window ---------------------------------------------
 def capture_partial_grads(engine) -> dict[str, Any]:
+    """The open window's partial gradients (a CPU copy). Raises rather than save none."""
+    tree = _capture_partial_grads(engine)
+    if not _has_tensor(tree):
+        raise RuntimeError("no partial gradients found inside an accumulation window: this DeepSpeed setup keeps "
+                           "them where seqpar does not look (deepspeed_state.unsupported_settings should have "
+                           "refused it); the checkpoint would lose them")
+    return tree
+
+
+def _has_tensor(tree: Any) -> bool:
+    if isinstance(tree, torch.Tensor):
+        return True
+    if isinstance(tree, dict):
+        return any(_has_tensor(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_has_tensor(v) for v in tree)
+    return False
+
+
+def _capture_partial_grads(engine) -> dict[str, Any]:
     opt, kind = engine.optimizer, optimizer_kind(engine)
     names = {id(p): n for n, p in engine.module.named_parameters()}
     if kind == "zero3":

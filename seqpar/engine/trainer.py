@@ -161,6 +161,9 @@ class Trainer:
             dist_init_required=False,
         )
         self.model: Transformer = self.engine.module
+        refused = dss.unsupported_settings(self.engine, cfg.train.precision)
+        if refused:
+            raise ConfigError("this DeepSpeed setup is not supported:\n  - " + "\n  - ".join(refused))
 
         self.logger = RunLogger(
             self.run_dir, topo.is_main, cfg.train.max_steps, cfg.logging.progress_bar, cfg.logging.tensorboard
