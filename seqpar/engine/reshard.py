@@ -286,10 +286,7 @@ def _grad_targets(engine) -> tuple[str, dict[str, tuple[int, int]], Callable[[di
 
         return "partition", {n: (s, k) for n, (_, s, k) in parts.items()}, write3
     if kind == "zero12" and opt.partition_gradients:
-        names = _names(engine)
-        if any(opt._use_compact_grad_partition_buffer(i) for i in range(len(opt.bit16_groups))):
-            raise ReshardError("ZeRO-2 with fp32 gradient accumulation of bf16 weights keeps partial gradients "
-                               "in a compact buffer that cannot be resharded")
+        names = _names(engine)  # (a compact fp32 gradient buffer is refused at start-up)
         slots: dict[str, tuple[int, Tensor]] = {}
         for i, params in enumerate(opt.params_in_partition):
             full = [torch.zeros_like(p, dtype=opt.gradient_accumulation_dtype) for p in params]
