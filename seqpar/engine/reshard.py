@@ -131,16 +131,21 @@ def slices(kind: str, sd: dict[str, Any], fmap: dict[str, list[int]], weights: l
     return out
 
 
-def _step_and_keys(kind: str, sd: dict[str, Any]) -> tuple[Tensor, list[str]]:
+def _copy_step(step: Any) -> Any:
+    """torch's Adam keeps the step count as a tensor, DeepSpeed's FusedAdam as an int."""
+    return step.clone() if isinstance(step, Tensor) else step
+
+
+def _step_and_keys(kind: str, sd: dict[str, Any]) -> tuple[Any, list[str]]:
     flats, state = _flat_state(kind, sd, [] if kind == "torch" else None)
     if not state:
         raise ReshardError("the checkpoint's optimizer has no state (saved before the first step?)")
     first = state[min(state)]
     keys = [k for k, v in first.items() if isinstance(v, (Tensor, LazyTensor)) and k != "step"]
-    return first["step"].clone(), keys
+    return _copy_step(first["step"]), keys
 
 
-def _template(engine, step: Tensor, keys: list[str]) -> tuple[dict[str, Any], list[Tensor] | None]:
+def _template(engine, step: Any, keys: list[str]) -> tuple[dict[str, Any], list[Tensor] | None]:
     """This rank's fresh optimizer state dict with zeroed per-buffer state entries to fill in."""
     kind = optimizer_kind(engine)
     sd = capture_optimizer(engine)["optimizer"]
@@ -149,7 +154,7 @@ def _template(engine, step: Tensor, keys: list[str]) -> tuple[dict[str, Any], li
         weights = [p.data for _, p in _ordered_params(engine)]
     flats, state = _flat_state(kind, sd, weights)
     for g, flat in enumerate(flats):
-        state[g] = {"step": step.clone(), **{k: torch.zeros(flat.shape, dtype=torch.float32) for k in keys}}
+        state[g] = {"step": _copy_step(step), **{k: torch.zeros(flat.shape, dtype=torch.float32) for k in keys}}
     return sd, weights
 
 
