@@ -174,7 +174,6 @@ def _has_tensor(tree: Any) -> bool:
 
 def _capture_partial_grads(engine) -> dict[str, Any]:
     opt, kind = engine.optimizer, optimizer_kind(engine)
-    names = {id(p): n for n, p in engine.module.named_parameters()}
     if kind == "zero3":
         return {
             "flat": _clone(opt.grad_partitions_flat_buffer),
@@ -183,6 +182,7 @@ def _capture_partial_grads(engine) -> dict[str, Any]:
             "index": zero3_grad_index(engine),  # for an elastic resume (engine/reshard.py)
         }
     if kind == "zero12" and opt.partition_gradients:  # stage 2: reduced every micro-step
+        names = {id(p): n for n, p in engine.module.named_parameters()}
         out, where = {}, {}
         for i in range(len(opt.bit16_groups)):
             if opt.averaged_gradients.get(i) is None and opt.all_grad_tensors.get(i) is not None:

@@ -403,7 +403,10 @@ class Trainer:
         accepted = check_resume_config(_with_defaults(saved_cfg), self.cfg.model_dump(mode="json"),
                                        self.cfg.checkpoint.allow_changes)
         self._set_aside_newer(path)
-        (self._restore_elastic if elastic else self._restore_exact)(path, state)
+        if elastic:
+            self._restore_elastic(path, state, saved_cfg)
+        else:
+            self._restore_exact(path, state)
         self.ckpt.resumed_from = path.name
         self._last_tag = path.name
         if self.topo.is_main:
@@ -477,7 +480,7 @@ class Trainer:
             self._resumed_acc = engine_state["window"]
         load_rng_state_dict(self.ckpt.read_tree(path, "rng", r))
 
-    def _restore_elastic(self, path: Path, state: dict[str, Any]) -> None:
+    def _restore_elastic(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         """Another layout (``_cannot_resume`` checked): the optimizer state is resharded from every
         saved rank; what was the same on every rank (counters, expert bias, RNG, history) comes
         from saved rank 0. Inside a window, the partial gradients are resharded too, the window
@@ -507,7 +510,7 @@ class Trainer:
         # initial weights, which this run has built from the same config and seed; nothing to move
         lay, old_ranks = self.layout, range(old["world_size"])
         old_micro = state["micro_step"]
-        new_micro = _window_done(state, self.ckpt.read_shared(path)[1]) // (lay.micro_batch_size * lay.dp)
+        new_micro = _window_done(state, saved_cfg) // (lay.micro_batch_size * lay.dp)
         counters = self.ckpt.read_tree(path, "engine", 0)["counters"]
         counters["micro_steps"] = counters["micro_steps"] // old["grad_accum_steps"] * lay.grad_accum_steps + new_micro
         dss.restore_counters(self.engine, counters)
