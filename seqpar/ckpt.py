@@ -1,105 +1,207 @@
 """Checkpoint tool: ``python -m seqpar.ckpt list|inspect|verify|export``.
 
-    python -m seqpar.ckpt list runs/x/checkpoints
-    python -m seqpar.ckpt inspect runs/x/checkpoints/step00000100-micro0000
-    python -m seqpar.ckpt verify runs/x/checkpoints            (every checkpoint; exit 1 if any fails)
+    python -m seqpar.ckpt list runs/x                        (a run dir: its checkpoints/)
+    python -m seqpar.ckpt inspect runs/x/checkpoints         (the newest; verifies it too)
+    python -m seqpar.ckpt verify runs/x/checkpoints          (every checkpoint; exit 1 if any fails)
     python -m seqpar.ckpt export runs/x/checkpoints/latest out/hf-model
 
-``export`` writes a Hugging Face model directory (config.json + safetensors); under ZeRO-3 it
-consolidates the per-rank parameter partitions. Runs on CPU, no process group needed.
+Every command takes a run dir, a checkpoints root (``list``/``verify``: all, ``inspect``/``export``:
+the newest), one checkpoint dir, or a ``latest`` file. ``export`` writes a Hugging Face model
+directory (config.json + safetensors) from the files the manifest lists and verify checked; under
+ZeRO-3 it consolidates the per-rank parameter partitions. Runs on CPU, no process group needed.
+A checkpoint is untrusted input: bad content gives one line and exit status 1 (2: bad arguments).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
+import stat
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from seqpar.checkpoint.codec import load_tree
 from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
-from seqpar.checkpoint.store import LATEST, MARKER, CheckpointStore
+from seqpar.checkpoint.store import LATEST, MANIFEST, MARKER, CheckpointStore, parse_tag
+from seqpar.checkpoint.verify import load_manifest, read_latest, safe_member, verify_checkpoint
+
+RUN_CHECKPOINTS = "checkpoints"  # <logging.run_dir>/checkpoints, the default checkpoint.dir
+# Tokenizer files exported next to the weights when a checkpoint has them (top level or tokenizer/)
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
-def _resolve(path: Path) -> Path:
-    """A checkpoint dir, or a checkpoints root / its ``latest`` file meaning the newest."""
-    if path.name == LATEST and path.is_file():
-        return path.parent / path.read_text().strip()
-    if (path / LATEST).is_file() and not (path / MARKER).exists():
-        return path / (path / LATEST).read_text().strip()
-    return path
+class CliError(Exception):
+    """One line for the user, and the exit status."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def _is_checkpoint(p: Path) -> bool:
+    return p.is_dir() and (any(os.path.lexists(p / n) for n in (MANIFEST, MARKER, TRAINER_STATE))
+                           or (parse_tag(p.name) is not None and not os.path.lexists(p / LATEST)))
+
+
+def _targets(path: Path, newest: bool) -> list[Path]:
+    """Checkpoint dirs ``path`` means: itself, the one ``latest`` names, or a root's (newest) ones."""
+    if not os.path.lexists(path):
+        raise CliError(f"{path} does not exist", 2)
+    if path.name == LATEST and not path.is_dir():
+        tag = read_latest(path.parent)
+        if tag is None:
+            raise CliError(f"{path} does not name a checkpoint", 2)
+        if not (path.parent / tag).is_dir():
+            raise CliError(f"{path} names {tag}, which does not exist in {path.parent}", 2)
+        return [path.parent / tag]
+    if _is_checkpoint(path):
+        return [path]
+    root = path / RUN_CHECKPOINTS if (path / RUN_CHECKPOINTS).is_dir() else path
+    if not root.is_dir():
+        raise CliError(f"{path} is not a directory", 2)
+    found = [c.path for c in CheckpointStore(root).list()]
+    if not found:
+        raise CliError(f"no checkpoints in {root}")
+    if not newest:
+        return found
+    tag = read_latest(root)
+    if tag is not None and root / tag in found:
+        return [root / tag]
+    if os.path.lexists(root / LATEST):  # a hint only: a resume may have moved that one aside
+        print(f"{root / LATEST} names no checkpoint here; using the newest, {found[-1].name}", file=sys.stderr)
+    return [found[-1]]
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes of the regular files under ``path`` (symlinks are not followed)."""
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            st = os.lstat(os.path.join(d, f))
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
-def cmd_list(root: Path) -> int:
-    store = CheckpointStore(root)
-    rows = store.list()
-    if not rows:
-        print(f"no checkpoints in {root}")
-        return 1
-    latest = store.latest_hint()
-    print(f"{'tag':<26} {'step':>8} {'micro':>5} {'MiB':>9}  status")
-    for c in rows:
-        status = "committed" if (c.path / MARKER).is_file() else "INCOMPLETE"
-        mark = "  <- latest" if c.tag == latest else ""
-        print(f"{c.tag:<26} {c.step:>8} {c.micro_step:>5} {_size(c.path) / 2**20:>9.1f}  {status}{mark}")
+def _without_name(problem: str, name: str) -> str:
+    return problem.removeprefix(f"{name}: ")
+
+
+def cmd_list(path: Path) -> int:
+    """One row per checkpoint; problems found without hashing (fast); 0 unless none found."""
+    rows = []
+    for ck in _targets(path, newest=False):
+        manifest, _ = load_manifest(ck)
+        pos = manifest.position.consumed_samples if manifest is not None and manifest.position else None
+        problems = [_without_name(p, ck.name) for p in verify_checkpoint(ck, check_hashes=False)]
+        if not problems:
+            status = "committed"
+        elif problems[0].startswith(f"no {MARKER}"):
+            status = "INCOMPLETE"
+        else:
+            status = "FAIL: " + problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+        latest = " <- latest" if read_latest(ck.parent) == ck.name else ""
+        parsed = parse_tag(ck.name)
+        rows.append((ck.name, parsed[0] if parsed else "?", pos, _size(ck) / 2**20, status + latest))
+    with_pos = any(r[2] is not None for r in rows)
+    print(f"{'tag':<26} {'step':>8}" + (f" {'samples':>10}" if with_pos else "") + f" {'MiB':>9}  status")
+    for tag, step, pos, mib, status in rows:
+        col = f" {pos if pos is not None else '-':>10}" if with_pos else ""
+        print(f"{tag:<26} {step:>8}{col} {mib:>9.1f}  {status}")
     return 0
+
+
+def _read(ck: Path, name: str, parse: Callable[[str], Any]) -> Any:
+    """A small file of the checkpoint, through ``safe_member``; ``CliError`` with the reason."""
+    try:
+        f = safe_member(ck, name)
+        if not f.is_file():
+            raise CliError(f"cannot read {name}: missing")
+        return parse(f.read_text())
+    except CliError:
+        raise
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as e:
+        raise CliError(f"cannot read {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _elastic(path: Path, state: dict, cfg: dict) -> str:
     """Whether (and with what constraint) the checkpoint resumes on another layout."""
-    from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form
-
     if not (path / "rank00000" / "fragments.json").is_file():
         return "no: written before elastic resume"
+    from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form  # imports DeepSpeed: only when needed
+
     if state.get("optimizer_kind") not in ELASTIC_KINDS:
         return f"no: optimizer state {state.get('optimizer_kind')!r} cannot be resharded"
     if not state["micro_step"]:
         return "yes: resumable on another layout with the same global batch"
-    if partial_grads_form(json.loads((path / "rank00000" / "grads.json").read_text())) is None:
+    if partial_grads_form(_read(path, "rank00000/grads.json", json.loads)) is None:
         return "no: its partial gradients have no slice map (an older seqpar): resume on this layout"
     done = state["micro_step"] * cfg["train"]["micro_batch_size"] * state["topology"]["dp"]
     return (f"yes: same global batch, and micro_batch_size x dp must divide the {done} sequences "
             "done in the open window")
 
 
+def _show(label: str, text: Callable[[], str]) -> None:
+    """Print one line; a field the (untrusted) files lack or mistype shows as unreadable."""
+    try:
+        print(f"{label:<11} {text()}")
+    except (CliError, KeyError, IndexError, TypeError, ValueError, AttributeError, OSError) as e:
+        print(f"{label:<11} unreadable ({type(e).__name__}: {e})")
+
+
 def cmd_inspect(path: Path) -> int:
-    path = _resolve(path)
-    state = json.loads((path / TRAINER_STATE).read_text())
-    cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
-    manifest = CheckpointStore(path.parent).manifest(path)
-    losses = state.get("losses", [])
-    print(f"checkpoint  {path}")
-    print(f"position    step {state['step']}, micro-step {state['micro_step']} "
-          f"({'inside an accumulation window' if state['micro_step'] else 'at a step boundary'})")
-    print(f"consumed    {state['consumed_samples']:,} samples, {state['consumed_tokens']:,} labelled tokens")
-    print(f"layout      {state['topology']}")
-    print("elastic     " + _elastic(path, state, cfg))
-    print(f"model       {cfg['model']['arch']}, {cfg['model']['num_hidden_layers']} layers, "
-          f"hidden {cfg['model']['hidden_size']}")
-    print(f"versions    {state['versions']}, format {state['format_version']}, config hash {state['config_hash']}")
-    print(f"files       {len(manifest['files'])}, {_size(path) / 2**20:.1f} MiB")
-    if losses:
-        print(f"loss        first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} steps)")
-    return 0
+    """What the newest (or given) checkpoint holds, then whether it verifies (sha256 included);
+    1 when it does not verify or its trainer state / config cannot be parsed."""
+    ck = _targets(path, newest=True)[0]
+    print(f"checkpoint  {ck}")
+    readable = True
+    try:
+        state = _read(ck, TRAINER_STATE, json.loads)
+        cfg = _read(ck, CONFIG_FILE, yaml.safe_load)
+    except CliError as e:
+        print(e)
+        readable = False
+    manifest, _ = load_manifest(ck)
+    if readable:
+        losses = state.get("losses", []) if isinstance(state, dict) else []
+        lines = [
+            ("position", lambda: f"step {state['step']}, micro-step {state['micro_step']} "
+                                 f"({'inside an accumulation window' if state['micro_step'] else 'at a step boundary'})"),
+            ("consumed", lambda: f"{state['consumed_samples']:,} samples, {state['consumed_tokens']:,} labelled tokens"),
+            ("layout", lambda: f"{state['topology']}"),
+            ("elastic", lambda: _elastic(ck, state, cfg)),
+            ("model", lambda: f"{cfg['model']['arch']}, {cfg['model']['num_hidden_layers']} layers, "
+                              f"hidden {cfg['model']['hidden_size']}"),
+            ("versions", lambda: f"{state['versions']}, format {state['format_version']}, "
+                                 f"config hash {state['config_hash']}"),
+        ]
+        if losses:
+            lines.append(("loss", lambda: f"first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} steps)"))
+        elif isinstance(state, dict) and state.get("last_loss") is not None:  # newer trainer states
+            lines.append(("loss", lambda: f"first {state['first_loss']:.4f}, last {state['last_loss']:.4f}"))
+        for label, text in lines:
+            _show(label, text)
+    if manifest is not None:
+        print(f"files       {len(manifest.files)}, {_size(ck) / 2**20:.1f} MiB")
+    problems = verify_checkpoint(ck)
+    print("verified: OK" if not problems else "verified: FAIL" + "".join(f"\n  {p}" for p in problems))
+    return 0 if not problems and readable else 1
 
 
 def cmd_verify(path: Path) -> int:
-    store = CheckpointStore(path if not (path / MARKER).exists() else path.parent)
-    targets = [path] if (path / MARKER).exists() or (path / "manifest.json").exists() else [c.path for c in store.list()]
-    if not targets:
-        print(f"no checkpoints in {path}")
-        return 1
     failed = 0
-    for t in targets:
-        problems = store.verify(t)
+    for t in _targets(path, newest=False):
+        problems = verify_checkpoint(t)
         print(f"{'OK  ' if not problems else 'FAIL'} {t.name}" + "".join(f"\n     {p}" for p in problems))
         failed += bool(problems)
     return 1 if failed else 0
@@ -125,43 +227,84 @@ def consolidate_zero3(path: Path, cfg_model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _copy_checked(src: Path, dst: Path, sha256: str) -> None:
+    """Copy a verified file, hashing what is read: a file changed since ``verify`` aborts the export."""
+    h = hashlib.sha256()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as fin, open(dst, "xb") as fout:
+        while block := fin.read(1 << 24):
+            h.update(block)
+            fout.write(block)
+        fout.flush()
+        os.fsync(fout.fileno())
+    if h.hexdigest() != sha256:
+        raise CliError(f"{src} changed after it was verified; export aborted")
+
+
 def cmd_export(path: Path, out: Path) -> int:
     from seqpar.config import ModelConfig
     from seqpar.models.hf import save_hf_checkpoint
 
-    path = _resolve(path)
-    problems = CheckpointStore(path.parent).verify(path)
+    ck = _targets(path, newest=True)[0]
+    problems = verify_checkpoint(ck)
     if problems:
         print("refusing to export a checkpoint that does not verify:\n  " + "\n  ".join(problems), file=sys.stderr)
         return 1
-    if out.exists() and any(out.iterdir()):
+    if os.path.lexists(out) and (not out.is_dir() or out.is_symlink() or any(out.iterdir())):
         print(f"{out} exists and is not empty; choose a new directory", file=sys.stderr)
         return 1
-    saved = yaml.safe_load((path / CONFIG_FILE).read_text())["model"]
-    model_cfg = ModelConfig.model_validate({**saved, "hf_path": None})  # architecture as trained
-    if (path / "model").is_dir():  # ZeRO 0-2: rank 0 already wrote the HF layout
-        if out.exists():
-            out.rmdir()
-        shutil.copytree(path / "model", out)
-    else:
-        save_hf_checkpoint(consolidate_zero3(path, model_cfg), model_cfg, out)
-    print(f"exported {path.name} -> {out}")
+    manifest, _ = load_manifest(ck)
+    files = manifest.files
+    # only files the manifest lists (and verify just checked), by their relative names
+    model = {rel.removeprefix("model/"): rel for rel in files if rel.startswith("model/")}
+    tokenizer = {rel.split("/")[-1]: rel for rel in files
+                 if (rel.startswith(f"{TOKENIZER_DIR}/") and rel.count("/") == 1) or rel in TOKENIZER_FILES}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        hf = stage / "hf"
+        if model:  # ZeRO 0-2: rank 0 wrote the HF layout
+            for name, rel in model.items():
+                _copy_checked(safe_member(ck, rel), safe_member(hf, name), files[rel].sha256)
+        else:
+            saved = _read(ck, CONFIG_FILE, yaml.safe_load)["model"]
+            model_cfg = ModelConfig.model_validate({**saved, "hf_path": None})  # architecture as trained
+            save_hf_checkpoint(consolidate_zero3(ck, model_cfg), model_cfg, hf)
+        for name, rel in tokenizer.items():
+            if name not in model:  # the model dir's own copy wins
+                _copy_checked(safe_member(ck, rel), hf / name, files[rel].sha256)
+        os.chmod(hf, 0o755)
+        os.rename(hf, out)  # atomic; replaces an empty directory
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"exported {ck.name} -> {out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inspect imports DeepSpeed; no device is needed
     p = argparse.ArgumentParser(prog="python -m seqpar.ckpt", description="Inspect, verify and export seqpar checkpoints.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in [("list", "checkpoints under a directory"), ("inspect", "one checkpoint's contents"),
+    where = "a run dir, checkpoints dir, one checkpoint, or a latest file"
+    for name, help_ in [("list", "checkpoints under a directory (fast checks, no hashing)"),
+                        ("inspect", "one checkpoint's contents, and whether it verifies"),
                         ("verify", "sizes and sha256 of one or all checkpoints")]:
-        sub.add_parser(name, help=help_).add_argument("path", type=Path)
+        sub.add_parser(name, help=help_).add_argument("path", type=Path, help=where)
     ex = sub.add_parser("export", help="write a Hugging Face model directory")
-    ex.add_argument("path", type=Path)
+    ex.add_argument("path", type=Path, help=where)
     ex.add_argument("out", type=Path)
     a = p.parse_args(argv)
-    if a.cmd == "export":
-        return cmd_export(a.path, a.out)
-    return {"list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify}[a.cmd](a.path)
+    try:
+        if a.cmd == "export":
+            return cmd_export(a.path, a.out)
+        return {"list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify}[a.cmd](a.path)
+    except CliError as e:
+        print(e, file=sys.stderr)
+        return e.code
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:  # untrusted files: no traceback
+        print(f"{a.cmd}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

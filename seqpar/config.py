@@ -346,6 +346,28 @@ class CheckpointConfig(_Section):
     elastic: bool = Field(
         True, description="resume onto another layout (DP/SP sizes, ZeRO stage, same global batch), also mid-window"
     )
+    on_write_error: Literal["stop", "warn"] = Field(
+        "stop", description="a checkpoint write failing twice (disk full, I/O error): stop (exit 74) or warn and train on"
+    )
+    lock_wait_s: float = Field(
+        120.0, ge=0, description="wait this long for another job's lock on the checkpoint dir before refusing"
+    )
+    file_mode: str = Field("0600", description="permissions of checkpoint files (octal; directories add x bits)")
+    mirror: str | None = Field(
+        None, description="also copy each committed checkpoint here (fsspec URL: s3://..., file://..., or a path)"
+    )
+    mirror_keep_last: int | None = Field(None, ge=1, description="checkpoints kept on the mirror (None = keep_last)")
+
+    @field_validator("file_mode")
+    @classmethod
+    def _octal_mode(cls, v: str) -> str:
+        try:
+            mode = int(str(v), 8)
+        except ValueError:
+            mode = -1
+        if not 0o400 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+            raise ValueError(f"{v!r} is not an octal file mode the owner can read and write, e.g. '0600' or '0640'")
+        return f"{mode:04o}"
 
 
 class LoggingConfig(_Section):

@@ -16,6 +16,7 @@ if __package__ in (None, ""):
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import warnings  # noqa: E402
 
 # DeepSpeed 0.19.8 calls a collective torch has deprecated; nothing for users to act on.
@@ -38,6 +39,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all: a preemption signal during start-up is kept (the run exits 75 before its first
+    # micro-batch), and a restart wrapper can signal this process (scripts/auto_restart.sh).
+    from seqpar.checkpoint.runstate import register_pid, write_run_state
+    from seqpar.checkpoint.signals import EXIT_IO, EXIT_USAGE, SIGNALS, StopSignal
+
+    StopSignal.install()
+    register_pid()
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
 
@@ -49,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"seqpar: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.print_config:
         import yaml
 
@@ -57,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from seqpar.checkpoint.manager import ResumeError
+    from seqpar.checkpoint.store import DirLockedError
     from seqpar.engine import Trainer
+    from seqpar.engine.trainer import CheckpointIOError
     from seqpar.parallel import init_topology, pick_device
 
     if cfg.train.deterministic:
@@ -68,18 +78,37 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(True)
     device = pick_device(cfg.train.device)
     topo = init_topology(cfg.parallel.ulysses_degree, cfg.parallel.ring_degree, device, cfg.parallel.backend)
+
+    def outcome(state: str, code: int, reason: str) -> int:
+        """Record why the run ended where restart loops look (launchers lose exit codes)."""
+        if topo.is_main or os.environ.get("LOCAL_RANK", "0") == "0":
+            write_run_state(cfg.logging.run_dir if topo.is_main else None, state, exit_code=code, reason=reason)
+        return code
+
     try:
         cfg.layout(topo.world_size)  # batch / layout consistency, before any data or model work
     except ConfigError as e:
         if topo.is_main:
             print(f"seqpar: {e}", file=sys.stderr)
-        return 2
+        return outcome("usage_error", EXIT_USAGE, str(e))
     try:
         trainer = Trainer(cfg, topo, config_path=args.config or "<embedded tiny-cpu>")
-    except ResumeError as e:
-        print(f"seqpar: rank {topo.rank}: {e}", file=sys.stderr)
-        return 2
-    trainer.train()
+        trainer.train()
+    except (ResumeError, DirLockedError) as e:
+        if topo.is_main:
+            print(f"seqpar: {e}", file=sys.stderr)
+        return outcome("usage_error", EXIT_USAGE, str(e))
+    except CheckpointIOError as e:
+        if topo.is_main:
+            print(f"seqpar: {e}", file=sys.stderr)
+        return outcome("io_error", EXIT_IO, str(e))
+    except BaseException as e:
+        outcome("failed", 1, f"{type(e).__name__}: {e}")
+        raise
+    # Everything is committed and recorded: a launcher tearing the job down now (torchrun SIGTERMs
+    # the other ranks when one exits) must not turn this rank's status into "killed by SIGTERM"
+    # while the interpreter shuts down (it restores the default handlers then).
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     return trainer.exit_code
 
 

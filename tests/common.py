@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+
 import socket
 import subprocess
 import sys
@@ -41,6 +42,67 @@ def write_config(tmp: Path, name: str, base: dict, **sections: dict) -> tuple[Pa
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, run_dir
+
+
+# -- command-line runs of seqpar/train.py (fault and preemption tests) -------------------------------
+TRAIN = str(ROOT / "seqpar" / "train.py")
+BASE = {
+    "model": {"arch": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "data": {"type": "passkey", "seq_len": 128, "passkey": {"eval_samples": 0, "key_digits": 2}},
+    "parallel": {"zero_stage": 2},
+    "train": {"max_steps": 8, "micro_batch_size": 1, "global_batch_size": 8, "lr": 1e-2, "warmup_steps": 1},
+    "checkpoint": {"every_micro_batches": 1, "keep_last": 2},
+    "logging": {"progress_bar": False, "tensorboard": "off"},
+}
+
+
+def command(tmp: Path, name: str, nproc: int, **over) -> tuple[list[str], Path]:
+    path, run_dir = write_config(tmp, name, BASE, **over)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    return launcher + [TRAIN, "--config", str(path)], run_dir
+
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def final_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of the state files of the last checkpoint (config.yaml differs: it names run_dir)."""
+    ck = run_dir / "checkpoints"
+    tag = (ck / "latest").read_text().strip()
+    files = json.loads((ck / tag / "manifest.json").read_text())["files"]
+    keep = ("model/", "/optimizer.", "/rng.", "/grads.")
+    return {k: v["sha256"] for k, v in files.items() if any(s in k for s in keep)} | {"tag": tag}
+
+
+def newest_committed(ck: Path) -> str | None:
+    from seqpar.checkpoint.store import CheckpointStore
+
+    store = CheckpointStore(ck)
+    good = [c.tag for c in store.list() if not store.verify(c.path)]
+    return good[-1] if good else None
+
+
+def kill_all(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the launcher and every rank (torchrun puts ranks in sessions of their own)."""
+    import psutil
+
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV,
+                            start_new_session=True)
 
 
 def read_rows(path: Path) -> list[dict]:

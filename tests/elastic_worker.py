@@ -21,6 +21,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from seqpar.checkpoint import codec
 from seqpar.checkpoint.manager import ResumeError
+from seqpar.checkpoint.store import tag_for
 from common import tiny_model
 from seqpar.config import validate_config
 from seqpar.engine import Trainer
@@ -52,7 +53,9 @@ STOP_STEP = {"mid-step0-dp2-zero1_to_dp1-zero2": 0}  # inside the first window: 
 
 
 def tag(cell: str) -> str:
-    return f"step{STOP_STEP.get(cell, 2):08d}-micro{CELLS[cell][4]:04d}"
+    """The source's stop checkpoint: steps done + sequences done in the window (micro-steps x dp)."""
+    world, _, ulysses, ring = CELLS[cell][0]
+    return tag_for(STOP_STEP.get(cell, 2), CELLS[cell][4] * world // (ulysses * ring))
 
 
 def config(run_dir: Path, layout: tuple[int, int, int, int], moe: bool, max_steps: int, resume: str,
@@ -131,8 +134,8 @@ def refusals(out: Path, role: str) -> dict[str, str]:
     one = (1, 2, 1, 1)
     # 2 of the window's 4 sequences were done: micro-batches of 4 cannot go on from there
     for name, resume, change in (
-        ("mid_window", str(ckpts / "step00000002-micro0001"), {"micro_batch_size": 4}),
-        ("global_batch", str(ckpts / "step00000002-micro0000"), {"global_batch_size": 8}),
+        ("mid_window", str(ckpts / "step00000002-seq000002"), {"micro_batch_size": 4}),
+        ("global_batch", str(ckpts / "step00000002-seq000000"), {"global_batch_size": 8}),
         ("elastic_off", "auto", {"elastic": False}),
     ):
         cfg = config(out / f"refusal-{name}", one, False, 4, resume)

@@ -59,8 +59,9 @@ def test_codec_refuses_unknown_classes(tmp_path):
         codec.load_tree(tmp_path / "bad")
 
 
-def make_checkpoint(store: CheckpointStore, step: int, micro: int, ranks: int = 2) -> Path:
-    tag = tag_for(step, micro)
+def make_checkpoint(store: CheckpointStore, step: int, micro: int, ranks: int = 2, tag: str | None = None,
+                    position: dict | None = None) -> Path:
+    tag = tag or tag_for(step, micro)
     part = store.begin(tag)
     files = []
     for r in range(ranks):
@@ -69,7 +70,10 @@ def make_checkpoint(store: CheckpointStore, step: int, micro: int, ranks: int = 
         files += codec.save_tree({"w": torch.full((100,), float(r + step))}, d / "optimizer")
     (part / "trainer_state.json").write_text(json.dumps({"step": step}))
     files.append(part / "trainer_state.json")
-    return store.commit(tag, describe_files(part, files), {"world_size": ranks})
+    position = position or {"step": step, "window_samples": micro, "consumed_samples": 8 * step + micro,
+                            "micro_step": micro}
+    meta = {"world_size": ranks, "position": position}
+    return store.commit(tag, describe_files(part, files), meta)
 
 
 def test_commit_verify_and_corruption(tmp_path):
@@ -107,8 +111,8 @@ def test_partial_cleanup_and_retention(tmp_path):
     assert [c.step for c in store.list()] == [1, 4, 5] and len(gone) == 2
     store.retain(keep_last=0, protect=set())
     assert [c.step for c in store.list()] == [5]  # the newest complete one always survives
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        store.begin(tag_for(5, 0))
+    store.begin(tag_for(5, 0))  # the same position again: the old one is moved aside, not overwritten
+    assert (tmp_path / "superseded" / tag_for(5, 0)).is_dir()
 
 
 def test_set_aside_newer_keeps_everything(tmp_path):
@@ -145,3 +149,167 @@ def test_lazy_tree_reads_exact_flat_ranges(tmp_path):
             hi = int(torch.randint(lo + 1, min(full.numel(), lo + 5000) + 1, (1,), generator=g))
             assert torch.equal(lazy[key].flat(lo, hi), full[lo:hi]), (key, lo, hi)
         assert torch.equal(lazy[key].flat(0, full.numel()), full)
+
+
+def test_newest_means_most_training_not_highest_tag(tmp_path):
+    """Order is the manifest's position: an elastic resume onto fewer micro-steps per window wrote
+    micro-step 3 after micro-step 4 (format-1 tags); retention and ``auto`` must keep the later one."""
+    store = CheckpointStore(tmp_path)
+    pos = lambda step, w: {"step": step, "window_samples": w, "consumed_samples": 8 * step + w, "micro_step": 0}  # noqa: E731
+    make_checkpoint(store, 10, 4, tag="step00000010-micro0004", position=pos(10, 4))
+    make_checkpoint(store, 10, 3, tag="step00000010-micro0003", position=pos(10, 6))  # later, lower tag
+    assert [c.tag for c in store.list()] == ["step00000010-micro0004", "step00000010-micro0003"]
+    gone = store.retain(keep_last=1, protect=set())
+    assert [p.name for p in gone] == ["step00000010-micro0004"]
+    assert [c.tag for c in store.list()] == ["step00000010-micro0003"]
+    # today's tags name the position (sequences done in the window): unique per position
+    assert tag_for(10, 6) != tag_for(10, 4) and parse_tag(tag_for(10, 6)) == (10, 6)
+
+
+def test_resume_none_moves_the_old_run_aside(tmp_path):
+    """A fresh start in a directory that holds a longer run: the old checkpoints go to superseded/
+    (kept), so retention can never delete the new run's checkpoints in favour of the old ones."""
+    from seqpar.checkpoint.manager import CheckpointManager
+    from seqpar.config import CheckpointConfig
+
+    store = CheckpointStore(tmp_path / "checkpoints")
+    old = make_checkpoint(store, 3000, 0)
+    lines = []
+    mgr = CheckpointManager(CheckpointConfig(), tmp_path, rank=0, world=1, pin=False)
+    assert mgr.find_resume("none", log=lines.append) is None
+    assert store.list() == [] and (store.root / "superseded" / old.name).is_dir() and "moved" in lines[0]
+    new = make_checkpoint(store, 100, 0)
+    assert store.retain(keep_last=1, protect=set(), committed_now=new) == [] and new.is_dir()
+
+
+def test_retention_reverifies_and_deletes_by_renaming(tmp_path, monkeypatch):
+    """Nothing is deleted when the new checkpoint does not verify from the disk; a delete renames to
+    .deleting-* first, so a kill in the middle leaves no half checkpoint with its marker."""
+    import shutil
+
+    store = CheckpointStore(tmp_path)
+    older = [make_checkpoint(store, s, 0) for s in (1, 2)]
+    new = make_checkpoint(store, 3, 0)
+    (new / "rank00000" / "optimizer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="does not verify after commit"):
+        store.retain(keep_last=1, protect=set(), committed_now=new)
+    assert all(p.is_dir() for p in older)
+    good = make_checkpoint(store, 4, 0)
+    seen = []
+
+    def killed(path, *args, **kwargs):
+        seen.append(Path(path).name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):  # killed while deleting
+        store.retain(keep_last=1, protect=set(), committed_now=good)
+    assert seen and seen[0].startswith(".deleting-")
+    assert seen[0].removeprefix(".deleting-") not in [c.tag for c in store.list()]
+    monkeypatch.undo()
+    assert store.remove_partials() and not list(tmp_path.glob(".deleting-*"))
+
+
+def test_directory_lock_refuses_a_second_job(tmp_path):
+    """Two jobs on one checkpoint dir: the second waits lock_wait_s, then is refused with the holder."""
+    import subprocess
+    import sys
+
+    from seqpar.checkpoint.store import DirLockedError
+
+    store = CheckpointStore(tmp_path / "ck")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from seqpar.checkpoint.store import CheckpointStore; "
+        f"CheckpointStore({str(tmp_path / 'ck')!r}).lock(0); print('locked', flush=True); time.sleep(30)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        told = []
+        with pytest.raises(DirLockedError, match=r"in use by another job \(.*\"pid\": %d" % holder.pid):
+            store.lock(wait_s=0.6, log=told.append)
+        assert told and "waiting up to" in told[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.lock(wait_s=5)  # released when the holder died
+    store.unlock()
+
+
+def test_new_directories_are_fsynced(tmp_path, monkeypatch):
+    """Every directory a checkpoint creates is fsynced into its parent (else a power loss can lose a
+    committed checkpoint's rank dir even though its files were synced)."""
+    from seqpar.checkpoint import store as store_mod
+
+    synced = []
+    real = store_mod.fsync_file
+    monkeypatch.setattr(store_mod, "fsync_file", lambda p: (synced.append(Path(p)), real(p))[1])
+    store = CheckpointStore(tmp_path / "a" / "b")
+    part = store.begin(tag_for(1, 0))
+    assert tmp_path / "a" in synced and tmp_path / "a" / "b" in synced  # parents of new dirs
+    store_mod.make_dirs(part / "rank00000" / "sub")
+    assert part in synced and part / "rank00000" in synced
+    store.set_aside(part)
+    assert store.root / "superseded" in synced and store.root in synced
+
+
+def test_snapshot_copies_each_tensor_once_into_pinned_memory(monkeypatch):
+    """The GPU path, on CPU: a snapshot with pinning makes exactly one copy of each tensor (it used to
+    make three: device-to-host, a clone, and a pinned copy of the clone)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from seqpar.checkpoint import writer
+
+    copies = {torch.ops.aten.copy_.default, torch.ops.aten.clone.default, torch.ops.aten._to_copy.default}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in copies
+            return func(*args, **(kwargs or {}))
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))  # no pinning on CPU
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())  # pinning is a copy
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    tree = {"a": torch.randn(4, 5), "b": [torch.arange(3)], "strided": torch.randn(6)[::2]}
+    with Count():
+        snap = writer.Snapshot.take({"x": tree}, pin=True)
+    assert Count.n == 3
+    skeleton, tensors = snap.parts["x"]
+    back = codec.decode(skeleton, tensors)
+    assert torch.equal(back["a"], tree["a"]) and torch.equal(back["strided"], tree["strided"])
+    tree["a"] += 1  # training goes on changing the live tensors
+    assert not torch.equal(back["a"], tree["a"])
+
+
+def test_writer_hashes_while_writing(tmp_path, monkeypatch):
+    """No file the writer writes is read back to hash it (that halved the write throughput); the
+    manifest records exactly the bytes on disk, and files get checkpoint.file_mode whatever the umask."""
+    import hashlib
+    import os
+
+    from seqpar.checkpoint import store as store_mod
+    from seqpar.checkpoint.writer import CheckpointWriter, Snapshot
+
+    read_back = []
+    real = store_mod.sha256_file
+    monkeypatch.setattr(store_mod, "sha256_file", lambda p, *a: (read_back.append(Path(p).name), real(p, *a))[1])
+    store = CheckpointStore(tmp_path, mode=0o640)
+    tag = tag_for(1, 0)
+    store.begin(tag)
+    snap = Snapshot.take({"rank00000/optimizer": {"w": torch.randn(1000), "n": 3}}, pin=False)
+    snap.raw["trainer_state.json"] = b'{"step": 1}'
+    old = os.umask(0)
+    try:
+        CheckpointWriter(store, 0, 1, background=False, mode=0o640).submit(tag, snap, {"position": {
+            "step": 1, "window_samples": 0, "consumed_samples": 8, "micro_step": 0}})
+    finally:
+        os.umask(old)
+    assert read_back == ["manifest.json"]  # the marker holds the manifest's hash; nothing else re-read
+    final = store.final_dir(tag)
+    assert store.verify(final) == []
+    for rel, want in store.manifest(final)["files"].items():
+        assert hashlib.sha256((final / rel).read_bytes()).hexdigest() == want["sha256"]
+        assert (final / rel).stat().st_mode & 0o777 == 0o640, rel
+    assert (final / "manifest.json").stat().st_mode & 0o777 == 0o640

@@ -18,8 +18,10 @@ import torch.distributed as dist
 import yaml
 
 from seqpar.checkpoint.codec import load_tree
-from seqpar.checkpoint.store import CheckpointStore, tag_for
-from seqpar.checkpoint.writer import CheckpointWriter, Snapshot, rank_dir
+from seqpar.checkpoint.mirror import AsyncMirror, Mirror, MirrorError
+from seqpar.checkpoint.store import CheckpointStore, DirLockedError, Position, sha256_file
+from seqpar.checkpoint.verify import UnsafePath, safe_member
+from seqpar.checkpoint.writer import CheckpointWriter, Snapshot, WriteFailed, rank_dir
 from seqpar.config import CheckpointConfig
 
 # Keys that describe the resume itself.
@@ -78,14 +80,50 @@ def check_resume_config(saved: dict, current: dict, allowed: list[str]) -> list[
     return accepted
 
 
+def _collect(value: Any) -> list[Any]:
+    """Every rank's ``value`` (collective; [value] without a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (collective)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, rank: int, world: int, pin: bool):
         self.cfg = cfg
-        self.store = CheckpointStore(cfg.dir or Path(run_dir) / "checkpoints")
+        self.store = CheckpointStore(cfg.dir or Path(run_dir) / "checkpoints", mode=int(cfg.file_mode, 8))
         self.rank, self.world, self.pin = rank, world, pin
         self.resumed_from: str | None = None
-        self.writer = CheckpointWriter(self.store, rank, world, cfg.async_write, on_commit=self._retain)
+        self.writer = CheckpointWriter(self.store, rank, world, cfg.async_write, on_commit=self._retain,
+                                       mode=self.store.mode)
         self.last_block_s = 0.0
+        # off-node copies (rank 0): fsspec is imported only when a mirror is configured
+        self.mirror = AsyncMirror(self._far()) if cfg.mirror and rank == 0 else None
+
+    def _far(self) -> Mirror:
+        return Mirror(self.cfg.mirror, self.cfg.mirror_keep_last or self.cfg.keep_last)
+
+    def lock(self, log: Callable[[str], None] = print) -> None:
+        """Collective: rank 0 takes the checkpoint directory's lock (waiting ``lock_wait_s`` for a
+        job being replaced); if another job holds it, every rank raises ``DirLockedError``."""
+        error = None
+        if self.rank == 0:
+            try:
+                self.store.lock(self.cfg.lock_wait_s, log)
+            except DirLockedError as e:
+                error = str(e)
+        if (error := _from_rank0(error)) is not None:
+            raise DirLockedError(error)
 
     # -- saving -----------------------------------------------------------------------------------
     def due(self, step: int, micro_step: int, micro_batches_done: int) -> bool:
@@ -94,69 +132,165 @@ class CheckpointManager:
             return True
         return bool(c.every_steps) and micro_step == 0 and step % c.every_steps == 0
 
-    def save(self, step: int, micro_step: int, rank_trees: dict[str, Any], rank0_raw: dict[str, bytes],
+    def agreed_failure(self) -> str | None:
+        """Collective: the failures of the write in flight on any rank (one line each), or None."""
+        failures = [f for f in _collect(self.writer.failure) if f]
+        return "\n".join(failures) if failures else None
+
+    def save(self, pos: Position, rank_trees: dict[str, Any], rank0_raw: dict[str, bytes],
              jobs: list, meta: dict) -> str:
         """Collective: every rank calls it at the same micro-batch boundary. ``rank_trees`` go to
-        this rank's directory; ``rank0_raw`` files (rank 0 only) and ``jobs`` to the top level."""
+        this rank's directory; ``rank0_raw`` files (rank 0 only) and ``jobs`` to the top level.
+        Raises ``WriteFailed`` on every rank if the previous write failed on any."""
         t0 = time.perf_counter()
-        self.writer.wait()  # at most one write in flight
-        tag = tag_for(step, micro_step)
+        self.writer.wait_own()  # at most one write in flight
+        if (failure := self.agreed_failure()) is not None:
+            self.writer.abort()
+            self.writer.wait()
+            raise WriteFailed(failure)
+        self.writer.wait()  # rank 0: the previous commit (every rank's files are there now)
+        tag = pos.tag
+        error = None
         if self.rank == 0:
-            self.store.remove_partials()
-            self.store.begin(tag)
-        if dist.is_initialized():
-            dist.barrier()
+            try:
+                self.store.remove_partials()
+                self.store.begin(tag)
+            except OSError as e:
+                error = f"rank 0: checkpoint {tag} could not be started: {type(e).__name__}: {e}"
+        if (error := _from_rank0(error)) is not None:  # also the barrier before any rank writes
+            raise WriteFailed(error)
         trees = {f"{rank_dir(self.rank)}/{k}": v for k, v in rank_trees.items()}
         snap = Snapshot.take(trees, self.pin)
         if self.rank == 0:
             snap.raw.update(rank0_raw)
         snap.jobs.extend(jobs)
-        self.writer.submit(tag, snap, meta)
+        self.writer.submit(tag, snap, {**meta, "position": pos.as_dict()})
         self.last_block_s = time.perf_counter() - t0
         return tag
 
-    def finish(self) -> float:
-        return self.writer.wait()
+    def settle(self) -> None:
+        """Collective: wait for the write in flight to be committed; ``WriteFailed`` on every rank
+        if it failed on any. A preemption save calls it so that no rank exits before the commit."""
+        self.writer.wait_own()
+        failure = self.agreed_failure()  # a rank could not write its files
+        if failure is not None:
+            self.writer.abort()
+        self.writer.wait()
+        failure = failure or _from_rank0(self.writer.failure if self.rank == 0 else None)  # or commit
+        if failure is not None:
+            raise WriteFailed(failure)
+
+    def finish(self, mirror_wait_s: float | None = None) -> float:
+        """Wait for the write in flight (not collective: also on the way out of an exception), and
+        up to ``mirror_wait_s`` for the mirror's upload (None: until done)."""
+        waited = self.writer.wait()
+        if self.mirror is not None:
+            self.mirror.close(timeout=mirror_wait_s)
+        return waited
 
     def _retain(self, committed: Path) -> None:
+        """After each commit (writer thread): retention, then the copy to the mirror."""
         protect = {self.resumed_from} if self.resumed_from else set()
-        self.store.retain(self.cfg.keep_last, protect)
+        if self.mirror is not None:
+            protect |= self.mirror.protected()  # a checkpoint being uploaded is not deleted under it
+        self.store.retain(self.cfg.keep_last, protect, committed_now=committed)
+        if self.mirror is not None:
+            self.mirror.submit(committed)
 
     # -- resuming ---------------------------------------------------------------------------------
-    def find_resume(self, spec: str, refuse: Callable[[Path], str | None] = lambda p: None) -> Path | None:
-        """``auto``: newest checkpoint that verifies (older ones if the newest is corrupt), or
-        None when there is none; ``none``: None; else the given path, which must verify.
-        ``refuse(path)`` names why this run cannot resume a (verified) checkpoint, or returns None;
-        ``auto`` then tries older ones, and fails when every checkpoint was refused."""
+    def find_resume(self, spec: str, refuse: Callable[[Path], str | None] = lambda p: None,
+                    reads: Callable[[Path], Callable[[str], bool]] = lambda p: (lambda rel: True),
+                    log: Callable[[str], None] = print, from_mirror: bool = False) -> Path | None:
+        """Collective: the checkpoint every rank resumes, decided once for all of them.
+
+        ``auto``: the checkpoint with the most training that verifies and that ``refuse`` does not
+        refuse (older ones if the newest is corrupt), or None when there is none; ``none``: None
+        (checkpoints already in the directory are moved to ``superseded/`` so two runs never mix);
+        else the given path, which must verify. With ``checkpoint.mirror``, ``auto`` fetches the
+        newest checkpoint of the mirror when none here is usable. Rank 0 proposes candidates (structure, marker,
+        ``refuse``); then every rank hashes only the files it will read (``reads(path)(relative
+        name)``) and all agree: a corrupt file anywhere makes every rank fall back together; a file
+        a rank cannot read makes every rank fail with one message."""
         if spec == "none":
+            if self.rank == 0 and (moved := self.store.set_aside_all()):
+                log(f"--resume none: the {len(moved)} checkpoint(s) already in {self.store.root} were moved to "
+                    f"{moved[0].parent} (kept, not resumed)")
+            _from_rank0(None)  # barrier: moved before anyone lists
             return None
-        if spec != "auto":
-            path = Path(spec)
-            problems = self.store.verify(path) if path.is_dir() else [f"{path} is not a directory"]
-            if not problems and (why := refuse(path)):
-                problems = [why]
-            if problems:
-                raise ResumeError(f"cannot resume from {path}:\n  " + "\n  ".join(problems))
-            return path
-        refused = []
-        for ck in reversed(self.store.list()):
-            problems = self.store.verify(ck.path)
-            if not problems and (why := refuse(ck.path)):
-                refused.append(f"{ck.path.name}: {why}")
-                warnings.warn(f"cannot resume checkpoint {ck.path}: {why}; trying an older one", stacklevel=2)
-                continue
+        explicit = spec != "auto"
+        # rank 0 lists: every rank considers the same candidates in the same order
+        candidates = _from_rank0([Path(spec)] if explicit else [c.path for c in reversed(self.store.list())])
+        refused: list[str] = []
+        for path in candidates:
+            problems: list[str] = []
+            why = None
+            if self.rank == 0:
+                problems = (self.store.verify(path, check_hashes=False) if path.is_dir()
+                            else [f"{path} is not a directory"])
+                if not problems and (why := refuse(path)):
+                    refused.append(f"{path.name}: {why}")  # this run may not use it (rank 0's list)
+                    problems = [why]
+            problems, why = _from_rank0((problems, why))
+            if not problems:
+                problems, unreadable = self._hash_my_files(path, reads(path))
+                unreadable = [u for u in _collect(unreadable) if u]
+                if unreadable:
+                    raise ResumeError(f"cannot read checkpoint {path}: " + "; ".join(unreadable[:4])
+                                      + " (fix the filesystem or move the checkpoint aside, then resume again)")
+                problems = sum(_collect(problems), [])
             if not problems:
                 if refused and self.rank == 0:
-                    print(f"resuming the older checkpoint {ck.path.name} (newer ones refused above)", flush=True)
-                return ck.path
-            warnings.warn(
-                f"checkpoint {ck.path} does not verify ({'; '.join(problems[:3])}); trying an older one",
-                stacklevel=2,
-            )
-        if refused:  # never start from scratch when checkpoints exist but this run may not use them
+                    log(f"resuming the older checkpoint {path.name} (newer ones refused above)")
+                return path
+            if explicit:
+                raise ResumeError(f"cannot resume from {path}:\n  " + "\n  ".join(problems))
+            if self.rank == 0:
+                warnings.warn(f"cannot resume checkpoint {path}: {why}; trying an older one" if why else
+                              f"checkpoint {path} does not verify ({'; '.join(problems[:3])}); trying an older one",
+                              stacklevel=2)
+        if refused := _from_rank0(refused):  # checkpoints exist but this run may not use them: no fresh start
             raise ResumeError("no checkpoint this run can resume:\n  " + "\n  ".join(refused)
                               + "\n(start a new run with --checkpoint.resume none and another checkpoint.dir)")
+        if not explicit and self.cfg.mirror and not from_mirror:
+            # nothing usable here (a new node after losing the old one): bring the newest from the mirror
+            fetched, error = None, None
+            if self.rank == 0:
+                try:
+                    fetched = self._far().fetch_newest(self.store.root, mode=self.store.mode)
+                except MirrorError as e:
+                    error = f"no local checkpoint verifies, and the mirror {self.cfg.mirror} failed: {e}"
+                if fetched:
+                    log(f"no usable local checkpoint: fetched {fetched.name} from the mirror {self.cfg.mirror}")
+            fetched, error = _from_rank0((fetched, error))
+            if error:
+                raise ResumeError(error)
+            if fetched:
+                return self.find_resume(spec, refuse, reads, log, from_mirror=True)
         return None
+
+    def _hash_my_files(self, path: Path, mine: Callable[[str], bool]) -> tuple[list[str], str | None]:
+        """(corruption problems, why a file could not be read) for the files this rank reads."""
+        try:
+            files = self.store.manifest(path)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return [], f"rank {self.rank}: {path / 'manifest.json'}: {e}"
+        problems = []
+        for rel, want in files.items():
+            if not mine(rel):
+                continue
+            try:
+                got = sha256_file(safe_member(path, rel))
+            except FileNotFoundError:
+                problems.append(f"{path.name}: missing file {rel}")
+                continue
+            except UnsafePath as e:
+                problems.append(f"{path.name}: {e}")
+                continue
+            except OSError as e:
+                return [], f"rank {self.rank}: {rel}: {e.strerror or e}"
+            if got != want.get("sha256"):
+                problems.append(f"{path.name}: {rel} checksum mismatch (corrupt)")
+        return problems, None
 
     def read_shared(self, path: Path) -> tuple[dict, dict]:
         """(trainer state, saved config) of a checkpoint."""

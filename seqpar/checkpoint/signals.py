@@ -1,8 +1,13 @@
 """Preemption: SIGTERM / SIGUSR1 set a flag; ranks agree at a micro-batch boundary.
 
 A signal handler only records the signal (no I/O, no collectives). The trainer calls
-``StopSignal.agreed()`` after each micro-batch: one all-reduce (MAX) tells every rank whether any
-rank was signalled, so all of them save the same checkpoint and exit together.
+``StopSignal.agree()`` after each micro-batch: one all-reduce (MAX) tells every rank whether any
+rank was signalled (or lost its launcher, or failed to write a checkpoint), so all of them act on
+the same micro-batch: save the same checkpoint, wait until it is committed, and exit together.
+
+The handler is installed at the very top of ``train.main()`` (``install()``), so a signal that
+arrives while the run is still starting up is not lost: the run exits with ``EXIT_PREEMPTED``
+before its first micro-batch.
 """
 
 from __future__ import annotations
@@ -11,52 +16,124 @@ import os
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
-# Exit status after a signal-triggered save: "temporary failure, run me again" (sysexits EX_TEMPFAIL).
-# scripts/auto_restart.sh and the Slurm example requeue on it.
-EXIT_PREEMPTED = 75
+# Exit statuses (scripts/auto_restart.sh, the sbatch example and the Kubernetes Job act on them).
+EXIT_PREEMPTED = 75  # a checkpoint was committed at the stop: run again with --resume auto (EX_TEMPFAIL)
+EXIT_USAGE = 2  # config, data or resume mistake, or the checkpoint dir is in use: retrying cannot help
+EXIT_IO = 74  # a checkpoint could not be written, even after a retry (EX_IOERR)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+DRILL = -1  # SEQPAR_STOP_AFTER_MICRO_BATCHES
+LAUNCHER_GONE = -2
+
+# What a launcher process looks like in /proc/<pid>/cmdline: torchrun's agent, the deepspeed
+# runner and its per-node launcher. Ranks watch these ancestors: torchrun starts each worker in a
+# session of its own, so a SIGKILLed agent would leave its ranks training on unseen.
+_LAUNCHERS = ("torch.distributed.run", "torchrun", "deepspeed.launcher", "bin/deepspeed")
 
 
 class StopSignal:
     """``SEQPAR_STOP_AFTER_MICRO_BATCHES=N`` (tests, drills) acts as a signal after the N-th
     micro-batch of this process, exercising exactly the path a real preemption takes."""
 
+    _installed: "StopSignal | None" = None
+
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
         self.received: int | None = None
+        self.gone: str | None = None  # which launcher disappeared
         self._previous = {}
         for s in signals:
             self._previous[s] = signal.signal(s, self._handle)
+        self._countdown: int | None = None
+        self._launchers: list[tuple[int, float, str]] = []
+        self.arm()
+
+    @classmethod
+    def install(cls) -> "StopSignal":
+        """The process-wide handler (created on first use, so start-up signals are kept)."""
+        if cls._installed is None:
+            cls._installed = cls()
+        return cls._installed
+
+    def arm(self) -> None:
+        """A trainer starts: read the drill setting, find the launchers to watch. A signal already
+        received (during start-up) is kept."""
         after = os.environ.get("SEQPAR_STOP_AFTER_MICRO_BATCHES")
         self._countdown = int(after) if after else None
+        self._launchers = _launcher_ancestors()
+
+    def consume(self) -> None:
+        """The stop was acted on (saved and returned): a later trainer in this process starts clean."""
+        self.received, self.gone = None, None
 
     def tick(self) -> None:
-        """Called after each micro-batch."""
+        """Called after each micro-batch: drills, and whether a launcher has gone."""
         if self._countdown is not None:
             self._countdown -= 1
-            if self._countdown == 0:
-                self.received = -1  # drill
+            if self._countdown == 0 and self.received is None:
+                self.received = DRILL
+        if self.received is None and (gone := self._launcher_gone()):
+            self.gone, self.received = gone, LAUNCHER_GONE
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
+        if self.received is None or self.received < 0:
+            self.received = signum
 
     def describe(self) -> str:
         """What asked this rank to stop, for the log."""
         if self.received is None:
             return "a signal on another rank"
-        if self.received == -1:
+        if self.received == DRILL:
             return "SEQPAR_STOP_AFTER_MICRO_BATCHES"
+        if self.received == LAUNCHER_GONE:
+            return f"its launcher {self.gone} exited"
         return signal.Signals(self.received).name
 
-    def agreed(self, device: torch.device, group=None) -> bool:
-        """True on every rank if any rank has received a signal (collective)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+    def agree(self, device, write_failed: bool = False, group=None) -> tuple[bool, bool]:
+        """(stop, a checkpoint write failed) on every rank if true on any rank (collective)."""
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.tensor([float(self.received is not None), float(write_failed)], device=device)
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        stop, failed = flags.tolist()
+        return bool(stop), bool(failed)
+
+    def _launcher_gone(self) -> str | None:
+        for pid, created, name in self._launchers:
+            if not _alive(pid, created):
+                return f"{name} (pid {pid})"
+        return None
 
     def restore(self) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+        if StopSignal._installed is self:
+            StopSignal._installed = None
+
+
+def _alive(pid: int, created: float) -> bool:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _launcher_ancestors() -> list[tuple[int, float, str]]:
+    """(pid, start time, name) of each launcher process above this one (none under a plain
+    ``python`` or srun). The start time guards against a reused pid."""
+    try:
+        import psutil
+
+        out, p = [], psutil.Process().parent()
+        while p is not None and p.pid > 1:
+            cmd = " ".join(p.cmdline())
+            hit = next((n for n in _LAUNCHERS if n in cmd), None)
+            if hit:
+                out.append((p.pid, p.create_time(), "torchrun" if "torch" in hit else "deepspeed"))
+            p = p.parent()
+        return out
+    except Exception:  # noqa: BLE001 - no /proc or psutil: nothing to watch (signals still work)
+        return []

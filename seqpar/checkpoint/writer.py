@@ -1,15 +1,23 @@
 """Background checkpoint writing: snapshot now, write later, at most one write in flight.
 
-``save`` takes a snapshot of this rank's state on the calling thread (tensors copied to host
-memory, pinned on GPU, so training can go on changing the originals), then a worker thread encodes
-it to files, fsyncs and hashes them, and drops a ``DONE`` record in the rank's directory. Rank 0's
-worker waits for every rank's record, then commits (``CheckpointStore.commit``) and applies
-retention. No collective runs off the main thread: ranks meet through the shared filesystem.
+``save`` takes a snapshot of this rank's state on the calling thread (one copy of each tensor into
+host memory, pinned on GPU, so training can go on changing the originals), then a worker thread
+writes it to files, hashing each file while writing it (``hashio``), and drops a ``DONE`` record in
+the rank's directory. Rank 0's worker waits for every rank's record, then commits
+(``CheckpointStore.commit``) and applies retention. No collective runs off the main thread: ranks
+meet through the shared filesystem.
+
+Failures are loud: the worker prints the error at once, retries its own files once, and on a second
+failure leaves a ``FAILED`` record (so rank 0 stops waiting for that rank) and sets ``failure``,
+which the training loop puts into its per-micro-batch agreement: every rank learns of it within
+one micro-batch and acts on ``checkpoint.on_write_error``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,16 +26,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from seqpar.checkpoint import hashio
 from seqpar.checkpoint.codec import encode
-from seqpar.checkpoint.store import CheckpointStore, describe_files
+from seqpar.checkpoint.store import CheckpointStore, describe_files, fsync_dirs_under, make_dirs
 
 DONE = "DONE.json"
+FAILED = "FAILED.json"
 
 
 def rank_dir(rank: int) -> str:
     return f"rank{rank:05d}"
+
+
+class WriteFailed(RuntimeError):
+    """A checkpoint could not be written (on some rank), even after a retry."""
+
+
+def host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """One copy of ``t`` into (pinned, on GPU) host memory: the snapshot training may not touch."""
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+    out.copy_(t.detach(), non_blocking=pin)
+    return out
 
 
 @dataclass
@@ -36,95 +56,205 @@ class Snapshot:
 
     parts: dict[str, tuple[Any, dict[str, torch.Tensor]]] = field(default_factory=dict)
     raw: dict[str, bytes] = field(default_factory=dict)  # extra files written verbatim
-    jobs: list[Callable[[Path], list[Path]]] = field(default_factory=list)  # write files under a dir
+    # write files under a dir (with this mode): {file: its record, or None to hash it by reading}
+    jobs: list[Callable[[Path, int], dict[Path, "hashio.FileRecord | None"]]] = field(default_factory=list)
 
     @staticmethod
     def take(trees: dict[str, Any], pin: bool) -> "Snapshot":
         snap = Snapshot()
         for name, tree in trees.items():
-            skeleton, tensors = encode(tree)
-            if pin:
-                tensors = {k: t.pin_memory() for k, t in tensors.items()}
-            snap.parts[name] = (skeleton, tensors)
+            snap.parts[name] = encode(tree, copy=lambda t: host_copy(t, pin))
+        if pin:
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
         return snap
+
+
+def _injected_failures() -> tuple[int, int, int] | None:
+    """``SEQPAR_INJECT_WRITE_ERROR=rank:errno:count`` (tests, drills): the next ``count`` file
+    writes of that rank fail with that errno, as a full or failing disk would."""
+    spec = os.environ.get("SEQPAR_INJECT_WRITE_ERROR")
+    if not spec:
+        return None
+    rank, err, count = (int(x) for x in spec.split(":"))
+    return rank, err, count
 
 
 class CheckpointWriter:
     def __init__(self, store: CheckpointStore, rank: int, world: int, background: bool,
-                 commit_timeout_s: float = 3600.0, on_commit: Callable[[Path], None] | None = None):
+                 commit_timeout_s: float = 3600.0, on_commit: Callable[[Path], None] | None = None,
+                 mode: int = 0o600):
         self.store, self.rank, self.world = store, rank, world
         self.background = background
         self.commit_timeout_s = commit_timeout_s
         self.on_commit = on_commit
+        self.mode = mode
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._own_done = threading.Event()  # this rank's files of the write in flight are settled
+        self._own_done.set()
+        self._abort = threading.Event()
+        self.failure: str | None = None  # set by the worker the moment a write finally fails
         self.last_committed: Path | None = None
+        # time.perf_counter() when the last write was submitted, its own files written, committed
+        # (rank 0) and re-verified by retention: for logs and scripts/bench_checkpoint.py
+        self.timings: dict[str, float] = {}
+        inj = _injected_failures()
+        self._inject = inj[1:] if inj and inj[0] == rank else None
+
+    # -- called by the training thread --------------------------------------------------------------
+    def failed(self) -> bool:
+        return self.failure is not None
+
+    def wait_own(self) -> None:
+        """Until this rank's own files of the write in flight are written (or failed); rank 0 may
+        still be waiting for the others and committing."""
+        self._own_done.wait()
 
     def wait(self) -> float:
-        """Block until the write in flight (and, on rank 0, its commit) is done; returns seconds waited."""
+        """Block until the write in flight (and, on rank 0, its commit) is settled; returns seconds
+        waited. Never raises: see ``failure``."""
         t0 = time.perf_counter()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise RuntimeError("checkpoint write failed") from err
         return time.perf_counter() - t0
+
+    def abort(self) -> None:
+        """Another rank failed: rank 0 stops waiting for its records (collectively agreed)."""
+        self._abort.set()
+
+    def clear(self) -> None:
+        """After a failure was agreed and reported, with checkpoint.on_write_error: warn."""
+        self.wait()
+        self.failure = None
+        self._abort.clear()
 
     def submit(self, tag: str, snapshot: Snapshot, meta: dict) -> None:
         """Write ``snapshot`` into the partial directory of ``tag`` (which rank 0 created)."""
         self.wait()
+        self._own_done.clear()
+        self.timings = {"submitted": time.perf_counter()}
         if self.background:
-            self._thread = threading.Thread(target=self._run, args=(tag, snapshot, meta), name="seqpar-ckpt")
+            self._thread = threading.Thread(target=self._run, args=(tag, snapshot, meta), name="seqpar-ckpt",
+                                            daemon=True)
             self._thread.start()
         else:
-            self._write(tag, snapshot, meta)
+            self._run(tag, snapshot, meta)
 
+    # -- the worker ---------------------------------------------------------------------------------
     def _run(self, tag: str, snapshot: Snapshot, meta: dict) -> None:
         try:
-            self._write(tag, snapshot, meta)
-        except BaseException as e:  # surfaced by the next wait()
-            self._error = e
+            if not self._attempt(lambda: self._write(tag, snapshot), tag, "writing its files"):
+                self._own_done.set()
+                self._mark_failed(tag)
+                return
+            self._own_done.set()
+            self.timings["written"] = time.perf_counter()
+            if self.rank != 0:
+                return
+            files: dict[str, dict] = {}
+            if not self._attempt(lambda: files.update(self._gather(tag)), tag, "waiting for the other ranks",
+                                 retry=False):
+                return
+            if not self._attempt(lambda: self._commit(tag, files, meta), tag, "committing"):
+                return
+            self.timings["committed"] = time.perf_counter()
+            if self.on_commit is not None:  # retention: re-verifies the new checkpoint first
+                self._attempt(lambda: self.on_commit(self.last_committed), tag, "verifying after commit",
+                              retry=False)
+                self.timings["retained"] = time.perf_counter()
+        finally:
+            self._own_done.set()
 
-    def _write(self, tag: str, snapshot: Snapshot, meta: dict) -> None:
+    def _attempt(self, fn: Callable[[], None], tag: str, what: str, retry: bool = True) -> bool:
+        """Run ``fn``, once more after an OSError (``retry``); report at once. True on success."""
+        for attempt in (1, 2):
+            try:
+                fn()
+                return True
+            except BaseException as e:  # noqa: BLE001 - reported, agreed, and acted on by the loop
+                msg = f"rank {self.rank}: checkpoint {tag} failed while {what}: {type(e).__name__}: {e}"
+                again = retry and attempt == 1 and isinstance(e, OSError) and not self._abort.is_set()
+                print(f"seqpar: {msg}" + ("; retrying once" if again else ""), file=sys.stderr, flush=True)
+                if not again:
+                    self.failure = msg
+                    return False
+        return False
+
+    def _open_fault(self) -> None:
+        if self._inject and self._inject[1] > 0:
+            err, left = self._inject
+            self._inject = (err, left - 1)
+            raise OSError(err, os.strerror(err) + " (injected by SEQPAR_INJECT_WRITE_ERROR)")
+
+    def _write(self, tag: str, snapshot: Snapshot) -> None:
         part = self.store.partial_dir(tag)
-        files: list[Path] = []
+        mine = part / rank_dir(self.rank)
+        described: dict[str, dict] = {}
+
+        def record(path: Path, rec: hashio.FileRecord) -> None:
+            described[path.relative_to(part).as_posix()] = {"size": rec.size, "sha256": rec.sha256}
+
+        def fresh(path: Path) -> Path:  # a retry starts over
+            make_dirs(path.parent)
+            if path.exists():
+                path.unlink()
+            self._open_fault()
+            return path
+
         for name, (skeleton, tensors) in snapshot.parts.items():
             stem = part / name
-            stem.parent.mkdir(parents=True, exist_ok=True)
-            stem.with_suffix(".json").write_text(json.dumps(skeleton))
-            files.append(stem.with_suffix(".json"))
+            js = fresh(stem.with_suffix(".json"))
+            record(js, hashio.write_bytes(js, json.dumps(skeleton).encode(), mode=self.mode))
             if tensors:
-                save_file(tensors, str(stem.with_suffix(".safetensors")))
-                files.append(stem.with_suffix(".safetensors"))
+                st = fresh(stem.with_suffix(".safetensors"))
+                record(st, hashio.write_safetensors(st, tensors, mode=self.mode))
         for name, data in snapshot.raw.items():
-            (part / name).parent.mkdir(parents=True, exist_ok=True)
-            (part / name).write_bytes(data)
-            files.append(part / name)
-        for job in snapshot.jobs:
-            files.extend(job(part))
-        described = describe_files(part, files)
-        done = part / rank_dir(self.rank) / DONE
-        done.parent.mkdir(parents=True, exist_ok=True)
+            record(part / name, hashio.write_bytes(fresh(part / name), data, mode=self.mode))
+        for job in snapshot.jobs:  # writes files through another library (the HF layout)
+            self._open_fault()
+            for path, rec in job(part, self.mode).items():
+                if rec is None:  # small files it wrote itself: hashed by reading back
+                    os.chmod(path, self.mode)
+                    described.update(describe_files(part, [path]))
+                else:
+                    record(path, rec)
+        make_dirs(mine)
+        for d in {mine, *(part / n.split("/")[0] for n in described if "/" in n)}:
+            if d.is_dir():
+                fsync_dirs_under(d)  # the entries of new files and directories are durable too
+        done = mine / DONE
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(described))
         tmp.replace(done)  # appears whole or not at all
-        if self.rank == 0:
-            self._commit(tag, meta)
 
-    def _commit(self, tag: str, meta: dict) -> None:
+    def _mark_failed(self, tag: str) -> None:
+        """Tell rank 0 not to wait for this rank (best effort: the disk may be full)."""
+        try:
+            d = self.store.partial_dir(tag) / rank_dir(self.rank)
+            make_dirs(d)
+            (d / FAILED).write_text(json.dumps({"error": self.failure}))
+        except OSError:
+            pass  # the loop's agreement still tells rank 0 within one micro-batch
+
+    def _gather(self, tag: str) -> dict[str, dict]:
+        """Rank 0: every rank's DONE record (the files it wrote, with sizes and hashes)."""
         part = self.store.partial_dir(tag)
         deadline = time.time() + self.commit_timeout_s
-        records = [part / rank_dir(r) / DONE for r in range(self.world)]
-        while not all(r.is_file() for r in records):
+        dirs = [part / rank_dir(r) for r in range(self.world)]
+        while not all((d / DONE).is_file() for d in dirs):
+            failed = [d.name for d in dirs if (d / FAILED).is_file()]
+            if failed or self._abort.is_set():
+                raise WriteFailed(f"not committed: {', '.join(failed) or 'another rank'} could not write its files")
             if time.time() > deadline:
-                missing = [r.parent.name for r in records if not r.is_file()]
-                raise TimeoutError(f"checkpoint {tag}: ranks {missing} did not finish writing")
+                missing = [d.name for d in dirs if not (d / DONE).is_file()]
+                raise WriteFailed(f"not committed: {missing} did not finish writing in {self.commit_timeout_s:.0f} s")
             time.sleep(0.05)
         files: dict[str, dict] = {}
-        for r in records:
-            files.update(json.loads(r.read_text()))
-            r.unlink()
+        for d in dirs:
+            files.update(json.loads((d / DONE).read_text()))
+        for d in dirs:
+            (d / DONE).unlink()  # the manifest must list every file of the checkpoint
+        return files
+
+    def _commit(self, tag: str, files: dict[str, dict], meta: dict) -> None:
         self.last_committed = self.store.commit(tag, files, meta)
-        if self.on_commit is not None:
-            self.on_commit(self.last_committed)

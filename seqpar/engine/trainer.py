@@ -17,10 +17,15 @@ Checkpoints: after any micro-batch the trainer hands the checkpoint manager name
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import platform
+import shutil
+import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,11 @@ import yaml
 
 from seqpar import __version__
 from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE, CheckpointManager, check_resume_config
+from seqpar.checkpoint.runstate import write_run_state
 from seqpar.checkpoint.signals import EXIT_PREEMPTED, StopSignal
-from seqpar.checkpoint.store import FORMAT_VERSION, tag_for
-from seqpar.checkpoint.writer import rank_dir
+from seqpar.checkpoint.store import FORMAT_VERSION, Position
+from seqpar.checkpoint import hashio
+from seqpar.checkpoint.writer import WriteFailed, host_copy, rank_dir
 from seqpar.config import Config, ConfigError, Layout, flops_per_token, validate_config
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import (ELASTIC_KINDS, fragment_map, partial_grads_form, reshard_optimizer,
@@ -48,6 +55,18 @@ from seqpar.parallel.attention import build_attention, shard_for
 from seqpar.parallel.sharding import owner_of
 from seqpar.rng import load_rng_state_dict, rng_state_dict, seed_everything
 from seqpar.schedule import WarmupDecay
+
+
+# What each recorded outcome means to a restart loop (the process's own exit status).
+RUN_STATE_EXIT = {"running": 1, "preempted": EXIT_PREEMPTED, "finished": 0}
+
+
+class CheckpointIOError(RuntimeError):
+    """A checkpoint could not be written and checkpoint.on_write_error is stop (exit ``EXIT_IO``)."""
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def _layout(t: dict[str, Any]) -> str:
@@ -84,22 +103,42 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 @dataclass
 class TrainState:
-    """Loop position and run history: everything the trainer itself needs to resume."""
+    """Loop position and what the trainer itself needs to resume. Saved with every checkpoint, so
+    it stays small: the open window's per-micro-batch records and running aggregates only (the
+    per-step history is in metrics.jsonl)."""
 
     step: int = 0  # optimizer steps completed
     micro_step: int = 0  # micro-batches done in the open window (0 = at a step boundary)
     consumed_samples: int = 0
     consumed_tokens: int = 0  # labelled tokens of completed steps
-    losses: list[float] = field(default_factory=list)  # per optimizer step
-    micro_losses: list[float] = field(default_factory=list)  # rank 0's local CE sum per micro-batch
-    routing: list[int] = field(default_factory=list)  # MoE assignment digest after each micro-batch
+    first_loss: float | None = None  # of step 1 (the "done" line compares against it)
+    last_loss: float | None = None
+    window_micro_losses: list[float] = field(default_factory=list)  # rank 0's CE sum per micro-batch
+    window_routing: list[int] = field(default_factory=list)  # MoE assignment digest per micro-batch
+    # This process's records (not saved): what tests compare, bitwise, with an uninterrupted run.
+    losses: list[float] = field(default_factory=list, metadata={"session": True})
+    micro_losses: list[float] = field(default_factory=list, metadata={"session": True})
+    routing: list[int] = field(default_factory=list, metadata={"session": True})
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__, losses=list(self.losses))
+        return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self) if not f.metadata.get("session")}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        for k in self.__dict__:
-            setattr(self, k, sd[k])
+        for k in self.state_dict():
+            setattr(self, k, copy.copy(sd[k]))
+
+    def record_micro_batch(self, loss_sum: float, digest: int | None) -> None:
+        self.micro_losses.append(loss_sum)
+        self.window_micro_losses.append(loss_sum)
+        if digest is not None:
+            self.routing.append(digest)
+            self.window_routing.append(digest)
+
+    def record_step(self, loss: float) -> None:
+        self.losses.append(loss)
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+        self.window_micro_losses, self.window_routing = [], []
 
 
 class Trainer:
@@ -176,9 +215,12 @@ class Trainer:
         self._resumed_acc: dict[str, float] | None = None
         self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, topo.rank, topo.world_size,
                                       pin=self.device.type == "cuda")
-        self.stop = StopSignal()
+        self.stop = StopSignal.install()  # train.main() installed it first; kept start-up signals
+        self.stop.arm()
         self.exit_code = 0
         self._last_tag: str | None = None
+        self._resumed_path: Path | None = None
+        self._resumed_world = 0
         self.resume(cfg.checkpoint.resume)
 
     # -- summary ----------------------------------------------------------------------------------
@@ -204,8 +246,29 @@ class Trainer:
                 f"optim   {c.train.max_steps} steps, AdamW lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
                 f"{c.train.decay} to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"output  {self.run_dir}",
+                f"ckpt    {self._disk_line()}",
             ]
         )
+
+    def _disk_line(self) -> str:
+        """What the checkpoint directory needs: retention deletes old checkpoints only after a new
+        one is committed, so keep_last + 1 of them must fit. Measured on the resumed checkpoint,
+        else estimated: fp32 master + 2 Adam moments (12 B/param) + the weights, + gradients inside
+        a window (ZeRO 0/1: every rank saves its full local gradients)."""
+        c, root = self.cfg.checkpoint, self.ckpt.store.root
+        weight = 2 if self.cfg.train.precision == "bf16" else 4
+        per, how = self.n_params * (12 + weight), "estimated"
+        if self._resumed_path is not None and self.layout.world_size == self._resumed_world:
+            files = self.ckpt.store.manifest(self._resumed_path)["files"].values()
+            per, how = sum(f["size"] for f in files), f"as {self._resumed_path.name}"
+        grads = self.n_params * 4 * (self.layout.world_size if self.cfg.parallel.zero_stage < 2 else 1)
+        need = (c.keep_last + 1) * (per + grads)
+        try:
+            free = f", {_size(shutil.disk_usage(root).free)} free"
+        except OSError:
+            free = ""
+        return (f"{root}: {_size(per)} per checkpoint ({how}; up to {_size(grads)} more inside a window), "
+                f"keep_last {c.keep_last} + 1 being written: needs up to {_size(need)}{free}")
 
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -213,37 +276,86 @@ class Trainer:
         self.logger.print(self.summary())
         self.logger.start_at(self.state.step)
         self.engine.train()
+        self._record_run_state("running")
         try:
+            if self.stop.agree(self.device)[0]:  # signalled while starting up: nothing new to save
+                return self._preempted(None)
             while self.state.step < self.cfg.train.max_steps:
                 self.train_micro_batch()
                 self.stop.tick()
-                if self.stop.agreed(self.device):
-                    tag = self.save_checkpoint()
-                    self.logger.print(f"stop requested ({self.stop.describe()}): saved {tag}, exiting")
-                    self.exit_code = EXIT_PREEMPTED
-                    return {"step": self.state.step, "preempted": True}
+                stop, failed = self.stop.agree(self.device, self.ckpt.writer.failed())
+                if failed:  # a background write failed on some rank: every rank learns it here
+                    self._write_failed(self.ckpt.agreed_failure() or "a checkpoint write failed")
+                if stop:
+                    return self._preempted(self.save_checkpoint())
                 st = self.state
                 if self.ckpt.due(st.step, st.micro_step, st.step * self.layout.grad_accum_steps + st.micro_step):
                     self.save_checkpoint()
-            if self.cfg.checkpoint.at_end and not self._saved_at(self.state.step, 0):
+            if self.cfg.checkpoint.at_end and not self._saved_at(self._position()):
                 self.save_checkpoint()
+            self._settle()
         finally:
             self.ckpt.finish()  # never exit with a write in flight
-        result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.losses[-1] if self.state.losses else None}
+        result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.last_loss}
         if isinstance(self.dataset, PasskeyDataset) and self.cfg.data.passkey.eval_samples:
             result.update(self.evaluate_passkey())
             self.logger.log(self.state.step, {k: v for k, v in result.items() if k.startswith("passkey")})
         self.logger.close()
-        if self.topo.is_main and self.state.losses:
-            first = self.state.losses[0]
+        self._record_run_state("finished", self.ckpt.writer.last_committed)
+        if self.topo.is_main and self.state.first_loss is not None:
             print(
-                f"done: {self.state.step} steps, loss {first:.4f} -> {result['final_loss']:.4f}"
+                f"done: {self.state.step} steps, loss {self.state.first_loss:.4f} -> {result['final_loss']:.4f}"
                 + (f", passkey accuracy {result['passkey_accuracy']:.1%}" if "passkey_accuracy" in result else "")
                 + (f" ({result['passkey_accuracy_other_shard']:.1%} with the key in another rank's shard)"
                    if "passkey_accuracy_other_shard" in result else ""),
                 flush=True,
             )
         return result
+
+    def _preempted(self, tag: str | None) -> dict[str, Any]:
+        """Stop agreed: wait until the stop's checkpoint is committed on every rank (no rank may
+        exit before: launchers kill the rest when one exits), record it, exit ``EXIT_PREEMPTED``."""
+        if tag is not None:
+            self._settle()
+        saved = f"saved {tag}" if tag else f"nothing new to save (resumes from {self.ckpt.resumed_from or 'the start'})"
+        self.logger.print(f"stop requested ({self.stop.describe()}): {saved}, exiting")
+        self._record_run_state("preempted", tag or self.ckpt.resumed_from)
+        dist.barrier()  # the record is written before any rank exits
+        self.stop.consume()
+        self.exit_code = EXIT_PREEMPTED
+        return {"step": self.state.step, "preempted": True}
+
+    def _settle(self) -> None:
+        """Collective: the write in flight is committed, or its failure handled on every rank."""
+        try:
+            self.ckpt.settle()
+        except WriteFailed as e:
+            self._write_failed(str(e))
+
+    def _write_failed(self, failure: str) -> None:
+        """Every rank knows a checkpoint write failed (after its retry): stop or warn, per
+        ``checkpoint.on_write_error``. Collective."""
+        self.ckpt.writer.abort()
+        self.ckpt.writer.wait()
+        newest = next((c.tag for c in reversed(self.ckpt.store.list()) if (c.path / "COMMITTED").is_file()), None)
+        where = f"the newest committed checkpoint is {newest}" if newest else "no checkpoint is committed yet"
+        if self.cfg.checkpoint.on_write_error == "stop":
+            raise CheckpointIOError(
+                f"a checkpoint could not be written (retried once):\n  {failure.replace(chr(10), chr(10) + '  ')}\n"
+                f"stopping (checkpoint.on_write_error: stop); {where}. Fix {self.ckpt.store.root} (free space, "
+                "permissions) and resume with --resume auto, or set checkpoint.on_write_error: warn to train on")
+        if self.topo.is_main:
+            print(f"seqpar: warning: a checkpoint could not be written (retried once): {failure}; training goes "
+                  f"on (checkpoint.on_write_error: warn); {where}", file=sys.stderr, flush=True)
+        self.ckpt.writer.clear()
+        dist.barrier()
+
+    def _record_run_state(self, state: str, checkpoint: Path | str | None = None) -> None:
+        """The outcome where restart loops look: <run_dir>/run_state.json (rank 0) and the
+        wrapper's own file ``$SEQPAR_RUN_STATE`` (each node's first rank: multi-node wrappers)."""
+        if self.topo.is_main or os.environ.get("LOCAL_RANK", "0") == "0":
+            write_run_state(self.run_dir if self.topo.is_main else None, state, exit_code=RUN_STATE_EXIT[state],
+                            step=self.state.step, checkpoint=Path(checkpoint).name if checkpoint else None)
 
     def train_micro_batch(self) -> None:
         """Forward + backward of one micro-batch; an optimizer step when it closes the window."""
@@ -260,9 +372,7 @@ class Trainer:
         self.engine.step()
         self._acc["ce"] += out.loss_sum.detach().double()
         self._acc["aux"] += out.aux_loss.detach().double()
-        st.micro_losses.append(out.loss_sum.item())
-        if self.cfg.model.moe is not None:
-            st.routing.append(self.model.routing_digest())
+        st.record_micro_batch(out.loss_sum.item(), self.model.routing_digest() if self.cfg.model.moe else None)
         st.micro_step += 1
         st.consumed_samples += lay.micro_batch_size * lay.dp
         if closes:
@@ -301,7 +411,7 @@ class Trainer:
         st.step += 1
         st.micro_step = 0
         st.consumed_tokens += int(self._acc["tokens"].item())
-        st.losses.append(loss)
+        st.record_step(loss)
         self._window = None
         if st.step % self.cfg.logging.log_every == 0 or st.step == self.cfg.train.max_steps:
             self._log(loss, aux, router_stats)
@@ -330,8 +440,13 @@ class Trainer:
         self.logger.log(self.state.step, metrics)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def _saved_at(self, step: int, micro_step: int) -> bool:
-        return self._last_tag == tag_for(step, micro_step)
+    def _position(self) -> Position:
+        st, lay = self.state, self.layout
+        return Position(step=st.step, window_samples=st.micro_step * lay.micro_batch_size * lay.dp,
+                        consumed_samples=st.consumed_samples, micro_step=st.micro_step)
+
+    def _saved_at(self, pos: Position) -> bool:
+        return self._last_tag == pos.tag
 
     def _meta(self) -> dict[str, Any]:
         import deepspeed
@@ -355,8 +470,9 @@ class Trainer:
             "rng": rng_state_dict(),
             "engine": {"counters": dss.capture_counters(eng),
                        "window": {"ce": float(self._acc["ce"]), "aux": float(self._acc["aux"])} if mid_window else None,
-                       # per-rank records (trainer_state.json holds rank 0's)
-                       "history": {"micro_losses": list(st.micro_losses), "routing": list(st.routing)}},
+                       # per-rank records of the open window (trainer_state.json holds rank 0's)
+                       "history": {"window_micro_losses": list(st.window_micro_losses),
+                                   "window_routing": list(st.window_routing)}},
         }
         if self.topo.is_main or not dss.optimizer_is_replicated(eng):
             rank_trees["optimizer"] = dss.capture_optimizer(eng)
@@ -367,16 +483,21 @@ class Trainer:
             rank_trees["router"] = self.model.router_state_dict()
         jobs = []
         if self.cfg.parallel.zero_stage < 3 and self.topo.is_main:
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            # one copy each, straight into (pinned) host memory: the job writes it in the background
+            weights = {k: host_copy(v, self.ckpt.pin) for k, v in self.model.state_dict().items()}
             jobs.append(self._hf_job(weights))
-        elif self.cfg.parallel.zero_stage == 3:
-            rank_trees["model_shard"] = {n: p.ds_tensor.detach().to("cpu", copy=True)
-                                         for n, p in self.model.named_parameters()}
+        elif self.cfg.parallel.zero_stage == 3:  # the snapshot copies each partition once
+            rank_trees["model_shard"] = {n: p.ds_tensor.detach() for n, p in self.model.named_parameters()}
         meta = self._meta()
         trainer_state = {**meta, **st.state_dict(), "sampler": self.sampler.state_dict()}
         raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),
                CONFIG_FILE: yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False).encode()}
-        tag = self.ckpt.save(st.step, st.micro_step, rank_trees, raw if self.topo.is_main else {}, jobs, meta)
+        args = (self._position(), rank_trees, raw if self.topo.is_main else {}, jobs, meta)
+        try:
+            tag = self.ckpt.save(*args)
+        except WriteFailed as e:  # the previous write failed somewhere: stop, or warn and save this one
+            self._write_failed(str(e))
+            tag = self.ckpt.save(*args)
         self._last_tag = tag
         self.logger.print(f"checkpoint {tag}: training blocked {self.ckpt.last_block_s:.3f} s "
                           f"({'background' if self.cfg.checkpoint.async_write else 'synchronous'} write)")
@@ -386,16 +507,24 @@ class Trainer:
     def _hf_job(self, weights: dict[str, torch.Tensor]):
         cfg = self.cfg.model
 
-        def job(part: Path) -> list[Path]:
+        def job(part: Path, mode: int) -> dict[Path, hashio.FileRecord | None]:
+            """Writes model/ (Hugging Face layout), hashing the weights while writing them."""
             from seqpar.models.hf import save_hf_checkpoint
 
-            out = save_hf_checkpoint(weights, cfg, part / "model")
-            return sorted(p for p in Path(out).rglob("*") if p.is_file())
+            records: dict[str, hashio.FileRecord] = {}
+
+            def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+                records[path.name] = hashio.write_safetensors(path, tensors, metadata, mode=mode)
+
+            out = save_hf_checkpoint(weights, cfg, part / "model", write_tensors=write)
+            return {p: records.get(p.name) for p in sorted(Path(out).rglob("*")) if p.is_file()}
         return job
 
     def resume(self, spec: str) -> None:
         """Restore everything from a checkpoint (``auto`` | ``none`` | path); every rank."""
-        path = self.ckpt.find_resume(spec, self._cannot_resume)
+        self.ckpt.lock(self.logger.print)  # one job per checkpoint directory
+        log = self.logger.print if self.topo.is_main else (lambda msg: None)
+        path = self.ckpt.find_resume(spec, self._cannot_resume, self._files_read, log)
         if path is None:
             return
         state, saved_cfg = self.ckpt.read_shared(path)
@@ -408,12 +537,26 @@ class Trainer:
         else:
             self._restore_exact(path, state)
         self.ckpt.resumed_from = path.name
+        self._resumed_path, self._resumed_world = path, state["topology"]["world_size"]
         self._last_tag = path.name
         if self.topo.is_main:
             how = (f" onto a new layout ({_layout(state['topology'])} -> {_layout(self._meta()['topology'])}; "
                    "state restored exactly, the trajectory now differs by reduction order)") if elastic else ""
             print(f"resumed from {path} (step {self.state.step}, micro-step {self.state.micro_step}){how}"
                   + (f"; allowed config changes: {accepted}" if accepted else ""), flush=True)
+
+    def _files_read(self, path: Path) -> Callable[[str], bool]:
+        """Which files of checkpoint ``path`` this rank reads when resuming it (it verifies those):
+        the shared ones and its own rank's, or every rank's for an elastic resume."""
+        try:
+            saved = json.loads((path / TRAINER_STATE).read_text())["topology"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return lambda rel: True
+        if saved != self._meta()["topology"]:
+            return lambda rel: True
+        mine = rank_dir(self.topo.rank) + "/"
+        also0 = dss.optimizer_is_replicated(self.engine)
+        return lambda rel: not rel.startswith("rank") or rel.startswith(mine) or (also0 and rel.startswith("rank00000/"))
 
     def _cannot_resume(self, path: Path) -> str | None:
         """Why this run cannot resume the (verified) checkpoint ``path``, or None."""
@@ -442,7 +585,7 @@ class Trainer:
                 return (f"{where}; it was taken {done} sequences into an accumulation window, which is not a "
                         f"whole number of this layout's micro-steps ({unit} sequences = micro_batch_size x dp): "
                         f"choose --train.micro_batch_size so that micro_batch_size x dp divides {done}, or "
-                        "resume a step-boundary checkpoint (tag ending in micro0000)")
+                        "resume a step-boundary checkpoint (tag ending in seq000000)")
             skeleton = json.loads((path / rank_dir(0) / "grads.json").read_text())
             if partial_grads_form(skeleton) is None:
                 return (f"{where}; its partial gradients (micro-step {state['micro_step']}) were saved without "
@@ -473,7 +616,8 @@ class Trainer:
         dss.restore_counters(eng, engine_state["counters"])
         if self.cfg.model.moe is not None:
             self.model.load_router_state_dict(self.ckpt.read_tree(path, "router", r))
-        self.state.load_state_dict({**{k: state[k] for k in self.state.state_dict()}, **engine_state["history"]})
+        self.state.load_state_dict({**{k: state[k] for k in self.state.state_dict() if k in state},
+                                    **engine_state["history"]})
         self.sampler.load_state_dict(state["sampler"])
         if self.state.micro_step > 0:
             dss.restore_partial_grads(eng, self.ckpt.read_tree(path, "grads", r))
@@ -517,7 +661,8 @@ class Trainer:
         if self.cfg.model.moe is not None:
             routers = [self.ckpt.read_tree(path, "router", r) for r in (old_ranks if old_micro else [0])]
             self.model.load_router_state_dict(self._window_sums(routers, ("tokens_per_expert",)))
-        self.state.load_state_dict({k: state[k] for k in self.state.state_dict()})
+        self.state.load_state_dict({**{k: state[k] for k in self.state.state_dict() if k in state},
+                                    **self.ckpt.read_tree(path, "engine", 0)["history"]})
         self.state.micro_step = new_micro
         if old_micro:
             form = partial_grads_form(json.loads((path / rank_dir(0) / "grads.json").read_text()))

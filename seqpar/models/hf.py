@@ -388,8 +388,18 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, Path]]:
         return [path], {}
     index = path / SAFETENSORS_INDEX
     if index.is_file():
-        wmap = json.loads(index.read_text())["weight_map"]
-        by_key = {k: path / f for k, f in wmap.items()}
+        from seqpar.checkpoint.verify import UnsafePath, safe_member
+
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+            if not isinstance(wmap, dict):
+                raise TypeError(f"weight_map is a {type(wmap).__name__}, not an object")
+            # the index is input: a shard name must be a plain file name inside ``path`` (Hub
+            # cache snapshots are symlinks into blobs/, so symlinks themselves are allowed)
+            by_key = {k: safe_member(path, f, symlinks=True) for k, f in wmap.items()}
+        except (ValueError, KeyError, TypeError) as e:
+            why = f"bad shard name {e}" if isinstance(e, UnsafePath) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"{index}: unusable index ({why})") from None
         files = sorted(set(by_key.values()))
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -607,7 +617,8 @@ def _shards(entries: list[tuple[str, Callable[[], Tensor], int]], max_bytes: flo
 
 
 def save_hf_checkpoint(
-    state_dict: dict[str, Tensor], cfg: ModelConfig, out_dir: str | Path, max_shard_bytes: float = 5e9
+    state_dict: dict[str, Tensor], cfg: ModelConfig, out_dir: str | Path, max_shard_bytes: float = 5e9,
+    write_tensors: Callable[[Path, dict[str, Tensor], dict[str, str]], Any] | None = None,
 ) -> Path:
     """Write our state dict as a Hub checkpoint: config.json + safetensors (sharded with
     ``model.safetensors.index.json`` above ``max_shard_bytes``), per-expert names.
@@ -618,7 +629,8 @@ def save_hf_checkpoint(
     key), so there routing is plain top-k and can pick different experts.
     Missing HF biases (Qwen2 q/k/v; llama/qwen3 o_proj with attention_bias) are written as zeros.
     The directory appears atomically (temp dir + rename); an existing non-empty ``out_dir`` is an
-    error. Returns ``out_dir``.
+    error. ``write_tensors(path, tensors, metadata)`` replaces safetensors' ``save_file`` (the
+    checkpoint writer hashes while it writes). Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -654,7 +666,10 @@ def save_hf_checkpoint(
             fname = (SAFETENSORS_FILE if len(shards) == 1
                      else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors")
             tensors = {entries[i][0]: entries[i][1]() for i in idx}
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            if write_tensors is not None:
+                write_tensors(tmp / fname, tensors, {"format": "pt"})
+            else:
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update({k: fname for k in tensors})
             del tensors
         if len(shards) > 1:
