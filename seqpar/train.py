@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     # Everything is committed and recorded: a launcher tearing the job down now (torchrun SIGTERMs
     # the other ranks when one exits) must not turn this rank's status into "killed by SIGTERM"
-    # while the interpreter shuts down (it restores the default handlers then).
-    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    # while the interpreter shuts down (it restores the default action of signals it handles).
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     return trainer.exit_code
 
 

@@ -63,7 +63,8 @@ def test_sigkill_at_random_instants_always_resumes_exactly(tmp_path, references,
 def test_sigterm_two_ranks_saves_mid_window_exits_and_resumes_exactly(tmp_path, references):
     """Two ranks started as a scheduler would (srun-style, RANK/WORLD_SIZE per process), both
     signalled: they agree, save inside the window, and exit with status 75."""
-    cfg_cmd, run_dir = command(tmp_path, "term", 1, checkpoint={"every_micro_batches": 0})
+    cfg_cmd, run_dir = command(tmp_path, "term", 1, checkpoint={"every_micro_batches": 0},
+                               train={"max_steps": 24})
     ck = run_dir / "checkpoints"
     for attempt in range(3):
         env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -94,7 +95,7 @@ def test_sigterm_two_ranks_saves_mid_window_exits_and_resumes_exactly(tmp_path, 
                               text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0] and f"resumed from {ck / tag}" in outs[0], outs[0][-3000:]
-    assert final_hashes(run_dir) == references[(2, 8)]
+    assert final_hashes(run_dir) == references[(2, 24)]
 
 
 CORRUPTIONS = {
@@ -117,8 +118,8 @@ def test_corruption_is_detected_and_auto_resume_falls_back(tmp_path):
     ck = run_dir / "checkpoints"
     # trainer_state.json is rewritten at every save: it keeps the open window, not the whole history
     states = [json.loads((c / "trainer_state.json").read_text()) for c in sorted(ck.glob("step*"))]
-    assert len(states) == 3 and all("losses" not in st and "micro_losses" not in st for st in states)
-    assert all(len(st["window_micro_losses"]) < 8 and st["last_loss"] for st in states), states
+    assert len(states) == 6 and all("losses" not in st and "micro_losses" not in st for st in states)
+    assert all(len(st["window_micro_losses"]) == st["micro_step"] < 8 for st in states), states
     newest = ck / (ck / "latest").read_text().strip()
     pristine = {p.relative_to(newest): p.read_bytes() for p in newest.rglob("*") if p.is_file()}
     for name, corrupt in CORRUPTIONS.items():
@@ -211,3 +212,23 @@ def test_preempted_job_comes_back_on_fewer_ranks(tmp_path):
     assert "micro-step 2)" in r.stdout  # 1 micro-step x 2 ranks = 2 micro-steps on one rank
     assert not (ck / "superseded").exists()
     assert json.loads((ck / "step00000003-seq000000" / "trainer_state.json").read_text())["step"] == 3
+
+
+@pytest.mark.slow
+def test_mirror_brings_back_a_lost_node(tmp_path):
+    """checkpoint.mirror: committed checkpoints are copied (and verified) off the node; after the
+    local directory is lost, --resume auto fetches the newest one from the mirror and goes on."""
+    mirror = tmp_path / "far"
+    cmd, run_dir = command(tmp_path, "mirrored", 1, train={"max_steps": 2},
+                           checkpoint={"every_micro_batches": 4, "mirror": f"file://{mirror}", "keep_last": 1})
+    r = run(cmd)
+    assert r.returncode == 0 and "mirror" not in r.stderr, r.stderr[-3000:]
+    far = sorted(p.name for p in mirror.iterdir() if (p / "COMMITTED").is_file())
+    assert far == ["step00000002-seq000000"], far  # keep_last 1 on the mirror too
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoints")  # the node and its disk are gone
+    r = run(cmd + ["--train.max_steps", "3", "--checkpoint.allow_changes", "[train.max_steps]"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"fetched step00000002-seq000000 from the mirror file://{mirror}" in r.stdout, r.stdout[-3000:]
+    assert "resumed from" in r.stdout and "(step 2, micro-step 0)" in r.stdout

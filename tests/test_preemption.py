@@ -84,6 +84,7 @@ def test_sigterm_through_torchrun_agent_all_or_one_rank(tmp_path, references):
         assert proc.returncode != 0, f"{how}: torchrun reports a stopped job as a failure ({proc.returncode})"
         tags.append(check_stopped_at_a_committed_checkpoint(run_dir, t0, proc.returncode))
         assert "stop requested" in out and f"saved {tags[-1]}" in out, (how, out[-2000:])
+        assert "keep_last 2 + 1 being written: needs up to" in out  # the disk the directory needs
     assert len(set(tags)) == 3, tags  # each stop saved where it stopped, after training on
     proc = start(cmd + ["--resume", "auto"])
     out, _ = proc.communicate(timeout=300)
@@ -106,12 +107,12 @@ def test_agent_killed_ranks_stop_and_replacement_waits_for_the_lock(tmp_path, re
                               text=True, env=ENV, start_new_session=True)
     gone, alive = psutil.wait_procs(orphans, timeout=120)
     assert not alive, "ranks of a killed launcher kept training"
-    assert all(p.returncode == 75 for p in gone), [p.returncode for p in gone]
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out[-3000:]
     ck = run_dir / "checkpoints"
+    # every_micro_batches is 0: the only checkpoint is the one the orphans saved when they stopped
     resumed = [line for line in out.splitlines() if line.startswith("resumed from")]
-    assert resumed, out[-3000:]
+    assert resumed and "step00000024" not in resumed[0], out[-3000:]
     if "is locked by" in out:  # the usual case: the orphans still held the lock when it started
         assert out.index("is locked by") < out.index("resumed from")
     assert not list(ck.glob(".partial-*"))

@@ -295,7 +295,8 @@ class Trainer:
                 self.save_checkpoint()
             self._settle()
         finally:
-            self.ckpt.finish()  # never exit with a write in flight
+            # never exit with a write in flight; an upload to the mirror may not hold up a stop
+            self.ckpt.finish(mirror_wait_s=0 if self.exit_code == EXIT_PREEMPTED else None)
         result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.last_loss}
         if isinstance(self.dataset, PasskeyDataset) and self.cfg.data.passkey.eval_samples:
             result.update(self.evaluate_passkey())
