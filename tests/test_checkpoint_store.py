@@ -276,6 +276,16 @@ def test_snapshot_copies_each_tensor_once_into_pinned_memory(monkeypatch):
     with Count():
         snap = writer.Snapshot.take({"x": tree}, pin=True)
     assert Count.n == 3
+    # the part that changes only at the next optimizer step is copied later, by the writer, once too
+    weights = {"w": torch.randn(3, 3)}
+    Count.n = 0
+    with Count():
+        later = writer.Snapshot.take({}, pin=True, deferred={"opt": {"m": torch.ones(2), "v": torch.ones(4)}},
+                                     deferred_tensors=[weights])
+        assert Count.n == 0
+        live = weights["w"]
+        later.materialize()
+    assert Count.n == 3 and weights["w"] is not live and torch.equal(weights["w"], live)
     skeleton, tensors = snap.parts["x"]
     back = codec.decode(skeleton, tensors)
     assert torch.equal(back["a"], tree["a"]) and torch.equal(back["strided"], tree["strided"])

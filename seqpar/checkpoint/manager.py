@@ -138,10 +138,13 @@ class CheckpointManager:
         return "\n".join(failures) if failures else None
 
     def save(self, pos: Position, rank_trees: dict[str, Any], rank0_raw: dict[str, bytes],
-             jobs: list, meta: dict) -> str:
-        """Collective: every rank calls it at the same micro-batch boundary. ``rank_trees`` go to
-        this rank's directory; ``rank0_raw`` files (rank 0 only) and ``jobs`` to the top level.
-        Raises ``WriteFailed`` on every rank if the previous write failed on any."""
+             jobs: list, meta: dict, deferred: dict[str, Any] | None = None,
+             deferred_tensors: list[dict[str, Any]] | None = None) -> str:
+        """Collective: every rank calls it at the same micro-batch boundary. ``rank_trees`` (and
+        ``deferred`` trees, which change only at the next optimizer step: see ``Snapshot``) go to
+        this rank's directory; ``rank0_raw`` files (rank 0 only) and ``jobs`` (writing the live
+        ``deferred_tensors`` dicts) to the top level. Raises ``WriteFailed`` on every rank if the
+        previous write failed on any."""
         t0 = time.perf_counter()
         self.writer.wait_own()  # at most one write in flight
         if (failure := self.agreed_failure()) is not None:
@@ -159,8 +162,9 @@ class CheckpointManager:
                 error = f"rank 0: checkpoint {tag} could not be started: {type(e).__name__}: {e}"
         if (error := _from_rank0(error)) is not None:  # also the barrier before any rank writes
             raise WriteFailed(error)
-        trees = {f"{rank_dir(self.rank)}/{k}": v for k, v in rank_trees.items()}
-        snap = Snapshot.take(trees, self.pin)
+        mine = f"{rank_dir(self.rank)}/"
+        snap = Snapshot.take({mine + k: v for k, v in rank_trees.items()}, self.pin,
+                             {mine + k: v for k, v in (deferred or {}).items()}, deferred_tensors)
         if self.rank == 0:
             snap.raw.update(rank0_raw)
         snap.jobs.extend(jobs)

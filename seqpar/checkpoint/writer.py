@@ -15,12 +15,14 @@ one micro-batch and acts on ``checkpoint.on_write_error``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from seqpar.checkpoint.store import CheckpointStore, describe_files, fsync_dirs_
 
 DONE = "DONE.json"
 FAILED = "FAILED.json"
+WRITE_THREADS = 2  # files written (and hashed) at once per rank
 
 
 def rank_dir(rank: int) -> str:
@@ -52,21 +55,51 @@ def host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
 
 @dataclass
 class Snapshot:
-    """Encoded host copies of one rank's trees: {relative file stem: (skeleton, tensors)}."""
+    """One rank's state to write: {relative file stem: (skeleton, tensors)}, raw files, jobs.
+
+    Tensors that training changes at the next micro-batch (partial gradients, RNG, counters) are
+    copied when the snapshot is taken, on the training thread. Tensors that change only at the
+    next optimizer step (fp32 master, Adam moments, weights: ``deferred``) are copied by the
+    writer thread instead, while training goes on; the trainer waits for that copy
+    (``CheckpointWriter.wait_deferred``) before its next optimizer step, so a save blocks training
+    for the small part only. Every tensor is copied exactly once either way.
+    """
 
     parts: dict[str, tuple[Any, dict[str, torch.Tensor]]] = field(default_factory=dict)
     raw: dict[str, bytes] = field(default_factory=dict)  # extra files written verbatim
     # write files under a dir (with this mode): {file: its record, or None to hash it by reading}
     jobs: list[Callable[[Path, int], dict[Path, "hashio.FileRecord | None"]]] = field(default_factory=list)
+    # {name: tensors} still live (the deferred parts' tensors, and the jobs' tensor dicts)
+    live: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    pin: bool = False
 
     @staticmethod
-    def take(trees: dict[str, Any], pin: bool) -> "Snapshot":
-        snap = Snapshot()
+    def take(trees: dict[str, Any], pin: bool, deferred: dict[str, Any] | None = None,
+             deferred_tensors: list[dict[str, torch.Tensor]] | None = None) -> "Snapshot":
+        """Copy ``trees`` now; encode ``deferred`` trees (and keep ``deferred_tensors`` dicts)
+        without copying: ``materialize`` copies them, in place."""
+        snap = Snapshot(pin=pin)
         for name, tree in trees.items():
             snap.parts[name] = encode(tree, copy=lambda t: host_copy(t, pin))
         if pin:
             torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        for name, tree in (deferred or {}).items():
+            snap.parts[name] = encode(tree, copy=lambda t: t.detach())
+            snap.live.append(snap.parts[name][1])
+        snap.live.extend(deferred_tensors or [])
         return snap
+
+    def materialize(self) -> None:
+        """Copy the still-live tensors into host memory (the writer thread, before writing). On
+        GPU on a stream of its own, so the training thread's kernels go on meanwhile."""
+        stream = torch.cuda.Stream() if self.pin and torch.cuda.is_available() else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for tensors in self.live:
+                for k, t in tensors.items():
+                    tensors[k] = host_copy(t, self.pin)
+        if stream is not None:
+            stream.synchronize()
+        self.live = []
 
 
 def _injected_failures() -> tuple[int, int, int] | None:
@@ -92,6 +125,9 @@ class CheckpointWriter:
         self._own_done = threading.Event()  # this rank's files of the write in flight are settled
         self._own_done.set()
         self._abort = threading.Event()
+        self._deferred_done = threading.Event()  # the snapshot's deferred tensors are copied
+        self._deferred_done.set()
+        self.deferred_wait_s = 0.0  # training time spent in wait_deferred (for logs and benchmarks)
         self.failure: str | None = None  # set by the worker the moment a write finally fails
         self.last_committed: Path | None = None
         # time.perf_counter() when the last write was submitted, its own files written, committed
@@ -99,10 +135,19 @@ class CheckpointWriter:
         self.timings: dict[str, float] = {}
         inj = _injected_failures()
         self._inject = inj[1:] if inj and inj[0] == rank else None
+        self._inject_lock = threading.Lock()
 
     # -- called by the training thread --------------------------------------------------------------
     def failed(self) -> bool:
         return self.failure is not None
+
+    def wait_deferred(self) -> None:
+        """Before an optimizer step: until the write in flight has copied the tensors the step
+        changes (see ``Snapshot``)."""
+        if not self._deferred_done.is_set():
+            t0 = time.perf_counter()
+            self._deferred_done.wait()
+            self.deferred_wait_s += time.perf_counter() - t0
 
     def wait_own(self) -> None:
         """Until this rank's own files of the write in flight are written (or failed); rank 0 may
@@ -133,6 +178,8 @@ class CheckpointWriter:
         self.wait()
         self._own_done.clear()
         self.timings = {"submitted": time.perf_counter()}
+        if snapshot.live:
+            self._deferred_done.clear()
         if self.background:
             self._thread = threading.Thread(target=self._run, args=(tag, snapshot, meta), name="seqpar-ckpt",
                                             daemon=True)
@@ -143,7 +190,13 @@ class CheckpointWriter:
     # -- the worker ---------------------------------------------------------------------------------
     def _run(self, tag: str, snapshot: Snapshot, meta: dict) -> None:
         try:
-            if not self._attempt(lambda: self._write(tag, snapshot), tag, "writing its files"):
+            # a synchronous write blocks training, so it may write the live tensors themselves (on
+            # CPU: no copy at all); a background one copies them before the next optimizer step
+            live_ok = not self.background and not snapshot.pin
+            copied = live_ok or self._attempt(snapshot.materialize, tag, "copying its state to host memory",
+                                              retry=False)
+            self._deferred_done.set()  # training may step now (also after a failure: it is reported)
+            if not copied or not self._attempt(lambda: self._write(tag, snapshot), tag, "writing its files"):
                 self._own_done.set()
                 self._mark_failed(tag)
                 return
@@ -163,6 +216,7 @@ class CheckpointWriter:
                               retry=False)
                 self.timings["retained"] = time.perf_counter()
         finally:
+            self._deferred_done.set()
             self._own_done.set()
 
     def _attempt(self, fn: Callable[[], None], tag: str, what: str, retry: bool = True) -> bool:
@@ -181,10 +235,12 @@ class CheckpointWriter:
         return False
 
     def _open_fault(self) -> None:
-        if self._inject and self._inject[1] > 0:
+        with self._inject_lock:  # files are written on several threads
+            if not (self._inject and self._inject[1] > 0):
+                return
             err, left = self._inject
             self._inject = (err, left - 1)
-            raise OSError(err, os.strerror(err) + " (injected by SEQPAR_INJECT_WRITE_ERROR)")
+        raise OSError(err, os.strerror(err) + " (injected by SEQPAR_INJECT_WRITE_ERROR)")
 
     def _write(self, tag: str, snapshot: Snapshot) -> None:
         part = self.store.partial_dir(tag)
@@ -201,16 +257,10 @@ class CheckpointWriter:
             self._open_fault()
             return path
 
-        for name, (skeleton, tensors) in snapshot.parts.items():
-            stem = part / name
-            js = fresh(stem.with_suffix(".json"))
-            record(js, hashio.write_bytes(js, json.dumps(skeleton).encode(), mode=self.mode))
-            if tensors:
-                st = fresh(stem.with_suffix(".safetensors"))
-                record(st, hashio.write_safetensors(st, tensors, mode=self.mode))
-        for name, data in snapshot.raw.items():
-            record(part / name, hashio.write_bytes(fresh(part / name), data, mode=self.mode))
-        for job in snapshot.jobs:  # writes files through another library (the HF layout)
+        def tensors_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+            record(path, hashio.write_safetensors(fresh(path), tensors, mode=self.mode))
+
+        def job_files(job: Callable) -> None:  # writes files through another library (the HF layout)
             self._open_fault()
             for path, rec in job(part, self.mode).items():
                 if rec is None:  # small files it wrote itself: hashed by reading back
@@ -218,6 +268,23 @@ class CheckpointWriter:
                     described.update(describe_files(part, [path]))
                 else:
                     record(path, rec)
+
+        big: list[tuple[int, Callable[[], None]]] = []  # (bytes, write it)
+        for name, (skeleton, tensors) in snapshot.parts.items():
+            stem = part / name
+            js = fresh(stem.with_suffix(".json"))
+            record(js, hashio.write_bytes(js, json.dumps(skeleton).encode(), mode=self.mode))
+            if tensors:
+                size = sum(t.numel() * t.element_size() for t in tensors.values())
+                big.append((size, lambda p=stem.with_suffix(".safetensors"), t=tensors: tensors_file(p, t)))
+        for name, data in snapshot.raw.items():
+            record(part / name, hashio.write_bytes(fresh(part / name), data, mode=self.mode))
+        big += [(1 << 62, lambda j=job: job_files(j)) for job in snapshot.jobs]
+        # Large files on WRITE_THREADS threads, largest first: sha256 runs at about one disk's
+        # speed per core, so hashing two files at once keeps up with the disk.
+        with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="seqpar-ckpt-file") as pool:
+            for done in [pool.submit(fn) for _, fn in sorted(big, key=lambda b: -b[0])]:
+                done.result()
         make_dirs(mine)
         for d in {mine, *(part / n.split("/")[0] for n in described if "/" in n)}:
             if d.is_dir():

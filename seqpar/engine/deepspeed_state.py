@@ -31,15 +31,17 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 DEEPSPEED_VERSION = "0.19.8"
 
 
-def _clone(tree: Any) -> Any:
+def _clone(tree: Any, copy: bool = True) -> Any:
+    """``tree`` with CPU copies of its tensors; ``copy=False``: the live tensors, detached (the
+    checkpoint snapshot copies them itself, once, before training touches them again)."""
     if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
+        return tree.detach().to("cpu", copy=True) if copy else tree.detach()
     if isinstance(tree, dict):
-        return {k: _clone(v) for k, v in tree.items()}
+        return {k: _clone(v, copy) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_clone(v) for v in tree]
+        return [_clone(v, copy) for v in tree]
     if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
-        return tuple(_clone(v) for v in tree)
+        return tuple(_clone(v, copy) for v in tree)
     return tree
 
 
@@ -102,10 +104,11 @@ def optimizer_is_replicated(engine) -> bool:
 
 
 # -- optimizer + scheduler -------------------------------------------------------------------------
-def capture_optimizer(engine) -> dict[str, Any]:
+def capture_optimizer(engine, copy: bool = True) -> dict[str, Any]:
+    """Optimizer + LR-scheduler state (CPU copies; ``copy=False``: live tensors, see ``_clone``)."""
     return {
-        "optimizer": _clone(engine.optimizer.state_dict()),
-        "scheduler": _clone(engine.lr_scheduler.state_dict()) if engine.lr_scheduler is not None else None,
+        "optimizer": _clone(engine.optimizer.state_dict(), copy),
+        "scheduler": _clone(engine.lr_scheduler.state_dict(), copy) if engine.lr_scheduler is not None else None,
     }
 
 
@@ -152,9 +155,10 @@ def restore_counters(engine, counters: dict[str, int]) -> None:
 
 
 # -- partial gradients of the open accumulation window ---------------------------------------------
-def capture_partial_grads(engine) -> dict[str, Any]:
-    """The open window's partial gradients (a CPU copy). Raises rather than save none."""
-    tree = _capture_partial_grads(engine)
+def capture_partial_grads(engine, copy: bool = True) -> dict[str, Any]:
+    """The open window's partial gradients (a CPU copy; ``copy=False``: live tensors). Raises
+    rather than save none."""
+    tree = _capture_partial_grads(engine, copy)
     if not _has_tensor(tree):
         raise RuntimeError("no partial gradients found inside an accumulation window: this DeepSpeed setup keeps "
                            "them where seqpar does not look (deepspeed_state.unsupported_settings should have "
@@ -172,11 +176,11 @@ def _has_tensor(tree: Any) -> bool:
     return False
 
 
-def _capture_partial_grads(engine) -> dict[str, Any]:
+def _capture_partial_grads(engine, copy: bool) -> dict[str, Any]:
     opt, kind = engine.optimizer, optimizer_kind(engine)
     if kind == "zero3":
         return {
-            "flat": _clone(opt.grad_partitions_flat_buffer),
+            "flat": _clone(opt.grad_partitions_flat_buffer, copy),
             "micro_step_id": int(opt.micro_step_id),
             "epilogue_ran": bool(getattr(opt, "_epilogue_ran_this_backward", False)),
             "index": zero3_grad_index(engine),  # for an elastic resume (engine/reshard.py)
@@ -186,22 +190,22 @@ def _capture_partial_grads(engine) -> dict[str, Any]:
         out, where = {}, {}
         for i in range(len(opt.bit16_groups)):
             if opt.averaged_gradients.get(i) is None and opt.all_grad_tensors.get(i) is not None:
-                out[str(i)] = [_clone(t) if t is not None else None for t in opt.all_grad_tensors[i]]
+                out[str(i)] = [_clone(t, copy) if t is not None else None for t in opt.all_grad_tensors[i]]
                 # full-shape tensors, valid on this rank's partition only: which elements, per tensor
                 where[str(i)] = [[names[id(p)], *_lp_range(p)] for p in opt.params_in_partition[i]]
         return {"all_grad_tensors": out, "slices": where}
     if kind == "bf16":
         return {
-            "flat": [_clone(t) for t in opt.fp32_groups_gradients_flat],
-            "has": _clone(opt.fp32_groups_has_gradients),
+            "flat": [_clone(t, copy) for t in opt.fp32_groups_gradients_flat],
+            "has": _clone(opt.fp32_groups_has_gradients, copy),
         }
     # stage 0 / 1: local, unreduced gradients on the parameters
     grads, accum = {}, {}
     for name, p in engine.module.named_parameters():
         if p.grad is not None:
-            grads[name] = _clone(p.grad)
+            grads[name] = _clone(p.grad, copy)
         if getattr(p, "grad_accum", None) is not None:
-            accum[name] = _clone(p.grad_accum)
+            accum[name] = _clone(p.grad_accum, copy)
     return {"grad": grads, "grad_accum": accum}
 
 

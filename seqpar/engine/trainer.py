@@ -39,7 +39,7 @@ from seqpar.checkpoint.runstate import write_run_state
 from seqpar.checkpoint.signals import EXIT_PREEMPTED, StopSignal
 from seqpar.checkpoint.store import FORMAT_VERSION, Position
 from seqpar.checkpoint import hashio
-from seqpar.checkpoint.writer import WriteFailed, host_copy, rank_dir
+from seqpar.checkpoint.writer import WriteFailed, rank_dir
 from seqpar.config import Config, ConfigError, Layout, flops_per_token, validate_config
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import (ELASTIC_KINDS, fragment_map, partial_grads_form, reshard_optimizer,
@@ -370,6 +370,8 @@ class Trainer:
         self.engine.backward(loss, scale_wrt_gas=False)
         closes = st.micro_step + 1 == lay.grad_accum_steps
         assert self.engine.is_gradient_accumulation_boundary() == closes, "DeepSpeed micro-step drifted"
+        if closes:  # the optimizer step changes what a checkpoint in flight may still be copying
+            self.ckpt.writer.wait_deferred()
         self.engine.step()
         self._acc["ce"] += out.loss_sum.detach().double()
         self._acc["aux"] += out.aux_loss.detach().double()
@@ -430,6 +432,9 @@ class Trainer:
             "mem_gib": memory_gib(self.device),
             "consumed_tokens": self.state.consumed_tokens,
         }
+        waited, self.ckpt.writer.deferred_wait_s = self.ckpt.writer.deferred_wait_s, 0.0
+        if waited:  # the optimizer step waited for a checkpoint's background copy
+            metrics["ckpt_wait_s"] = waited
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -475,25 +480,28 @@ class Trainer:
                        "history": {"window_micro_losses": list(st.window_micro_losses),
                                    "window_routing": list(st.window_routing)}},
         }
+        # changed only by the next optimizer step: copied in the background (the step waits for it)
+        deferred: dict[str, Any] = {}
         if self.topo.is_main or not dss.optimizer_is_replicated(eng):
-            rank_trees["optimizer"] = dss.capture_optimizer(eng)
+            deferred["optimizer"] = dss.capture_optimizer(eng, copy=False)  # the snapshot copies once
             rank_trees["fragments"] = fragment_map(eng)  # makes the optimizer state reshardable
         if mid_window:
-            rank_trees["grads"] = dss.capture_partial_grads(eng)
+            rank_trees["grads"] = dss.capture_partial_grads(eng, copy=False)
         if self.cfg.model.moe is not None:
             rank_trees["router"] = self.model.router_state_dict()
-        jobs = []
+        jobs, live = [], []
         if self.cfg.parallel.zero_stage < 3 and self.topo.is_main:
-            # one copy each, straight into (pinned) host memory: the job writes it in the background
-            weights = {k: host_copy(v, self.ckpt.pin) for k, v in self.model.state_dict().items()}
+            # the snapshot copies them once, in the background, before the job writes them
+            weights = {k: v.detach() for k, v in self.model.state_dict().items()}
             jobs.append(self._hf_job(weights))
-        elif self.cfg.parallel.zero_stage == 3:  # the snapshot copies each partition once
-            rank_trees["model_shard"] = {n: p.ds_tensor.detach() for n, p in self.model.named_parameters()}
+            live.append(weights)
+        elif self.cfg.parallel.zero_stage == 3:
+            deferred["model_shard"] = {n: p.ds_tensor.detach() for n, p in self.model.named_parameters()}
         meta = self._meta()
         trainer_state = {**meta, **st.state_dict(), "sampler": self.sampler.state_dict()}
         raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),
                CONFIG_FILE: yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False).encode()}
-        args = (self._position(), rank_trees, raw if self.topo.is_main else {}, jobs, meta)
+        args = (self._position(), rank_trees, raw if self.topo.is_main else {}, jobs, meta, deferred, live)
         try:
             tag = self.ckpt.save(*args)
         except WriteFailed as e:  # the previous write failed somewhere: stop, or warn and save this one
