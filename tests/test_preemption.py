@@ -174,3 +174,29 @@ def test_ranks_agree_on_the_checkpoint_to_resume(tmp_path):
     r = torchrun(2, "resume_choice_worker.py", str(out), cwd=tmp_path, timeout=300)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     assert r.returncode == 0 and len(rows) == 3 and all(row["ok"] for row in rows), f"{rows}\n{r.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_runner_alone(tmp_path):
+    """The `deepspeed` runner does not forward SIGTERM to its ranks on one node (it just dies and
+    leaves them running): the ranks notice their launcher is gone and stop with a committed
+    checkpoint all the same."""
+    from common import BASE, TRAIN, free_port, write_config
+
+    path, run_dir = write_config(tmp_path, "ds", BASE, train={"max_steps": 24}, checkpoint={"every_micro_batches": 0})
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                             "--master_port", str(free_port()), TRAIN, "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV,
+                            start_new_session=True)
+    wait_for_steps(run_dir, proc)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "--local_rank" in " ".join(p.cmdline())]  # not launch.py, whose arguments name TRAIN too
+    assert len(ranks) == 2, ranks
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, "ranks of a stopped deepspeed runner kept training"
+    out = proc.stdout.read()
+    assert "its launcher deepspeed" in out, out[-3000:]
+    check_stopped_at_a_committed_checkpoint(run_dir, t0, proc.returncode)
