@@ -224,7 +224,7 @@ def test_resume_ignores_keys_added_since_the_checkpoint():
     """A checkpoint's config lacks keys a newer seqpar added: they take their defaults, not count
     as changes; real changes are still refused."""
     from seqpar.checkpoint.manager import ResumeError, check_resume_config
-    from seqpar.engine.trainer import _with_defaults
+    from seqpar.engine.resume import _with_defaults
 
     now = validate_config({"model": {"rope_scaling": {"rope_type": "llama3"}}}).model_dump(mode="json")
     old = copy.deepcopy(now)

@@ -1,0 +1,221 @@
+"""Resuming a run: which checkpoint (agreed by all ranks), whether this run may use it, and putting
+every component's state back, on the saved layout (exactly) or another one (elastic).
+
+The trainer calls ``Resume(trainer).run(spec)`` once, before training; everything here reads the
+trainer's components and the checkpoint manager, and sets the trainer's loop state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from seqpar.checkpoint.manager import TRAINER_STATE, check_resume_config
+from seqpar.checkpoint.writer import rank_dir
+from seqpar.config import ConfigError, validate_config
+from seqpar.engine import deepspeed_state as dss
+from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form, reshard_optimizer, reshard_partial_grads
+from seqpar.models import build_model
+from seqpar.rng import load_rng_state_dict
+
+if TYPE_CHECKING:
+    from seqpar.engine.trainer import Trainer
+
+
+def _layout(t: dict[str, Any]) -> str:
+    return (f"world {t['world_size']} = dp {t['dp']} x ulysses {t['ulysses']} x ring {t['ring']}, "
+            f"ZeRO-{t['zero_stage']}, {t['grad_accum_steps']} micro-batches per step")
+
+
+def _window_done(state: dict[str, Any], saved_cfg: dict[str, Any]) -> int:
+    """Sequences of the open window a checkpoint had done (all DP ranks; 0 at a step boundary)."""
+    return state["micro_step"] * int(saved_cfg["train"]["micro_batch_size"]) * state["topology"]["dp"]
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config through today's schema: keys added since it was written take their
+    defaults instead of counting as changes. As saved when it no longer validates."""
+    try:
+        return validate_config(saved).model_dump(mode="json")
+    except (ConfigError, ValueError, OSError):
+        return saved
+
+
+class Resume:
+    """One resume of one trainer (its engine, model, sampler, loop state and checkpoint manager)."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.tr = trainer
+
+    def run(self, spec: str) -> None:
+        """Restore everything from a checkpoint (``auto`` | ``none`` | path); every rank."""
+        self.tr.ckpt.lock(self.tr.logger.print)  # one job per checkpoint directory
+        log = self.tr.logger.print if self.tr.topo.is_main else (lambda msg: None)
+        path = self.tr.ckpt.find_resume(spec, self._cannot_resume, self._files_read, log)
+        if path is None:
+            return
+        state, saved_cfg = self.tr.ckpt.read_shared(path)
+        elastic = state["topology"] != self.tr._meta()["topology"]
+        accepted = check_resume_config(_with_defaults(saved_cfg), self.tr.cfg.model_dump(mode="json"),
+                                       self.tr.cfg.checkpoint.allow_changes)
+        self._set_aside_newer(path)
+        if elastic:
+            self._restore_elastic(path, state, saved_cfg)
+        else:
+            self._restore_exact(path, state)
+        self.tr.ckpt.resumed_from = path.name
+        self.tr._resumed_path, self.tr._resumed_world = path, state["topology"]["world_size"]
+        self.tr._last_tag = path.name
+        if self.tr.topo.is_main:
+            how = (f" onto a new layout ({_layout(state['topology'])} -> {_layout(self.tr._meta()['topology'])}; "
+                   "state restored exactly, the trajectory now differs by reduction order)") if elastic else ""
+            print(f"resumed from {path} (step {self.tr.state.step}, micro-step {self.tr.state.micro_step}){how}"
+                  + (f"; allowed config changes: {accepted}" if accepted else ""), flush=True)
+
+    def _files_read(self, path: Path) -> Callable[[str], bool]:
+        """Which files of checkpoint ``path`` this rank reads when resuming it (it verifies those):
+        the shared ones and its own rank's, or every rank's for an elastic resume."""
+        try:
+            saved = json.loads((path / TRAINER_STATE).read_text())["topology"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return lambda rel: True
+        if saved != self.tr._meta()["topology"]:
+            return lambda rel: True
+        mine = rank_dir(self.tr.topo.rank) + "/"
+        also0 = dss.optimizer_is_replicated(self.tr.engine)  # stage 0: rank 0 saved the optimizer for all
+        return lambda rel: (not rel.startswith("rank") or rel.startswith(mine)
+                            or (also0 and rel.startswith("rank00000/")))
+
+    def _cannot_resume(self, path: Path) -> str | None:
+        """Why this run cannot resume the (verified) checkpoint ``path``, or None."""
+        state, saved_cfg = self.tr.ckpt.read_shared(path)
+        old, new = state["topology"], self.tr._meta()["topology"]
+        if old == new:
+            return None
+        where = f"saved on layout {_layout(old)}, this run is {_layout(new)}"
+        if not self.tr.cfg.checkpoint.elastic:
+            return f"{where} and checkpoint.elastic is off"
+        old_batch = saved_cfg["train"]["micro_batch_size"] * old["grad_accum_steps"] * old["dp"]
+        lay = self.tr.layout
+        new_batch = lay.micro_batch_size * lay.grad_accum_steps * lay.dp
+        if old_batch != new_batch:
+            return (f"{where}: the global batch would change from {old_batch} to {new_batch} sequences per "
+                    f"optimizer step; keep it with --train.global_batch_size {old_batch}")
+        if not (path / rank_dir(0) / "fragments.json").is_file():
+            return f"{where}; it was written before elastic resume existed (no fragments.json)"
+        kinds = (state.get("optimizer_kind"), dss.optimizer_kind(self.tr.engine))
+        if not all(k in ELASTIC_KINDS for k in kinds):
+            return f"{where}; optimizer state {kinds[0]!r} -> {kinds[1]!r} cannot be resharded"
+        if state["micro_step"]:
+            done = _window_done(state, saved_cfg)
+            unit = lay.micro_batch_size * lay.dp
+            if done % unit:
+                return (f"{where}; it was taken {done} sequences into an accumulation window, which is not a "
+                        f"whole number of this layout's micro-steps ({unit} sequences = micro_batch_size x dp): "
+                        f"choose --train.micro_batch_size so that micro_batch_size x dp divides {done}, or "
+                        "resume a step-boundary checkpoint (tag ending in seq000000)")
+            skeleton = json.loads((path / rank_dir(0) / "grads.json").read_text())
+            if partial_grads_form(skeleton) is None:
+                return (f"{where}; its partial gradients (micro-step {state['micro_step']}) were saved without "
+                        "the slice map an elastic resume needs (an older seqpar, or BF16_Optimizer buffers): "
+                        "resume on the saved layout or a step-boundary checkpoint")
+        return None
+
+    def _set_aside_newer(self, path: Path) -> None:
+        """Checkpoints newer than the resumed one (corrupt or refused) move to ``superseded/``."""
+        if Path(path).resolve().parent != self.tr.ckpt.store.root.resolve():
+            return
+        dist.barrier()  # every rank has chosen its checkpoint before rank 0 moves any
+        if self.tr.topo.is_main:
+            for moved in self.tr.ckpt.store.set_aside_newer(path.name):
+                print(f"checkpoint newer than {path.name} moved aside (not resumed): {moved}", flush=True)
+        dist.barrier()
+
+    def _restore_exact(self, path: Path, state: dict[str, Any]) -> None:
+        """Same layout: every rank reads back exactly what it saved."""
+        eng, r = self.tr.engine, self.tr.topo.rank
+        if dss.needs_module_weights(eng):
+            from seqpar.models.hf import load_hf_checkpoint
+
+            load_hf_checkpoint(self.tr.model, path / "model")
+        opt_rank = r if not dss.optimizer_is_replicated(eng) else 0
+        dss.restore_optimizer(eng, self.tr.ckpt.read_tree(path, "optimizer", opt_rank))
+        engine_state = self.tr.ckpt.read_tree(path, "engine", r)
+        dss.restore_counters(eng, engine_state["counters"])
+        if self.tr.cfg.model.moe is not None:
+            self.tr.model.load_router_state_dict(self.tr.ckpt.read_tree(path, "router", r))
+        self.tr.state.load_state_dict({**{k: state[k] for k in self.tr.state.state_dict() if k in state},
+                                    **engine_state["history"]})
+        self.tr.sampler.load_state_dict(state["sampler"])
+        if self.tr.state.micro_step > 0:
+            dss.restore_partial_grads(eng, self.tr.ckpt.read_tree(path, "grads", r))
+            self.tr._resumed_acc = engine_state["window"]
+        load_rng_state_dict(self.tr.ckpt.read_tree(path, "rng", r))
+
+    def _restore_elastic(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
+        """Another layout (``_cannot_resume`` checked): the optimizer state is resharded from every
+        saved rank; what was the same on every rank (counters, expert bias, RNG, history) comes
+        from saved rank 0. Inside a window, the partial gradients are resharded too, the window
+        goes on at the micro-step of the new layout that starts at the same sample, and the
+        per-rank sums of the window (loss, MoE token counts) are carried by the new rank 0."""
+        old, kind = state["topology"], state["optimizer_kind"]
+        ranks = [0] if kind in ("torch", "unfused16") else list(range(old["world_size"]))
+        # lazily: each new rank reads only the parts of the saved files that overlap its slices
+        trees = {0: self.tr.ckpt.read_tree(path, "optimizer", 0, lazy=True)}
+        scheduler = trees[0]["scheduler"]
+
+        def sources():  # one saved rank's optimizer state in memory at a time
+            for r in ranks:
+                tree = trees.pop(r, None) or self.tr.ckpt.read_tree(path, "optimizer", r, lazy=True)
+                yield tree["optimizer"], self.tr.ckpt.read_tree(path, "fragments", r)
+
+        def old_weights() -> dict[str, torch.Tensor]:  # ZeRO-0 fp32 keeps its master in the module
+            from seqpar.models.hf import load_hf_checkpoint
+
+            saved = build_model(self.tr.cfg.model, seed=self.tr.cfg.train.seed)
+            load_hf_checkpoint(saved, path / "model")
+            return {n: p.detach() for n, p in saved.named_parameters()}
+
+        if state["step"] > 0:
+            reshard_optimizer(self.tr.engine, kind, sources(), scheduler, old_weights)
+        # else inside the first window: no optimizer step yet, so the saved optimizer holds just the
+        # initial weights, which this run has built from the same config and seed; nothing to move
+        lay, old_ranks = self.tr.layout, range(old["world_size"])
+        old_micro = state["micro_step"]
+        new_micro = _window_done(state, saved_cfg) // (lay.micro_batch_size * lay.dp)
+        counters = self.tr.ckpt.read_tree(path, "engine", 0)["counters"]
+        counters["micro_steps"] = counters["micro_steps"] // old["grad_accum_steps"] * lay.grad_accum_steps + new_micro
+        dss.restore_counters(self.tr.engine, counters)
+        if self.tr.cfg.model.moe is not None:
+            routers = [self.tr.ckpt.read_tree(path, "router", r) for r in (old_ranks if old_micro else [0])]
+            self.tr.model.load_router_state_dict(self._window_sums(routers, ("tokens_per_expert",)))
+        self.tr.state.load_state_dict({**{k: state[k] for k in self.tr.state.state_dict() if k in state},
+                                    **self.tr.ckpt.read_tree(path, "engine", 0)["history"]})
+        self.tr.state.micro_step = new_micro
+        if old_micro:
+            form = partial_grads_form(json.loads((path / rank_dir(0) / "grads.json").read_text()))
+            reshard_partial_grads(self.tr.engine, lambda r: self.tr.ckpt.read_tree(path, "grads", r, lazy=True),
+                                  old["world_size"], str(form))
+            window = self._window_sums([self.tr.ckpt.read_tree(path, "engine", r)["window"] for r in old_ranks],
+                                       ("ce", "aux"))
+            # each micro-step's aux loss counts 1 / (accumulation steps x world) of the window
+            window["aux"] *= (lay.grad_accum_steps * lay.world_size) / (old["grad_accum_steps"] * old["world_size"])
+            self.tr._resumed_acc = window
+        self.tr.sampler.load_state_dict(state["sampler"])
+        load_rng_state_dict(self.tr.ckpt.read_tree(path, "rng", 0))
+
+    def _window_sums(self, trees: list[dict[str, Any]], summed: tuple[str, ...]) -> dict[str, Any]:
+        """Saved rank 0's tree, with the entries whose key ends in one of ``summed`` replaced by
+        their sum over all saved ranks on the new rank 0 and by zero on the others (what is
+        summed over ranks at the end of the window: loss sums, MoE token counts)."""
+        out = dict(trees[0])
+        for key in out:
+            if key.endswith(summed):
+                total = sum(t[key] for t in trees)
+                out[key] = total if self.tr.topo.is_main else total * 0
+        return out
