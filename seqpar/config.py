@@ -19,11 +19,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from seqpar.errors import UserError
+
 # Default config: tiny model on the built-in passkey task; runs on a laptop CPU in minutes.
 DEFAULT_CONFIG_NAME = "tiny-cpu"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with the key(s) involved and how to fix it."""
 
 

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
 
     from seqpar.config import ConfigError, load_config
+    from seqpar.errors import UserError
 
     if args.resume is not None:
         overrides = overrides + ["--checkpoint.resume", args.resume]
@@ -64,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
 
-    from seqpar.checkpoint.manager import ResumeError
-    from seqpar.checkpoint.store import DirLockedError
     from seqpar.engine import Trainer
     from seqpar.engine.trainer import CheckpointIOError
     from seqpar.parallel import init_topology, pick_device
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, topo, config_path=args.config or "<embedded tiny-cpu>")
         trainer.train()
-    except (ResumeError, DirLockedError) as e:
+    except UserError as e:  # config, data, tokenizer, resume, a checkpoint dir in use: one line, exit 2
         if topo.is_main:
             print(f"seqpar: {e}", file=sys.stderr)
         return outcome("usage_error", EXIT_USAGE, str(e))

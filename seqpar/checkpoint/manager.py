@@ -23,6 +23,7 @@ from seqpar.checkpoint.store import CheckpointStore, DirLockedError, Position, s
 from seqpar.checkpoint.verify import UnsafePath, safe_member
 from seqpar.checkpoint.writer import CheckpointWriter, Snapshot, WriteFailed, rank_dir
 from seqpar.config import CheckpointConfig
+from seqpar.errors import UserError
 
 # Keys that describe the resume itself.
 RESUME_KEYS = ("checkpoint.resume", "checkpoint.allow_changes")
@@ -41,8 +42,8 @@ TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 
 
-class ResumeError(RuntimeError):
-    pass
+class ResumeError(UserError, RuntimeError):
+    """This run cannot resume what was asked (or found); the message says why and what to do."""
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -38,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from seqpar.errors import UserError
+
 FORMAT_VERSION = 2  # 2: position in the manifest, tags by sequences done in the window
 MANIFEST = "manifest.json"
 MARKER = "COMMITTED"
@@ -148,8 +150,8 @@ class CheckpointInfo:
         return self.tag
 
 
-class DirLockedError(RuntimeError):
-    pass
+class DirLockedError(UserError, RuntimeError):
+    """Another job holds the checkpoint directory."""
 
 
 _HELD: dict[str, int] = {}  # realpath of a checkpoint root -> fd holding its lock (this process)

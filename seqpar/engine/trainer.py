@@ -45,6 +45,7 @@ from seqpar.engine.reshard import fragment_map
 from seqpar.engine.resume import Resume
 from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
+from seqpar.errors import DataError
 from seqpar.evaluate import passkey_results
 from seqpar.kernels import LocalAttention, select_attention, select_block_kernel
 from seqpar.metrics import RunLogger, memory_gib, peak_tflops
@@ -146,9 +147,10 @@ class Trainer:
         if topo.is_main:
             dist.barrier()
         if self.dataset.vocab_size_needed > cfg.model.vocab_size:
-            raise ValueError(
+            raise DataError(
                 f"data emits token ids up to {self.dataset.vocab_size_needed - 1} but "
-                f"model.vocab_size={cfg.model.vocab_size}: raise model.vocab_size or fix the tokenizer"
+                f"model.vocab_size={cfg.model.vocab_size}: raise model.vocab_size to at least "
+                f"{self.dataset.vocab_size_needed} or use a tokenizer that fits"
             )
         self.sampler = GlobalSampler(len(self.dataset), cfg.data.seed, cfg.data.shuffle)
         self.loader = MicroBatchLoader(
