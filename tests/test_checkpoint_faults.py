@@ -143,14 +143,24 @@ def test_corruption_is_detected_and_auto_resume_falls_back(tmp_path):
 
 
 def test_incompatible_config_is_refused_with_the_changes(tmp_path):
-    cmd, run_dir = command(tmp_path, "compat", 1, train={"max_steps": 1}, checkpoint={"every_micro_batches": 0})
+    """A changed config on an existing run dir: one line listing each change with its fix (never
+    calling a shorter run "safe"); the same command again after the run finished says so and does
+    nothing (no second evaluation, no duplicate metrics record)."""
+    cmd, run_dir = command(tmp_path, "compat", 1, train={"max_steps": 2}, checkpoint={"every_micro_batches": 0})
     assert run(cmd).returncode == 0
-    r = run(cmd + ["--model.hidden_size", "64", "--train.max_steps", "2"])
-    assert r.returncode == 2
-    assert "model.hidden_size: 32 -> 64  (changes what training computes" in r.stderr
-    assert "train.max_steps: 1 -> 2  (safe: allow it with --checkpoint.allow_changes" in r.stderr
-    r = run(cmd + ["--train.max_steps", "2", "--checkpoint.allow_changes", "[train.max_steps]"])
-    assert r.returncode == 0 and "allowed config changes: ['train.max_steps: 1 -> 2']" in r.stdout
+    records = (run_dir / "metrics.jsonl").read_text()
+    again = run(cmd)
+    assert again.returncode == 0 and "already complete at step 2" in again.stdout, again.stdout[-2000:]
+    assert "--resume none or a new logging.run_dir" in again.stdout and "done:" not in again.stdout
+    assert (run_dir / "metrics.jsonl").read_text() == records
+    r = run(cmd + ["--model.hidden_size", "64", "--train.max_steps", "3"])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "model.hidden_size: 32 -> 64 (changes what training computes; to start over: --resume none" in r.stderr
+    assert "train.max_steps: 2 -> 3 (to change this run: --checkpoint.allow_changes '[train.max_steps]'" in r.stderr
+    r = run(cmd + ["--train.max_steps", "1"])
+    assert r.returncode == 2 and "train.max_steps: 2 -> 1 (the checkpoint is already at step 2; to start over" in r.stderr
+    r = run(cmd + ["--train.max_steps", "3", "--checkpoint.allow_changes", "[train.max_steps]"])
+    assert r.returncode == 0 and "allowed config changes: ['train.max_steps: 2 -> 3']" in r.stdout
 
 
 @pytest.mark.slow

@@ -60,9 +60,12 @@ def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def check_resume_config(saved: dict, current: dict, allowed: list[str]) -> list[str]:
-    """Raise ``ResumeError`` listing refused changes; return the allowed ones (for the log)."""
+def check_resume_config(saved: dict, current: dict, allowed: list[str], saved_step: int | None = None) -> list[str]:
+    """Raise ``ResumeError`` listing refused changes (one line); return the allowed ones (for the
+    log). ``saved_step``: the checkpoint's optimizer steps (a max_steps at or below it is no
+    extension: the run would just be over)."""
     refused, accepted = [], []
+    fresh = "to start over: --resume none or a new logging.run_dir"
     for key, old, new in config_changes(saved, current):
         if key in RESUME_KEYS:
             continue
@@ -72,12 +75,14 @@ def check_resume_config(saved: dict, current: dict, allowed: list[str]) -> list[
             accepted.append(line)
         elif safe and any(fnmatch.fnmatch(key, pat) for pat in allowed):
             accepted.append(line)
+        elif key == "train.max_steps" and saved_step is not None and isinstance(new, int) and new <= saved_step:
+            refused.append(f"{line} (the checkpoint is already at step {saved_step}; {fresh})")
         elif safe:
-            refused.append(f"{line}  (safe: allow it with --checkpoint.allow_changes '[{key}]')")
+            refused.append(f"{line} (to change this run: --checkpoint.allow_changes '[{key}]'; {fresh})")
         else:
-            refused.append(f"{line}  (changes what training computes; start a new run instead)")
+            refused.append(f"{line} (changes what training computes; {fresh})")
     if refused:
-        raise ResumeError("the config differs from the checkpoint's:\n  " + "\n  ".join(refused))
+        raise ResumeError("the config differs from the checkpoint's: " + "; ".join(refused))
     return accepted
 
 

@@ -62,7 +62,7 @@ class Resume:
         state, saved_cfg = self.tr.ckpt.read_shared(path)
         elastic = state["topology"] != self.tr._meta()["topology"]
         accepted = check_resume_config(_with_defaults(saved_cfg), self.tr.cfg.model_dump(mode="json"),
-                                       self.tr.cfg.checkpoint.allow_changes)
+                                       self.tr.cfg.checkpoint.allow_changes, saved_step=state["step"])
         self._set_aside_newer(path)
         if elastic:
             self._restore_elastic(path, state, saved_cfg)

@@ -261,6 +261,12 @@ class Trainer:
     # -- loop -------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Run until ``train.max_steps``; returns final metrics (rank 0's view, same everywhere)."""
+        if self.ckpt.resumed_from and self.state.step >= self.cfg.train.max_steps and not self.state.micro_step:
+            # the same command again after the run finished: nothing to train, evaluate or log
+            self.logger.print(f"already complete at step {self.state.step} ({self.ckpt.resumed_from}); use "
+                              "--resume none or a new logging.run_dir to start over")
+            self.logger.close()
+            return {"step": self.state.step, "complete": True}
         self.logger.print(self.summary())
         self.logger.start_at(self.state.step)
         self.engine.train()
