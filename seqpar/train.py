@@ -38,7 +38,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_known_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
+    """The command line. ``extra_state``: your own stateful objects, checkpointed with the run
+    (a script of yours calls ``main(extra_state={...})``; docs/extending.md)."""
     # First of all: a preemption signal during start-up is kept (the run exits 75 before its first
     # micro-batch), and a restart wrapper can signal this process (scripts/auto_restart.sh).
     from seqpar.checkpoint.runstate import register_pid, write_run_state
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seqpar: {e}", file=sys.stderr)
         return outcome("usage_error", EXIT_USAGE, str(e))
     try:
-        trainer = Trainer(cfg, topo, config_path=args.config or "<embedded tiny-cpu>")
+        trainer = Trainer(cfg, topo, config_path=args.config or "<embedded tiny-cpu>", extra_state=extra_state)
         trainer.train()
     except UserError as e:  # config, data, tokenizer, resume, a checkpoint dir in use: one line, exit 2
         if topo.is_main:

@@ -52,6 +52,10 @@ class Resume:
     def __init__(self, trainer: "Trainer"):
         self.tr = trainer
 
+    def _log(self, msg: str) -> None:
+        if self.tr.topo.is_main:
+            self.tr.logger.print(msg)
+
     def run(self, spec: str) -> None:
         """Restore everything from a checkpoint (``auto`` | ``none`` | path); every rank."""
         self.tr.ckpt.lock(self.tr.logger.print)  # one job per checkpoint directory
@@ -156,6 +160,7 @@ class Resume:
             dss.restore_partial_grads(eng, self.tr.ckpt.read_tree(path, "grads", r))
             self.tr._resumed_acc = engine_state["window"]
         load_rng_state_dict(self.tr.ckpt.read_tree(path, "rng", r))
+        self.tr.extensions.load(lambda stem: self.tr.ckpt.read_tree(path, stem, r), self._log)
 
     def _restore_elastic(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         """Another layout (``_cannot_resume`` checked): the optimizer state is resharded from every
@@ -208,6 +213,7 @@ class Resume:
             self.tr._resumed_acc = window
         self.tr.sampler.load_state_dict(state["sampler"])
         load_rng_state_dict(self.tr.ckpt.read_tree(path, "rng", 0))
+        self.tr.extensions.load(lambda stem: self.tr.ckpt.read_tree(path, stem, 0), self._log)  # as RNG: rank 0's
 
     def _window_sums(self, trees: list[dict[str, Any]], summed: tuple[str, ...]) -> dict[str, Any]:
         """Saved rank 0's tree, with the entries whose key ends in one of ``summed`` replaced by

@@ -41,6 +41,7 @@ from seqpar.checkpoint import hashio
 from seqpar.checkpoint.writer import WriteFailed
 from seqpar.config import Config, ConfigError, Layout, flops_per_token
 from seqpar.engine import deepspeed_state as dss
+from seqpar.engine.extensions import Extensions
 from seqpar.engine.reshard import fragment_map
 from seqpar.engine.resume import Resume
 from seqpar.engine.zero3_init import build_partitioned_model
@@ -129,13 +130,17 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, topo: Topology, config_path: str | None = None):
+    def __init__(self, cfg: Config, topo: Topology, config_path: str | None = None,
+                 extra_state: dict[str, Any] | None = None):
+        """``extra_state``: your own stateful objects, checkpointed and restored with the run
+        (``engine/extensions.py``)."""
         import deepspeed
 
         self.cfg, self.topo = cfg, topo
         self.layout: Layout = cfg.layout(topo.world_size)
         self.device = topo.device
         self.state = TrainState()
+        self.extensions = Extensions(extra_state)
         self.run_dir = Path(cfg.logging.run_dir)
         seed_everything(cfg.train.seed)
 
@@ -372,8 +377,10 @@ class Trainer:
         st.record_micro_batch(out.loss_sum.item(), self.model.routing_digest() if self.cfg.model.moe else None)
         st.micro_step += 1
         st.consumed_samples += lay.micro_batch_size * lay.dp
+        self.extensions.call("on_micro_batch_end", self)
         if closes:
             self._close_window()
+            self.extensions.call("on_step_end", self)
 
     def _model_inputs(self, batch):
         """Device tensors for the model: the whole micro-batch, or this rank's sequence shard."""
@@ -483,6 +490,7 @@ class Trainer:
             rank_trees["grads"] = dss.capture_partial_grads(eng, copy=False)
         if self.cfg.model.moe is not None:
             rank_trees["router"] = self.model.router_state_dict()
+        rank_trees.update(self.extensions.trees())
         jobs, live = [], []
         if self.cfg.parallel.zero_stage < 3 and self.topo.is_main:
             # the snapshot copies them once, in the background, before the job writes them
