@@ -323,3 +323,19 @@ def test_writer_hashes_while_writing(tmp_path, monkeypatch):
         assert hashlib.sha256((final / rel).read_bytes()).hexdigest() == want["sha256"]
         assert (final / rel).stat().st_mode & 0o777 == 0o640, rel
     assert (final / "manifest.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_keep_best_protects_the_lowest_eval_loss(tmp_path):
+    """checkpoint.keep_best: retention never deletes the checkpoint with the lowest held-out loss."""
+    store = CheckpointStore(tmp_path)
+    for step, loss in ((1, 3.0), (2, 1.5), (3, 2.0), (4, 2.5)):
+        part = store.begin(tag_for(step, 0))
+        (part / "trainer_state.json").write_text("{}")
+        pos = {"step": step, "window_samples": 0, "consumed_samples": 8 * step, "micro_step": 0}
+        new = store.commit(tag_for(step, 0), describe_files(part, [part / "trainer_state.json"]),
+                           {"position": pos, "eval_loss": loss})
+        store.retain(keep_last=1, protect=set(), committed_now=new, keep_best=True)
+    assert store.best() == (tag_for(2, 0), 1.5)
+    assert [c.step for c in store.list()] == [2, 4]
+    store.retain(keep_last=1, protect=set(), committed_now=new, keep_best=False)
+    assert [c.step for c in store.list()] == [4]

@@ -203,7 +203,7 @@ class CheckpointManager:
         protect = {self.resumed_from} if self.resumed_from else set()
         if self.mirror is not None:
             protect |= self.mirror.protected()  # a checkpoint being uploaded is not deleted under it
-        self.store.retain(self.cfg.keep_last, protect, committed_now=committed)
+        self.store.retain(self.cfg.keep_last, protect, committed_now=committed, keep_best=self.cfg.keep_best)
         if self.mirror is not None:
             self.mirror.submit(committed)
 

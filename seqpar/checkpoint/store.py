@@ -358,9 +358,22 @@ class CheckpointStore:
             pass  # verify reports it
         return self.verify(path)
 
-    def retain(self, keep_last: int, protect: set[str], committed_now: Path | None = None) -> list[Path]:
-        """Keep the ``keep_last`` committed checkpoints with the most training, plus ``protect``;
-        delete older ones. ``committed_now`` (the checkpoint just written) is re-verified from the
+    def best(self) -> tuple[str, float] | None:
+        """(tag, eval loss) of the committed checkpoint with the lowest held-out loss, if any has one."""
+        scored = []
+        for c in self.list():
+            try:
+                loss = json.loads((c.path / MANIFEST).read_text()).get("eval_loss")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(loss, (int, float)) and (c.path / MARKER).is_file():
+                scored.append((float(loss), c.order, c.tag))
+        return (min(scored)[2], min(scored)[0]) if scored else None
+
+    def retain(self, keep_last: int, protect: set[str], committed_now: Path | None = None,
+               keep_best: bool = False) -> list[Path]:
+        """Keep the ``keep_last`` committed checkpoints with the most training, plus ``protect`` (and
+        with ``keep_best`` the one with the lowest ``eval_loss`` in its manifest); delete the others. ``committed_now`` (the checkpoint just written) is re-verified from the
         disk first: if it does not verify, nothing is deleted and ``RuntimeError`` says why.
 
         The newest committed checkpoint is never deleted, whatever ``keep_last`` says. Uncommitted
@@ -376,6 +389,8 @@ class CheckpointStore:
         keep = {c.tag for c in committed[-max(keep_last, 1):]} | protect
         if committed_now is not None:
             keep.add(committed_now.name)
+        if keep_best and (best := self.best()):
+            keep.add(best[0])  # the lowest held-out loss so far (checkpoint.keep_best)
         gone = []
         for c in committed:
             if c.tag not in keep:
