@@ -24,15 +24,17 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
-from seqpar.checkpoint.codec import load_tree
-from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
+# torch (and what imports it: the codec, the manager) is imported where a command needs it, so
+# `--help` and argument errors answer at once; the light modules below import neither.
 from seqpar.checkpoint.store import LATEST, MANIFEST, MARKER, CheckpointStore, parse_tag
 from seqpar.checkpoint.verify import load_manifest, read_latest, safe_member, verify_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 RUN_CHECKPOINTS = "checkpoints"  # <logging.run_dir>/checkpoints, the default checkpoint.dir
 # Tokenizer files exported next to the weights when a checkpoint has them (top level or tokenizer/)
@@ -50,6 +52,8 @@ class CliError(Exception):
 
 
 def _is_checkpoint(p: Path) -> bool:
+    from seqpar.checkpoint.manager import TRAINER_STATE
+
     return p.is_dir() and (any(os.path.lexists(p / n) for n in (MANIFEST, MARKER, TRAINER_STATE))
                            or (parse_tag(p.name) is not None and not os.path.lexists(p / LATEST)))
 
@@ -162,6 +166,8 @@ def _show(label: str, text: Callable[[], str]) -> None:
 def cmd_inspect(path: Path) -> int:
     """What the newest (or given) checkpoint holds, then whether it verifies (sha256 included);
     1 when it does not verify or its trainer state / config cannot be parsed."""
+    from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
+
     ck = _targets(path, newest=True)[0]
     print(f"checkpoint  {ck}")
     readable = True
@@ -209,6 +215,9 @@ def cmd_verify(path: Path) -> int:
 
 def consolidate_zero3(path: Path, cfg_model) -> dict[str, torch.Tensor]:
     """Full parameters from every rank's ZeRO-3 partitions (+ router buffers from rank 0)."""
+    import torch
+
+    from seqpar.checkpoint.codec import load_tree
     from seqpar.models.transformer import Transformer
 
     with torch.device("meta"):
@@ -243,6 +252,7 @@ def _copy_checked(src: Path, dst: Path, sha256: str) -> None:
 
 
 def cmd_export(path: Path, out: Path) -> int:
+    from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
     from seqpar.config import ModelConfig
     from seqpar.models.hf import save_hf_checkpoint
 
@@ -270,7 +280,10 @@ def cmd_export(path: Path, out: Path) -> int:
         else:
             saved = _read(ck, CONFIG_FILE, yaml.safe_load)["model"]
             model_cfg = ModelConfig.model_validate({**saved, "hf_path": None})  # architecture as trained
-            save_hf_checkpoint(consolidate_zero3(ck, model_cfg), model_cfg, hf)
+            state = _read(ck, TRAINER_STATE, json.loads) if TRAINER_STATE in files else {}
+            ids = state.get("special_tokens") or {}  # written since exports carry them
+            save_hf_checkpoint(consolidate_zero3(ck, model_cfg), model_cfg, hf,
+                               **{k: v for k, v in ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         for name, rel in tokenizer.items():
             if name not in model:  # the model dir's own copy wins
                 _copy_checked(safe_member(ck, rel), hf / name, files[rel].sha256)

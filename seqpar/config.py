@@ -12,12 +12,24 @@ import copy
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from seqpar.errors import UserError
 
@@ -32,6 +44,92 @@ class ConfigError(UserError, ValueError):
 class _Section(BaseModel):
     # extra="forbid": a misspelt key is an error, never silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# Input files a config names. A relative value in a config file is relative to that file's
+# directory (files shipped next to a config keep working from any working directory); on the
+# command line, and for everything a run writes (logging.run_dir, checkpoint.dir, data.cache_dir,
+# checkpoint.mirror, checkpoint.resume), relative to the current directory.
+INPUT_PATH_KEYS = ("data.paths", "data.eval_paths", "data.tokenizer", "model.hf_path")
+CLI = "the command line"
+
+
+@dataclass
+class _Origins:
+    """Where each value of a config being loaded came from, for messages (pydantic context)."""
+
+    source: str = "<dict>"  # the YAML layer, as shown to the user
+    file_keys: set[str] = field(default_factory=set)  # dotted keys (and their sections) set by the file
+    cli_keys: set[str] = field(default_factory=set)  # ... set by --section.key overrides
+    paths: dict[str, list[_Written]] = field(default_factory=dict)  # input path key -> items as written
+    notices: list[str] = field(default_factory=list)
+
+    def where(self, key: str) -> str | None:
+        return CLI if key in self.cli_keys else self.source if key in self.file_keys else None
+
+    def shown(self, key: str) -> str:
+        """The key as the user wrote it: ``--train.lr`` on the command line, else ``train.lr``."""
+        leaf = key in self.cli_keys and not any(k.startswith(f"{key}.") for k in self.cli_keys)
+        return f"--{key}" if leaf else key
+
+
+def _origins(info: ValidationInfo | None) -> _Origins:
+    ctx = getattr(info, "context", None)
+    found = ctx.get("seqpar") if isinstance(ctx, dict) else None
+    return found if isinstance(found, _Origins) else _Origins()
+
+
+@dataclass(frozen=True)
+class _Written:
+    """One input path as the user wrote it, and the directory a relative one was resolved against."""
+
+    text: str
+    base: Path | None = None  # None: absolute as written
+    in_file: bool = False  # base is the config file's directory (else the current directory)
+
+    @property
+    def how(self) -> str:
+        if self.base is None:
+            return ""
+        where = "the config file's directory" if self.in_file else "the current directory"
+        return f" (relative to {where} {self.base})"
+
+
+def _written(origins: _Origins, key: str, i: int, value: Path) -> _Written:
+    items = origins.paths.get(key)
+    if items and i < len(items):
+        return items[i]
+    return _Written(str(value), None if value.is_absolute() else Path.cwd())
+
+
+def _path_problem(origins: _Origins, key: str, i: int | None, value: Path, directory: bool = False) -> str | None:
+    """None when ``value`` exists (a file, or a directory when ``directory``); else one clause naming
+    the key, the value as written, how it was resolved and what to do."""
+    if value.is_dir() if directory else value.is_file():
+        return None
+    w = _written(origins, key, i or 0, value)
+    shown = f"{key}[{i}]" if i is not None else key
+    shown = f"{shown} '{w.text}'{w.how}"
+    if key == "data.tokenizer":
+        if value.is_dir():
+            inner = Path(w.text) / "tokenizer.json"
+            return f"{shown} is not a file: " + (f"set data.tokenizer: {inner}" if (value / "tokenizer.json").is_file()
+                                                 else "it is a directory (want tokenizer.json)")
+        msg = f"{shown} is not a file: it does not exist (want tokenizer.json)"
+    elif directory:
+        if value.exists():
+            return f"{shown} is a file: config.json not found (want a Hugging Face model directory)"
+        msg = f"{shown} does not exist: config.json not found (want a Hugging Face model directory)"
+    elif value.is_dir():
+        return f"{shown} is a directory: list the files in it instead"
+    else:
+        msg = f"{shown} does not exist"
+    here = Path.cwd() / Path(w.text).expanduser()
+    if w.in_file and w.base is not None and here.exists():
+        # the old reading (relative to the working directory) would have found it
+        msg += (f"; it exists relative to the current directory ({here}): relative paths in a config file "
+                f"are read from the file's directory, so write '{os.path.relpath(here, w.base)}' or an absolute path")
+    return msg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,15 +224,19 @@ class ModelConfig(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _from_hf(cls, data: Any) -> Any:
+    def _from_hf(cls, data: Any, info: ValidationInfo) -> Any:
         """With ``hf_path``, the architecture comes from its config.json; explicit keys that
         disagree with it are an error (a silent mix would load weights into the wrong shapes)."""
         if not isinstance(data, dict) or data.get("hf_path") is None:
             return data
+        origins = _origins(info)
         path = Path(data["hf_path"])
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise ValueError(f"model.hf_path: '{cfg_file}' not found (want a HF model directory)")
+            w = _written(origins, "model.hf_path", 0, path)
+            raise ValueError(_path_problem(origins, "model.hf_path", None, path, directory=True) or
+                             f"model.hf_path '{w.text}'{w.how}: config.json not found in it (want a Hugging Face "
+                             "model directory)")
         from seqpar.models.hf import hf_config_to_fields
 
         try:
@@ -142,7 +244,7 @@ class ModelConfig(_Section):
         except (ValueError, KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"model.hf_path: cannot use {cfg_file}: {e}") from None
         merged = {**data, **fields}
-        clashes = []
+        clashes: list[tuple[str, str]] = []  # (key, "key=value (config.json: value)")
         for k, v in fields.items():
             if k not in data or data[k] == v:
                 continue
@@ -154,15 +256,26 @@ class ModelConfig(_Section):
                     if mk in HF_OVERRIDABLE_MOE or moe.get(mk) == mv:
                         moe[mk] = mv
                     else:
-                        clashes.append(f"model.moe.{mk}={mv!r} (config.json: {moe.get(mk)!r})")
+                        clashes.append((f"model.moe.{mk}", f"model.moe.{mk}={mv!r} (config.json: {moe.get(mk)!r})"))
                 merged["moe"] = moe
             else:
-                clashes.append(f"model.{k}={data[k]!r} (config.json: {v!r})")
+                clashes.append((f"model.{k}", f"model.{k}={data[k]!r} (config.json: {v!r})"))
         if clashes:
+            # say where each key came from, and the fix for that place
+            fixes: dict[str, list[str]] = {}
+            for key, _ in clashes:
+                fixes.setdefault(origins.where(key) or "", []).append(key)
+            where = []
+            for src, keys in fixes.items():
+                if src == CLI:
+                    where.append("drop " + ", ".join(f"--{k}" for k in keys))
+                elif src:
+                    where.append(f"remove {', '.join(keys)} from {src} (or use a config without a model section)")
             raise ValueError(
-                "these keys disagree with model.hf_path's config.json: "
-                + ", ".join(clashes)
-                + "; remove them from the YAML (the checkpoint defines the architecture; only "
+                f"these keys disagree with model.hf_path's config.json ({cfg_file}): "
+                + ", ".join(text for _, text in clashes)
+                + "; " + ("; ".join(where) if where else "remove them from the YAML")
+                + " (the checkpoint defines the architecture; only "
                 + ", ".join(sorted(HF_OVERRIDABLE | {f"moe.{k}" for k in HF_OVERRIDABLE_MOE}))
                 + " may be changed)"
             )
@@ -237,12 +350,21 @@ class DataConfig(_Section):
     seed: int = Field(1234, ge=0, description="data order and synthetic samples")
     shuffle: bool = Field(True, description="new permutation of the sequences every epoch")
     paths: list[Path] = Field(default_factory=list, description="input files (text/tokens/sft)")
+    eval_paths: list[Path] = Field(
+        default_factory=list, description="held-out files for train.eval_every (same format as paths)"
+    )
     tokenizer: Path | None = Field(None, description="tokenizer.json (text/sft); None = bytes")
+    eos_token: str | None = Field(
+        None, description="with tokenizer: token ending each document; None = <|endoftext|>, </s>, ... found in it"
+    )
     text_field: str = Field("text", description="text: jsonl field holding the document")
     token_dtype: Literal["uint16", "uint32"] = Field("uint16", description="dtype of raw .bin files")
     eos_id: int | None = Field(None, ge=0, description="tokens: document separator id")
     prompt_field: str = Field("prompt", description="sft: prompt field (no loss)")
     response_field: str = Field("response", description="sft: response field (loss)")
+    sft_separator: str = Field(
+        "\n", description="sft: text between prompt and response (no loss); '' = joined as is"
+    )
     messages_field: str = Field("messages", description="sft: chat list of {role, content}; loss on assistant")
     chat_template: str = Field(
         DEFAULT_CHAT_TEMPLATE, description="per-message format with {role} and {content}"
@@ -254,16 +376,39 @@ class DataConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self, info: ValidationInfo) -> "DataConfig":
         if self.type in ("text", "tokens", "sft") and not self.paths:
             raise ValueError(f"data.type '{self.type}' reads files: set data.paths to a list of files")
-        for p in self.paths:
-            if not p.exists():
-                raise ValueError(f"data.paths: file '{p}' does not exist")
-        if self.tokenizer is not None and not self.tokenizer.is_file():
-            raise ValueError(f"data.tokenizer: '{self.tokenizer}' is not a file (want tokenizer.json)")
+        if self.type == "passkey" and self.paths:
+            kinds = {p.suffix for p in self.paths}
+            guess = "tokens" if kinds <= {".npy", ".bin"} else "text (or sft)" if kinds <= {".jsonl", ".json"} else None
+            raise ValueError(
+                "data.paths is set but data.type is 'passkey' (the built-in synthetic task reads no files): "
+                + (f"set data.type {guess}" if guess else "set data.type text, tokens or sft")
+                + ", or remove data.paths")
+        # Existence only (before any work, --print-config included): how a relative path was resolved
+        # is part of each message. Contents are read by seqpar.data.
+        origins = _origins(info)
+        problems = [_path_problem(origins, key, i, p) for key, paths in
+                    (("data.paths", self.paths), ("data.eval_paths", self.eval_paths)) for i, p in enumerate(paths)]
+        if self.tokenizer is not None:
+            problems.append(_path_problem(origins, "data.tokenizer", None, self.tokenizer))
+        if any(problems):
+            raise ValueError("; ".join(p for p in problems if p))
+        if self.eos_token is not None and self.tokenizer is None:
+            raise ValueError(
+                "data.eos_token needs data.tokenizer (the byte tokenizer's eos is fixed; token files "
+                "use data.eos_id): set data.tokenizer or remove data.eos_token"
+            )
         if "{role}" not in self.chat_template or "{content}" not in self.chat_template:
             raise ValueError("data.chat_template must contain '{role}' and '{content}'")
+        try:
+            self.chat_template.format(role="user", content="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"data.chat_template cannot be formatted ({e!r}): only {{role}} and {{content}} may "
+                "appear in braces; write a literal brace as {{ or }}"
+            ) from None
         return self
 
 
@@ -306,6 +451,8 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master")
     activation_checkpointing: bool = Field(False, description="recompute each layer in the backward")
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
+    eval_every: int = Field(0, ge=0, description="held-out loss every N optimizer steps (0 = off)")
+    eval_samples: int = Field(64, ge=1, description="held-out sequences scored at each evaluation")
     attention: Literal["auto", "torch", "sdpa", "flash_attn"] = Field(
         "auto", description="auto: flash_attn if installed on CUDA, else sdpa; torch = exact math"
     )
@@ -325,8 +472,10 @@ class TrainConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.warmup_steps > self.max_steps:
+            # (load_config lowers a warmup that comes from a lower layer than max_steps: _fit_warmup)
             raise ValueError(
-                f"warmup_steps={self.warmup_steps} > max_steps={self.max_steps}: lower warmup"
+                f"train.warmup_steps={self.warmup_steps} > train.max_steps={self.max_steps}: set "
+                f"train.warmup_steps to at most {self.max_steps} (e.g. --train.warmup_steps {self.max_steps})"
             )
         return self
 
@@ -359,6 +508,9 @@ class CheckpointConfig(_Section):
         None, description="also copy each committed checkpoint here (fsspec URL: s3://..., file://..., or a path)"
     )
     mirror_keep_last: int | None = Field(None, ge=1, description="checkpoints kept on the mirror (None = keep_last)")
+    keep_best: bool = Field(
+        False, description="with train.eval_every: also save at each evaluation and keep the lowest eval loss"
+    )
 
     @field_validator("file_mode")
     @classmethod
@@ -377,14 +529,32 @@ class LoggingConfig(_Section):
 
     run_dir: Path = Field(Path("runs/default"), description="metrics.jsonl, tensorboard, cache")
     log_every: int = Field(1, ge=1, description="optimizer steps between metric records")
-    progress_bar: bool = Field(True, description="tqdm bar on rank 0 (else plain lines)")
+    progress_bar: bool = Field(
+        True, description="tqdm bar on rank 0 when stderr is a terminal; else (or false) a plain line per log_every steps"
+    )
     tensorboard: Literal["auto", "on", "off"] = Field("auto", description="auto: when installed")
+    checkpoint_lines: Literal["auto", "every", "none"] | int = Field(  # an int >= 1: _lines_on_off
+        "auto", description="a line per checkpoint save: every, none, N (every N-th save) or auto (every save "
+        "when at most one per optimizer step, else the first; the progress line sums up the others); a stop's "
+        "and the final save always print"
+    )
 
     @field_validator("tensorboard", mode="before")
     @classmethod
     def _on_off(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare on/off as a boolean
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("checkpoint_lines", mode="before")
+    @classmethod
+    def _lines_on_off(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return "every" if v else "none"
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if v in ("auto", "every", "none") or (isinstance(v, int) and v >= 1):
+            return v
+        raise ValueError("expected auto, every, none or a number N >= 1 (a line every N-th save)")
     peak_tflops: float | None = Field(
         None, gt=0, description="per-device peak for MFU; None = known GPUs, else MFU not shown"
     )
@@ -429,6 +599,12 @@ class Config(_Section):
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="passed through to DeepSpeed, merged over derived keys"
     )
+    _notices: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notices(self) -> list[str]:
+        """One-line notes on what ``load_config`` adjusted (printed to stderr by it, rank 0)."""
+        return self._notices
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
@@ -476,6 +652,12 @@ class Config(_Section):
             )
         if self.data.type == "passkey" and self.data.tokenizer is not None:
             raise ValueError("data.tokenizer is not used by the passkey task (byte-level): remove it")
+        if self.train.eval_every and self.data.type != "passkey" and not self.data.eval_paths:
+            raise ValueError(f"train.eval_every={self.train.eval_every} needs held-out data: set data.eval_paths "
+                             "(files like data.paths, not trained on), or set train.eval_every to 0")
+        if self.checkpoint.keep_best and not self.train.eval_every:
+            raise ValueError("checkpoint.keep_best keeps the checkpoint with the lowest held-out loss: it needs "
+                             "train.eval_every > 0")
         if self.model.hf_path is None and self.data.type == "passkey":
             from seqpar.data.tokenizer import ByteTokenizer
 
@@ -579,12 +761,15 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``["--train.lr", "1e-3", "--model.moe.top_k=2"]`` -> nested dict (values parsed as YAML)."""
     out: dict[str, Any] = {}
     i = 0
+    last: tuple[str, str] | None = None  # the previous override's key and value
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            several = (f"; to give --{last[0]} several values write --{last[0]} '[{last[1]}, {arg}]'"
+                       if last is not None and not arg.startswith("-") else "")
             raise ConfigError(
                 f"unexpected argument '{arg}': overrides look like --section.key value "
-                f"(e.g. --train.lr 1e-3)"
+                f"(e.g. --train.lr 1e-3){several}"
             )
         if "=" in arg:
             key, raw = arg[2:].split("=", 1)
@@ -595,6 +780,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override --{key} has no value: write --{key} <value>")
             raw = args[i + 1]
             i += 2
+        last = (key, raw)
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -623,57 +809,402 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _section_type(ann: Any) -> type[BaseModel] | None:
+    """The section class of a field's annotation (``X``, ``X | None``), or None for a plain value."""
+    for a in (ann, *get_args(ann)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section class that holds the key at ``loc`` (None: not inside a section)."""
+    cls: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if cls is None or part not in cls.model_fields:
+            return None
+        cls = _section_type(cls.model_fields[part].annotation)
+    return cls
+
+
 def _fields_of(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Valid keys at ``loc`` (for 'did you mean' hints)."""
-    cls: Any = model
-    for part in loc[:-1]:
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
-            return []
-        ann = cls.model_fields[part].annotation
-        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)]
-        cls = ann if isinstance(ann, type) else next((a for a in args if issubclass(a, BaseModel)), None)
-    if isinstance(cls, type) and issubclass(cls, BaseModel):
-        return list(cls.model_fields)
-    return []
+    cls = _section_at(loc) if model is Config else None
+    return list(cls.model_fields) if cls is not None else []
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+def _all_keys(cls: type[BaseModel] | None = None, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema (sections included) -> its FieldInfo."""
+    out: dict[str, Any] = {}
+    for name, f in (cls or Config).model_fields.items():
+        out[prefix + name] = f
+        sub = _section_type(f.annotation)
+        if sub is not None:
+            out.update(_all_keys(sub, f"{prefix}{name}."))
+    return out
+
+
+def _is_list_key(key: str) -> bool:
+    sec = _section_at(tuple(key.split(".")))
+    f = sec.model_fields.get(key.rsplit(".", 1)[-1]) if sec is not None else None
+    return f is not None and any(get_origin(a) is list for a in (f.annotation, *get_args(f.annotation)))
+
+
+def _accepts(f: Any, value: Any) -> bool:
+    """Would ``value`` validate for field ``f`` (its type and range)? Bools only for bool keys."""
+    ann = f.annotation
+    if isinstance(value, dict):
+        return _section_type(ann) is not None or dict in (ann, get_origin(ann))
+    if value is None:
+        return type(None) in get_args(ann)
+    if _section_type(ann) is not None:
+        return False
+    if isinstance(value, bool) != (bool in (ann, *get_args(ann))):
+        return False
+    try:
+        TypeAdapter(Annotated[(ann, *f.metadata)] if f.metadata else ann).validate_python(value)
+    except (ValidationError, TypeError, ValueError):
+        return False
+    return True
+
+
+# What users of other trainers (Hugging Face Trainer, torchtitan, Megatron-LM, nanoGPT, DeepSpeed,
+# LLaMA-Factory) call our keys. An unknown key is matched here first, by meaning, wherever it was
+# put; spelling is only the fallback. normalised name (or section.name) -> (keys, note)
+_ALIASES: dict[str, tuple[tuple[str, ...], str]] = {}
+
+
+def _alias(names: str, *keys: str, note: str = "") -> None:
+    for n in names.split():
+        _ALIASES[n] = (keys, note)
+
+
+_alias("steps num_steps total_steps max_train_steps train_steps training_steps num_training_steps max_iters "
+       "train_iters iters iterations max_iterations total_iters", "train.max_steps")
+_alias("epochs epoch num_epochs num_train_epochs max_epochs train_epochs", "train.max_steps",
+       note="seqpar counts optimizer steps, not epochs")
+_alias("learning_rate lr_max max_lr peak_lr base_lr init_lr", "train.lr")
+_alias("min_lr lr_min final_lr min_learning_rate", "train.min_lr_ratio", note="a ratio: final lr = lr x min_lr_ratio")
+_alias("warmup warmups lr_warmup lr_warmup_steps warmup_iters lr_warmup_iters num_warmup_steps warmup_step "
+       "warmup_steps_count", "train.warmup_steps")
+_alias("warmup_ratio lr_warmup_fraction warmup_fraction warmup_proportion", "train.warmup_steps",
+       note="a number of steps, not a fraction")
+_alias("lr_scheduler lr_scheduler_type lr_decay_style lr_schedule decay_style lr_decay schedule scheduler_type",
+       "train.decay")
+_alias("batch_size batch bs", "train.micro_batch_size", "train.global_batch_size")
+_alias("micro_batch micro_bs mbs per_device_train_batch_size per_device_batch_size local_batch_size "
+       "train_micro_batch_size_per_gpu micro_batch_size_per_gpu batch_size_per_device per_gpu_batch_size",
+       "train.micro_batch_size")
+_alias("global_batch gbs global_bs train_batch_size total_batch_size effective_batch_size", "train.global_batch_size")
+_alias("gradient_accumulation_steps gradient_accumulation grad_accum grad_accumulation_steps grad_acc "
+       "accumulate_grad_batches accumulation_steps gas", "train.grad_accum_steps")
+_alias("max_grad_norm clip_grad gradient_clipping clip_grad_norm grad_norm_clip max_norm clip_norm",
+       "train.grad_clip")
+_alias("adam_epsilon adam_eps epsilon", "train.eps")
+_alias("adam_beta1 adam_beta2 beta1 beta2 adam_betas", "train.betas", note="both betas as one list, e.g. [0.9, 0.95]")
+_alias("wd adam_weight_decay", "train.weight_decay")
+_alias("bf16 fp16 dtype torch_dtype mixed_precision mixed_precision_param param_dtype", "train.precision")
+_alias("gradient_checkpointing activation_checkpoint checkpoint_activations recompute recompute_activations "
+       "recompute_granularity", "train.activation_checkpointing")
+_alias("attn_implementation attention_implementation attn_impl use_flash_attention use_flash_attention_2 "
+       "use_flash_attn flash_attn flash_attention", "train.attention")
+_alias("seq_length max_seq_len max_seq_length sequence_length max_sequence_length context_length context_len "
+       "ctx_len block_size max_length model_max_length cutoff_len n_ctx encoder_seq_length", "data.seq_len")
+_alias("dataset dataset_path data_path data_paths train_file train_files data_files train_data training_data "
+       "dataset_files files", "data.paths")
+_alias("eval_file eval_files eval_data validation_file validation_files validation_data valid_data val_data "
+       "eval_dataset", "data.eval_paths")
+_alias("eval_steps eval_interval eval_freq evaluation_steps", "train.eval_every")
+_alias("tokenizer_name tokenizer_path tokenizer_name_or_path tokenizer_file", "data.tokenizer")
+_alias("model_name_or_path pretrained_model_name_or_path model_path model_name model_dir hf_model hf_checkpoint "
+       "hf_assets_path init_from pretrained pretrained_model", "model.hf_path")
+_alias("model_type architecture model.type", "model.arch")
+_alias("num_layers n_layers n_layer", "model.num_hidden_layers")
+_alias("num_heads n_heads n_head", "model.num_attention_heads")
+_alias("num_kv_heads n_kv_heads kv_heads num_query_groups", "model.num_key_value_heads")
+_alias("dim d_model n_embd hidden_dim embed_dim model_dim", "model.hidden_size")
+_alias("ffn_hidden_size ffn_dim mlp_dim intermediate_dim", "model.intermediate_size")
+_alias("vocab padded_vocab_size", "model.vocab_size")
+_alias("norm_eps layernorm_epsilon rms_norm_epsilon layer_norm_eps", "model.rms_norm_eps")
+_alias("rope_base rotary_base rotary_emb_base rope_freq_base", "model.rope_theta")
+_alias("num_local_experts n_routed_experts moe_num_experts num_moe_experts", "model.moe.num_experts")
+_alias("num_experts_per_tok moe_top_k moe_router_topk router_topk topk experts_per_token", "model.moe.top_k")
+_alias("router_aux_loss_coef moe_aux_loss_coeff aux_loss_alpha load_balance_coef", "model.moe.aux_loss_coef")
+_alias("moe_intermediate_size expert_intermediate_size moe_ffn_hidden_size", "model.moe.intermediate_size")
+_alias("output_dir out_dir log_dir logging_dir dump_folder", "logging.run_dir")
+_alias("logging_steps log_interval log_freq log_steps", "logging.log_every")
+_alias("save_steps save_interval checkpoint_interval save_every save_freq ckpt_interval", "checkpoint.every_steps")
+_alias("save_total_limit keep_latest_k max_checkpoints keep_checkpoints", "checkpoint.keep_last")
+_alias("resume_from_checkpoint resume_from load_checkpoint", "checkpoint.resume")
+_alias("checkpoint_dir ckpt_dir save_dir save_folder", "checkpoint.dir")
+_alias("zero zero_level", "parallel.zero_stage")
+_alias("ulysses ulysses_size ulysses_sp_size ulysses_sequence_parallel_size", "parallel.ulysses_degree")
+_alias("ring ring_size ring_attn_size context_parallel_degree context_parallel_size cp cp_size",
+       "parallel.ring_degree")
+_alias("sequence_parallel_size sequence_parallel_degree sp_size sp_degree sp", "parallel.ulysses_degree",
+       "parallel.ring_degree")
+_alias("dist_backend ddp_backend", "parallel.backend")
+# a whole section under another trainer's name (only when the value is a mapping)
+_SECTION_ALIASES = {
+    **dict.fromkeys(("training", "trainer", "optim", "optimizer", "optimization", "scheduler", "lr_scheduler"), "train"),
+    **dict.fromkeys(("dataset", "datasets", "dataloader"), "data"),
+    **dict.fromkeys(("log", "logs", "logger", "metrics"), "logging"),
+    **dict.fromkeys(("ckpt", "checkpointing", "checkpoints", "saving"), "checkpoint"),
+    **dict.fromkeys(("parallelism", "distributed"), "parallel"),
+    **dict.fromkeys(("ds", "ds_config", "deepspeed_config"), "deepspeed"),
+}
+
+
+def _norm(name: Any) -> str:
+    return str(name).strip().lower().replace("-", "_")
+
+
+def _likeness(typed: str, key: str) -> float:
+    """Spelling similarity, also against the words of ``key`` (``stepz`` ~ ``max_steps``)."""
+    whole = difflib.SequenceMatcher(None, typed, key).ratio()
+    words = [w for w in key.split("_") if len(w) >= 3 and w != key]
+    part = max((difflib.SequenceMatcher(None, typed, w).ratio() for w in words), default=0.0)
+    return max(whole, 0.95 * part)
+
+
+def _suggest(loc: tuple[Any, ...], value: Any) -> tuple[list[str], str]:
+    """What the unknown key at ``loc`` (given ``value``) probably meant: (dotted keys, note).
+
+    By meaning first: another trainer's name for a key, then the same name in another section
+    (when ``value`` fits there); by spelling only among keys of the same section that accept
+    ``value``, so ``steps`` never becomes AdamW's ``eps``."""
+    keys = _all_keys()
+    name, here = _norm(loc[-1]), ".".join(_norm(p) for p in loc)
+    if len(loc) == 1 and isinstance(value, dict) and name in _SECTION_ALIASES:
+        return [_SECTION_ALIASES[name]], ""
+    for alias in (".".join(_norm(p) for p in loc[-2:]), name):
+        if alias in _ALIASES:
+            found, note = _ALIASES[alias]
+            return list(found), note
+    elsewhere = [k for k, f in keys.items() if k.rsplit(".", 1)[-1] == name and k != here and _accepts(f, value)]
+    if elsewhere:
+        return elsewhere[:3], ""
+    section = _section_at(loc)
+    # best likeness; among equals (stepz: max_steps, warmup_steps, ...), the closest whole name
+    scored = sorted(((_likeness(name, n), difflib.SequenceMatcher(None, name, n).ratio(), n)
+                     for n, f in (section.model_fields.items() if section else ()) if _accepts(f, value)),
+                    reverse=True)
+    if scored and scored[0][0] >= 0.75:
+        return ["".join(f"{p}." for p in loc[:-1]) + scored[0][2]], ""
+    # a misspelt alias (learnig_rate)
+    near = difflib.get_close_matches(name, list(_ALIASES), n=1, cutoff=0.9) if len(name) >= 6 else []
+    if near:
+        found, note = _ALIASES[near[0]]
+        return list(found), note
+    return [], ""
+
+
+def _unknown_key(loc: tuple[Any, ...], value: Any, origins: _Origins) -> str:
+    """One clause for an unknown key: the likely key(s), with what they mean, and how to write them."""
+    key = ".".join(map(str, loc))
+    cli = key in origins.cli_keys
+    found, note = _suggest(loc, value)
+    if not found:
+        section = ".".join(map(str, loc[:-1]))
+        return f"valid keys in {section or 'the top level'}: {', '.join(_fields_of(Config, loc))}"
+    keys = _all_keys()
+    shown = []
+    for k in found:
+        f = keys[k]
+        sub = _section_type(f.annotation)
+        what = f.description
+        if not what and sub is not None:  # a section: the first line of its docstring
+            what = ((sub.__doc__ or "").strip().splitlines() or [""])[0].rstrip(".")
+        if cli and sub is not None and isinstance(value, dict) and len(value) == 1:
+            # --training.steps 10: complete the suggestion below the section too
+            (inner, v), = value.items()
+            if inner in sub.model_fields:
+                k, what = f"{k}.{inner}", sub.model_fields[inner].description
+            else:
+                deeper, _ = _suggest((*k.split("."), inner), v)
+                if deeper:
+                    k, what = deeper[0], keys[deeper[0]].description
+        shown.append(f"'{'--' if cli else ''}{k}'" + (f" ({what})" if what else ""))
+    return (f"{note}: " if note else "") + "did you mean " + " or ".join(shown) + "?"
+
+
+def _format_errors(err: ValidationError, source: str | _Origins) -> str:
+    origins = source if isinstance(source, _Origins) else _Origins(source=source)
+    lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        key = ".".join(str(p) for p in loc) or "<top level>"
+        key = ".".join(str(p) for p in loc)
+        shown = origins.shown(key) if key else "<top level>"
         if e["type"] == "extra_forbidden":
-            valid = _fields_of(Config, loc)
-            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            fix = f"did you mean '{'.'.join(map(str, loc[:-1] + (hint[0],)))}'?" if hint else ""
-            lines.append(f"  - {key}: unknown key. {fix} Valid keys here: {', '.join(valid)}")
+            below = sorted(k for k in origins.cli_keys if k.startswith(f"{key}.") and not any(
+                o.startswith(f"{k}.") for o in origins.cli_keys))
+            if len(below) == 1:  # --training.steps 10: show what was typed, not just 'training'
+                shown = f"--{below[0]}"
+            lines.append(f"{shown}: unknown key; {_unknown_key(loc, e.get('input'), origins)}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "value_error" else f" (got {got!r})"
-        lines.append(f"  - {key}: {msg}{shown}")
-    lines.append("Fix these keys in the YAML file or the matching --section.key override.")
-    return "\n".join(lines)
+        extra = "" if isinstance(got, dict) or e["type"] == "value_error" else f" (got {got!r})"
+        if e["type"] == "list_type" and not isinstance(got, (list, tuple, dict)):
+            extra += f"; write a list: [{got}]"
+        if e["type"] == "value_error" and (not key or msg.startswith((f"{key}.", f"{key} "))):
+            lines.append(f"{msg}{extra}")  # the message names its keys itself
+        else:
+            lines.append(f"{shown}: {msg}{extra}")
+    head = f"invalid configuration ({origins.source})"
+    if len(lines) == 1:  # one problem, one line (a command-line key needs no file name)
+        return f"{'invalid configuration' if lines[0].startswith('--') else head}: {lines[0]}"
+    return "\n".join([f"{head}:", *(f"  - {line}" for line in lines),
+                      "Fix these keys in the YAML file or the matching --section.key override."])
+
+
+def _dotted(tree: Any, prefix: str = "") -> set[str]:
+    """Every dotted key in a nested dict, sections included."""
+    out: set[str] = set()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.add(f"{prefix}{k}")
+            out |= _dotted(v, f"{prefix}{k}.")
+    return out
+
+
+def _lists_from_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``--data.paths a.jsonl`` = ``--data.paths '[a.jsonl]'``: a bare value for a list-typed key."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _lists_from_scalars(v, f"{prefix}{k}.")
+        elif isinstance(v, (str, int, float)) and _is_list_key(f"{prefix}{k}"):
+            tree[k] = [v]
+    return tree
+
+
+def _resolve_inputs(tree: dict[str, Any], base: Path, in_file: bool) -> dict[str, list[_Written]]:
+    """Resolve the relative input paths of one layer (a config file: against ``base``, rewritten in
+    ``tree``; the command line: left as typed, relative to the current directory) and record how."""
+    found: dict[str, list[_Written]] = {}
+    for key in INPUT_PATH_KEYS:
+        section, name = key.split(".")
+        node = tree.get(section)
+        if not isinstance(node, dict) or not isinstance(node.get(name), list if _is_list_key(key) else str):
+            continue  # (a wrong type is left as written for validation to report)
+        value = node[name]
+        items = []
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                items = []
+                break
+            p = Path(text).expanduser()
+            if p.is_absolute():
+                items.append((str(p), _Written(text)))
+            else:
+                items.append((str(base / p) if in_file else str(p), _Written(text, base, in_file)))
+        if not items:
+            continue
+        node[name] = [t for t, _ in items] if isinstance(value, list) else items[0][0]
+        found[key] = [w for _, w in items]
+    return found
+
+
+def _fit_warmup(file_data: dict[str, Any], overrides: dict[str, Any], merged: dict[str, Any],
+                origins: _Origins) -> None:
+    """A shorter run than the file plans (``--train.max_steps 10``) keeps working: a warmup that
+    comes from a lower layer than max_steps (seqpar's default < the config file < the command line)
+    is lowered to max_steps, with a notice. Both set in the same place is an error (validation)."""
+    train = merged.get("train")
+    if not isinstance(train, dict):
+        return
+    fields = TrainConfig.model_fields
+    warm = train.get("warmup_steps", fields["warmup_steps"].default)
+    steps = train.get("max_steps", fields["max_steps"].default)
+    if not (type(warm) is int and type(steps) is int and 1 <= steps < warm):
+        return
+
+    def layer(key: str) -> int:
+        sec = overrides.get("train")
+        if isinstance(sec, dict) and key in sec:
+            return 2
+        sec = file_data.get("train")
+        return 1 if isinstance(sec, dict) and key in sec else 0
+
+    lw, ls = layer("warmup_steps"), layer("max_steps")
+    if lw >= ls:
+        return
+    train["warmup_steps"] = steps
+    came = "seqpar's default" if lw == 0 else origins.source
+    set_by = f"--train.max_steps {steps}" if ls == 2 else f"train.max_steps={steps} in {origins.source}"
+    origins.notices.append(
+        f"train.warmup_steps={warm} (from {came}) is more than {set_by}: warming up over all {steps} steps "
+        f"instead; set --train.warmup_steps to choose"
+    )
+
+
+def _check_hf_weights(cfg: Config, origins: _Origins) -> None:
+    """With model.load_weights, the safetensors weights must be there now, not at model build."""
+    m = cfg.model
+    if m.hf_path is None or not m.load_weights:
+        return
+    from seqpar.models.hf import _checkpoint_files
+
+    try:
+        _checkpoint_files(m.hf_path)
+    except (OSError, ValueError) as e:
+        w = _written(origins, "model.hf_path", 0, m.hf_path)
+        raise ConfigError(
+            f"invalid configuration ({origins.source}): model.hf_path '{w.text}'{w.how}: {e}; or set "
+            f"model.load_weights false to start from random weights"
+        ) from None
+
+
+def _announce(notices: list[str]) -> None:
+    if os.environ.get("RANK", "0") == "0":  # one copy per job, not per rank
+        for n in notices:
+            print(f"seqpar: note: {n}", file=sys.stderr, flush=True)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Read YAML (``None`` = embedded default), apply overrides, validate. Raises ``ConfigError``."""
+    """Read YAML (``None`` = embedded default), apply overrides, validate. Raises ``ConfigError``.
+
+    Relative input paths in the file (``INPUT_PATH_KEYS``) are resolved against its directory;
+    what was adjusted on the way is in ``Config.notices`` (and printed to stderr)."""
+    embedded = path is None
     if path is None:
         path = default_config_path()
     path = Path(path)
     data = _load_yaml(path)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    if overrides:
-        data = _deep_merge(data, overrides)
-    return validate_config(data, source=str(path))
+    overrides = _lists_from_scalars(copy.deepcopy(overrides or {}))
+    origins = _Origins(source=f"the embedded default config {path.name}" if embedded else str(path))
+    hf = overrides.get("model", {}).get("hf_path") if isinstance(overrides.get("model"), dict) else None
+    if embedded and hf is not None and isinstance(data.get("model"), dict):
+        # The default's model section describes its tiny test model; with a model given on the
+        # command line it would only clash with (or silently override) the model's config.json.
+        del data["model"]
+        origins.notices.append(
+            f"--model.hf_path without --config: the architecture comes from {hf}/config.json; the embedded "
+            f"default's model section (its tiny test model) is not used"
+        )
+    base = path.absolute().parent
+    tidy = Path(os.path.normpath(base))  # configs/../x -> x, unless a symlink makes them differ
+    base = tidy if tidy.is_dir() and os.path.samefile(tidy, base) else base
+    origins.paths = {**_resolve_inputs(data, base, in_file=True),
+                     **_resolve_inputs(overrides, Path.cwd(), in_file=False)}
+    origins.file_keys, origins.cli_keys = _dotted(data), _dotted(overrides)
+    merged = _deep_merge(data, overrides)
+    _fit_warmup(data, overrides, merged, origins)
+    cfg = validate_config(merged, _origins=origins)
+    _check_hf_weights(cfg, origins)
+    cfg._notices = list(origins.notices)
+    _announce(cfg.notices)
+    return cfg
 
 
-def validate_config(data: dict[str, Any], source: str = "<dict>") -> Config:
+def validate_config(data: dict[str, Any], source: str = "<dict>", *, _origins: _Origins | None = None) -> Config:
+    origins = _origins or _Origins(source=source)
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"seqpar": origins})
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        raise ConfigError(_format_errors(e, origins)) from None
 
 
 def default_config_path() -> Path:

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
 
+    from seqpar.metrics import quiet_deepspeed
+
+    quiet_deepspeed()  # before DeepSpeed starts: no INFO lines, no "op built successfully" on every start
     from seqpar.engine import Trainer
     from seqpar.engine.trainer import CheckpointIOError
     from seqpar.parallel import init_topology, pick_device
@@ -111,6 +114,10 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
     # while the interpreter shuts down (it restores the default action of signals it handles).
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # its background threads must not be torn down by interpreter exit
+        dist.destroy_process_group()
     return trainer.exit_code
 
 

@@ -75,7 +75,9 @@ def main() -> int:
     case("corrupt on rank 1 only: both take the older", corrupt_newest_rank1, expect=tag_for(1, 0))
     case("unreadable on rank 1: both fail with one message", unreadable, expect="rank 1: rank00001/optimizer")
     case("rank 1 lists fewer: rank 0 decides", real_hash, fake_list=lambda: store.list()[:1], expect=tag_for(2, 0))
-    return finish(rows, Path(sys.argv[1]))
+    status = finish(rows, Path(sys.argv[1]))
+    dist.destroy_process_group()
+    return status
 
 
 if __name__ == "__main__":

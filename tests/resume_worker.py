@@ -106,7 +106,9 @@ def main() -> int:
             every = every_rank(compare(a, final_state(c)))
             report({"cell": f"{name} {where}", "resumed_from": tag, "ok": not any(every),
                     "diff": {r: d for r, d in enumerate(every) if d}}, rows)
-    return finish(rows, Path(sys.argv[1]))
+    status = finish(rows, Path(sys.argv[1]))
+    dist.destroy_process_group()  # gloo's threads must not be torn down by interpreter exit
+    return status
 
 
 if __name__ == "__main__":

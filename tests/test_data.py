@@ -338,7 +338,9 @@ def test_sft_pairs_loss_only_on_response(tmp_path: Path, hf_path: Path, use_hf: 
             continue
         assert trained[-1] == tok.eos_id and ids[-1] == tok.eos_id
         assert tok.decode(trained[:-1]) == rec["response"]
-        assert tok.decode(ids) .endswith(rec["prompt"] + rec["response"] + tok.decode([tok.eos_id]))
+        # data.sft_separator (default "\n") sits between prompt and response, without loss
+        sep = cfg.sft_separator
+        assert tok.decode(ids).endswith(rec["prompt"] + sep + rec["response"] + tok.decode([tok.eos_id]))
         if tok.bos_id is not None:
             assert ids[0] == tok.bos_id
 

@@ -65,3 +65,30 @@ def test_registration_is_checked_at_once():
     ext.load(lambda stem: {"value": torch.ones(2)} if stem == "extra-box" else None, told.append)
     assert torch.equal(ext.objects["box"].value, torch.ones(2)) and ext.objects["other"].value == 1
     assert told == ["extra_state 'other': not in the checkpoint (registered after it was saved); starting it fresh"]
+
+
+@pytest.mark.slow
+def test_export_is_a_usable_hf_directory_with_tokenizer(tmp_path):
+    """Own jsonl + tokenizer.json: the checkpoint carries the tokenizer, and `ckpt export` writes it
+    next to the weights with the special tokens the run used, so transformers loads both."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from test_data import make_hf_tokenizer
+
+    tok = make_hf_tokenizer(tmp_path / "tok", ["<|endoftext|>", "<pad>"])
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i}: the grass is green and the sky is blue."}) + "\n"
+                            for i in range(200)))
+    path, run_dir = write_config(tmp_path, "own", BASE, train={"max_steps": 1},
+                                 checkpoint={"every_micro_batches": 0},
+                                 data={"type": "text", "paths": [str(data)], "tokenizer": str(tok), "seq_len": 64,
+                                       "passkey": {}}, model={"vocab_size": 512})
+    r = run([sys.executable, str(ROOT / "seqpar" / "train.py"), "--config", str(path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "hf"
+    ex = run([sys.executable, "-m", "seqpar.ckpt", "export", str(run_dir), str(out)])
+    assert ex.returncode == 0, ex.stderr
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= {p.name for p in out.iterdir()}
+    loaded = AutoTokenizer.from_pretrained(out)
+    config = AutoConfig.from_pretrained(out)
+    assert loaded.eos_token == "<|endoftext|>" and config.eos_token_id == loaded.eos_token_id

@@ -102,7 +102,9 @@ def main() -> int:
         every = every_rank(bad)
         report({"case": case, "ok": not any(every), "diff": every, "params": len(a0),
                 "nonzero_bias": any(bool(t.abs().sum() > 0) for t in ab.values()), "losses": al}, rows)
-    return finish(rows, Path(sys.argv[1]))
+    status = finish(rows, Path(sys.argv[1]))
+    dist.destroy_process_group()  # gloo's threads must not be torn down by interpreter exit
+    return status
 
 
 if __name__ == "__main__":

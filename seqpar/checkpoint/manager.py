@@ -95,7 +95,7 @@ def _collect(value: Any) -> list[Any]:
     return out
 
 
-def _from_rank0(value: Any) -> Any:
+def from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (collective)."""
     if not dist.is_initialized():
         return value
@@ -128,7 +128,7 @@ class CheckpointManager:
                 self.store.lock(self.cfg.lock_wait_s, log)
             except DirLockedError as e:
                 error = str(e)
-        if (error := _from_rank0(error)) is not None:
+        if (error := from_rank0(error)) is not None:
             raise DirLockedError(error)
 
     # -- saving -----------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class CheckpointManager:
                 self.store.begin(tag)
             except OSError as e:
                 error = f"rank 0: checkpoint {tag} could not be started: {type(e).__name__}: {e}"
-        if (error := _from_rank0(error)) is not None:  # also the barrier before any rank writes
+        if (error := from_rank0(error)) is not None:  # also the barrier before any rank writes
             raise WriteFailed(error)
         mine = f"{rank_dir(self.rank)}/"
         snap = Snapshot.take({mine + k: v for k, v in rank_trees.items()}, self.pin,
@@ -186,7 +186,7 @@ class CheckpointManager:
         if failure is not None:
             self.writer.abort()
         self.writer.wait()
-        failure = failure or _from_rank0(self.writer.failure if self.rank == 0 else None)  # or commit
+        failure = failure or from_rank0(self.writer.failure if self.rank == 0 else None)  # or commit
         if failure is not None:
             raise WriteFailed(failure)
 
@@ -225,11 +225,11 @@ class CheckpointManager:
             if self.rank == 0 and (moved := self.store.set_aside_all()):
                 log(f"--resume none: the {len(moved)} checkpoint(s) already in {self.store.root} were moved to "
                     f"{moved[0].parent} (kept, not resumed)")
-            _from_rank0(None)  # barrier: moved before anyone lists
+            from_rank0(None)  # barrier: moved before anyone lists
             return None
         explicit = spec != "auto"
         # rank 0 lists: every rank considers the same candidates in the same order
-        candidates = _from_rank0([Path(spec)] if explicit else [c.path for c in reversed(self.store.list())])
+        candidates = from_rank0([Path(spec)] if explicit else [c.path for c in reversed(self.store.list())])
         refused: list[str] = []
         for path in candidates:
             problems: list[str] = []
@@ -240,7 +240,7 @@ class CheckpointManager:
                 if not problems and (why := refuse(path)):
                     refused.append(f"{path.name}: {why}")  # this run may not use it (rank 0's list)
                     problems = [why]
-            problems, why = _from_rank0((problems, why))
+            problems, why = from_rank0((problems, why))
             if not problems:
                 problems, unreadable = self._hash_my_files(path, reads(path))
                 unreadable = [u for u in _collect(unreadable) if u]
@@ -258,7 +258,7 @@ class CheckpointManager:
                 warnings.warn(f"cannot resume checkpoint {path}: {why}; trying an older one" if why else
                               f"checkpoint {path} does not verify ({'; '.join(problems[:3])}); trying an older one",
                               stacklevel=2)
-        if refused := _from_rank0(refused):  # checkpoints exist but this run may not use them: no fresh start
+        if refused := from_rank0(refused):  # checkpoints exist but this run may not use them: no fresh start
             raise ResumeError("no checkpoint this run can resume:\n  " + "\n  ".join(refused)
                               + "\n(start a new run with --checkpoint.resume none and another checkpoint.dir)")
         if not explicit and self.cfg.mirror and not from_mirror:
@@ -271,7 +271,7 @@ class CheckpointManager:
                     error = f"no local checkpoint verifies, and the mirror {self.cfg.mirror} failed: {e}"
                 if fetched:
                     log(f"no usable local checkpoint: fetched {fetched.name} from the mirror {self.cfg.mirror}")
-            fetched, error = _from_rank0((fetched, error))
+            fetched, error = from_rank0((fetched, error))
             if error:
                 raise ResumeError(error)
             if fetched:

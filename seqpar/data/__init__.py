@@ -21,17 +21,26 @@ from seqpar.data.sampler import GlobalSampler
 from seqpar.data.sources import SFTDataset, TextDataset, TokenDataset
 from seqpar.data.synthetic import PasskeyDataset
 from seqpar.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from seqpar.errors import DataError
 
 Dataset = PackedDataset
 
 
 def build_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """``cfg.tokenizer`` (a tokenizer.json) or, when unset, the byte tokenizer."""
-    return HFTokenizer(cfg.tokenizer) if cfg.tokenizer is not None else ByteTokenizer()
+    """``cfg.tokenizer`` (a tokenizer.json; ``cfg.eos_token`` picks its eos) or, when unset, the
+    byte tokenizer. Raises ``DataError`` for a file that does not load or has no eos token."""
+    if cfg.tokenizer is None:
+        return ByteTokenizer()
+    return HFTokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
 
 
 def build_dataset(cfg: DataConfig, cache_dir: Path) -> PackedDataset:
-    """The training dataset selected by ``cfg.type``. ``cache_dir`` holds tokenized text/SFT."""
+    """The training dataset selected by ``cfg.type``. ``cache_dir`` holds tokenized text/SFT.
+
+    Every file is read (or its cache entry loaded) here, so a mistake in a data file or the
+    tokenizer raises ``DataError`` (one line naming the file, line and fix) before any model or
+    engine exists; only ``TokenDataset.vocab_size_needed`` scans token files later, on request.
+    """
     if cfg.type == "passkey":
         return PasskeyDataset(cfg)
     if cfg.type == "tokens":
@@ -47,6 +56,7 @@ __all__ = [
     "IGNORE_INDEX",
     "Batch",
     "ByteTokenizer",
+    "DataError",
     "Dataset",
     "GlobalSampler",
     "HFTokenizer",

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from seqpar.errors import DataError
+
 
 class GlobalSampler:
     """Epoch ``e`` visits the dataset in the permutation drawn from ``PCG64([seed, e])``.
@@ -54,8 +56,8 @@ class GlobalSampler:
         """Check a checkpoint's sampler matches this one (the order is derived, not stored)."""
         mine = self.state_dict()
         diff = [f"{k}: checkpoint {sd.get(k)!r} != now {v!r}" for k, v in mine.items() if sd.get(k) != v]
-        if diff:
-            raise ValueError(
+        if diff:  # a user mistake (changed data settings), said in one line
+            raise DataError(
                 "the data changed since the checkpoint, so resuming would not continue the same "
                 f"sample order ({'; '.join(diff)}): restore the original data.paths / data.seed / "
                 "data.shuffle / data.seq_len, or start a new run"

@@ -4,6 +4,11 @@ Text and SFT files are tokenized once and cached as ``.npy`` under ``cache_dir``
 sha256 of the files, the tokenizer file and the settings), then memory-mapped: a second run, and
 every data-parallel rank after the first, loads instantly. Token files are memory-mapped directly.
 
+Every problem with a user's file raises ``DataError`` (one line: the file, the line or token
+position, and the fix) while the dataset is constructed: all of a text/SFT file is read then
+anyway; token files are checked cheaply (header, size, the first tokens), and their one full
+pass (``vocab_size_needed``, negative ids) runs when the trainer asks, still before the engine.
+
 Stream datasets (text, tokens) cut the concatenated token stream into back-to-back windows: sample
 ``i`` reads ``stream[i*S : i*S + S + 1]`` (inputs = first S, targets = the next token of each).
 """
@@ -26,41 +31,98 @@ import numpy as np
 
 from seqpar.config import DataConfig
 from seqpar.data.packing import PackedDataset, Sample, greedy_pack, pack_documents, window_sample
-from seqpar.data.tokenizer import Tokenizer
+from seqpar.data.tokenizer import Tokenizer, _one_line
+from seqpar.errors import DataError
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "v1"  # bump when the cached layout or the document format changes
 _ENCODE_BATCH = 1024  # records per tokenizer call (HF tokenizers parallelise within a batch)
+# Chat roles a record may use (loss goes on "assistant"); anything else is most likely a dataset in
+# another convention (ShareGPT's human/gpt) that would otherwise train on nothing or the wrong turns.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+_JSONL_HINT = "data.paths wants JSON Lines: one JSON object per line"
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers: jsonl reading, caching
 # ----------------------------------------------------------------------------------------------
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line_number, record)`` for each non-blank line; errors name ``file:line``."""
-    with open(path, "rb") as f:  # bytes, so a UTF-8 error can name its line too
+    """``(line_number, record)`` for each non-blank line; errors name ``file:line``.
+
+    A file without a single record (empty, or only blank lines) is an error too, raised when the
+    iteration reaches its end.
+    """
+    count = 0
+    try:
+        f = open(path, "rb")  # noqa: SIM115  (bytes, so a UTF-8 error can name its line too)
+    except OSError as e:
+        raise DataError(f"data.paths: cannot read '{path}' ({e.strerror or e})") from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))
+                rec = json.loads(raw.decode("utf-8").rstrip())  # columns count on this line alone
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e})") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line): is it a text file? "
+                    f"{_JSONL_HINT}, UTF-8 encoded"
+                ) from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                if count == 0 and (raw.lstrip()[:1] == b"[" or raw.strip() == b"{"):
+                    raise DataError(
+                        f"{path}:{lineno}: this looks like one JSON document (an array or a pretty-printed "
+                        f"object), not JSON Lines: {_JSONL_HINT} (convert it, e.g. jq -c '.[]' file.json "
+                        f"> file.jsonl)"
+                    ) from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.pos + 1}): fix or remove "
+                    f"this line ({_JSONL_HINT})"
+                ) from None
             if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__} ({_JSONL_HINT})"
+                )
+            count += 1
             yield lineno, rec
+    if count == 0:
+        raise DataError(
+            f"data.paths: '{path}' holds no records (it is empty or only blank lines): fill it or "
+            f"remove it from data.paths"
+        )
 
 
-def _get_str(rec: dict[str, Any], field: str, where: str) -> str:
+def _keys(rec: dict[str, Any]) -> str:
+    keys = [" ".join(str(k).split()) for k in rec]  # one line, whatever the keys hold
+    shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} keys)" if len(keys) > 12 else "")
+    return shown or "none"
+
+
+def _get_str(rec: dict[str, Any], field: str, where: str, key: str | None = None) -> str:
+    """``rec[field]`` as a string; ``key`` is the config key naming ``field`` (for the hint)."""
     if field not in rec:
-        raise ValueError(f"{where}: missing field '{field}' (record has keys: {', '.join(rec) or 'none'})")
+        hint = f": set {key} to the field that holds it" if key else ""
+        raise DataError(f"{where}: missing field '{field}' (record has keys: {_keys(rec)}){hint}")
     value = rec[field]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
     return value
+
+
+def _encode(tok: Tokenizer, texts: list[str], path: Path, lines: tuple[int, int]) -> list[list[int]]:
+    """``tok.encode_batch(texts)``; a tokenizer failure names the records (``file:first-last``)."""
+    try:
+        return tok.encode_batch(texts)
+    except DataError as e:
+        where = f"{path}:{lines[0]}" + (f"-{lines[1]}" if lines[1] != lines[0] else "")
+        raise DataError(f"{where}: {e}") from None
+
+
+def _tokenizer_name(tok: Tokenizer) -> str:
+    path = getattr(tok, "path", None)
+    name = f"tokenizer '{path}'" if path is not None else "the byte tokenizer"
+    return f"{name} (vocabulary of {tok.vocab_size})"
 
 
 def _file_sha256(path: Path) -> str:
@@ -96,19 +158,34 @@ def _cached(
     """
     final = Path(cache_dir) / name
     if not (final / "meta.json").is_file():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        arrays, meta = build()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        for key, arr in arrays.items():
-            np.save(tmp / f"{key}.npy", arr)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        arrays, meta = build()  # data errors first: they do not depend on the cache
+        tmp = None
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+            for key, arr in arrays.items():
+                np.save(tmp / f"{key}.npy", arr)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        except OSError as e:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(
+                f"cannot write the tokenized-data cache in '{final.parent}' ({e.strerror or e}): set "
+                f"data.cache_dir to a writable directory with free space"
+            ) from None
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first; its entry is identical
             shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads((final / "meta.json").read_text())
-    arrays = {k: np.load(final / f"{k}.npy", mmap_mode="r") for k in meta["arrays"]}
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+        arrays = {k: np.load(final / f"{k}.npy", mmap_mode="r") for k in meta["arrays"]}
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        raise DataError(
+            f"tokenized-data cache entry '{final}' is unreadable ({_one_line(e)}): delete that "
+            f"directory and run again (it is rebuilt from data.paths)"
+        ) from None
     return arrays, meta
 
 
@@ -116,9 +193,9 @@ def _stream_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
-def _too_small(paths: list[Path], total: int, seq_len: int) -> ValueError:
+def _too_small(paths: list[Path], total: int, seq_len: int) -> DataError:
     names = ", ".join(str(p) for p in paths)
-    return ValueError(
+    return DataError(
         f"data.paths ({names}) hold {total} tokens in total, but one sequence needs "
         f"data.seq_len + 1 = {seq_len + 1}: add data or lower data.seq_len"
     )
@@ -192,7 +269,9 @@ class TextDataset(_StreamDataset):
         self.tokens: np.ndarray = arrays["tokens"]
         self.doc_ends: np.ndarray = arrays["doc_ends"]  # stream index of each document's eos
         self.num_tokens = len(self.tokens)
+        # the stream holds every id it can emit (eos/bos included; no padding in stream windows)
         self.vocab_size_needed = int(meta["max_id"]) + 1
+        self.vocab_source = _tokenizer_name(tokenizer)
         if len(self) == 0:
             raise _too_small(self.paths, self.num_tokens, self.seq_len)
 
@@ -203,25 +282,37 @@ class TextDataset(_StreamDataset):
         for path in self.paths:
             log.info("tokenizing %s", path)
             batch: list[str] = []
+            lines: list[int] = []
+            content = docs = 0
             for lineno, rec in _iter_jsonl(path):
-                batch.append(_get_str(rec, self.text_field, f"{path}:{lineno}"))
+                batch.append(_get_str(rec, self.text_field, f"{path}:{lineno}", "data.text_field"))
+                lines.append(lineno)
                 if len(batch) == _ENCODE_BATCH:
-                    self._add(tok, batch, dtype, chunks, lengths)
-                    batch = []
+                    content += self._add(tok, batch, (path, lines), dtype, chunks, lengths)
+                    docs, batch, lines = docs + len(batch), [], []
             if batch:
-                self._add(tok, batch, dtype, chunks, lengths)
-        if not chunks:
-            raise ValueError(f"no documents in data.paths ({', '.join(map(str, self.paths))})")
+                content += self._add(tok, batch, (path, lines), dtype, chunks, lengths)
+                docs += len(batch)
+            if content == 0:
+                raise DataError(
+                    f"{path}: all {docs} records have an empty '{self.text_field}': nothing to train "
+                    f"on; check data.text_field or remove the file from data.paths"
+                )
         tokens = np.concatenate(chunks)
         doc_ends = np.cumsum(np.concatenate(lengths)) - 1
         meta = {"arrays": ["tokens", "doc_ends"], "max_id": int(tokens.max()), "docs": len(doc_ends)}
         return {"tokens": tokens, "doc_ends": doc_ends}, meta
 
     @staticmethod
-    def _add(tok: Tokenizer, texts: list[str], dtype: type, chunks: list, lengths: list) -> None:
-        tokens, doc_len = _join_docs(tok.encode_batch(texts), tok.bos_id, tok.eos_id, dtype)
+    def _add(
+        tok: Tokenizer, texts: list[str], where: tuple[Path, list[int]], dtype: type, chunks: list, lengths: list
+    ) -> int:
+        """Appends the batch's documents; returns its number of text tokens (bos/eos excluded)."""
+        encoded = _encode(tok, texts, where[0], (where[1][0], where[1][-1]))
+        tokens, doc_len = _join_docs(encoded, tok.bos_id, tok.eos_id, dtype)
         chunks.append(tokens)
         lengths.append(doc_len)
+        return sum(len(d) for d in encoded)
 
     def _window(self, lo: int, hi: int) -> np.ndarray:
         return self.tokens[lo:hi]
@@ -234,29 +325,80 @@ class TextDataset(_StreamDataset):
 # ----------------------------------------------------------------------------------------------
 # tokens: .npy / .bin files, memory-mapped
 # ----------------------------------------------------------------------------------------------
+_NPY_MAGIC = b"\x93NUMPY"
+_PROBE = 4096  # tokens of each .bin looked at for a wrong data.token_dtype
+_MAX_PLAUSIBLE_ID = 1 << 24  # no tokenizer comes near 16.7M tokens
+_SCAN_CHUNK = 1 << 24  # tokens per step of the full-file scan
+
+
 def _open_token_file(path: Path, dtype: str) -> np.ndarray:
+    """Memory-map a token file, checking what can be checked without reading all of it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise DataError(f"data.paths: cannot read token file '{path}' ({e.strerror or e})") from None
+    if size == 0:
+        raise DataError(f"token file '{path}' is empty: fill it or remove it from data.paths")
     if path.suffix == ".npy":
+        if head != _NPY_MAGIC:
+            raise DataError(
+                f"token file '{path}' is not a .npy file (no NUMPY header): write it with numpy.save, "
+                f"or name a raw array of token ids '.bin' (dtype data.token_dtype)"
+            )
         try:
             arr = np.load(path, mmap_mode="r")
-        except ValueError as e:
-            raise ValueError(f"token file '{path}': cannot read as .npy ({e})") from None
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(
-                f"token file '{path}' holds a {arr.ndim}-D {arr.dtype} array; want 1-D integers"
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(
+                f"token file '{path}': cannot read as .npy ({_one_line(e)}): is it truncated? write it "
+                f"again with numpy.save"
+            ) from None
+        if arr.ndim != 1:
+            raise DataError(
+                f"token file '{path}' holds a {arr.ndim}-D {arr.dtype} array of shape {arr.shape}; "
+                f"want 1-D token ids: save tokens.reshape(-1) (documents separated by data.eos_id)"
             )
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise DataError(
+                f"token file '{path}' holds a 1-D {arr.dtype} array; want integer token ids: save "
+                f"tokens.astype(numpy.uint32)"
+            )
+        if len(arr) == 0:
+            raise DataError(f"token file '{path}' holds no tokens: fill it or remove it from data.paths")
         return arr
     if path.suffix == ".bin":
-        size = path.stat().st_size
         itemsize = np.dtype(dtype).itemsize
         if size % itemsize:
-            raise ValueError(
+            raise DataError(
                 f"token file '{path}' is {size} bytes, not a multiple of {itemsize} "
                 f"(data.token_dtype={dtype}): is the dtype right?"
             )
-        if size == 0:  # numpy cannot memory-map an empty file
-            return np.empty(0, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r")
-    raise ValueError(f"token file '{path}': unknown type '{path.suffix}', want .npy or .bin")
+        arr = np.memmap(path, dtype=dtype, mode="r")
+        _check_bin_dtype(path, arr, dtype)
+        return arr
+    raise DataError(
+        f"token file '{path}': unknown type '{path.suffix}', want .npy or .bin (jsonl text is "
+        f"data.type: text)"
+    )
+
+
+def _check_bin_dtype(path: Path, arr: np.ndarray, dtype: str) -> None:
+    """A raw file read with the wrong ``data.token_dtype`` shows in its first tokens."""
+    head = np.asarray(arr[:_PROBE])
+    # uint32 ids below 65536, read as uint16 (little endian): every second value is 0
+    wide = len(head) >= 128 and len(arr) % 2 == 0 and not head[1::2].any() and head[0::2].any()
+    if dtype == "uint16" and wide:
+        raise DataError(
+            f"token file '{path}' looks like uint32 tokens read as uint16 (every second value of "
+            f"its first {len(head)} is 0): set data.token_dtype: uint32"
+        )
+    if dtype == "uint32" and len(head) and int(head.max()) >= _MAX_PLAUSIBLE_ID:
+        k = int(np.argmax(head >= _MAX_PLAUSIBLE_ID))
+        raise DataError(
+            f"token file '{path}': token {k} reads as {int(head[k])}, larger than any vocabulary: "
+            f"is it uint16? set data.token_dtype: uint16"
+        )
 
 
 class TokenDataset(_StreamDataset):
@@ -278,9 +420,33 @@ class TokenDataset(_StreamDataset):
             raise _too_small(self.paths, self.num_tokens, self.seq_len)
 
     @cached_property
+    def _scan(self) -> tuple[int, str]:
+        """One pass over every file (at memory-map speed), only when someone asks: the largest id
+        and where it is. Negative ids (a signed .npy) raise ``DataError`` naming file and token."""
+        best, where = -1, ""
+        for path, f in zip(self.paths, self.files):
+            signed = np.issubdtype(f.dtype, np.signedinteger)
+            for lo in range(0, len(f), _SCAN_CHUNK):
+                chunk = np.asarray(f[lo : lo + _SCAN_CHUNK])
+                j = int(chunk.argmax())
+                if int(chunk[j]) > best:
+                    best, where = int(chunk[j]), f"token file '{path}' (id {int(chunk[j])} at token {lo + j})"
+                k = int(chunk.argmin()) if signed else 0
+                if chunk[k] < 0:
+                    raise DataError(
+                        f"token file '{path}': token {lo + k} is {int(chunk[k])}; token ids must be "
+                        f">= 0 (is the array's dtype right?): fix the file"
+                    )
+        return best, where
+
+    @property
     def vocab_size_needed(self) -> int:  # type: ignore[override]
-        # Scans the files once (at memory-map speed), only when someone asks.
-        return max(int(f.max()) for f in self.files if len(f)) + 1
+        return self._scan[0] + 1
+
+    @property
+    def vocab_source(self) -> str:
+        """Where the largest id is (for an error that says which file to look at)."""
+        return self._scan[1]
 
     def _window(self, lo: int, hi: int) -> np.ndarray:
         parts = []
@@ -306,10 +472,11 @@ class TokenDataset(_StreamDataset):
 class SFTDataset(PackedDataset):
     """Supervised examples packed whole, in file order, into ``seq_len`` sequences.
 
-    A record is ``{prompt_field, response_field}`` (strings, concatenated as is) or
-    ``{messages_field: [{role, content}, ...]}`` rendered with ``cfg.chat_template``. Loss is on
-    the response (or every rendered ``assistant`` message) and on the final eos. Examples longer
-    than ``seq_len`` are cut to ``seq_len`` and counted in ``truncated``.
+    A record is ``{prompt_field, response_field}`` (strings; ``prompt + cfg.sft_separator`` is
+    tokenized as one piece, then the response) or ``{messages_field: [{role, content}, ...]}``
+    rendered with ``cfg.chat_template`` (roles from ``CHAT_ROLES``). Loss is on the response (or
+    every rendered ``assistant`` message) and on the final eos, never on the separator. Examples
+    longer than ``seq_len`` are cut to ``seq_len`` and counted in ``truncated``.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path):
@@ -322,6 +489,7 @@ class SFTDataset(PackedDataset):
             "response_field": cfg.response_field,
             "messages_field": cfg.messages_field,
             "chat_template": cfg.chat_template,
+            "sft_separator": cfg.sft_separator,
         }
         key = _cache_key("sft", self.paths, tokenizer, settings)
         arrays, meta = _cached(cache_dir, f"sft-{key[:24]}", lambda: self._tokenize(tokenizer))
@@ -330,7 +498,8 @@ class SFTDataset(PackedDataset):
         self.offsets: np.ndarray = arrays["offsets"]  # example k = tokens[offsets[k]:offsets[k+1]]
         self.num_examples = len(self.offsets) - 1
         self.bounds, self.truncated = greedy_pack(np.diff(self.offsets), self.seq_len)
-        self.vocab_size_needed = max(int(meta["max_id"]), self.pad_id) + 1
+        self.vocab_size_needed = max(int(meta["max_id"]), self.pad_id) + 1  # padding is emitted too
+        self.vocab_source = _tokenizer_name(tokenizer)
         if self.truncated:
             log.warning(
                 "%d of %d SFT examples are longer than data.seq_len=%d and were truncated",
@@ -353,29 +522,42 @@ class SFTDataset(PackedDataset):
         if c.messages_field in rec:
             messages = rec[c.messages_field]
             if not isinstance(messages, list) or not messages:
-                raise ValueError(f"{where}: field '{c.messages_field}' must be a non-empty list")
+                got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+                raise DataError(
+                    f"{where}: field '{c.messages_field}' must be a non-empty list of "
+                    f"{{role, content}} objects, got {got}"
+                )
             out = []
             for j, m in enumerate(messages):
+                at = f"{where}: {c.messages_field}[{j}]"
                 if not isinstance(m, dict):
-                    raise ValueError(f"{where}: {c.messages_field}[{j}] must be an object")
-                role = _get_str(m, "role", f"{where}: {c.messages_field}[{j}]")
-                content = _get_str(m, "content", f"{where}: {c.messages_field}[{j}]")
-                try:
-                    text = c.chat_template.format(role=role, content=content)
-                except (KeyError, IndexError, ValueError) as e:
-                    raise ValueError(f"data.chat_template cannot be formatted: {e!r}") from None
-                out.append((text, role == "assistant"))
+                    raise DataError(f"{at} must be a {{role, content}} object, got {type(m).__name__}")
+                if "role" not in m and "from" in m:
+                    raise DataError(
+                        f"{at} has ShareGPT keys (from/value): convert messages to "
+                        f"{{role, content}} with roles {'/'.join(CHAT_ROLES[2:4])}"
+                    )
+                role = _get_str(m, "role", at)
+                content = _get_str(m, "content", at)
+                if role not in CHAT_ROLES:
+                    raise DataError(
+                        f"{at} has role {_one_line(repr(role))}; known roles: {', '.join(CHAT_ROLES)} (loss is on "
+                        f"'assistant'): rename it in the data (ShareGPT human/gpt = user/assistant)"
+                    )
+                out.append((c.chat_template.format(role=role, content=content), role == "assistant"))
             if not any(trained for _, trained in out):
-                raise ValueError(f"{where}: '{c.messages_field}' has no 'assistant' message to train on")
+                raise DataError(f"{where}: '{c.messages_field}' has no 'assistant' message to train on")
             return out
         if c.prompt_field not in rec and c.response_field not in rec:
-            raise ValueError(
+            raise DataError(
                 f"{where}: missing field '{c.messages_field}' or '{c.prompt_field}'/"
-                f"'{c.response_field}' (record has keys: {', '.join(rec) or 'none'})"
+                f"'{c.response_field}' (record has keys: {_keys(rec)}): set data.messages_field or "
+                f"data.prompt_field/data.response_field to the fields your records use"
             )
-        prompt = _get_str(rec, c.prompt_field, where)
-        response = _get_str(rec, c.response_field, where)
-        return [(prompt, False), (response, True)]
+        prompt = _get_str(rec, c.prompt_field, where, "data.prompt_field")
+        response = _get_str(rec, c.response_field, where, "data.response_field")
+        # the separator belongs to the prompt (tokenized with it, as a prompt is at inference)
+        return [(prompt + c.sft_separator, False), (response, True)]
 
     def _tokenize(self, tok: Tokenizer) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         dtype = _stream_dtype(tok.vocab_size)
@@ -383,8 +565,9 @@ class SFTDataset(PackedDataset):
         mask: list[int] = []
         lengths: list[int] = []
 
-        def flush(records: list[list[tuple[str, bool]]]) -> None:
-            encoded = iter(tok.encode_batch([text for segs in records for text, _ in segs]))
+        def flush(records: list[list[tuple[str, bool]]], path: Path, lines: list[int]) -> None:
+            texts = [text for segs in records for text, _ in segs]
+            encoded = iter(_encode(tok, texts, path, (lines[0], lines[-1])))
             for segs in records:
                 start = len(ids)
                 if tok.bos_id is not None:
@@ -401,15 +584,15 @@ class SFTDataset(PackedDataset):
         for path in self.paths:
             log.info("tokenizing %s", path)
             records: list[list[tuple[str, bool]]] = []
+            lines: list[int] = []
             for lineno, rec in _iter_jsonl(path):
                 records.append(self._segments(rec, f"{path}:{lineno}"))
+                lines.append(lineno)
                 if len(records) == _ENCODE_BATCH:
-                    flush(records)
-                    records = []
+                    flush(records, path, lines)
+                    records, lines = [], []
             if records:
-                flush(records)
-        if not lengths:
-            raise ValueError(f"no examples in data.paths ({', '.join(map(str, self.paths))})")
+                flush(records, path, lines)
         tokens = np.asarray(ids, dtype=dtype)
         arrays = {
             "tokens": tokens,

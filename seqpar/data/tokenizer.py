@@ -8,8 +8,11 @@ datasets place bos/eos themselves), ``decode``, ``bos_id`` (may be None), ``eos_
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from seqpar.errors import DataError
 
 # Looked up in this order; the first one present in the vocabulary wins.
 EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
@@ -52,48 +55,122 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizers`` file; special ids are found from well-known token strings."""
+    """A Hugging Face ``tokenizers`` file; special ids are found from well-known token strings.
 
-    def __init__(self, path: str | Path):
+    The end-of-sequence token is, in this order: ``eos_token`` (``data.eos_token``), the first of
+    ``EOS_TOKENS`` in the vocabulary, or the ``eos_token`` of a ``tokenizer_config.json`` next to
+    the file. The bos token likewise (``BOS_TOKENS``, then ``tokenizer_config.json``; none is fine),
+    and padding falls back to eos (padding is never a target). Problems raise ``DataError``.
+    """
+
+    def __init__(self, path: str | Path, eos_token: str | None = None):
         from tokenizers import Tokenizer as _HFTok
 
         self.path = Path(path)
         try:
             self._tok = _HFTok.from_file(str(self.path))
         except Exception as e:  # the library's own message does not say which file
-            raise ValueError(f"cannot load tokenizer '{self.path}': {e}") from None
+            raise DataError(
+                f"data.tokenizer: cannot load '{self.path}' ({_one_line(e)}): it must be a Hugging "
+                f"Face tokenizer.json (tokenizer_config.json, vocab files and sentencepiece .model "
+                f"files are not it; AutoTokenizer's save_pretrained writes one)"
+            ) from None
         # Some tokenizer.json files ship with truncation/padding enabled: that would silently cut
         # documents, so both are switched off; packing owns lengths.
         self._tok.no_truncation()
         self._tok.no_padding()
+        side = _side_config(self.path)
 
-        eos = self._find(EOS_TOKENS)
+        if eos_token is not None:
+            eos = self._tok.token_to_id(eos_token)
+            if eos is None:
+                raise DataError(
+                    f"data.eos_token '{eos_token}' is not in the vocabulary of tokenizer "
+                    f"'{self.path}': set data.eos_token to one of its tokens (or remove it)"
+                )
+            self.eos_token, found_by = eos_token, "setting"
+        else:
+            self.eos_token, eos = self._find(EOS_TOKENS)
+            found_by = "builtin"
+            if eos is None:
+                self.eos_token, eos = self._find(side.get("eos_token", ()))
+                found_by = "side"
         if eos is None:
-            raise ValueError(
-                f"tokenizer '{self.path}' has no end-of-sequence token: none of "
-                f"{', '.join(EOS_TOKENS)} is in its vocabulary; add one of them as a special token"
+            looked = ", ".join(EOS_TOKENS)
+            cfg_note = (f"; tokenizer_config.json next to it names eos_token {side['eos_token'][0]!r}, "
+                        f"which is not in the vocabulary" if side.get("eos_token") else
+                        "; no eos_token in a tokenizer_config.json next to it")
+            raise DataError(
+                f"tokenizer '{self.path}' has no end-of-sequence token (looked for {looked}{cfg_note}): "
+                f"set data.eos_token to the token that ends a document (e.g. data.eos_token: '</s>'), "
+                f"or add one of those tokens to the tokenizer as a special token"
             )
         self.eos_id: int = eos
-        bos = self._find(BOS_TOKENS)
-        self.bos_id: int | None = bos if bos != eos else None
-        pad = self._find(PAD_TOKENS)
-        self.pad_id: int = eos if pad is None else pad  # padding is never a target, eos is safe
-        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_token, bos = self._find(BOS_TOKENS)
+        if bos is None:
+            self.bos_token, bos = self._find(side.get("bos_token", ()))
+            found_by = found_by if bos is None else "side"
+        if bos == eos:
+            self.bos_token, bos = None, None
+        self.bos_id: int | None = bos
+        self.pad_token, pad = self._find(PAD_TOKENS)
+        if pad is None:
+            self.pad_token, pad = self._find(side.get("pad_token", ()))
+        if pad is None:
+            self.pad_token, pad = self.eos_token, eos  # padding is never a target, eos is safe
+        self.pad_id: int = pad
+        # ids can be sparse (added tokens above the base vocabulary): size by the largest id
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size: int = max(self._tok.get_vocab_size(with_added_tokens=True),
+                                   max(vocab.values(), default=-1) + 1)
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        self.cache_key = f"hf-{digest}"
+        # The built-in look-up is a function of the file alone; anything else must key the cache too.
+        self.cache_key = f"hf-{digest}" if found_by == "builtin" else f"hf-{digest}-eos{eos}-bos{bos}"
 
-    def _find(self, candidates: tuple[str, ...]) -> int | None:
+    def _find(self, candidates: tuple[str, ...]) -> tuple[str | None, int | None]:
+        """The first candidate in the vocabulary, and its id."""
         for tok in candidates:
             i = self._tok.token_to_id(tok)
             if i is not None:
-                return i
-        return None
+                return tok, i
+        return None, None
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        except Exception as e:  # e.g. a WordLevel/WordPiece model without an unk token
+            raise DataError(
+                f"tokenizer '{self.path}' cannot encode this text ({_one_line(e)}): use a tokenizer "
+                f"that covers it (byte-level BPE covers any text)"
+            ) from None
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _one_line(e: BaseException | str) -> str:
+    return " ".join(str(e).split())
+
+
+def _side_config(path: Path) -> dict[str, tuple[str, ...]]:
+    """``eos_token`` / ``bos_token`` / ``pad_token`` of a ``tokenizer_config.json`` beside ``path``
+    (each a 1-tuple of the token string, absent when unset); ``{}`` when there is none or it is
+    unreadable (it is only a fallback: the error for a missing eos says what was looked at)."""
+    side = path.with_name("tokenizer_config.json")
+    if side == path or not side.is_file():
+        return {}
+    try:
+        data: Any = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for key in ("eos_token", "bos_token", "pad_token"):
+        v = data.get(key) if isinstance(data, dict) else None
+        if isinstance(v, dict):  # {"content": "</s>", "lstrip": false, ...}
+            v = v.get("content")
+        if isinstance(v, str) and v:
+            out[key] = (v,)
+    return out

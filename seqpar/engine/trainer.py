@@ -33,7 +33,7 @@ import torch.distributed as dist
 import yaml
 
 from seqpar import __version__
-from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE, CheckpointManager
+from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE, CheckpointManager, from_rank0
 from seqpar.checkpoint.runstate import write_run_state
 from seqpar.checkpoint.signals import EXIT_PREEMPTED, StopSignal
 from seqpar.checkpoint.store import FORMAT_VERSION, Position
@@ -41,12 +41,13 @@ from seqpar.checkpoint import hashio
 from seqpar.checkpoint.writer import WriteFailed
 from seqpar.config import Config, ConfigError, Layout, flops_per_token
 from seqpar.engine import deepspeed_state as dss
+from seqpar.engine.evaluation import build_eval_dataset, held_out_loss
 from seqpar.engine.extensions import Extensions
 from seqpar.engine.reshard import fragment_map
 from seqpar.engine.resume import Resume
 from seqpar.engine.zero3_init import build_partitioned_model
-from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset
-from seqpar.errors import DataError
+from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset, build_tokenizer
+from seqpar.errors import DataError, UserError
 from seqpar.evaluate import passkey_results
 from seqpar.kernels import LocalAttention, select_attention, select_block_kernel
 from seqpar.metrics import RunLogger, memory_gib, peak_tflops
@@ -144,19 +145,21 @@ class Trainer:
         self.run_dir = Path(cfg.logging.run_dir)
         seed_everything(cfg.train.seed)
 
-        # data: rank 0 tokenizes into the cache first, the others then read it
+        # data: rank 0 tokenizes into the cache first (a mistake it finds stops every rank with its
+        # one line, instead of leaving the others at the barrier), the others then read it
         cache_dir = cfg.data.cache_dir or self.run_dir / "cache"
-        if not topo.is_main:
-            dist.barrier()
-        self.dataset = build_dataset(cfg.data, cache_dir)
         if topo.is_main:
-            dist.barrier()
-        if self.dataset.vocab_size_needed > cfg.model.vocab_size:
-            raise DataError(
-                f"data emits token ids up to {self.dataset.vocab_size_needed - 1} but "
-                f"model.vocab_size={cfg.model.vocab_size}: raise model.vocab_size to at least "
-                f"{self.dataset.vocab_size_needed} or use a tokenizer that fits"
-            )
+            try:
+                self._build_data(cache_dir)
+            except UserError as e:
+                from_rank0(str(e))
+                raise
+            from_rank0(None)
+        else:
+            if (error := from_rank0(None)) is not None:
+                raise DataError(error)
+            self._build_data(cache_dir)
+        self._last_eval: tuple[int, float] | None = None
         self.sampler = GlobalSampler(len(self.dataset), cfg.data.seed, cfg.data.shuffle)
         self.loader = MicroBatchLoader(
             self.dataset, self.sampler, self.layout.micro_batch_size, topo.dp_rank, self.layout.dp,
@@ -198,7 +201,9 @@ class Trainer:
             raise ConfigError("this DeepSpeed setup is not supported:\n  - " + "\n  - ".join(refused))
 
         self.logger = RunLogger(
-            self.run_dir, topo.is_main, cfg.train.max_steps, cfg.logging.progress_bar, cfg.logging.tensorboard
+            self.run_dir, topo.is_main, cfg.train.max_steps, cfg.logging.progress_bar, cfg.logging.tensorboard,
+            checkpoint_lines=cfg.logging.checkpoint_lines, save_every_micro_batches=cfg.checkpoint.every_micro_batches,
+            grad_accum_steps=self.layout.grad_accum_steps,
         )
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -215,6 +220,20 @@ class Trainer:
         self._resumed_path: Path | None = None
         self._resumed_world = 0
         self.resume(cfg.checkpoint.resume)
+
+    def _build_data(self, cache_dir: Path) -> None:
+        """Training and held-out datasets, and the tokenizer the checkpoints carry for export."""
+        cfg = self.cfg
+        self.dataset = build_dataset(cfg.data, cache_dir)
+        self.eval_set = build_eval_dataset(self)  # held-out data for train.eval_every (None: off)
+        for ds, key in ((self.dataset, "data.paths"), (self.eval_set, "data.eval_paths")):
+            if ds is not None and ds.vocab_size_needed > cfg.model.vocab_size:
+                source = getattr(ds, "vocab_source", "")
+                raise DataError(
+                    f"{key}: the data emits token ids up to {ds.vocab_size_needed - 1}"
+                    + (f" ({source})" if source else "") + f" but model.vocab_size={cfg.model.vocab_size}: raise "
+                    f"model.vocab_size to at least {ds.vocab_size_needed} or use a tokenizer that fits")
+        self.tokenizer = build_tokenizer(cfg.data) if cfg.data.type != "tokens" else None
 
     # -- summary ----------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -281,6 +300,7 @@ class Trainer:
                 return self._preempted(None)
             while self.state.step < self.cfg.train.max_steps:
                 self.train_micro_batch()
+                evaluated = self._evaluate_if_due()  # before any save here: its loss goes with it
                 self.stop.tick()
                 stop, failed = self.stop.agree(self.device, self.ckpt.writer.failed())
                 if failed:  # a background write failed on some rank: every rank learns it here
@@ -288,7 +308,8 @@ class Trainer:
                 if stop:
                     return self._preempted(self.save_checkpoint())
                 st = self.state
-                if self.ckpt.due(st.step, st.micro_step, st.step * self.layout.grad_accum_steps + st.micro_step):
+                if self.ckpt.due(st.step, st.micro_step, st.step * self.layout.grad_accum_steps + st.micro_step) or (
+                        evaluated and self.cfg.checkpoint.keep_best):
                     self.save_checkpoint()
             if self.cfg.checkpoint.at_end and not self._saved_at(self._position()):
                 self.save_checkpoint()
@@ -311,6 +332,16 @@ class Trainer:
                 flush=True,
             )
         return result
+
+    def _evaluate_if_due(self) -> bool:
+        """Held-out loss every ``train.eval_every`` steps (collective); True when it ran."""
+        st, every = self.state, self.cfg.train.eval_every
+        if self.eval_set is None or st.micro_step or st.step % every:
+            return False
+        loss = held_out_loss(self, self.eval_set)
+        self._last_eval = (st.step, loss)
+        self.logger.log(st.step, {"eval_loss": loss})
+        return True
 
     def _preempted(self, tag: str | None) -> dict[str, Any]:
         """Stop agreed: wait until the stop's checkpoint is committed on every rank (no rank may
@@ -444,7 +475,7 @@ class Trainer:
             metrics.update(router_stats)
         if self.peak is not None:
             metrics["mfu"] = tok_s * self.flops_per_token / (self.peak * 1e12 * self.topo.world_size)
-        self.logger.log(self.state.step, metrics)
+        self.logger.log(self.state.step, metrics, progress=True)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _position(self) -> Position:
@@ -500,9 +531,13 @@ class Trainer:
         elif self.cfg.parallel.zero_stage == 3:
             deferred["model_shard"] = {n: p.ds_tensor.detach() for n, p in self.model.named_parameters()}
         meta = self._meta()
-        trainer_state = {**meta, **st.state_dict(), "sampler": self.sampler.state_dict()}
+        if self._last_eval and self._last_eval[0] == st.step and not st.micro_step:
+            meta["eval_loss"] = self._last_eval[1]  # checkpoint.keep_best keeps the lowest
+        trainer_state = {**meta, **st.state_dict(), "sampler": self.sampler.state_dict(),
+                         "special_tokens": self._special_ids()}  # for the export of ZeRO-3 shards
         raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),
-               CONFIG_FILE: yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False).encode()}
+               CONFIG_FILE: yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False).encode(),
+               **self._tokenizer_files()}
         args = (self._position(), rank_trees, raw if self.topo.is_main else {}, jobs, meta, deferred, live)
         try:
             tag = self.ckpt.save(*args)
@@ -510,13 +545,29 @@ class Trainer:
             self._write_failed(str(e))
             tag = self.ckpt.save(*args)
         self._last_tag = tag
-        self.logger.print(f"checkpoint {tag}: training blocked {self.ckpt.last_block_s:.3f} s "
-                          f"({'background' if self.cfg.checkpoint.async_write else 'synchronous'} write)")
-        self.logger.log(st.step, {"ckpt_block_s": self.ckpt.last_block_s, "ckpt_tag": tag})
+        self.logger.checkpoint(st.step, tag, self.ckpt.last_block_s, self.cfg.checkpoint.async_write,
+                               ends_run=self.stop.received is not None or st.step >= self.cfg.train.max_steps)
         return tag
+
+    def _special_ids(self) -> dict[str, int | None]:
+        tok = self.tokenizer
+        return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id} if tok else {}
+
+    def _tokenizer_files(self) -> dict[str, bytes]:
+        """``tokenizer/`` of a checkpoint (exported beside the weights): the tokenizer.json trained
+        with, and a tokenizer_config.json naming the special tokens this run used (a tokenizer.json
+        alone loads in transformers without an eos token)."""
+        tok = self.tokenizer
+        if self.cfg.data.tokenizer is None or tok is None:
+            return {}
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", **{
+            k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k, None)}}
+        return {"tokenizer/tokenizer.json": Path(self.cfg.data.tokenizer).read_bytes(),
+                "tokenizer/tokenizer_config.json": (json.dumps(conf, indent=1) + "\n").encode()}
 
     def _hf_job(self, weights: dict[str, torch.Tensor]):
         cfg = self.cfg.model
+        ids = self._special_ids()
 
         def job(part: Path, mode: int) -> dict[Path, hashio.FileRecord | None]:
             """Writes model/ (Hugging Face layout), hashing the weights while writing them."""
@@ -527,7 +578,7 @@ class Trainer:
             def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
                 records[path.name] = hashio.write_safetensors(path, tensors, metadata, mode=mode)
 
-            out = save_hf_checkpoint(weights, cfg, part / "model", write_tensors=write)
+            out = save_hf_checkpoint(weights, cfg, part / "model", write_tensors=write, **ids)
             return {p: records.get(p.name) for p in sorted(Path(out).rglob("*")) if p.is_file()}
         return job
 
@@ -565,7 +616,8 @@ class Trainer:
         mine = list(range(self.topo.dp_rank, n, self.layout.dp))
         turns = -(-n // self.layout.dp)
         self.engine.eval()
-        results = passkey_results(self.predict, eval_set, mine, turns, self.device)
+        results = passkey_results(self.logger.counted(self.predict, turns, "evaluating passkey"), eval_set, mine,
+                                  turns, self.device)
         self.engine.train()
         owner = owner_of(self.cfg.data.seq_len, self.topo.ring, self.topo.ulysses)
         far = [ok for i, ok in results if owner[eval_set.needle(i)] != owner[eval_set.answer(i)[1]]]

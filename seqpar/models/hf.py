@@ -245,14 +245,33 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
-def fields_to_hf_config(cfg: ModelConfig, dtype: torch.dtype | str = torch.float32) -> dict[str, Any]:
+def fields_to_hf_config(
+    cfg: ModelConfig, dtype: torch.dtype | str = torch.float32, *,
+    bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+) -> dict[str, Any]:
     """The Hub ``config.json`` dict for ``cfg`` (v4-style rope keys: loads in transformers 4.x and 5).
 
+    ``bos/eos/pad_token_id`` (the training tokenizer's; ``eos`` may be a list) are written when
+    given. Without them transformers falls back to its class defaults (Llama/Mistral/Mixtral:
+    bos 1, eos 2; Qwen: none), which are not seqpar's tokenizer ids.
     Raises ``ValueError`` when the architecture ``cfg.arch`` cannot express ``cfg`` exactly.
     """
     arch = cfg.arch
     if arch not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"arch '{arch}' cannot be exported; supported: {SUPPORTED_MODEL_TYPES}")
+    special: dict[str, int | list[int]] = {}
+    for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if v is None:
+            continue
+        many = isinstance(v, (list, tuple)) and k == "eos_token_id"
+        ids = list(v) if many else [v]
+        # python or numpy integers (not bools), inside the vocabulary
+        if not ids or not all(hasattr(i, "__index__") and not isinstance(i, bool) and 0 <= int(i) < cfg.vocab_size
+                              for i in ids):
+            raise ValueError(f"{k}={v!r} is not a token id (or list of ids, for eos) in "
+                             f"[0, model.vocab_size={cfg.vocab_size})")
+        special[k] = [int(i) for i in ids] if many else int(ids[0])
 
     def bad(what: str) -> ValueError:
         return ValueError(f"cannot export as model_type '{arch}': {what}")
@@ -345,6 +364,7 @@ def fields_to_hf_config(cfg: ModelConfig, dtype: torch.dtype | str = torch.float
                 out["shared_expert_intermediate_size"] = m.shared_expert_intermediate_size
             elif m.shared_expert_intermediate_size:
                 raise bad("shared expert (Qwen3-MoE has none); use qwen2_moe")
+    out.update(special)
     return out
 
 
@@ -618,10 +638,17 @@ def _shards(entries: list[tuple[str, Callable[[], Tensor], int]], max_bytes: flo
 
 def save_hf_checkpoint(
     state_dict: dict[str, Tensor], cfg: ModelConfig, out_dir: str | Path, max_shard_bytes: float = 5e9,
-    write_tensors: Callable[[Path, dict[str, Tensor], dict[str, str]], Any] | None = None,
+    write_tensors: Callable[[Path, dict[str, Tensor], dict[str, str]], Any] | None = None, *,
+    bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> Path:
     """Write our state dict as a Hub checkpoint: config.json + safetensors (sharded with
     ``model.safetensors.index.json`` above ``max_shard_bytes``), per-expert names.
+
+    Given token ids (the training tokenizer's ``bos_id`` / ``eos_id`` / ``pad_id``) go into
+    config.json and, when any is given, ``generation_config.json`` (what ``generate`` reads in
+    transformers 4.x and 5; without that file it falls back to config.json), so generation stops
+    at our eos. Tokenizer files are not written here.
 
     The expert bias (``moe.bias_update_rate > 0``) is written as
     ``model.layers.{i}.mlp.gate.e_score_correction_bias`` (DeepSeek's name) so seqpar can resume
@@ -653,7 +680,9 @@ def save_hf_checkpoint(
             parts.append(f"shape mismatch: {_listing(wrong)}")
         raise ValueError("state dict does not match the model config:\n  - " + "\n  - ".join(parts))
     dtype = state_dict["model.embed_tokens.weight"].dtype
-    hf_cfg = fields_to_hf_config(cfg, dtype)  # raises before anything is written
+    hf_cfg = fields_to_hf_config(cfg, dtype, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                                 pad_token_id=pad_token_id)  # raises before anything is written
+    gen_cfg = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}
     entries = _hub_entries(state_dict, cfg)
     shards = _shards(entries, max_shard_bytes)
 
@@ -661,6 +690,8 @@ def save_hf_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        if gen_cfg:
+            (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2, sort_keys=True) + "\n")
         weight_map: dict[str, str] = {}
         for s, idx in enumerate(shards):
             fname = (SAFETENSORS_FILE if len(shards) == 1

@@ -1,0 +1,27 @@
+"""Periodic held-out evaluation (train.eval_every) and keeping the best checkpoint by it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common import command, run
+
+
+@pytest.mark.slow
+def test_eval_every_logs_held_out_loss_and_keep_best_keeps_the_lowest(tmp_path):
+    cmd, run_dir = command(tmp_path, "eval", 1, train={"max_steps": 4, "eval_every": 1, "eval_samples": 4},
+                           checkpoint={"every_micro_batches": 0, "keep_last": 1, "keep_best": True})
+    r = run(cmd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {rec["step"]: rec["eval_loss"] for rec in records if "eval_loss" in rec}
+    assert sorted(evals) == [1, 2, 3, 4] and all(0 < v < 10 for v in evals.values()), evals
+    ck = run_dir / "checkpoints"
+    kept = {p.name: json.loads((p / "manifest.json").read_text()) for p in ck.glob("step*")}
+    best_step = min(evals, key=evals.get)
+    assert {m["position"]["step"] for m in kept.values()} == {best_step, 4}, kept.keys()
+    assert all(m["eval_loss"] == evals[m["position"]["step"]] for m in kept.values())
+    bad = run(cmd + ["--train.eval_every", "0"])
+    assert bad.returncode == 2 and "checkpoint.keep_best" in bad.stderr and "train.eval_every" in bad.stderr
