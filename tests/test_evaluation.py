@@ -25,3 +25,17 @@ def test_eval_every_logs_held_out_loss_and_keep_best_keeps_the_lowest(tmp_path):
     assert all(m["eval_loss"] == evals[m["position"]["step"]] for m in kept.values())
     bad = run(cmd + ["--train.eval_every", "0"])
     assert bad.returncode == 2 and "checkpoint.keep_best" in bad.stderr and "train.eval_every" in bad.stderr
+
+
+@pytest.mark.slow
+def test_eval_loss_is_the_same_under_sequence_parallelism(tmp_path):
+    """The held-out loss of 2 Ulysses ranks (each scoring its shard) equals one process's."""
+    losses = {}
+    for name, nproc, par in (("one", 1, {}), ("sp2", 2, {"ulysses_degree": 2, "zero_stage": 3})):
+        cmd, run_dir = command(tmp_path, name, nproc, train={"max_steps": 2, "eval_every": 2, "eval_samples": 3},
+                               checkpoint={"every_micro_batches": 0}, parallel=par)
+        r = run(cmd)
+        assert r.returncode == 0, r.stderr[-3000:]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [rec["eval_loss"] for rec in records if "eval_loss" in rec]
+    assert len(losses["one"]) == 1 and losses["sp2"] == pytest.approx(losses["one"], rel=1e-4), losses
