@@ -57,8 +57,98 @@ class Router(nn.Module):
         return scores, idx, weights
 
 
+# torch._grouped_mm runs its CUTLASS kernels (no host sync) only on these CUDA majors, in bf16; on
+# anything else it falls back to a loop that copies the offsets to the host. At most 1023 groups.
+_GROUPED_MM_MAJORS = (9, 10)
+# On sm100 the grouped kernel has given non-zero weight gradients to groups of zero rows
+# (pytorch/pytorch#172439, open); there the empty experts' gradients are zeroed explicitly.
+_ZERO_EMPTY_EXPERT_GRAD_MAJORS = (10,)
+
+
+def grouped_mm_major(device: torch.device) -> int | None:
+    """The CUDA major of ``device`` when torch._grouped_mm has its fast kernel there, else None.
+
+    Host-side metadata only (device type, build, cached device properties): never a sync.
+    """
+    if device.type != "cuda" or torch.version.hip is not None or not hasattr(torch, "_grouped_mm"):
+        return None
+    major = torch.cuda.get_device_capability(device)[0]
+    return major if major in _GROUPED_MM_MAJORS else None
+
+
+def grouped_mm_layout_ok(x: Tensor, *weights: Tensor) -> bool:
+    """Whether x [N, H] and the stacked weights [E, out, in] meet the fast kernel's layout rules:
+    bf16, row-major, every row stride a multiple of 16 bytes, 16-byte aligned data, E < 1024."""
+    def aligned(t: Tensor) -> bool:
+        return t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 16 == 0
+
+    if x.dim() != 2 or x.shape[0] == 0 or not aligned(x) or x.shape[1] % 8:
+        return False
+    return all(w.dim() == 3 and 0 < w.shape[0] < 1024 and aligned(w) and w.shape[1] % 8 == 0
+               and w.shape[2] % 8 == 0 for w in weights)
+
+
+class _ZeroGradOfEmptyExperts(torch.autograd.Function):
+    """Identity on a stacked [E, ...] weight whose backward zeroes the rows of experts without
+    tokens (counts stay on the device: a masked select, no sync)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, counts: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(counts)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (counts,) = ctx.saved_tensors
+        keep = (counts > 0).view(-1, *([1] * (g.dim() - 1)))
+        return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device)), None
+
+
+def grouped_swiglu(x_sorted: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
+                   zero_empty_grads: bool = False) -> Tensor:
+    """All experts at once: one torch._grouped_mm per projection over expert-sorted tokens.
+
+    ``counts`` [E] (int, on the tokens' device) give each expert's contiguous rows; the group ends
+    are their running sum, so no count ever reaches the host. The weight gradients come out of one
+    grouped GEMM each, straight into an [E, ...] tensor.
+    """
+    offs = counts.cumsum(0, dtype=torch.int32)
+    if zero_empty_grads:
+        gate, up, down = (_ZeroGradOfEmptyExperts.apply(w, counts) for w in (gate, up, down))
+    g = torch._grouped_mm(x_sorted, gate.transpose(-2, -1), offs=offs)
+    u = torch._grouped_mm(x_sorted, up.transpose(-2, -1), offs=offs)
+    return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+
+
+def looped_swiglu(x_sorted: Tensor, gate: Tensor, up: Tensor, down: Tensor,
+                  counts: list[int]) -> Tensor:
+    """One expert at a time on contiguous views, with the same matmuls as the historical loop.
+
+    The tokens are ``split`` and the weights ``unbind``-ed once: the backward of each is a single
+    cat/stack into one full-size tensor. (Indexing ``w[e]`` per expert made every expert's
+    gradient a full-size [E, ...] zero tensor that autograd then summed: E x weight size.) Experts
+    without tokens get exact zeros from unbind's backward.
+    """
+    xs = x_sorted.split(counts)
+    gs, us, ds = gate.unbind(0), up.unbind(0), down.unbind(0)
+    outs = []
+    for e, n in enumerate(counts):
+        if n:
+            xe = xs[e]
+            h = F.silu(xe @ gs[e].t()) * (xe @ us[e].t())
+            outs.append(h @ ds[e].t())
+    return torch.cat(outs) if outs else x_sorted[:0]
+
+
 class Experts(nn.Module):
-    """E SwiGLU experts stored as stacked weights (one parameter each: ZeRO-friendly)."""
+    """E SwiGLU experts stored as stacked weights (one parameter each: ZeRO-friendly).
+
+    ``forward(x_sorted, counts)``: tokens sorted by expert, ``counts`` [E] tokens per expert. On a
+    CUDA device with torch._grouped_mm's kernel (sm90/sm100, bf16, aligned layout) all experts run
+    as one grouped GEMM per projection with the counts left on the device; elsewhere a loop over
+    per-expert views (counts read on the host: free on CPU, one sync on a GPU). Either way the
+    backward costs one full-size write per weight, however many experts there are.
+    """
 
     def __init__(self, hidden: int, cfg: MoEConfig):
         super().__init__()
@@ -67,16 +157,28 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(e, i, hidden))
         self.down_proj = nn.Parameter(torch.empty(e, hidden, i))
 
-    def forward(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
+    def use_grouped_mm(self, x_sorted: Tensor) -> bool:
+        """Path choice from metadata alone (device, dtype, shapes, alignment): never a sync."""
+        return grouped_mm_major(x_sorted.device) is not None and grouped_mm_layout_ok(
+            x_sorted, self.gate_proj, self.up_proj, self.down_proj)
+
+    def forward(self, x_sorted: Tensor, counts: Tensor | list[int]) -> Tensor:
         """Run each expert on its contiguous slice of expert-sorted tokens."""
-        outs, lo = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                xe = x_sorted[lo : lo + n]
-                h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-                outs.append(h @ self.down_proj[e].t())
-                lo += n
-        return torch.cat(outs) if outs else x_sorted[:0]
+        w = (self.gate_proj, self.up_proj, self.down_proj)
+        if isinstance(counts, Tensor) and self.use_grouped_mm(x_sorted):
+            zero = grouped_mm_major(x_sorted.device) in _ZERO_EMPTY_EXPERT_GRAD_MAJORS
+            return grouped_swiglu(x_sorted, *w, counts, zero_empty_grads=zero)
+        if isinstance(counts, Tensor):
+            counts = counts.tolist()  # a host read: no sync on CPU
+        return looped_swiglu(x_sorted, *w, counts)
+
+
+def tokens_per_expert(sorted_ids: Tensor, num_experts: int) -> Tensor:
+    """``bincount`` of ascending expert ids, int64 [E], without a host sync (CUDA's bincount reads
+    the ids' min and max on the host): each expert's end is a binary search in the sorted ids."""
+    bounds = torch.arange(1, num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    ends = torch.searchsorted(sorted_ids, bounds)
+    return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
 class SwiGLU(nn.Module):
@@ -114,9 +216,9 @@ class MoE(nn.Module):
         k, e = self.cfg.top_k, self.cfg.num_experts
         scores, idx, weights = self.gate(x)
         flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat, minlength=e)
-        y_sorted = self.experts(x[order // k], counts.tolist())
+        sorted_ids, order = flat.sort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = tokens_per_expert(sorted_ids, e)  # = bincount(flat, minlength=e), sync-free
+        y_sorted = self.experts(x[order // k], counts)
         y_slots = torch.empty_like(y_sorted)
         y_slots[order] = y_sorted  # unique indices: deterministic, unlike index_add_ on CUDA
         y = (y_slots.view(t, k, h) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
@@ -138,7 +240,7 @@ class MoE(nn.Module):
         k, e = self.cfg.top_k, self.cfg.num_experts
         probs = scores if self.cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         prob_sum, counts = probs.sum(0), counts.float()
-        t = torch.tensor(float(scores.shape[0]), device=scores.device)
+        t = scores.new_full((), float(scores.shape[0]))  # no host-to-device copy per layer
         if self.stats_group is not None:
             import torch.distributed as dist
             from torch.distributed.nn.functional import all_reduce
