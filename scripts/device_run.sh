@@ -39,3 +39,6 @@ python3 seqpar/train.py --config configs/tiny-cpu.yaml --parallel.zero_stage 3 -
 # checkpoint costs with pinned-memory snapshots (the CPU numbers are in docs/benchmarks.md)
 python3 scripts/bench_checkpoint.py --hidden 2048 --layers 8 --out /tmp/ckbench 2>&1 | tail -12 \
   | tee "$OUT/bench_checkpoint.log"
+
+# MoE grouped expert compute (torch._grouped_mm on sm90 bf16) vs a dense GEMM of the same FLOPs
+python3 scripts/bench_moe.py --device cuda --experts 8 16 32 64 128 2>&1 | tail -14 | tee "$OUT/bench_moe.log"
