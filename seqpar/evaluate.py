@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -35,3 +36,21 @@ def passkey_results(
         if t < len(indices):
             results.append((i, bool(torch.equal(pred[start : start + len(key)], target))))
     return results
+
+
+def passkey_chance(digits: int) -> float:
+    """Probability that a guess gets all ``digits`` of a uniformly random digit key right."""
+    return 10.0 ** -digits
+
+
+def percent(x: float) -> str:
+    """``0.8125 -> '81.2%'``; small shares keep their significant digits (``1e-05 -> '0.001%'``)."""
+    if x == 0 or x >= 0.001:
+        return f"{x:.1%}"
+    return f"{x * 100:.{-math.floor(math.log10(x * 100))}f}%"
+
+
+def passkey_summary(accuracy: float, samples: int, digits: int) -> str:
+    """``passkey accuracy 81.2% on 64 held-out 3-digit keys (chance 0.1%)``, for the run's last line."""
+    return (f"passkey accuracy {percent(accuracy)} on {samples} held-out {digits}-digit keys "
+            f"(chance {percent(passkey_chance(digits))})")

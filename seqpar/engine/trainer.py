@@ -324,13 +324,20 @@ class Trainer:
         self.logger.close()
         self._record_run_state("finished", self.ckpt.writer.last_committed)
         if self.topo.is_main and self.state.first_loss is not None:
+            from seqpar.evaluate import passkey_summary, percent  # accuracy with its chance level
+
+            pk = self.cfg.data.passkey
             print(
                 f"done: {self.state.step} steps, loss {self.state.first_loss:.4f} -> {result['final_loss']:.4f}"
-                + (f", passkey accuracy {result['passkey_accuracy']:.1%}" if "passkey_accuracy" in result else "")
-                + (f" ({result['passkey_accuracy_other_shard']:.1%} with the key in another rank's shard)"
+                + (f", {passkey_summary(result['passkey_accuracy'], pk.eval_samples, pk.key_digits)}"
+                   if "passkey_accuracy" in result else "")
+                + (f", {percent(result['passkey_accuracy_other_shard'])} with the key in another rank's shard"
                    if "passkey_accuracy_other_shard" in result else ""),
                 flush=True,
             )
+            if self.cfg.checkpoint.keep_best and (best := self.ckpt.store.best()):
+                print(f"best held-out loss {best[1]:.4f}: {self.ckpt.store.root / best[0]} "
+                      "(python -m seqpar.ckpt export <it> <dir> for a Hugging Face model)", flush=True)
         return result
 
     def _evaluate_if_due(self) -> bool:
