@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("fsspec")
+import fsspec  # noqa: F401  (a dependency of seqpar: the mirror tests must run, never skip)
 
 from seqpar.checkpoint import codec  # noqa: E402
 from seqpar.checkpoint import mirror as mirror_mod  # noqa: E402
