@@ -335,6 +335,11 @@ class PasskeyConfig(_Section):
         "all", description="'answer' puts loss only on the key tokens after the question"
     )
     eval_samples: int = Field(64, ge=0, description="held-out samples scored at the end of a run")
+    curriculum_samples: int = Field(
+        0, ge=0, description="the first N training samples pack several shorter documents, their length "
+        "growing linearly from curriculum_start_len to seq_len/2 (0 = off; needs data.shuffle false)"
+    )
+    curriculum_start_len: int = Field(128, ge=16, description="document length at the curriculum's start")
 
 
 DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
@@ -386,6 +391,16 @@ class DataConfig(_Section):
                 "data.paths is set but data.type is 'passkey' (the built-in synthetic task reads no files): "
                 + (f"set data.type {guess}" if guess else "set data.type text, tokens or sft")
                 + ", or remove data.paths")
+        if self.type == "passkey" and self.passkey.curriculum_samples:
+            if self.shuffle:
+                raise ValueError(
+                    "data.passkey.curriculum_samples follows the sample index, which data.shuffle would "
+                    "scramble: set data.shuffle false (passkey samples are independent random draws "
+                    "already) or data.passkey.curriculum_samples 0")
+            if self.passkey.curriculum_start_len > self.seq_len // 2:
+                raise ValueError(
+                    f"data.passkey.curriculum_start_len={self.passkey.curriculum_start_len} leaves no room "
+                    f"for two documents in data.seq_len={self.seq_len}: set it to at most {self.seq_len // 2}")
         # Existence only (before any work, --print-config included): how a relative path was resolved
         # is part of each message. Contents are read by seqpar.data.
         origins = _origins(info)
@@ -451,6 +466,10 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master")
     activation_checkpointing: bool = Field(False, description="recompute each layer in the backward")
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
+    loss_impl: Literal["auto", "torch", "liger", "cce"] = Field(
+        "auto", description="fused linear + cross-entropy: auto = Liger-Kernel, else cut-cross-entropy "
+        "on CUDA when installed, else the chunked torch loss"
+    )
     eval_every: int = Field(0, ge=0, description="held-out loss every N optimizer steps (0 = off)")
     eval_samples: int = Field(64, ge=1, description="held-out sequences scored at each evaluation")
     attention: Literal["auto", "torch", "sdpa", "flash_attn"] = Field(
@@ -1216,25 +1235,16 @@ def default_config_path() -> Path:
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (fwd+bwd) used for MFU; formula documented in docs/configuration.md.
+    """Training FLOPs per token (fwd+bwd) of one document filling ``seq_len`` tokens.
 
     6 * N_active (every matmul weight a token passes through, lm_head included, embedding lookup
     excluded) + 6 * L * H * d * S (causal attention scores and values: 12 * L * H * d * S halved).
+    The trainer's MFU counts attention per packed document instead: ``seqpar.flops.step_flops``.
     """
-    h, d, L = m.hidden_size, m.dim_per_head, m.num_hidden_layers
-    attn = h * d * (m.num_attention_heads + 2 * m.kv_heads) + m.num_attention_heads * d * h
-    dense_mlp = 3 * h * m.intermediate_size
-    n = 0
-    for i in range(L):
-        n += attn
-        if m.moe is not None and _is_moe_layer(m, i):
-            e = m.moe
-            n += e.top_k * 3 * h * e.intermediate_size + h * e.num_experts
-            n += 3 * h * e.shared_expert_intermediate_size + (h if e.shared_expert_gate else 0)
-        else:
-            n += dense_mlp
-    n += h * m.vocab_size  # lm_head
-    return 6.0 * n + 6.0 * L * m.num_attention_heads * d * seq_len
+    # imported here: seqpar.flops imports this module
+    from seqpar.flops import matmul_flops_per_token
+
+    return matmul_flops_per_token(m) + 6.0 * m.num_hidden_layers * m.num_attention_heads * m.dim_per_head * seq_len
 
 
 def _is_moe_layer(m: ModelConfig, i: int) -> bool:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from pydantic import ValidationError
+
 from seqpar.config import DataConfig
 from seqpar.data import (
     IGNORE_INDEX,
@@ -446,6 +448,51 @@ def test_passkey_answer_loss_eval_split_and_errors():
         PasskeyDataset(passkey_cfg(seq_len=64))
     with pytest.raises(IndexError):
         train.answer(200)
+
+
+def test_passkey_curriculum_packs_short_documents_then_full_ones():
+    cfg = passkey_cfg(shuffle=False, passkey={"key_digits": 3, "loss_on": "answer", "eval_samples": 20,
+                                              "curriculum_samples": 100, "curriculum_start_len": 128})
+    ds, tok = PasskeyDataset(cfg), ByteTokenizer()
+    assert "curriculum" in ds.describe()
+    previous, keys = 0, set()
+    for i in range(0, 120, 3):
+        s = ds[i]
+        starts = check_invariants(s, 512)
+        lengths = ds.doc_lengths(i)
+        assert sum(lengths) == 512 and np.array_equal(starts, np.cumsum([0] + lengths[:-1]))
+        assert lengths[0] >= previous  # documents only grow, to one full-length one at the end
+        previous = lengths[0]
+        if i < 100:
+            length = 128 + 128 * i // 100
+            assert lengths[0] == length and len(lengths) == 512 // length >= 2
+        else:
+            assert lengths == [512]
+        for lo, n in zip(starts, lengths):  # each one a whole passkey document, loss on its answer
+            ids, labels = s["input_ids"][lo:lo + n], s["labels"][lo:lo + n]
+            key = tok.decode(ids[n - 4:n - 1])
+            assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and key.isdigit()
+            assert tok.decode(ids).count(key) == 3
+            assert np.array_equal(np.flatnonzero(labels != IGNORE_INDEX), np.arange(n - 5, n - 1))
+            keys.add((i, key))
+    assert len({k for _, k in keys}) > 50  # documents of one sample are independent draws
+    assert ds.doc_lengths(0) == [128, 128, 128, 128] and ds.doc_lengths(60) == [204, 308]
+    # past the curriculum, samples are exactly those of a run without it
+    plain = PasskeyDataset(passkey_cfg(shuffle=False, passkey={"key_digits": 3, "loss_on": "answer"}))
+    assert all(np.array_equal(ds[i]["input_ids"], plain[i]["input_ids"]) for i in (100, 150, 199))
+    with pytest.raises(ValueError, match="packs curriculum documents"):
+        ds.answer(5)
+    # held-out samples: one full-length document each, also disjoint from curriculum documents
+    held = PasskeyDataset(cfg, split="eval")
+    assert all(held.doc_lengths(i) == [512] for i in range(20))
+    assert not {held.answer(i)[0] for i in range(20)} >= {k for _, k in keys}
+
+    with pytest.raises(ValidationError, match=r"data.passkey.curriculum_samples .*data.shuffle false"):
+        passkey_cfg(passkey={"curriculum_samples": 10})
+    with pytest.raises(ValidationError, match=r"curriculum_start_len=300 leaves no room .* at most 256"):
+        passkey_cfg(shuffle=False, passkey={"curriculum_samples": 10, "curriculum_start_len": 300})
+    with pytest.raises(ValueError, match=r"curriculum_start_len=64 is too short.*at least \d+"):
+        PasskeyDataset(passkey_cfg(shuffle=False, passkey={"curriculum_samples": 10, "curriculum_start_len": 64}))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from seqpar.checkpoint.signals import EXIT_PREEMPTED, StopSignal
 from seqpar.checkpoint.store import FORMAT_VERSION, Position
 from seqpar.checkpoint import hashio
 from seqpar.checkpoint.writer import WriteFailed
-from seqpar.config import Config, ConfigError, Layout, flops_per_token
+from seqpar.config import Config, ConfigError, Layout
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.evaluation import build_eval_dataset, held_out_loss
 from seqpar.engine.extensions import Extensions
@@ -49,7 +49,9 @@ from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset, build_tokenizer
 from seqpar.errors import DataError, UserError
 from seqpar.evaluate import passkey_results
+from seqpar.flops import step_flops
 from seqpar.kernels import LocalAttention, select_attention, select_block_kernel
+from seqpar.loss import select_loss
 from seqpar.metrics import RunLogger, memory_gib, peak_tflops
 from seqpar.models import Transformer, build_model, count_parameters
 from seqpar.parallel import Topology
@@ -176,6 +178,8 @@ class Trainer:
         model.activation_checkpointing = cfg.train.activation_checkpointing
         model.loss_chunk_size = cfg.train.loss_chunk_size
         det = cfg.train.deterministic
+        self.loss = select_loss(cfg.train.loss_impl, self.device, det)
+        model.set_loss(self.loss)
         self.kernel = select_attention(cfg.train.attention, self.device, det)
         if topo.sp > 1:
             model.set_attention(build_attention(topo, self.kernel, select_block_kernel(self.device, det)))
@@ -206,7 +210,7 @@ class Trainer:
             grad_accum_steps=self.layout.grad_accum_steps,
         )
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self._step_flops: torch.Tensor | float = 0.0  # training FLOPs of the open window's global batch
         self.config_path = config_path
         self._window: list | None = None
         self._acc: dict[str, Any] = {}
@@ -246,7 +250,7 @@ class Trainer:
                 f"seqpar {__version__} | config {self.config_path or '<dict>'} (hash {c.fingerprint()})",
                 f"layout  {self.topo.describe()}, backend {dist.get_backend()}",
                 f"engine  DeepSpeed ZeRO-{c.parallel.zero_stage}, {c.train.precision}, attention "
-                f"{self.attention_name}, activation checkpointing "
+                f"{self.attention_name}, loss {self.loss.describe()}, activation checkpointing "
                 f"{'on' if c.train.activation_checkpointing else 'off'}",
                 f"model   {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads {kv}, "
                 f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
@@ -431,9 +435,13 @@ class Trainer:
     def _open_window(self) -> None:
         """Fetch this rank's micro-batches of the step and count labelled tokens globally."""
         self._window = self.loader.window(self.state.step)
-        local = sum(b.num_loss_tokens for b in self._window)  # whole sequences: count per DP rank
-        tokens = torch.tensor(float(local), dtype=torch.float64, device=self.device)
-        dist.all_reduce(tokens, group=self.topo.dp_group)
+        # Whole sequences: count per DP rank (SP ranks share their DP rank's sequences). The FLOPs
+        # for MFU count attention per document, from the host position_ids; they ride along.
+        local = sum(b.num_loss_tokens for b in self._window)
+        flops = sum(step_flops(self.cfg.model, b.position_ids) for b in self._window)
+        counts = torch.tensor([float(local), flops], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts, group=self.topo.dp_group)
+        tokens, self._step_flops = counts[0], counts[1]
         if tokens.item() == 0:
             raise RuntimeError(f"step {self.state.step}: the global batch has no labelled tokens")
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -481,7 +489,7 @@ class Trainer:
             metrics["aux_loss"] = aux
             metrics.update(router_stats)
         if self.peak is not None:
-            metrics["mfu"] = tok_s * self.flops_per_token / (self.peak * 1e12 * self.topo.world_size)
+            metrics["mfu"] = float(self._step_flops) / dt / (self.peak * 1e12 * self.topo.world_size)
         self.logger.log(self.state.step, metrics, progress=True)
 
     # -- checkpoints ------------------------------------------------------------------------------

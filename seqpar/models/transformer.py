@@ -178,10 +178,12 @@ class LMHead(nn.Linear):
     gathered only while their module runs.
     """
 
+    loss_fn = staticmethod(chunked_cross_entropy)  # Transformer.set_loss swaps in a fused kernel
+
     def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 4096) -> Tensor:  # type: ignore[override]
         if labels is None:
             return F.linear(x, self.weight)
-        return chunked_cross_entropy(x, self.weight, labels, chunk)
+        return self.loss_fn(x, self.weight, labels, chunk)
 
 
 class TiedLMHead(nn.Module):
@@ -196,10 +198,12 @@ class TiedLMHead(nn.Module):
     def weight(self) -> Tensor:
         return self._embedding[0].weight
 
+    loss_fn = staticmethod(chunked_cross_entropy)
+
     def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 4096) -> Tensor:
         if labels is None:
             return F.linear(x, self.weight)
-        return chunked_cross_entropy(x, self.weight, labels, chunk)
+        return self.loss_fn(x, self.weight, labels, chunk)
 
 
 class Backbone(nn.Module):
@@ -237,6 +241,10 @@ class Transformer(nn.Module):
     # -- setup ------------------------------------------------------------------------------------
     def set_attention(self, fn: AttentionFn) -> None:
         self.attention = fn
+
+    def set_loss(self, fn: Callable[[Tensor, Tensor, Tensor, int], Tensor]) -> None:
+        """The head's ``(hidden, weight, labels, chunk) -> summed CE`` (``seqpar.loss.select_loss``)."""
+        self.lm_head.loss_fn = fn
 
     def set_sequence_parallel_group(self, group) -> None:
         """MoE aux losses then use routing statistics summed over the group's shards."""

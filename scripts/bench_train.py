@@ -1,0 +1,366 @@
+"""Trainer vs plain loop: seqpar's training step against the eager PyTorch loop a user would write,
+same model, data and process, per sequence length (issue 11).
+
+    python scripts/bench_train.py --device cpu                                  # tiny shape
+    python scripts/bench_train.py --device cuda --model llama3.2-1b --seq-lens 4096,8192
+    python scripts/bench_train.py --config my.yaml --train.micro_batch_size 2 --json rows.json
+
+seqpar: a ``Trainer`` built from the config (DeepSpeed, its ZeRO stage and precision, packed varlen
+attention, chunked cross-entropy); a step is ``Trainer.train_micro_batch`` until the optimizer step
+closes the window (one call here: grad_accum_steps is 1).
+plain: the same ``Transformer`` with the same config and init, ``[B, S]`` rows of one document each,
+causal ``F.scaled_dot_product_attention``, full logits + ``F.cross_entropy`` (under ``torch.autocast``
+bf16 on CUDA when train.precision is bf16, else fp32), ``clip_grad_norm_`` as train.grad_clip,
+``torch.optim.AdamW`` (fused on CUDA).
+Both read the same passkey samples (``seqpar.data``, curriculum off: one document per row) with the
+same micro-batch size, run ``--warmup`` steps, then time ``--steps`` steps (CUDA synchronized around
+them); tokens/s counts every token of the batch. MFU = step FLOPs / (time x peak), FLOPs from
+``seqpar.flops.step_flops`` (the trainer's count), peak from ``seqpar.metrics.peak_tflops`` or
+``--peak-tflops``. Peak GiB: on CUDA the most allocated during the run above what was allocated
+before it; on CPU the process RSS after it (indicative only: both runs live in one process).
+The default config is the embedded tiny CPU default (configs/tiny-cpu.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# DeepSpeed 0.19.8 calls a collective torch has deprecated (as seqpar/train.py)
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+
+# Llama-3.2-1B (random init): 1.24B parameters, tied 128K vocabulary
+LLAMA_1B = {
+    "model.arch": "llama", "model.vocab_size": 128256, "model.hidden_size": 2048,
+    "model.intermediate_size": 8192, "model.num_hidden_layers": 16, "model.num_attention_heads": 32,
+    "model.num_key_value_heads": 8, "model.tie_word_embeddings": True, "model.rope_theta": 500000.0,
+    "model.max_position_embeddings": 131072, "train.micro_batch_size": 1,
+}
+PRESETS: dict[str, dict[str, Any]] = {"tiny": {}, "llama3.2-1b": LLAMA_1B}
+DEFAULT_SEQ_LENS = {"tiny": "256,512", "llama3.2-1b": "4096,8192"}
+
+
+@dataclass
+class Row:
+    seq_len: int
+    seqpar_tok_s: float
+    plain_tok_s: float
+    ratio: float
+    seqpar_mfu: float | None
+    plain_mfu: float | None
+    seqpar_peak_gib: float
+    plain_peak_gib: float
+    seqpar_step_s: float
+    plain_step_s: float
+    flops_per_step: float
+    seqpar_loss0: float  # loss of the first step: equal up to kernel rounding (same model, init and data)
+    plain_loss0: float
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="scripts/bench_train.py", description=__doc__.split("\n")[0], allow_abbrev=False,
+                                epilog="Any config key can be overridden as --section.key value.")
+    p.add_argument("--config", default=None, help="base YAML (default: the embedded tiny-cpu config)")
+    p.add_argument("--model", default="tiny", choices=sorted(PRESETS), help="tiny: the config's own model")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seq-lens", default=None, help="comma-separated (default: 256,512 tiny, 4096,8192 1B)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known GPUs)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args, overrides = p.parse_known_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args, overrides
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def base_config(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
+    """The config file (default: the embedded tiny CPU one), the model preset, then the user's
+    overrides; as a plain dict."""
+    from seqpar.config import load_config
+
+    first = ["--train.device", args.device, "--train.precision", "bf16" if args.device == "cuda" else "fp32"]
+    for k, v in PRESETS[args.model].items():
+        first += [f"--{k}", json.dumps(v)]
+    return load_config(args.config, first + overrides).model_dump(mode="json")
+
+
+def build_config(args: argparse.Namespace, base: dict[str, Any], seq_len: int, run_dir: Path):
+    """``base`` with what the benchmark fixes: one passkey document per row of ``seq_len`` tokens,
+    grad_accum_steps 1, no checkpoints, evaluation or resume."""
+    from seqpar.config import validate_config
+
+    d = copy.deepcopy(base)
+    data, train, ck, log = d["data"], d["train"], d["checkpoint"], d["logging"]
+    data.update(type="passkey", seq_len=seq_len, paths=[], eval_paths=[], tokenizer=None, eos_token=None)
+    data["passkey"]["eval_samples"] = 0
+    if "curriculum_samples" in data["passkey"]:  # packed shorter documents would not be one per row
+        data["passkey"]["curriculum_samples"] = 0
+    steps = args.warmup + args.steps
+    train.update(max_steps=steps, warmup_steps=min(train["warmup_steps"], steps), grad_accum_steps=None,
+                 global_batch_size=train["micro_batch_size"], eval_every=0)
+    ck.update(at_end=False, every_steps=0, every_micro_batches=0, resume="none", keep_best=False, mirror=None,
+              dir=None)
+    log.update(run_dir=str(run_dir), log_every=steps, progress_bar=False, tensorboard="off",
+               peak_tflops=args.peak_tflops)
+    return validate_config(d, source="bench_train")
+
+
+# -- measuring -------------------------------------------------------------------------------------
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _mem_start(device) -> int:
+    import torch
+
+    gc.collect()
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _mem_peak(device, base: int) -> float:
+    import torch
+
+    from seqpar.metrics import memory_gib
+
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return memory_gib(device)  # process RSS
+
+
+def _timed(step: Callable[[int], None], warmup: int, steps: int, device) -> float:
+    """Seconds for steps ``warmup .. warmup + steps - 1`` after the untimed ones."""
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run_seqpar(cfg, topo, args) -> tuple[float, float, float]:
+    """(seconds for the timed steps, peak GiB, first step's loss) of the Trainer's own step."""
+    from seqpar.engine import Trainer
+
+    base = _mem_start(topo.device)
+    # the trainer's own lines (its final progress record) go to stderr: stdout is the table's
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = Trainer(cfg, topo, config_path="bench_train")
+        try:
+            trainer.engine.train()
+
+            def step(i: int) -> None:
+                assert trainer.state.step == i and trainer.state.micro_step == 0
+                while trainer.state.step == i:  # every micro-batch of the window; the last one steps
+                    trainer.train_micro_batch()
+
+            dt = _timed(step, args.warmup, args.steps, topo.device)
+            peak = _mem_peak(topo.device, base)
+        finally:
+            trainer.ckpt.finish()
+            trainer.logger.close()
+            trainer.loader.close()
+            trainer.engine.destroy()
+    return dt, peak, trainer.state.losses[0]  # the trainer goes with this frame (freed before the next run)
+
+
+class CausalSDPA:
+    """The model's attention hook as a plain loop has it: ``[B, H, S, d]`` causal SDPA, one
+    document per row (the packed layout's ``meta`` is not used)."""
+
+    def __init__(self, batch: int, seq_len: int):
+        self.batch, self.seq_len = batch, seq_len
+
+    def __call__(self, q, k, v, meta, scale: float):
+        import torch.nn.functional as F
+
+        t, h, d = q.shape
+        q, k, v = (x.view(self.batch, self.seq_len, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(t, h, d)
+
+
+def run_plain(cfg, device, loader, args) -> tuple[float, float, float]:
+    """(seconds for the timed steps, peak GiB, first step's loss) of the eager loop."""
+    import torch
+    import torch.nn.functional as F
+
+    from seqpar.data import IGNORE_INDEX
+    from seqpar.kernels import AttnMeta
+    from seqpar.models import build_model
+
+    base = _mem_start(device)
+    t, b, s = cfg.train, cfg.train.micro_batch_size, cfg.data.seq_len
+    model = build_model(cfg.model, seed=cfg.train.seed).to(device)
+    model.train()
+    model.set_attention(CausalSDPA(b, s))
+    # a fixed layout: spares the model's own boundary search (a device sync) that SDPA ignores
+    meta = AttnMeta(torch.tensor([0, b * s], device=device), s)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    amp = device.type == "cuda" and t.precision == "bf16"
+    vocab = cfg.model.vocab_size
+    loss0: list[float] = []
+
+    def step(i: int) -> None:
+        batch = loader.micro_batch(i, 0)
+        ids, pos, labels = (x.to(device, non_blocking=True) for x in
+                            (batch.input_ids, batch.position_ids, batch.labels))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(ids, pos, None, meta)
+            loss = F.cross_entropy(out.logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            if cfg.model.moe is not None:
+                loss = loss + out.aux_loss
+        loss.backward()
+        if i == 0:
+            loss0.append(loss.item())  # one sync, in the warmup unless --warmup 0
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt = _timed(step, args.warmup, args.steps, device)
+    return dt, _mem_peak(device, base), loss0[0]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def card_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU {name} ({cores} cores, {torch.get_num_threads()} threads)"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(header: list[str], rows: list[Row], formula: str) -> str:
+    columns = ("seq_len", "seqpar tok/s", "plain tok/s", "ratio", "seqpar MFU", "plain MFU", "seqpar peak GiB",
+               "plain peak GiB")
+    lines = [*header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append(f"| {r.seq_len} | {r.seqpar_tok_s:,.0f} | {r.plain_tok_s:,.0f} | {r.ratio:.2f} | "
+                     f"{_fmt(r.seqpar_mfu, '.1%')} | {_fmt(r.plain_mfu, '.1%')} | "
+                     f"{r.seqpar_peak_gib:.2f} | {r.plain_peak_gib:.2f} |")
+    return "\n".join([*lines, "", formula])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        sys.exit("bench_train.py runs as one process (world size 1): start it with python, not a launcher")
+    seq_lens = [int(x) for x in (args.seq_lens or DEFAULT_SEQ_LENS[args.model]).split(",") if x.strip()]
+
+    import torch
+    import torch.distributed as dist
+
+    from seqpar.config import ConfigError
+    from seqpar.data import GlobalSampler, MicroBatchLoader, build_dataset
+    from seqpar.flops import step_flops
+    from seqpar.metrics import peak_tflops, quiet_deepspeed
+    from seqpar.parallel import init_topology, pick_device
+
+    tmp = Path(tempfile.mkdtemp(prefix="seqpar-bench-train-"))
+    try:
+        base = base_config(args, overrides)
+        cfgs = {s: build_config(args, base, s, tmp / f"seq{s}") for s in seq_lens}
+    except ConfigError as e:
+        print(f"bench_train: {e}", file=sys.stderr)
+        return 2
+    quiet_deepspeed(announce=lambda line: print(line, file=sys.stderr, flush=True))
+    device = pick_device(args.device)
+    topo = init_topology(1, 1, device, "auto")  # gloo on CPU, nccl on CUDA, 127.0.0.1 and a free port
+    peak = peak_tflops(device, args.peak_tflops)
+
+    rows: list[Row] = []
+    for s, cfg in cfgs.items():
+        b = cfg.train.micro_batch_size
+        dataset = build_dataset(cfg.data, tmp / "cache")  # the trainer's data: same samples, same order
+        loader = MicroBatchLoader(dataset, GlobalSampler(len(dataset), cfg.data.seed, cfg.data.shuffle), b, 0, 1, 1)
+        timed = [loader.micro_batch(i, 0) for i in range(args.warmup, args.warmup + args.steps)]
+        pos = torch.cat([x.position_ids for x in timed])
+        if bool((pos[:, 0] != 0).any()) or int((pos == 0).sum()) != pos.shape[0]:
+            raise SystemExit("bench_train: the data is not one document per row (the plain loop needs that)")
+        flops = sum(step_flops(cfg.model, x.position_ids) for x in timed)
+        print(f"bench_train: seq_len {s}: plain loop", file=sys.stderr, flush=True)
+        plain_dt, plain_mem, plain_loss = run_plain(cfg, device, loader, args)
+        print(f"bench_train: seq_len {s}: seqpar Trainer", file=sys.stderr, flush=True)
+        seqpar_dt, seqpar_mem, seqpar_loss = run_seqpar(cfg, topo, args)
+        tokens = args.steps * b * s
+        mfu = [flops / dt / (peak * 1e12) if peak else None for dt in (seqpar_dt, plain_dt)]
+        rows.append(Row(s, tokens / seqpar_dt, tokens / plain_dt, plain_dt / seqpar_dt, *mfu,
+                        seqpar_mem, plain_mem, seqpar_dt / args.steps, plain_dt / args.steps, flops / args.steps,
+                        seqpar_loss, plain_loss))
+
+    import deepspeed
+
+    from seqpar.models import Transformer, count_parameters
+
+    cfg = next(iter(cfgs.values()))
+    m = cfg.model
+    with torch.device("meta"):
+        n_params = count_parameters(Transformer(m))[0]
+    machine = (f"# seqpar bench_train | {card_name(device)} | torch {torch.__version__} | deepspeed "
+               f"{deepspeed.__version__} | {datetime.date.today().isoformat()}")
+    shape = (f"# model {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads "
+             f"{m.num_attention_heads}/{m.kv_heads} kv, vocab {m.vocab_size}, {n_params / 1e6:,.2f}M params | "
+             f"micro-batch {cfg.train.micro_batch_size} | {cfg.train.precision} | seqpar ZeRO-"
+             f"{cfg.parallel.zero_stage} | {args.steps} timed steps after {args.warmup} warmup")
+    header = [machine, shape]
+    formula = ("MFU = step FLOPs / (step time x peak), step FLOPs = T x 6 x N_active + 6 x L x H x d x sum(n_doc^2) "
+               "(seqpar/flops.py)" + (f", peak {peak:g} TFLOP/s" if peak else
+                                      ": not shown, no peak TFLOP/s known for this device (--peak-tflops)")
+               + "; ratio = seqpar tok/s / plain tok/s; peak GiB: "
+               + ("max allocated during the run" if device.type == "cuda" else "process RSS after the run (CPU)"))
+    print(table(header, rows, formula), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "formula": formula,
+                                               "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

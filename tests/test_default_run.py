@@ -1,0 +1,36 @@
+"""The README's first command, end to end: the embedded default learns passkey retrieval.
+
+Runs ``python seqpar/train.py --config configs/tiny-cpu.yaml`` exactly as a newcomer does (only
+the run directory moved into the test's tmp dir) and checks the last line: held-out accuracy of
+at least 50% on 3-digit keys (chance 0.1%), printed with its chance level. About 3 minutes on
+2 cores (docs/benchmarks.md); the 5-minute budget is checked with slack for slower CI machines.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common import ENV, ROOT, TRAIN
+
+
+@pytest.mark.slow
+def test_the_default_run_learns_passkey_retrieval(tmp_path):
+    cmd = [sys.executable, TRAIN, "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
+           "--logging.run_dir", str(tmp_path / "run")]
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}  # as typed: all cores
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    wall = time.time() - t0
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"done: 1200 steps, loss [\d.]+ -> [\d.]+, passkey accuracy ([\d.]+)% on 64 held-out "
+                     r"3-digit keys \(chance 0\.1%\)", last)
+    assert m, last
+    assert float(m.group(1)) >= 50.0, last
+    print(f"default run: {wall:.0f} s, {last}")
+    assert wall < 600, f"the default run took {wall:.0f} s (README promises about 3 minutes on 2 cores)"
