@@ -87,12 +87,13 @@ class StopSignal:
             return f"its launcher {self.gone} exited"
         return signal.Signals(self.received).name
 
-    def agree(self, device, write_failed: bool = False, group=None) -> tuple[bool, bool]:
-        """(stop, a checkpoint write failed) on every rank if true on any rank (collective)."""
+    def agree(self, write_failed: bool = False, group=None) -> tuple[bool, bool]:
+        """(stop, a checkpoint write failed) on every rank if true on any rank (collective over
+        ``group``, a gloo group: the flags are CPU tensors, so no GPU work is waited for)."""
         import torch
         import torch.distributed as dist
 
-        flags = torch.tensor([float(self.received is not None), float(write_failed)], device=device)
+        flags = torch.tensor([float(self.received is not None), float(write_failed)])
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         stop, failed = flags.tolist()

@@ -19,6 +19,15 @@ from seqpar.data.packing import IGNORE_INDEX, SAMPLE_KEYS, PackedDataset
 from seqpar.data.sampler import GlobalSampler
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host -> device copy that does not wait for the GPU: from pinned memory on CUDA (a pageable
+    source can make the copy wait), a plain copy elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class Batch:
     """``[B, S]`` int64 tensors; ``labels`` are already shifted (``IGNORE_INDEX`` = no loss)."""
@@ -28,8 +37,7 @@ class Batch:
     position_ids: torch.Tensor
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.position_ids))
+        return Batch(*(to_device(t, device) for t in (self.input_ids, self.labels, self.position_ids)))
 
     @property
     def num_loss_tokens(self) -> int:

@@ -46,14 +46,16 @@ from seqpar.engine.extensions import Extensions
 from seqpar.engine.reshard import fragment_map
 from seqpar.engine.resume import Resume
 from seqpar.engine.zero3_init import build_partitioned_model
+from seqpar.data.loader import to_device
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset, build_tokenizer
 from seqpar.errors import DataError, UserError
 from seqpar.evaluate import passkey_results
 from seqpar.flops import step_flops
-from seqpar.kernels import LocalAttention, select_attention, select_block_kernel
+from seqpar.kernels import AttnMeta, LocalAttention, attn_meta_from_positions, select_attention, select_block_kernel
 from seqpar.loss import select_loss
 from seqpar.metrics import RunLogger, memory_gib, peak_tflops
 from seqpar.models import Transformer, build_model, count_parameters
+from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, shard_for
 from seqpar.parallel.sharding import owner_of
@@ -118,12 +120,31 @@ class TrainState:
         for k in self.state_dict():
             setattr(self, k, copy.copy(sd[k]))
 
-    def record_micro_batch(self, loss_sum: float, digest: int | None) -> None:
+    def record_micro_batch(self, loss_sum: torch.Tensor | float, digest: torch.Tensor | int | None) -> None:
+        """Device tensors are kept as they are (reading them would stall the GPU every micro-batch)
+        until ``materialize``: at the step's close, a save, or the end."""
         self.micro_losses.append(loss_sum)
         self.window_micro_losses.append(loss_sum)
         if digest is not None:
             self.routing.append(digest)
             self.window_routing.append(digest)
+
+    def materialize(self) -> None:
+        """Turn the recorded device tensors into numbers (one host read for all of them)."""
+        lists = (self.micro_losses, self.window_micro_losses, self.routing, self.window_routing)
+        pending = {id(x): x for lst in lists for x in lst if isinstance(x, torch.Tensor)}
+        if not pending:
+            return
+        losses = [x for x in pending.values() if x.dim() == 0]
+        digests = [x for x in pending.values() if x.dim() == 1]  # per-layer parts of a routing digest
+        value: dict[int, float | int] = {}
+        if losses:
+            value.update(zip((id(x) for x in losses), torch.stack(losses).tolist()))
+        if digests:
+            value.update(zip((id(x) for x in digests),
+                             (combine_routing_digest(d) for d in torch.stack(digests).tolist())))
+        for lst in lists:
+            lst[:] = [value[id(x)] if isinstance(x, torch.Tensor) else x for x in lst]
 
     def record_step(self, loss: float) -> None:
         self.losses.append(loss)
@@ -210,7 +231,7 @@ class Trainer:
             grad_accum_steps=self.layout.grad_accum_steps,
         )
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
-        self._step_flops: torch.Tensor | float = 0.0  # training FLOPs of the open window's global batch
+        self._step_flops = 0.0  # training FLOPs of the open window's global batch (for MFU)
         self.config_path = config_path
         self._window: list | None = None
         self._acc: dict[str, Any] = {}
@@ -300,13 +321,13 @@ class Trainer:
         self.engine.train()
         self._record_run_state("running")
         try:
-            if self.stop.agree(self.device)[0]:  # signalled while starting up: nothing new to save
+            if self.stop.agree(group=self.topo.control_group)[0]:  # signalled while starting up: nothing to save
                 return self._preempted(None)
             while self.state.step < self.cfg.train.max_steps:
                 self.train_micro_batch()
                 evaluated = self._evaluate_if_due()  # before any save here: its loss goes with it
                 self.stop.tick()
-                stop, failed = self.stop.agree(self.device, self.ckpt.writer.failed())
+                stop, failed = self.stop.agree(self.ckpt.writer.failed(), group=self.topo.control_group)
                 if failed:  # a background write failed on some rank: every rank learns it here
                     self._write_failed(self.ckpt.agreed_failure() or "a checkpoint write failed")
                 if stop:
@@ -416,7 +437,8 @@ class Trainer:
         self.engine.step()
         self._acc["ce"] += out.loss_sum.detach().double()
         self._acc["aux"] += out.aux_loss.detach().double()
-        st.record_micro_batch(out.loss_sum.item(), self.model.routing_digest() if self.cfg.model.moe else None)
+        st.record_micro_batch(out.loss_sum.detach().clone(),
+                              self.model.routing_digest_parts() if self.cfg.model.moe else None)
         st.micro_step += 1
         st.consumed_samples += lay.micro_batch_size * lay.dp
         self.extensions.call("on_micro_batch_end", self)
@@ -425,27 +447,37 @@ class Trainer:
             self.extensions.call("on_step_end", self)
 
     def _model_inputs(self, batch):
-        """Device tensors for the model: the whole micro-batch, or this rank's sequence shard."""
-        batch = batch.to(self.device)
+        """Device tensors for the model: the whole micro-batch, or this rank's sequence shard.
+
+        Document boundaries and shards are computed on the host batch, before the copy: they read
+        values (``nonzero``, lengths), which on device tensors would make the host wait for the GPU.
+        """
+        dev = self.device
         if self.topo.sp == 1:
-            return batch.input_ids, batch.position_ids, batch.labels, None
+            meta = attn_meta_from_positions(batch.position_ids)
+            batch = batch.to(dev)
+            return batch.input_ids, batch.position_ids, batch.labels, meta.to(dev)
         sh = shard_for(self.topo, batch.input_ids, batch.labels, batch.position_ids, self.dataset.pad_id)
-        return sh.input_ids[None], sh.position_ids[None], sh.labels[None], sh.meta
+        meta = sh.meta.to(dev) if isinstance(sh.meta, AttnMeta) else sh.meta  # a RingMeta is host ints
+        move = lambda t: to_device(t[None], dev)  # noqa: E731
+        return move(sh.input_ids), move(sh.position_ids), move(sh.labels), meta
 
     def _open_window(self) -> None:
         """Fetch this rank's micro-batches of the step and count labelled tokens globally."""
         self._window = self.loader.window(self.state.step)
-        # Whole sequences: count per DP rank (SP ranks share their DP rank's sequences). The FLOPs
-        # for MFU count attention per document, from the host position_ids; they ride along.
+        # Host numbers summed on the host (gloo control group): no GPU wait. Every SP rank of a DP
+        # group holds the same whole sequences, so the world sum counts each sp times (exact in
+        # float64). The FLOPs for MFU count attention per document; they ride along.
         local = sum(b.num_loss_tokens for b in self._window)
         flops = sum(step_flops(self.cfg.model, b.position_ids) for b in self._window)
-        counts = torch.tensor([float(local), flops], dtype=torch.float64, device=self.device)
-        dist.all_reduce(counts, group=self.topo.dp_group)
-        tokens, self._step_flops = counts[0], counts[1]
-        if tokens.item() == 0:
+        counts = torch.tensor([float(local), flops], dtype=torch.float64)
+        dist.all_reduce(counts, group=self.topo.control_group)
+        tokens, self._step_flops = float(counts[0]) / self.topo.sp, float(counts[1]) / self.topo.sp
+        if tokens == 0:
             raise RuntimeError(f"step {self.state.step}: the global batch has no labelled tokens")
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._acc = {"tokens": tokens.float(), "ce": zero.clone(), "aux": zero.clone(), "t0": time.time()}
+        self._acc = {"tokens": torch.tensor(tokens, dtype=torch.float32, device=self.device),
+                     "ce": zero.clone(), "aux": zero.clone(), "t0": time.time(), "tokens_n": int(tokens)}
         if self._resumed_acc is not None:  # resumed inside this window: sums of the micro-batches done
             self._acc["ce"] += self._resumed_acc["ce"]
             self._acc["aux"] += self._resumed_acc["aux"]
@@ -453,6 +485,7 @@ class Trainer:
 
     def _close_window(self) -> None:
         st, lay = self.state, self.layout
+        st.materialize()  # the step's one host read (DeepSpeed's clipping reads the norm anyway)
         router_stats = self.model.update_routers()
         sums = torch.stack([self._acc["ce"], self._acc["aux"]])
         dist.all_reduce(sums)  # CE is split over SP ranks; each SP rank holds the whole-sequence aux
@@ -460,7 +493,7 @@ class Trainer:
         aux = (sums[1] / (lay.grad_accum_steps * lay.world_size)).item()
         st.step += 1
         st.micro_step = 0
-        st.consumed_tokens += int(self._acc["tokens"].item())
+        st.consumed_tokens += self._acc["tokens_n"]
         st.record_step(loss)
         self._window = None
         if st.step % self.cfg.logging.log_every == 0 or st.step == self.cfg.train.max_steps:
@@ -489,7 +522,7 @@ class Trainer:
             metrics["aux_loss"] = aux
             metrics.update(router_stats)
         if self.peak is not None:
-            metrics["mfu"] = float(self._step_flops) / dt / (self.peak * 1e12 * self.topo.world_size)
+            metrics["mfu"] = self._step_flops / dt / (self.peak * 1e12 * self.topo.world_size)
         self.logger.log(self.state.step, metrics, progress=True)
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -518,6 +551,7 @@ class Trainer:
     def save_checkpoint(self) -> str:
         """Checkpoint after the current micro-batch (collective; returns the tag)."""
         st, eng = self.state, self.engine
+        st.materialize()
         mid_window = st.micro_step > 0
         rank_trees: dict[str, Any] = {
             "rng": rng_state_dict(),

@@ -25,6 +25,13 @@ class AttnMeta:
     cu_seqlens: Tensor  # int64 [N+1], cumulative document lengths over the T local tokens
     max_seqlen: int
 
+    def to(self, device: torch.device | str) -> "AttnMeta":
+        """Built on the host from the loader's batch (reading a device tensor's values would stall
+        the GPU), then moved without waiting."""
+        from seqpar.data.loader import to_device
+
+        return AttnMeta(to_device(self.cu_seqlens, device), self.max_seqlen)
+
 
 class LocalAttention:
     """Adapts a kernel to the model's ``attention(q, k, v, meta, scale) -> out`` call (no SP)."""

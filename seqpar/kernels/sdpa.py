@@ -85,10 +85,17 @@ def efficient_varlen(q, k, v, cu, max_len, scale):
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), None, cu, cu, max_len, max_len, 0.0, 1, True,
         scale=scale,
     )[:2]
-    # varlen LSE comes per document, padded: [N docs, H, >= max_len] (seen on an H200)
-    lens = (cu[1:] - cu[:-1]).tolist()
-    lse = torch.cat([lse[i, :, :n] for i, n in enumerate(lens)], dim=1) if lse.dim() == 3 else lse
+    lse = unpad_varlen_lse(lse, cu, q.shape[0]) if lse.dim() == 3 else lse
     return out.squeeze(0), _lse_ht(lse, q.shape[1], q.shape[0])
+
+
+def unpad_varlen_lse(lse: Tensor, cu: Tensor, total: int) -> Tensor:
+    """[N docs, H, >= max_len] padded per-document LSE (efficient varlen, seen on an H200) ->
+    [H, total]. Gathered by each token's (document, offset), computed on the device: reading the
+    document lengths on the host would wait for the GPU."""
+    t = torch.arange(total, device=cu.device)
+    doc = torch.searchsorted(cu[1:], t, right=True)
+    return lse[doc, :, t - cu[doc]].transpose(0, 1)
 
 
 def cpu_flash_varlen(q, k, v, cu, max_len, scale):

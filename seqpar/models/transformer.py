@@ -337,7 +337,13 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def routing_digest(self) -> int:
         """Combined assignment fingerprint of all MoE layers (0 for dense models)."""
-        return int(sum(int(r.routing_digest) * (i + 1) for i, (_, r) in enumerate(self.routers())) % (2**61 - 1))
+        return combine_routing_digest([int(r.routing_digest) for _, r in self.routers()])
+
+    @torch.no_grad()
+    def routing_digest_parts(self) -> Tensor:
+        """Each MoE layer's digest, a copy left on the device (``combine_routing_digest`` later):
+        reading it now would stall the GPU every micro-batch."""
+        return torch.stack([r.routing_digest.detach().reshape(()) for _, r in self.routers()]).clone()
 
     def update_routers(self, group=None) -> dict[str, float]:
         """End of an optimizer step: sum token counts over all ranks, step the expert bias, reset.
@@ -357,6 +363,11 @@ class Transformer(nn.Module):
                 r.expert_bias += r.cfg.bias_update_rate * torch.sign(m - c)
             r.tokens_per_expert.zero_()
         return {"moe_max_load": float((counts.max(1).values / mean.squeeze(1).clamp_min(1)).max())}
+
+
+def combine_routing_digest(parts: list[int]) -> int:
+    """One fingerprint from the per-layer routing digests (layer order matters)."""
+    return int(sum(int(d) * (i + 1) for i, d in enumerate(parts)) % (2**61 - 1))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -60,6 +60,9 @@ class Topology:
     ulysses_group: object = field(repr=False, default=None)
     ring_group: object = field(repr=False, default=None)
     ring_ranks: list[int] = field(repr=False, default_factory=list)  # global ranks of my ring
+    # Small host-side agreements (stop flags) go over gloo on CPU tensors: on an NCCL job a GPU
+    # tensor there would make the host wait for the GPU after every micro-batch. None = WORLD.
+    control_group: object = field(repr=False, default=None)
 
     @property
     def sp(self) -> int:
@@ -134,4 +137,6 @@ def make_topology(ulysses: int, ring: int, device: torch.device) -> Topology:
                 setattr(topo, f"{kind}_group", g)
                 if kind == "ring":
                     topo.ring_ranks = ranks
+    if dist.get_backend() != "gloo":
+        topo.control_group = dist.new_group(backend="gloo")  # collective, like the groups above
     return topo
