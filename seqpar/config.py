@@ -466,6 +466,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master")
     activation_checkpointing: bool = Field(False, description="recompute each layer in the backward")
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
+    fused_optimizer: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch's fused AdamW kernel (auto: on for CUDA, off on CPU)"
+    )
     loss_impl: Literal["auto", "torch", "liger", "cce"] = Field(
         "auto", description="fused linear + cross-entropy: auto = Liger-Kernel, else cut-cross-entropy "
         "on CUDA when installed, else the chunked torch loss"
@@ -728,9 +731,10 @@ class Config(_Section):
             global_batch_size=per_micro * gas,
         )
 
-    def deepspeed_config(self, layout: Layout) -> dict[str, Any]:
+    def deepspeed_config(self, layout: Layout, device_type: str = "cpu") -> dict[str, Any]:
         """The DeepSpeed config dict: derived keys, then the ``deepspeed:`` passthrough merged in."""
         t = self.train
+        fused = t.fused_optimizer == "on" or (t.fused_optimizer == "auto" and device_type == "cuda")
         ds: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": layout.micro_batch_size,
             "gradient_accumulation_steps": layout.grad_accum_steps,
@@ -750,6 +754,8 @@ class Config(_Section):
                     "weight_decay": t.weight_decay,
                     # torch's AdamW: avoids JIT-building FusedAdam and is identical on CPU.
                     "torch_adam": True,
+                    # its fused kernel (one launch for all tensors; CUDA and CPU), passed through
+                    "fused": fused,
                 },
             },
         }

@@ -190,7 +190,7 @@ class Trainer:
         )
 
         # model: under ZeRO-3 built partitioned, so no rank ever holds all of it
-        self.ds_config = cfg.deepspeed_config(self.layout)
+        self.ds_config = cfg.deepspeed_config(self.layout, self.device.type)
         partitioned = cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_init
         if partitioned:
             model = build_partitioned_model(cfg.model, self.ds_config, cfg.train.seed, self.device)
@@ -261,6 +261,11 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.data) if cfg.data.type != "tokens" else None
 
     # -- summary ----------------------------------------------------------------------------------
+    def _fused_optimizer(self) -> bool:
+        """Whether the torch optimizer DeepSpeed built (inside its ZeRO wrapper) runs fused."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        return bool(getattr(inner, "defaults", {}).get("fused"))
+
     def summary(self) -> str:
         c, lay, m = self.cfg, self.layout, self.cfg.model
         tokens = lay.global_batch_size * c.data.seq_len
@@ -280,7 +285,8 @@ class Trainer:
                 f"data    {self.dataset.describe()}",
                 f"batch   micro {lay.micro_batch_size} x dp {lay.dp} x grad-accum {lay.grad_accum_steps} "
                 f"= {lay.global_batch_size} sequences x {c.data.seq_len} = {tokens:,} tokens per step",
-                f"optim   {c.train.max_steps} steps, AdamW lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
+                f"optim   {c.train.max_steps} steps, AdamW{' (fused)' if self._fused_optimizer() else ''} "
+                f"lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
                 f"{c.train.decay} to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"output  {self.run_dir}",
                 f"ckpt    {self._disk_line()}",
