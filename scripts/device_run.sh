@@ -13,32 +13,44 @@ fi
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
-python3 scripts/gpu_selftest.py 2>&1 | tee "$OUT/selftest.log"
-python3 scripts/bench_attention.py --seqlens 8192 32768 131072 --budget 0.5 2>&1 | tee "$OUT/bench_attention.log"
-python3 scripts/bench_attention.py --seqlens 32768 --kv-heads 8 --docs 8 --budget 0.5 2>&1 | tee -a "$OUT/bench_attention.log"
+# Most important first (device time is short): speed of the trainer against a plain eager loop on
+# the Llama-3.2-1B shape (bf16, fused AdamW by default on CUDA), then with per-layer torch.compile
+# and the 32K point; every command has its own timeout so a hang cannot eat the rest.
+timeout 240 python3 scripts/bench_train.py --device cuda --model llama3.2-1b --seq-lens 8192,32768 \
+  --steps 4 --warmup 2 --train.precision bf16 --json "$OUT/bench_train.json" 2>&1 | grep -vi warn \
+  | tail -12 | tee "$OUT/bench_train.log"
+timeout 240 python3 scripts/bench_train.py --device cuda --model llama3.2-1b --seq-lens 32768 \
+  --steps 4 --warmup 2 --train.precision bf16 --train.compile true --json "$OUT/bench_train_compile.json" \
+  2>&1 | grep -vi warn | tail -8 | tee "$OUT/bench_train_compile.log"
+# MoE grouped expert compute (torch._grouped_mm on sm90 bf16) vs a dense GEMM of the same FLOPs
+timeout 120 python3 scripts/bench_moe.py --device cuda --experts 8 16 32 64 128 2>&1 | tail -14 | tee "$OUT/bench_moe.log"
+timeout 240 python3 -m torch.distributed.run --nproc_per_node 1 scripts/gpu_smoke.py --device cuda 2>&1 \
+  | grep -vi warn | tee "$OUT/gpu_smoke.log" || true
+
+timeout 120 python3 scripts/gpu_selftest.py 2>&1 | tee "$OUT/selftest.log"
+timeout 120 python3 scripts/bench_attention.py --seqlens 8192 32768 131072 --budget 0.5 2>&1 | tee "$OUT/bench_attention.log"
+timeout 60 python3 scripts/bench_attention.py --seqlens 32768 --kv-heads 8 --docs 8 --budget 0.5 2>&1 | tee -a "$OUT/bench_attention.log"
 
 # the default config on one GPU through the deepspeed launcher (nccl, bf16)
-deepspeed --num_gpus 1 seqpar/train.py --config configs/tiny-cpu.yaml --train.precision bf16 \
+timeout 120 deepspeed --num_gpus 1 seqpar/train.py --config configs/tiny-cpu.yaml --train.precision bf16 \
   --train.max_steps 60 --logging.run_dir "$OUT/tiny" --logging.progress_bar false 2>&1 \
   | grep -vi warn | tail -15 | tee "$OUT/train_tiny.log"
 
 # Llama-3.2-1B shape (tied 128K vocab), 8K tokens per step, random init: throughput and MFU
-python3 seqpar/train.py --config configs/tiny-cpu.yaml --model.vocab_size 128256 \
+timeout 150 python3 seqpar/train.py --config configs/tiny-cpu.yaml --model.vocab_size 128256 \
   --model.hidden_size 2048 --model.intermediate_size 8192 --model.num_hidden_layers 16 \
   --model.num_attention_heads 32 --model.num_key_value_heads 8 --model.tie_word_embeddings true \
-  --model.rope_theta 500000 --data.seq_len 8192 --data.passkey.eval_samples 0 \
+  --model.rope_theta 500000 --data.seq_len 8192 --data.passkey.eval_samples 0 --data.passkey.curriculum_samples 0 \
   --train.micro_batch_size 1 --train.global_batch_size 1 --train.precision bf16 \
   --train.max_steps 12 --train.warmup_steps 1 --logging.log_every 1 --logging.progress_bar false \
   --logging.run_dir "$OUT/b1" 2>&1 | grep -vi warn | tail -12 | tee "$OUT/train_1b.log"
 
 # ZeRO-3 built partitioned (deepspeed.zero.Init) on CUDA, bf16: must train like ZeRO-2 does above
-python3 seqpar/train.py --config configs/tiny-cpu.yaml --parallel.zero_stage 3 --train.precision bf16 \
+timeout 120 python3 seqpar/train.py --config configs/tiny-cpu.yaml --parallel.zero_stage 3 --train.precision bf16 \
   --train.max_steps 60 --logging.run_dir "$OUT/tiny_z3" --logging.progress_bar false 2>&1 \
   | grep -vi warn | tail -6 | tee "$OUT/train_tiny_z3.log"
 
 # checkpoint costs with pinned-memory snapshots (the CPU numbers are in docs/benchmarks.md)
-python3 scripts/bench_checkpoint.py --hidden 2048 --layers 8 --out /tmp/ckbench 2>&1 | tail -12 \
+timeout 120 python3 scripts/bench_checkpoint.py --hidden 2048 --layers 8 --out /tmp/ckbench 2>&1 | tail -12 \
   | tee "$OUT/bench_checkpoint.log"
 
-# MoE grouped expert compute (torch._grouped_mm on sm90 bf16) vs a dense GEMM of the same FLOPs
-python3 scripts/bench_moe.py --device cuda --experts 8 16 32 64 128 2>&1 | tail -14 | tee "$OUT/bench_moe.log"
