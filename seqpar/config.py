@@ -466,6 +466,10 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master")
     activation_checkpointing: bool = Field(False, description="recompute each layer in the backward")
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (attention and experts as custom ops); "
+        "fuses norms, RoPE, SwiGLU; the first step compiles (ZeRO 0-2)"
+    )
     fused_optimizer: Literal["auto", "on", "off"] = Field(
         "auto", description="torch's fused AdamW kernel (auto: on for CUDA, off on CPU)"
     )
@@ -630,6 +634,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        if self.train.compile and self.parallel.zero_stage == 3:
+            raise ValueError("train.compile does not support ZeRO-3 (its parameters are gathered around "
+                             "each module's forward): set parallel.zero_stage 2 or train.compile false")
         for key, ours in _DERIVED_DS_KEYS.items():
             if key in self.deepspeed:
                 raise ValueError(f"deepspeed.{key} is derived by seqpar: set {ours} instead")

@@ -55,6 +55,7 @@ from seqpar.kernels import AttnMeta, LocalAttention, attn_meta_from_positions, s
 from seqpar.loss import select_loss
 from seqpar.metrics import RunLogger, memory_gib, peak_tflops
 from seqpar.models import Transformer, build_model, count_parameters
+from seqpar.models.compile import compile_layers
 from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, shard_for
@@ -208,6 +209,8 @@ class Trainer:
         else:
             model.set_attention(LocalAttention(self.kernel))
         self.attention_name = model.attention.describe()
+        if cfg.train.compile:  # before DeepSpeed wraps the model; parameter names do not change
+            compile_layers(model, mode="default", dynamic=None)
         self.n_params, self.n_active = count_parameters(model)
         if cfg.parallel.zero_stage == 3 and cfg.model.tie_word_embeddings:
             # the tied head reads the embedding matrix outside the embedding's forward
@@ -276,7 +279,8 @@ class Trainer:
                 f"seqpar {__version__} | config {self.config_path or '<dict>'} (hash {c.fingerprint()})",
                 f"layout  {self.topo.describe()}, backend {dist.get_backend()}",
                 f"engine  DeepSpeed ZeRO-{c.parallel.zero_stage}, {c.train.precision}, attention "
-                f"{self.attention_name}, loss {self.loss.describe()}, activation checkpointing "
+                f"{self.attention_name}, loss {self.loss.describe()}, "
+                f"{'compiled layers, ' if c.train.compile else ''}activation checkpointing "
                 f"{'on' if c.train.activation_checkpointing else 'off'}",
                 f"model   {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads {kv}, "
                 f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
