@@ -29,7 +29,11 @@ timeout 240 python3 -m torch.distributed.run --nproc_per_node 1 scripts/gpu_smok
 
 timeout 120 python3 scripts/gpu_selftest.py 2>&1 | tee "$OUT/selftest.log"
 timeout 120 python3 scripts/bench_attention.py --seqlens 8192 32768 131072 --budget 0.5 2>&1 | tee "$OUT/bench_attention.log"
-timeout 60 python3 scripts/bench_attention.py --seqlens 32768 --kv-heads 8 --docs 8 --budget 0.5 2>&1 | tee -a "$OUT/bench_attention.log"
+# the 1B shape's attention (d 64, GQA 32/8) packed into documents of 32K, 4K and 1K
+for docs in 1 8 32; do
+  timeout 60 python3 scripts/bench_attention.py --seqlens 32768 --heads 32 --kv-heads 8 --dim 64 --docs $docs \
+    --budget 0.3 2>&1 | tee -a "$OUT/bench_attention.log"
+done
 
 # the default config on one GPU through the deepspeed launcher (nccl, bf16)
 timeout 120 deepspeed --num_gpus 1 seqpar/train.py --config configs/tiny-cpu.yaml --train.precision bf16 \

@@ -480,7 +480,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="held-out loss every N optimizer steps (0 = off)")
     eval_samples: int = Field(64, ge=1, description="held-out sequences scored at each evaluation")
     attention: Literal["auto", "torch", "sdpa", "flash_attn"] = Field(
-        "auto", description="auto: flash_attn if installed on CUDA, else sdpa; torch = exact math"
+        "auto", description="auto/sdpa: the fastest correct fused kernel per shape, measured at start-up on CUDA "
+        "(cuDNN, flash, efficient; flash-attn 2 / FA4 for packed documents when installed); "
+        "flash_attn: flash-attn 2 only; torch: exact math"
     )
     seed: int = Field(0, description="model init and global RNGs (same on every rank)")
     deterministic: bool = Field(

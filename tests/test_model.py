@@ -209,6 +209,93 @@ def test_backend_chooser_falls_back_and_remembers():
         backend_order(False, ["cudnn", "triton"])
 
 
+def test_backend_chooser_times_candidates_and_drops_wrong_ones():
+    """Fast mode on CUDA: every backend that runs is checked against exact math on a prefix and
+    timed fwd+bwd; the fastest correct one is kept. Fake backends and a fake timer stand in for
+    the GPU (each backend logs its name; the timer runs the step and reports that backend's
+    preset time)."""
+    log: list[str] = []
+    preset = {"cudnn": 1.0, "flash": 3.0, "efficient": 2.0, "fa4": 0.5}
+
+    def exact(name):
+        def fn(q, k, v, cu, max_len, scale):
+            log.append(name)
+            if k.shape[1] != q.shape[1] and name == "efficient":
+                raise RuntimeError("no native GQA")
+            return varlen_attention(q, k, v, cu if cu is not None else torch.tensor([0, q.shape[0]]), scale)
+        return fn
+
+    def wrong(q, k, v, cu, max_len, scale):  # runs, fast, but not attention (like cuDNN varlen on torch 2.11)
+        log.append("cudnn")
+        return q * 1.0 + 0 * k.sum() + 0 * v.sum(), torch.zeros(q.shape[1], q.shape[0])
+
+    def broken(*a):  # e.g. an installed package whose API changed
+        log.append("fa4")
+        raise TypeError("unexpected keyword argument 'cu_seqlens_q'")
+
+    def timer(step):
+        log.clear()
+        step()
+        assert log, "the timer must run the candidate"
+        return preset[log[-1]]
+
+    q, k, v = rand_qkv(t=40, h=4, hkv=2)
+    cu = torch.tensor([0, 15, 40])
+    table = {"cudnn": wrong, "flash": exact("flash"), "efficient": exact("efficient"), "fa4": broken}
+    chooser = BackendChooser(table, ["cudnn", "flash", "efficient", "fa4"], timer)
+    out, lse = chooser(("k",), q, k, v, cu, 25, 0.25)
+    # cudnn dropped as wrong, fa4 as broken, efficient natively fails but runs with kv repeated:
+    # efficient+expand (2.0) beats flash (3.0) and flash+expand (3.0)
+    assert chooser.chosen[("k",)] == ("efficient", True)
+    assert set(chooser.timings[("k",)]) == {"flash", "flash+expand", "efficient+expand"}
+    assert "wrong result" in chooser.errors["cudnn"] and "unexpected keyword" in chooser.errors["fa4"]
+    ref_out, ref_lse = reference_attention(q, k, v, cu, 0.25)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    assert q.grad is None, "timing runs on copies: the caller's tensors get no gradient"
+    log.clear()
+    chooser(("k",), q, k, v, cu, 25, 0.25)
+    assert log == ["efficient"], "chosen once per signature, then reused without timing"
+    assert chooser.describe() == "efficient+expand (efficient+expand 2000 ms, flash 3000 ms, flash+expand 3000 ms)"
+    # without a timer (deterministic mode): first in order that runs, wrong or not checked
+    plain = BackendChooser({"flash": exact("flash"), "efficient": exact("efficient")}, ["efficient", "flash"])
+    plain(("k",), q, k, v, cu, 25, 0.25)
+    assert plain.chosen[("k",)] == ("efficient", True) and not plain.timings
+    # nothing correct: one clear error
+    bad = BackendChooser({"cudnn": wrong}, ["cudnn"], timer)
+    with pytest.raises(RuntimeError, match="no SDPA backend ran correctly.*wrong result"):
+        bad(("k",), q, k, v, cu, 25, 0.25)
+
+
+def test_prefix_reference_cuts_documents_at_the_prefix():
+    from seqpar.kernels.sdpa import prefix_reference
+
+    q, k, v = rand_qkv(t=70, h=4, hkv=2)
+    out, lse = prefix_reference(q, k, v, CU, 0.25, rows=30)
+    ref_out, ref_lse = reference_attention(q, k, v, CU, 0.25)
+    torch.testing.assert_close(out.double(), ref_out[:30], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse[:, :30], rtol=1e-5, atol=1e-5)
+    dense, _ = prefix_reference(q, k, v, None, 0.25, rows=30)
+    one = torch.tensor([0, 70])
+    torch.testing.assert_close(dense.double(), reference_attention(q, k, v, one, 0.25)[0][:30], rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_local_kernel_shape():
+    """Start-up choice sees the local attention's shape: heads / Ulysses degree (kv heads repeated
+    up to the degree), the micro-batch's tokens capped; ring layouts are left to the block kernel."""
+    from types import SimpleNamespace
+
+    from seqpar.parallel.attention import PREPARE_TOKENS, prepare_local_kernel
+
+    seen = []
+    kernel = SimpleNamespace(prepare=lambda *a: seen.append(a))
+    dev = torch.device("cpu")
+    prepare_local_kernel(kernel, SimpleNamespace(ring=1, ulysses=4), 32, 8, 64, 8192, torch.bfloat16, dev)
+    prepare_local_kernel(kernel, SimpleNamespace(ring=1, ulysses=8), 32, 2, 64, 10**6, torch.bfloat16, dev)
+    prepare_local_kernel(kernel, SimpleNamespace(ring=2, ulysses=1), 32, 8, 64, 8192, torch.bfloat16, dev)
+    assert seen == [(8192, 8, 2, 64, torch.bfloat16, dev), (PREPARE_TOKENS, 4, 1, 64, torch.bfloat16, dev)]
+    prepare_local_kernel(TorchAttention(), SimpleNamespace(ring=1, ulysses=1), 4, 4, 8, 64, torch.float32, dev)
+
+
 def test_select_attention_errors():
     cpu = torch.device("cpu")
     assert isinstance(select_attention("torch", cpu), TorchAttention)

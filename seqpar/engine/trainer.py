@@ -58,7 +58,7 @@ from seqpar.models import Transformer, build_model, count_parameters
 from seqpar.models.compile import compile_layers
 from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
-from seqpar.parallel.attention import build_attention, shard_for
+from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
 from seqpar.parallel.sharding import owner_of
 from seqpar.rng import rng_state_dict, seed_everything
 from seqpar.schedule import WarmupDecay
@@ -208,6 +208,9 @@ class Trainer:
             model.set_sequence_parallel_group(topo.sp_group)
         else:
             model.set_attention(LocalAttention(self.kernel))
+        m, dtype = cfg.model, torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        prepare_local_kernel(self.kernel, topo, m.num_attention_heads, m.kv_heads, m.dim_per_head,
+                             self.layout.micro_batch_size * cfg.data.seq_len, dtype, self.device)
         self.attention_name = model.attention.describe()
         if cfg.train.compile:  # before DeepSpeed wraps the model; parameter names do not change
             compile_layers(model, mode="default", dynamic=None)

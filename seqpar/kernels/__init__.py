@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from seqpar.kernels import flash as _flash
-from seqpar.kernels.sdpa import SDPAAttention
+from seqpar.kernels.sdpa import SDPAAttention, installed_varlen_backends
 from seqpar.kernels.torch_math import varlen_attention
 
 
@@ -59,14 +59,17 @@ class TorchAttention:
 
 
 def select_attention(name: str, device: torch.device, deterministic: bool = False):
-    """Pick the kernel: ``auto`` = flash-attn when installed on CUDA, else torch's fused SDPA ops
-    (cuDNN / flash / efficient on CUDA, the CPU flash kernel on CPU). ``torch`` = exact math."""
+    """Pick the kernel: ``auto``/``sdpa`` = torch's fused SDPA ops (on CUDA the fastest correct of
+    cuDNN / flash / efficient, plus flash-attn 2 and FlashAttention-4 for packed documents when
+    installed, measured per signature; the CPU flash kernel on CPU); ``flash_attn`` = flash-attn 2
+    only; ``torch`` = exact math."""
     if name == "auto":
-        name = "flash_attn" if device.type == "cuda" and _flash.available() else "sdpa"
+        name = "sdpa"
     if name == "torch":
         return TorchAttention()
     if name == "sdpa":
-        return SDPAAttention(deterministic, device_type=device.type)
+        extra = installed_varlen_backends() if device.type == "cuda" else None
+        return SDPAAttention(deterministic, device_type=device.type, extra_varlen=extra)
     if device.type != "cuda":
         raise ValueError(
             f"train.attention='{name}' needs a CUDA device (this run is on {device.type}): "

@@ -132,68 +132,221 @@ def backend_order(deterministic: bool, prefer: Sequence[str] | None = None) -> l
     return [b for b in order if not (deterministic and b == "cudnn")]
 
 
+def prefix_reference(q: Tensor, k: Tensor, v: Tensor, cu: "Tensor | None", scale: float, rows: int):
+    """Exact (out, lse) of the first ``rows`` tokens: causal masking means they depend on nothing
+    after them, so a candidate kernel is checked against fp32 math on a prefix at O(rows^2) cost."""
+    from seqpar.kernels.torch_math import varlen_attention
+
+    rows = min(rows, q.shape[0])
+    if cu is None:
+        cu_p = torch.tensor([0, rows], device=q.device)
+    else:
+        cu_p = torch.unique(torch.clamp(cu.long(), max=rows))  # documents cut at the prefix end
+    with torch.no_grad():
+        return varlen_attention(q[:rows], k[:rows], v[:rows], cu_p, scale)
+
+
+def cuda_seconds(fn: Callable[[], None], iters: int = 3) -> float:
+    """Median CUDA time of ``fn`` after one warm-up call."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
 class BackendChooser:
-    """Try backends in order for each call signature; remember the first that works.
+    """Pick the backend for each call signature once, and remember it.
+
+    Without a timer (deterministic mode, tests): the first backend in ``order`` that runs. With a
+    ``timer`` (fast mode on CUDA): every backend that runs is checked against exact fp32 math on a
+    prefix of the inputs (a kernel that runs but is wrong, as torch 2.11's cuDNN varlen was, is
+    dropped) and timed forward + backward on copies of the inputs; the fastest is kept. Deterministic
+    mode never times: a choice that depended on timing noise could differ between a run and its
+    resume, and bitwise resume needs the same kernels.
 
     With GQA (fewer kv heads) each backend is tried first natively, then with kv heads repeated,
     since which fused kernels accept GQA differs between torch builds.
     """
 
-    def __init__(self, table: dict[str, Backend], order: Sequence[str]):
+    CHECK_ROWS = 512
+
+    def __init__(self, table: dict[str, Backend], order: Sequence[str],
+                 timer: Callable[[Callable[[], None]], float] | None = None):
         if not order:
             raise ValueError("no attention backend left to try (deterministic mode drops cuDNN)")
         self.table, self.order = table, [name for name in order if name in table]
+        self.timer = timer
         self.chosen: dict[tuple, tuple[str, bool]] = {}
         self.errors: dict[str, str] = {}
+        self.timings: dict[tuple, dict[str, float]] = {}  # key -> candidate -> seconds fwd+bwd
 
     def _run(self, name: str, expand: bool, q, k, v, cu, max_len, scale):
         if expand:
             k, v = _expand_kv(q, k, v)
         return self.table[name](q, k, v, cu, max_len, scale)
 
-    def __call__(self, key: tuple, q, k, v, cu, max_len, scale) -> tuple[Tensor, Tensor]:
-        if key in self.chosen:
-            return self._run(*self.chosen[key], q, k, v, cu, max_len, scale)
+    def _candidates(self, q, k):
         gqa = q.shape[1] != k.shape[1]
         for name in self.order:
             for expand in (False, True) if gqa else (False,):
-                try:
-                    result = self._run(name, expand, q, k, v, cu, max_len, scale)
-                except (RuntimeError, NotImplementedError) as e:  # unsupported for these inputs
-                    self.errors[f"{name}{'+expand' if expand else ''}"] = str(e).splitlines()[0][:200]
+                yield name, expand
+
+    @staticmethod
+    def _label(name: str, expand: bool) -> str:
+        return f"{name}{'+expand' if expand else ''}"
+
+    def _close(self, got: tuple[Tensor, Tensor], ref: tuple[Tensor, Tensor], rows: int, q: Tensor) -> str:
+        """'' when the candidate's prefix matches the exact math, else what differs."""
+        tol = 1e-4 if q.dtype == torch.float32 else 3e-2  # bf16 rounding of values near 1
+        out, lse = got[0][:rows].float(), got[1][:, :rows].float()
+        scale = max(1.0, float(ref[0].abs().max()))
+        err_out = float((out - ref[0]).abs().max()) / scale
+        err_lse = float((lse - ref[1]).abs().max())
+        if not (err_out <= tol and err_lse <= tol * 10):
+            return f"wrong result (max error out {err_out:.2g}, lse {err_lse:.2g})"
+        return ""
+
+    def _measure(self, key: tuple, q, k, v, cu, max_len, scale) -> tuple[str, bool]:
+        ref = prefix_reference(q, k, v, cu, scale, self.CHECK_ROWS)
+        rows = ref[0].shape[0]
+        qc, kc, vc = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        grad = torch.randn_like(qc)
+        times: dict[str, float] = {}
+        for name, expand in self._candidates(q, k):
+            label = self._label(name, expand)
+            try:
+                with torch.no_grad():
+                    problem = self._close(self._run(name, expand, qc, kc, vc, cu, max_len, scale), ref, rows, q)
+                if problem:
+                    self.errors[label] = problem
                     continue
-                self.chosen[key] = (name, expand)
-                return result
+
+                def step(name=name, expand=expand):
+                    with torch.enable_grad():
+                        out = self._run(name, expand, qc, kc, vc, cu, max_len, scale)[0]
+                        torch.autograd.backward(out, grad)
+                    qc.grad = kc.grad = vc.grad = None
+
+                times[label] = self.timer(step)
+            except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+                self.errors[label] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if not times:
+            raise RuntimeError(f"no SDPA backend ran correctly for {key}: {self.errors}")
+        self.timings[key] = times
+        best = min(times, key=times.get)
+        return best.removesuffix("+expand"), best.endswith("+expand")
+
+    def __call__(self, key: tuple, q, k, v, cu, max_len, scale) -> tuple[Tensor, Tensor]:
+        if key not in self.chosen and self.timer is not None:
+            self.chosen[key] = self._measure(key, q, k, v, cu, max_len, scale)
+        if key in self.chosen:
+            return self._run(*self.chosen[key], q, k, v, cu, max_len, scale)
+        for name, expand in self._candidates(q, k):
+            try:
+                result = self._run(name, expand, q, k, v, cu, max_len, scale)
+            except (RuntimeError, NotImplementedError) as e:  # unsupported for these inputs
+                self.errors[self._label(name, expand)] = str(e).splitlines()[0][:200]
+                continue
+            self.chosen[key] = (name, expand)
+            return result
         raise RuntimeError(f"no SDPA backend ran for {key}: {self.errors}")
+
+    def describe(self) -> str:
+        """Chosen backend per signature, with the measured alternatives when timed."""
+        parts = []
+        for key, (name, expand) in self.chosen.items():
+            t = self.timings.get(key)
+            label = self._label(name, expand)
+            if t:
+                label += " (" + ", ".join(f"{n} {s * 1e3:.4g} ms" for n, s in sorted(t.items(), key=lambda x: x[1])) + ")"
+            parts.append(label)
+        return "; ".join(parts)
+
+
+def installed_varlen_backends() -> dict[str, Backend]:
+    """Optional varlen kernels from other packages, offered to the chooser when importable.
+
+    Both are checked against exact math at the first call like every candidate, so an API
+    mismatch with an installed version drops the backend instead of giving wrong results."""
+    from seqpar.kernels import flash as _flash
+
+    extra: dict[str, Backend] = {}
+    if _flash.available():
+        fa2 = _flash.FlashAttnAttention()
+        extra["flash_attn"] = lambda q, k, v, cu, max_len, scale: fa2(q, k, v, cu, max_len, scale)
+    if _flash.fa4_available():
+        extra["fa4"] = _flash.fa4_varlen
+    return extra
 
 
 class SDPAAttention:
-    """Local causal attention within documents via torch's fused SDPA ops (CUDA or CPU)."""
+    """Local causal attention within documents via torch's fused SDPA ops (CUDA or CPU).
+
+    ``measure`` (default on CUDA outside deterministic mode): each signature's backend is the
+    fastest correct one, timed at its first call (``BackendChooser``); otherwise the first that
+    runs in ``ORDER``. ``prepare`` makes that first call at start-up on the run's shape so the
+    choice is known before training (and printed in the summary)."""
 
     name = "sdpa"
 
-    def __init__(self, deterministic: bool = False, prefer: Sequence[str] | None = None, device_type: str = "cuda"):
+    def __init__(self, deterministic: bool = False, prefer: Sequence[str] | None = None, device_type: str = "cuda",
+                 measure: bool | None = None, extra_varlen: dict[str, Backend] | None = None):
         order = backend_order(deterministic, prefer)
-        self.dense = BackendChooser(DENSE, order)
-        self.varlen = BackendChooser(VARLEN, order)
+        if measure is None:
+            measure = device_type == "cuda" and not deterministic
+        timer = cuda_seconds if measure else None
+        varlen = dict(VARLEN)
+        if extra_varlen and not deterministic:  # their backward is not known to be repeatable
+            varlen.update(extra_varlen)
+        self.dense = BackendChooser(DENSE, order, timer)
+        self.varlen = BackendChooser(varlen, order + [n for n in varlen if n not in order], timer)
         self.on_cpu = device_type == "cpu"
+
+    @staticmethod
+    def _key(q: Tensor, k: Tensor) -> tuple:
+        return (q.dtype, q.shape[1] != k.shape[1], q.shape[-1])
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
         if q.device.type == "cpu":
             out, lse = cpu_flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
             return out, lse.detach()
-        key = (q.dtype, q.shape[1] != k.shape[1], q.shape[-1])
+        key = self._key(q, k)
         if cu_seqlens.numel() == 2:  # one document: the dense kernels are the fastest
             out, lse = self.dense(key, q, k, v, None, max_seqlen, scale)
         else:
             out, lse = self.varlen(key, q, k, v, cu_seqlens.to(torch.int32), max_seqlen, scale)
         return out, lse.detach()
 
+    def prepare(self, tokens: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype,
+                device: torch.device, doc_len: int | None = None) -> None:
+        """Choose the dense and varlen backends for this shape now (random inputs; the choice is
+        remembered per (dtype, GQA, head dim), so the run's real calls reuse it)."""
+        if self.on_cpu or device.type == "cpu":
+            return
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(tokens, heads, dim, device=device, dtype=dtype, generator=g)
+        k, v = (torch.randn(tokens, kv_heads, dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+        scale = dim**-0.5
+        one = torch.tensor([0, tokens], device=device)
+        self(q, k, v, one, tokens, scale)
+        doc = max(1, min(doc_len or tokens // 4, tokens))
+        cu = torch.arange(0, tokens + 1, doc, device=device)
+        if int(cu[-1]) != tokens:
+            cu = torch.cat([cu, one[1:]])
+        if cu.numel() > 2:
+            self(q, k, v, cu, doc, scale)
+
     def describe(self) -> str:
         if self.on_cpu:
             return "sdpa[cpu-flash]"
-        chosen = {n for n, _ in self.dense.chosen.values()} | {n for n, _ in self.varlen.chosen.values()}
-        return f"sdpa[{','.join(sorted(chosen)) or 'chosen at first call'}]"
+        parts = [f"{kind} {c.describe()}" for kind, c in (("dense", self.dense), ("varlen", self.varlen)) if c.chosen]
+        return f"sdpa[{'; '.join(parts) or 'chosen at first call'}]"
 
 
 class SDPABlockKernel:

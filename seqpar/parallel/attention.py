@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 from seqpar.kernels import LocalAttention
 from seqpar.parallel.ring import RingAttention
 from seqpar.parallel.sharding import ShardedBatch, shard_batch
 from seqpar.parallel.topology import Topology
-from seqpar.parallel.ulysses import UlyssesAttention
+from seqpar.parallel.ulysses import UlyssesAttention, kv_repeats
 
 
 def build_attention(topo: Topology, kernel, block_kernel):
@@ -23,6 +25,22 @@ def build_attention(topo: Topology, kernel, block_kernel):
     if topo.ulysses > 1:
         return UlyssesAttention(inner, topo.ulysses_group, topo.ulysses)
     return inner
+
+
+PREPARE_TOKENS = 32768  # probe length cap: the choice is per signature, the timing cost bounded
+
+
+def prepare_local_kernel(kernel, topo: Topology, heads: int, kv_heads: int, dim: int, tokens: int,
+                         dtype: torch.dtype, device: torch.device) -> None:
+    """Let a measuring kernel choose its backends at start-up on the shape this rank's local
+    attention will see: after Ulysses' all-to-all the whole sequence with heads / degree. Ring
+    layouts use the block kernel instead, which chooses at its first call."""
+    prepare = getattr(kernel, "prepare", None)
+    if prepare is None or topo.ring > 1:
+        return
+    u = topo.ulysses
+    kv_local = kv_heads * kv_repeats(kv_heads, u) // u if u > 1 else kv_heads
+    prepare(min(tokens, PREPARE_TOKENS), heads // u, kv_local, dim, dtype, device)
 
 
 def shard_for(topo: Topology, input_ids, labels, position_ids, pad_id: int = 0) -> ShardedBatch:
