@@ -464,7 +464,6 @@ class TrainConfig(_Section):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master")
-    activation_checkpointing: bool = Field(False, description="recompute each layer in the backward")
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
     compile: bool = Field(
         False, description="torch.compile each decoder layer (attention and experts as custom ops); "
@@ -505,6 +504,49 @@ class TrainConfig(_Section):
                 f"train.warmup_steps={self.warmup_steps} > train.max_steps={self.max_steps}: set "
                 f"train.warmup_steps to at most {self.max_steps} (e.g. --train.warmup_steps {self.max_steps})"
             )
+        return self
+
+
+class MemoryConfig(_Section):
+    """What trades recomputation, host memory or transfers for GPU memory (seqpar.engine.memory)."""
+
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="full: keep each checkpointed layer's input only, recompute the layer in the "
+        "backward; selective: keep the attention output and LSE (and q, k, v), recompute norms, "
+        "projections, RoPE and the MLP; true/false = full/none"
+    )
+    checkpoint_every: int = Field(
+        1, ge=1, description="checkpoint layers 0, N, 2N, ... (1 = every layer); the others keep their activations"
+    )
+    offload_activations: bool = Field(
+        False, description="keep the checkpointed layers' inputs in pinned CPU memory until the backward "
+        "(copies on a side CUDA stream); needs activation_checkpointing"
+    )
+    tiled_mlp: bool = Field(
+        False, description="run each MLP over sequence tiles, recomputed tile by tile in the backward "
+        "(MoE: the routed experts are recomputed, untiled)"
+    )
+    mlp_tile_tokens: int = Field(0, ge=0, description="tokens per MLP tile; 0 = model.hidden_size")
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: fp32 master weights and AdamW moments in CPU memory, the step on "
+        "the CPU (ZeRO 1-3)"
+    )
+    offload_params: bool = Field(False, description="ZeRO-3 only: parameters in CPU memory between uses")
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _bool_policy(cls, v: Any) -> Any:
+        # the switch every other trainer has (gradient_checkpointing: true)
+        return {True: "full", False: "none"}.get(v, v) if isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MemoryConfig":
+        if self.offload_activations and self.activation_checkpointing == "none":
+            raise ValueError("memory.offload_activations moves the checkpointed layers' inputs to the CPU: set "
+                             "memory.activation_checkpointing to full or selective, or turn offload off")
+        if self.mlp_tile_tokens and not self.tiled_mlp:
+            raise ValueError("memory.mlp_tile_tokens is set but memory.tiled_mlp is false: set tiled_mlp true "
+                             "or remove mlp_tile_tokens")
         return self
 
 
@@ -622,6 +664,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     deepspeed: dict[str, Any] = Field(
@@ -939,7 +982,7 @@ _alias("adam_beta1 adam_beta2 beta1 beta2 adam_betas", "train.betas", note="both
 _alias("wd adam_weight_decay", "train.weight_decay")
 _alias("bf16 fp16 dtype torch_dtype mixed_precision mixed_precision_param param_dtype", "train.precision")
 _alias("gradient_checkpointing activation_checkpoint checkpoint_activations recompute recompute_activations "
-       "recompute_granularity", "train.activation_checkpointing")
+       "recompute_granularity", "memory.activation_checkpointing")
 _alias("attn_implementation attention_implementation attn_impl use_flash_attention use_flash_attention_2 "
        "use_flash_attn flash_attn flash_attention", "train.attention")
 _alias("seq_length max_seq_len max_seq_length sequence_length max_sequence_length context_length context_len "
@@ -1172,6 +1215,28 @@ def _fit_warmup(file_data: dict[str, Any], overrides: dict[str, Any], merged: di
     )
 
 
+# keys that moved to another section: (old, new), read in their new place with a notice
+_MOVED_KEYS = (("train.activation_checkpointing", "memory.activation_checkpointing"),)
+
+
+def _move_keys(merged: dict[str, Any], origins: _Origins) -> None:
+    for old, new in _MOVED_KEYS:
+        (os_, ok), (ns, nk) = old.split("."), new.split(".")
+        sec = merged.get(os_)
+        if not isinstance(sec, dict) or ok not in sec:
+            continue
+        value = sec.pop(ok)
+        dest = merged.setdefault(ns, {})
+        if not isinstance(dest, dict):
+            continue  # the section's own error reports it
+        if nk in dest:
+            raise ConfigError(f"invalid configuration ({origins.source}): both {old} and {new} are set: "
+                              f"{old} moved to {new}; remove {old}")
+        dest[nk] = value
+        origins.notices.append(f"{old} is now {new}: read as {new}={value!r} (the {ns} section also has "
+                               f"the other memory settings); update the config to silence this note")
+
+
 def _check_hf_weights(cfg: Config, origins: _Origins) -> None:
     """With model.load_weights, the safetensors weights must be there now, not at model build."""
     m = cfg.model
@@ -1226,6 +1291,7 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] |
     origins.file_keys, origins.cli_keys = _dotted(data), _dotted(overrides)
     merged = _deep_merge(data, overrides)
     _fit_warmup(data, overrides, merged, origins)
+    _move_keys(merged, origins)
     cfg = validate_config(merged, _origins=origins)
     _check_hf_weights(cfg, origins)
     cfg._notices = list(origins.notices)

@@ -101,12 +101,12 @@ def test_malformed_overrides(args, fragment):
 def test_overrides_are_typed_and_nested(tmp_path):
     cfg = load_config(
         write(tmp_path, {"model": {"arch": "mixtral", "moe": {"num_experts": 4}}}),
-        ["--train.lr", "1e-3", "--model.moe.top_k=1", "--train.activation_checkpointing", "true",
+        ["--train.lr", "1e-3", "--model.moe.top_k=1", "--memory.activation_checkpointing", "true",
          "--deepspeed.zero_optimization.overlap_comm", "false"],
     )
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.model.moe.top_k == 1 and cfg.model.moe.num_experts == 4
-    assert cfg.train.activation_checkpointing is True
+    assert cfg.memory.activation_checkpointing == "full"
     ds = cfg.deepspeed_config(cfg.layout(1))
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False}
 

@@ -361,3 +361,22 @@ def test_print_config_error_matches_a_training_run(tmp_path):
     assert a.returncode == b.returncode == 2
     lines = [ln for ln in b.stderr.splitlines() if ln.startswith("seqpar:")]
     assert a.stderr.strip() == lines[0] and re.search(r"data\.paths\[0\] 'nothere\.bin' \(relative to", lines[0])
+
+
+def test_moved_key_is_read_in_its_new_section(tmp_path):
+    """train.activation_checkpointing moved to memory.activation_checkpointing: an old config
+    still loads (with one note saying where it went); setting both is one clear error; the memory
+    section's own consistency checks name their keys."""
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  activation_checkpointing: true\n")
+    cfg = load_config(old)
+    assert cfg.memory.activation_checkpointing == "full"
+    assert len(cfg.notices) == 1 and "memory.activation_checkpointing" in cfg.notices[0]
+    both = tmp_path / "both.yaml"
+    both.write_text("train:\n  activation_checkpointing: true\nmemory:\n  activation_checkpointing: selective\n")
+    with pytest.raises(ConfigError, match="both train.activation_checkpointing and memory.activation_checkpointing"):
+        load_config(both)
+    with pytest.raises(ConfigError, match="memory.offload_activations"):
+        load_config(None, ["--memory.offload_activations", "true"])
+    with pytest.raises(ConfigError, match="memory.mlp_tile_tokens"):
+        load_config(None, ["--memory.mlp_tile_tokens", "512"])

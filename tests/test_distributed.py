@@ -75,7 +75,7 @@ def test_deepspeed_launcher_bf16_activation_checkpointing(tmp_path):
     """`deepspeed --num_gpus 2 seqpar/train.py`, bf16 + activation checkpointing + ZeRO-1: trains,
     logs every operator metric, and reports passkey accuracy."""
     recs = launch(tmp_path, "bf16", 2, "deepspeed", MOE, parallel={"zero_stage": 1},
-                  train={"precision": "bf16", "activation_checkpointing": True, "max_steps": 6})
+                  train={"precision": "bf16", "max_steps": 6}, memory={"activation_checkpointing": "full"})
     steps = [r for r in recs if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
     for key in ("lr", "tok_s", "step_time_s", "mem_gib", "grad_norm", "aux_loss", "moe_max_load"):

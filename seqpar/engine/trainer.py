@@ -197,7 +197,7 @@ class Trainer:
             model = build_partitioned_model(cfg.model, self.ds_config, cfg.train.seed, self.device)
         else:
             model = build_model(cfg.model, seed=cfg.train.seed)
-        model.activation_checkpointing = cfg.train.activation_checkpointing
+        model.activation_checkpointing = cfg.memory.activation_checkpointing == "full"
         model.loss_chunk_size = cfg.train.loss_chunk_size
         det = cfg.train.deterministic
         self.loss = select_loss(cfg.train.loss_impl, self.device, det)
@@ -284,7 +284,7 @@ class Trainer:
                 f"engine  DeepSpeed ZeRO-{c.parallel.zero_stage}, {c.train.precision}, attention "
                 f"{self.attention_name}, loss {self.loss.describe()}, "
                 f"{'compiled layers, ' if c.train.compile else ''}activation checkpointing "
-                f"{'on' if c.train.activation_checkpointing else 'off'}",
+                f"{c.memory.activation_checkpointing}",
                 f"model   {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads {kv}, "
                 f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
                 f"({self.n_active / 1e6:,.2f}M active)"
