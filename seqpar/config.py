@@ -679,6 +679,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        mem = self.memory
+        if self.train.compile and (mem.activation_checkpointing == "selective" or mem.tiled_mlp):
+            what = "memory.tiled_mlp" if mem.tiled_mlp else "memory.activation_checkpointing=selective"
+            raise ValueError(f"train.compile compiles whole decoder layers; {what} splits them (not supported "
+                             "together yet): use memory.activation_checkpointing full without tiled_mlp, or "
+                             "train.compile false")
         if self.train.compile and self.parallel.zero_stage == 3:
             raise ValueError("train.compile does not support ZeRO-3 (its parameters are gathered around "
                              "each module's forward): set parallel.zero_stage 2 or train.compile false")

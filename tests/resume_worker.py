@@ -1,7 +1,7 @@
 """Worker for tests/test_checkpoint_resume.py (torchrun, 2 gloo processes).
 
 Bit-exact matrix: ZeRO 0/1/2/3 x {save at a step boundary, save mid-accumulation} x {dense, MoE}
-x SP {1, 2}. For each cell: run A trains uninterrupted; run B trains until the save point, saves
+x SP {1, 2}, with activation policies at ZeRO-1/3 (``memory``). For each cell: run A trains uninterrupted; run B trains until the save point, saves
 through the real preemption path (SEQPAR_STOP_AFTER_MICRO_BATCHES) and stops; run C is a fresh
 trainer that resumes from B's checkpoint and finishes. A and C must have torch.equal parameters
 and optimizer state (fp32 master, Adam moments), identical per-micro-batch losses and identical
@@ -24,6 +24,15 @@ from seqpar.engine import deepspeed_state as dss
 from seqpar.parallel import make_topology
 
 
+def memory(stage: int, moe: bool) -> dict:
+    """Activation policies ride along at ZeRO-1 and ZeRO-3 (recomputation, offload and tiles must
+    not change a resumed trajectory); ZeRO-0/2 keep every activation."""
+    if stage not in (1, 3):
+        return {}
+    policy = "full" if moe else "selective"
+    return {"activation_checkpointing": policy, "offload_activations": True, "tiled_mlp": True, "mlp_tile_tokens": 24}
+
+
 def config(run_dir: Path, stage: int, moe: bool, sp: int, sp_kind: str) -> dict:
     model = tiny_model(moe)
     par = {"zero_stage": stage}
@@ -33,6 +42,7 @@ def config(run_dir: Path, stage: int, moe: bool, sp: int, sp_kind: str) -> dict:
         "model": model,
         "data": {"type": "passkey", "seq_len": 128, "passkey": {"eval_samples": 0, "key_digits": 2}},
         "parallel": par,
+        "memory": memory(stage, moe),
         "train": {"max_steps": 3, "micro_batch_size": 1, "global_batch_size": 4, "lr": 1e-2,
                   "warmup_steps": 1, "grad_clip": 0.5},
         "checkpoint": {"at_end": False, "resume": "none", "async_write": True, "keep_last": 5},
@@ -93,7 +103,8 @@ def main() -> int:
         kind = "ring" if stage in (0, 2) else "ulysses"
         topo = topos[1] if sp == 1 else topos[(kind, 2)]
         gas = 4 // (2 // sp)  # 4 sequences per step over dp = 2 / sp ranks
-        name = f"zero{stage} {'moe' if moe else 'dense'} sp{sp}{'' if sp == 1 else ' ' + kind}"
+        name = (f"zero{stage} {'moe' if moe else 'dense'} sp{sp}{'' if sp == 1 else ' ' + kind}"
+                + (f" {memory(stage, moe)['activation_checkpointing']}-offload-tiled" if memory(stage, moe) else ""))
         a = final_state(run(config(root / f"{name}-A".replace(" ", "_"), stage, moe, sp, kind), topo))
         for where, stop in (("boundary", gas), ("mid-window", gas + 1)):
             d = root / f"{name}-{where}".replace(" ", "_")

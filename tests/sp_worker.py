@@ -14,7 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from seqpar.config import ModelConfig, MoEConfig
+from seqpar.config import MemoryConfig, ModelConfig, MoEConfig
+from seqpar.engine.memory import apply_memory_policy
 from seqpar.kernels import TorchAttention, attn_meta_from_positions
 from seqpar.kernels.torch_math import TorchBlockKernel, varlen_attention
 from seqpar.models import build_model
@@ -29,8 +30,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
-def record(name: str, **errs: float) -> None:
-    ok = all(e <= TOL for e in errs.values())
+def record(name: str, tol: float = TOL, **errs: float) -> None:
+    ok = all(e <= tol for e in errs.values())
     results.append({"check": name, "ok": ok, **{k: f"{v:.1e}" for k, v in errs.items()}})
 
 
@@ -78,7 +79,9 @@ def check_attention(topo, label: str, doc_lens: list[int], heads: int, kv: int) 
            out=rel(got, ref), dq=rel(grads[0], qr.grad), dk=rel(grads[1], kr.grad), dv=rel(grads[2], vr.grad))
 
 
-def check_model(topo, label: str, kind: str, doc_lens: list[int]) -> None:
+def check_model(topo, label: str, kind: str, doc_lens: list[int], memory: MemoryConfig | None = None) -> None:
+    """Loss, aux loss and every gradient under SP against one process without SP; with ``memory``,
+    the SP model also runs that activation policy (the reference keeps every activation)."""
     moe = dict(arch="qwen2_moe", moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16,
                                              shared_expert_intermediate_size=8, shared_expert_gate=True,
                                              aux_loss_coef=0.05))
@@ -96,6 +99,8 @@ def check_model(topo, label: str, kind: str, doc_lens: list[int]) -> None:
     model = build_model(cfg, seed=5).double()
     model.set_attention(build_attention(topo, TorchAttention(), TorchBlockKernel(chunk=16)))
     model.set_sequence_parallel_group(topo.sp_group)
+    if memory is not None:
+        apply_memory_policy(model, memory, cfg, torch.device("cpu"))
     sh = shard_for(topo, ids, labels, pos)
     o = model(sh.input_ids[None], sh.position_ids[None], sh.labels[None], sh.meta)
     # each rank back-propagates its CE; the aux loss is whole-sequence on every rank, so 1/sp each
@@ -110,7 +115,8 @@ def check_model(topo, label: str, kind: str, doc_lens: list[int]) -> None:
         if e > worst:
             worst, name = e, n
     aux_err = abs(o.aux_loss.item() - out.aux_loss.item()) / max(abs(out.aux_loss.item()), 1e-30)
-    record(f"model {kind} {label} docs={doc_lens} (worst grad: {name})",
+    policy = "" if memory is None else " memory " + memory.model_dump_json(exclude_defaults=True)
+    record(f"model {kind} {label} docs={doc_lens}{policy} (worst grad: {name})", tol=TOL if memory is None else 1e-6,
            loss=rel(loss, out.loss_sum.detach()), aux=aux_err, grad=worst)
 
 
@@ -130,6 +136,12 @@ def main() -> int:
         check_attention(topo, label, [11, 40, 13], heads=8, kv=1 if ulysses == 1 else max(1, ulysses // 2))
         for kind in ("dense", "moe"):
             check_model(topo, label, kind, [21, 9, 34])
+        # activation policies under SP (issue 12): every policy with offload, tiles crossing the shards
+        check_model(topo, label, "dense", [21, 9, 34], MemoryConfig(
+            activation_checkpointing="selective", offload_activations=True, tiled_mlp=True, mlp_tile_tokens=5))
+        check_model(topo, label, "moe", [21, 9, 34], MemoryConfig(
+            activation_checkpointing="full", offload_activations=True, tiled_mlp=True,
+            mlp_tile_tokens=6))
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             for r in results:

@@ -43,6 +43,7 @@ from seqpar.config import Config, ConfigError, Layout
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.evaluation import build_eval_dataset, held_out_loss
 from seqpar.engine.extensions import Extensions
+from seqpar.engine.memory import apply_memory_policy
 from seqpar.engine.reshard import fragment_map
 from seqpar.engine.resume import Resume
 from seqpar.engine.zero3_init import build_partitioned_model
@@ -197,7 +198,7 @@ class Trainer:
             model = build_partitioned_model(cfg.model, self.ds_config, cfg.train.seed, self.device)
         else:
             model = build_model(cfg.model, seed=cfg.train.seed)
-        model.activation_checkpointing = cfg.memory.activation_checkpointing == "full"
+        self.memory = apply_memory_policy(model, cfg.memory, cfg.model, self.device)
         model.loss_chunk_size = cfg.train.loss_chunk_size
         det = cfg.train.deterministic
         self.loss = select_loss(cfg.train.loss_impl, self.device, det)
@@ -283,8 +284,8 @@ class Trainer:
                 f"layout  {self.topo.describe()}, backend {dist.get_backend()}",
                 f"engine  DeepSpeed ZeRO-{c.parallel.zero_stage}, {c.train.precision}, attention "
                 f"{self.attention_name}, loss {self.loss.describe()}, "
-                f"{'compiled layers, ' if c.train.compile else ''}activation checkpointing "
-                f"{c.memory.activation_checkpointing}",
+                f"{'compiled layers, ' if c.train.compile else ''}{self.memory.describe()}"
+                + (f", MLP in tiles of {self.model.model.layers[0].mlp_tile} tokens" if c.memory.tiled_mlp else ""),
                 f"model   {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads {kv}, "
                 f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
                 f"({self.n_active / 1e6:,.2f}M active)"

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import MoEConfig
+from seqpar.models.tiling import tiled
 
 
 class Router(nn.Module):
@@ -210,27 +212,43 @@ class MoE(nn.Module):
         # Under sequence parallelism the aux loss must see the whole sequence's routing statistics,
         # not this rank's shard: set by Transformer.set_sequence_parallel_group.
         self.stats_group = None
+        # recompute the routed experts in the backward instead of keeping their intermediates and
+        # the expert-sorted token copies (seqpar.engine.memory, memory.tiled_mlp); the shared
+        # expert is tiled over tokens (per token, unlike the routed part's statistics)
+        self.recompute_experts = False
+        self.shared_tile = 0
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        t, h = x.shape
-        k, e = self.cfg.top_k, self.cfg.num_experts
+        e = self.cfg.num_experts
         scores, idx, weights = self.gate(x)
         flat = idx.reshape(-1)
         sorted_ids, order = flat.sort(stable=True)  # (token, slot) pairs grouped by expert
         counts = tokens_per_expert(sorted_ids, e)  # = bincount(flat, minlength=e), sync-free
-        y_sorted = self.experts(x[order // k], counts)
-        y_slots = torch.empty_like(y_sorted)
-        y_slots[order] = y_sorted  # unique indices: deterministic, unlike index_add_ on CUDA
-        y = (y_slots.view(t, k, h) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+        if self.recompute_experts and torch.is_grad_enabled():
+            y = checkpoint(self._routed, x, order, counts, weights, use_reentrant=False)
+        else:
+            y = self._routed(x, order, counts, weights)
         if self.shared_expert is not None:
-            s = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                s = torch.sigmoid(self.shared_expert_gate(x)) * s
-            y = y + s
+            y = y + tiled(self._shared, x, self.shared_tile)
         aux = self._aux_loss(scores, counts) if self.cfg.aux_loss_coef > 0 else scores.new_zeros(())
         slots = torch.arange(1, flat.numel() + 1, device=flat.device)
         digest = ((flat.long() + 1) * slots).sum() % (2**61 - 1)
         return y, aux, (counts.detach().float(), digest.detach())
+
+    def _routed(self, x: Tensor, order: Tensor, counts: Tensor, weights: Tensor) -> Tensor:
+        """Weighted sum of each token's top-k experts' outputs."""
+        t, h = x.shape
+        k = self.cfg.top_k
+        y_sorted = self.experts(x[order // k], counts)
+        y_slots = torch.empty_like(y_sorted)
+        y_slots[order] = y_sorted  # unique indices: deterministic, unlike index_add_ on CUDA
+        return (y_slots.view(t, k, h) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+
+    def _shared(self, x: Tensor) -> Tensor:
+        s = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            s = torch.sigmoid(self.shared_expert_gate(x)) * s
+        return s
 
     def _aux_loss(self, scores: Tensor, counts: Tensor) -> Tensor:
         """Switch/DeepSeek load-balancing loss: sum_i f_i * P_i, equal to 1.0 when balanced.

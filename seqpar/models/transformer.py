@@ -24,6 +24,7 @@ from seqpar.config import ModelConfig, RopeScalingConfig, is_moe_layer
 from seqpar.kernels import AttnMeta, LocalAttention, TorchAttention, attn_meta_from_positions
 from seqpar.loss import chunked_cross_entropy
 from seqpar.models.moe import MoE, Router, SwiGLU
+from seqpar.models.tiling import tiled
 
 # attention(q [T,H,D], k [T,Hkv,D], v, meta, scale) -> out [T,H,D]
 AttentionFn = Callable[[Tensor, Tensor, Tensor, AttnMeta, float], Tensor]
@@ -137,17 +138,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.scale = 1.0 / math.sqrt(d)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttnMeta, attn: AttentionFn) -> Tensor:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projections, qk-norm and RoPE: q [T, H, D], k/v [T, Hkv, D]."""
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attn(q, k, v, meta, 1.0 / math.sqrt(self.head_dim))
-        return self.o_proj(out.reshape(t, self.n_heads * self.head_dim))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def project(self, out: Tensor) -> Tensor:
+        return self.o_proj(out.reshape(out.shape[0], self.n_heads * self.head_dim))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttnMeta, attn: AttentionFn) -> Tensor:
+        q, k, v = self.qkv(x, cos, sin)
+        return self.project(attn(q, k, v, meta, self.scale))
 
 
 class DecoderLayer(nn.Module):
@@ -160,15 +168,29 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = (
             MoE(cfg.hidden_size, cfg.moe) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         )
+        # tokens per tile of the feed-forward (0 = untiled); set by seqpar.engine.memory
+        self.mlp_tile = 0
 
     def forward(self, x, cos, sin, meta: AttnMeta, attn: AttentionFn):
         """Returns (hidden, aux loss, (tokens per expert, routing digest) or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, attn)
-        h = self.post_attention_layernorm(x)
+        q, k, v = self.attention_inputs(x, cos, sin)
+        return self.after_attention(x, attn(q, k, v, meta, self.self_attn.scale))
+
+    # The two halves around the attention kernel, so that a memory policy can keep the kernel's
+    # output and recompute the rest (seqpar.engine.memory, "selective").
+    def attention_inputs(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def after_attention(self, x: Tensor, out: Tensor):
+        x = x + self.self_attn.project(out)
         if self.is_moe:
-            y, aux, counts = self.mlp(h)
+            y, aux, counts = self.mlp(self.post_attention_layernorm(x))
             return x + y, aux, counts
-        return x + self.mlp(h), x.new_zeros((), dtype=torch.float32), None
+        return x + tiled(self._norm_mlp, x, self.mlp_tile), x.new_zeros((), dtype=torch.float32), None
+
+    def _norm_mlp(self, x: Tensor) -> Tensor:
+        # per token: the norm joins the tiles, so its fp32 copies exist for one tile at a time too
+        return self.mlp(self.post_attention_layernorm(x))
 
 
 class LMHead(nn.Linear):
@@ -235,7 +257,9 @@ class Transformer(nn.Module):
         )
         self.rotary = Rotary(cfg)
         self.attention: AttentionFn = LocalAttention(TorchAttention())
-        self.activation_checkpointing = False
+        self.activation_checkpointing = False  # whole-layer checkpointing without a memory policy
+        # per-layer activation policy (seqpar.engine.memory.LayerMemory): run_layer(i, layer, ...)
+        self.memory = None
         self.loss_chunk_size = 4096
 
     # -- setup ------------------------------------------------------------------------------------
@@ -295,8 +319,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(ids)
         cos, sin = self.rotary(pos, x.dtype)
         aux = x.new_zeros((), dtype=torch.float32)
-        for layer in self.model.layers:
-            if self.activation_checkpointing and self.training:
+        for i, layer in enumerate(self.model.layers):
+            if self.memory is not None and self.training and torch.is_grad_enabled():
+                x, a, counts = self.memory.run_layer(i, layer, x, cos, sin, meta, self.attention)
+            elif self.activation_checkpointing and self.training:
                 x, a, counts = checkpoint(layer, x, cos, sin, meta, self.attention, use_reentrant=False)
             else:
                 x, a, counts = layer(x, cos, sin, meta, self.attention)
