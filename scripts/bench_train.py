@@ -4,6 +4,7 @@ same model, data and process, per sequence length (issue 11).
     python scripts/bench_train.py --device cpu                                  # tiny shape
     python scripts/bench_train.py --device cuda --model llama3.2-1b --seq-lens 4096,8192
     python scripts/bench_train.py --config my.yaml --train.micro_batch_size 2 --json rows.json
+    python scripts/bench_train.py --device cuda --config configs/llama3.2-1b-long.yaml --longest   # issue 12
 
 seqpar: a ``Trainer`` built from the config (DeepSpeed, its ZeRO stage and precision, packed varlen
 attention, chunked cross-entropy); a step is ``Trainer.train_micro_batch`` until the optimizer step
@@ -19,6 +20,14 @@ them); tokens/s counts every token of the batch. MFU = step FLOPs / (time x peak
 ``--peak-tflops``. Peak GiB: on CUDA the most allocated during the run above what was allocated
 before it; on CPU the process RSS after it (indicative only: both runs live in one process).
 The default config is the embedded tiny CPU default (configs/tiny-cpu.yaml).
+
+``--longest``: the longest sequence the trainer can train on this device, by bisection over
+data.seq_len (multiples of ``--granularity``, from ``--seq-lens``' first value up to ``--max-len``).
+Each probe is a fresh process that builds the Trainer at that length and runs ``--warmup`` +
+``--steps`` optimizer steps (seqpar only, no plain loop); it fits when the steps finish without
+running out of memory and its peak stays within ``--memory-limit-gib`` (when given). Peak: on CUDA
+the most allocated (``--memory-limit-gib`` also caps the allocator); on CPU the probe process's
+maximum RSS (``wait4``), a real measurement the CPU test can bisect on.
 """
 
 from __future__ import annotations
@@ -84,6 +93,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: known GPUs)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--longest", action="store_true", help="bisect for the longest trainable sequence instead")
+    p.add_argument("--max-len", type=int, default=2**21, help="--longest: upper end of the search")
+    p.add_argument("--granularity", type=int, default=None, help="--longest: seq_len step (default 8192 CUDA, 64 CPU)")
+    p.add_argument("--memory-limit-gib", type=float, default=None, help="--longest: a probe fits only under this peak")
+    p.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)  # one --longest probe (child)
     args, overrides = p.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -285,9 +299,133 @@ def table(header: list[str], rows: list[Row], formula: str) -> str:
     return "\n".join([*lines, "", formula])
 
 
+# -- longest trainable sequence (--longest) -----------------------------------------------------------
+@dataclass
+class Probe:
+    seq_len: int
+    fits: bool
+    peak_gib: float | None
+    step_s: float | None
+    why: str  # "" when it fits; "out of memory", "over the memory limit", or the error line
+
+
+PROBE_MARK = "bench_train probe: "
+
+
+def probe_child(args: argparse.Namespace, overrides: list[str]) -> int:
+    """One ``--longest`` probe (a fresh process): build the Trainer at ``args.probe`` tokens, run
+    the steps, print a ``PROBE_MARK`` JSON line (a CUDA out-of-memory is a result, not a crash)."""
+    import torch
+
+    from seqpar.metrics import quiet_deepspeed
+    from seqpar.parallel import init_topology, pick_device
+
+    s = args.probe
+    tmp = Path(tempfile.mkdtemp(prefix="seqpar-bench-probe-"))
+    cfg = build_config(args, base_config(args, overrides), s, tmp / "run")
+    quiet_deepspeed(announce=lambda line: print(line, file=sys.stderr, flush=True))
+    device = pick_device(args.device)
+    if device.type == "cuda" and args.memory_limit_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * 2**30 / total), device)
+    topo = init_topology(1, 1, device, "auto")
+    result = {"seq_len": s, "fits": True, "peak_gib": None, "step_s": None, "why": ""}
+    try:
+        dt, peak, _ = run_seqpar(cfg, topo, args)
+        result.update(peak_gib=peak if device.type == "cuda" else None, step_s=dt / args.steps)
+    except torch.OutOfMemoryError:
+        result.update(fits=False, why="out of memory")
+    print(PROBE_MARK + json.dumps(result), flush=True)
+    return 0
+
+
+def run_probe(args: argparse.Namespace, overrides: list[str], s: int) -> Probe:
+    import subprocess
+
+    argv = [sys.executable, __file__, "--probe", str(s), "--device", args.device, "--model", args.model,
+            "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for flag, value in (("--config", args.config), ("--memory-limit-gib", args.memory_limit_gib),
+                        ("--peak-tflops", args.peak_tflops)):
+        if value is not None:
+            argv += [flag, str(value)]
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+        child = subprocess.Popen(argv + overrides, stdout=fo, stderr=fe, text=True)
+        _, status, usage = os.wait4(child.pid, 0)  # reaped here, with the child's resource usage
+        child.returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        out, err = fo.read(), fe.read()
+    lines = [line[len(PROBE_MARK):] for line in out.splitlines() if line.startswith(PROBE_MARK)]
+    if not lines:  # killed (the kernel's OOM killer on CPU) or failed: say why, count it as not fitting
+        last = (err.strip().splitlines() or [f"exit {child.returncode}"])[-1]
+        return Probe(s, False, None, None, last[:200])
+    r = json.loads(lines[-1])
+    peak = r["peak_gib"]
+    if peak is None:  # CPU: the probe process's maximum resident set (kilobytes on Linux)
+        peak = usage.ru_maxrss * 1024 / 2**30
+    p = Probe(s, r["fits"], peak, r["step_s"], r["why"])
+    if p.fits and args.memory_limit_gib is not None and peak is not None and peak > args.memory_limit_gib:
+        p.fits, p.why = False, f"over the memory limit ({peak:.2f} > {args.memory_limit_gib:g} GiB)"
+    return p
+
+
+def longest(args: argparse.Namespace, overrides: list[str]) -> int:
+    g = args.granularity or (8192 if args.device == "cuda" else 64)
+    lo_start = int((args.seq_lens or str(g)).split(",")[0])
+    lo_start = max(g, lo_start // g * g)
+    probes: list[Probe] = []
+
+    def fits(s: int) -> bool:
+        p = run_probe(args, overrides, s)
+        probes.append(p)
+        state = "fits" if p.fits else f"does not fit ({p.why})"
+        peak = f", peak {p.peak_gib:.2f} GiB" if p.peak_gib is not None else ""
+        print(f"bench_train: {s} tokens: {state}{peak}", file=sys.stderr, flush=True)
+        return p.fits
+
+    best = None
+    if fits(lo_start):
+        best = lo_start
+        hi = lo_start * 2
+        while hi <= args.max_len and fits(hi):  # doubling until one does not fit
+            best, hi = hi, hi * 2
+        hi = min(hi, args.max_len + g)
+        while hi - best > g:  # bisection between the longest that fits and the shortest that does not
+            mid = (best + hi) // 2 // g * g
+            if mid <= best:
+                break
+            if fits(mid):
+                best = mid
+            else:
+                hi = mid
+    import torch
+
+    from seqpar.parallel import pick_device
+
+    print(f"# seqpar bench_train --longest | {card_name(pick_device(args.device))} | torch {torch.__version__} | "
+          f"{datetime.date.today().isoformat()} | granularity {g}"
+          + (f" | memory limit {args.memory_limit_gib:g} GiB" if args.memory_limit_gib else ""))
+    print("| seq_len | fits | peak GiB | s/step |\n|---|---|---|---|")
+    for p in sorted(probes, key=lambda p: p.seq_len):
+        print(f"| {p.seq_len} | {'yes' if p.fits else 'no: ' + p.why} | {_fmt(p.peak_gib, '.2f')} | {_fmt(p.step_s, '.3g')} |")
+    if best is None:
+        print(f"longest trainable sequence: none (even {lo_start} tokens does not fit)")
+        return 1
+    peak = next(p.peak_gib for p in probes if p.seq_len == best)
+    capped = " = --max-len, the end of the search" if best + g > args.max_len else ""
+    print(f"longest trainable sequence: {best} tokens (peak {_fmt(peak, '.2f')} GiB){capped}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"longest": best, "probes": [asdict(p) for p in probes]}, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DS_ACCELERATOR", args.device)
+    if args.probe is not None:
+        return probe_child(args, overrides)
+    if args.longest:
+        return longest(args, overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         sys.exit("bench_train.py runs as one process (world size 1): start it with python, not a launcher")
     seq_lens = [int(x) for x in (args.seq_lens or DEFAULT_SEQ_LENS[args.model]).split(",") if x.strip()]

@@ -46,3 +46,29 @@ def test_bench_train_cpu(tmp_path: Path):
         assert abs(row["seqpar_loss0"] - row["plain_loss0"]) < 1e-4 * row["plain_loss0"]
     # the trainer logged its own MFU (per-document FLOPs) at its last step
     assert re.search(r"step 3/3 \|.*\| mfu \d", r.stderr), r.stderr
+
+
+def test_bench_train_longest_bisects_on_measured_peaks(tmp_path: Path):
+    """--longest on CPU: each probe is a process whose peak RSS is measured (wait4); with a memory
+    limit a little above the shortest probe's peak, the answer is a length that fits and the
+    next one up (or a longer one probed) does not, for being over the limit."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--device", "cpu", "--longest", "--steps", "1",
+            "--warmup", "0", "--granularity", "256", "--seq-lens", "256"]
+    first = subprocess.run(base + ["--max-len", "256", "--json", str(tmp_path / "a.json")], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "longest trainable sequence: 256 tokens" in first.stdout and "end of the search" in first.stdout
+    peak0 = json.loads((tmp_path / "a.json").read_text())["probes"][0]["peak_gib"]
+    limit = peak0 + 0.06  # the tiny model's RSS grows by ~0.06 GiB per 1K tokens
+    r = subprocess.run(base + ["--max-len", "16384", "--memory-limit-gib", f"{limit:.3f}", "--json",
+                               str(tmp_path / "b.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    best, probes = data["longest"], {p["seq_len"]: p for p in data["probes"]}
+    assert probes[best]["fits"] and probes[best]["peak_gib"] <= limit
+    longer = [p for s, p in probes.items() if s > best]
+    assert longer and not any(p["fits"] for p in longer)
+    assert all("over the memory limit" in p["why"] for p in longer)
+    assert min(s for s in probes if s > best) == best + 256  # bisection closed to the granularity
+    assert r.stdout.strip().splitlines()[-1].startswith(f"longest trainable sequence: {best} tokens")
