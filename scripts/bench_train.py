@@ -97,7 +97,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--max-len", type=int, default=2**21, help="--longest: upper end of the search")
     p.add_argument("--granularity", type=int, default=None, help="--longest: seq_len step (default 8192 CUDA, 64 CPU)")
     p.add_argument("--memory-limit-gib", type=float, default=None, help="--longest: a probe fits only under this peak")
-    p.add_argument("--probe", type=int, default=None, help=argparse.SUPPRESS)  # one --longest probe (child)
+    p.add_argument("--probe", type=int, default=None,
+                   help="only the Trainer at this seq_len (no plain loop): one JSON line with s/step and peak")
     args, overrides = p.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")

@@ -27,6 +27,19 @@ timeout 120 python3 scripts/bench_moe.py --device cuda --experts 8 16 32 64 128 
 timeout 240 python3 -m torch.distributed.run --nproc_per_node 1 scripts/gpu_smoke.py --device cuda 2>&1 \
   | grep -vi warn | tee "$OUT/gpu_smoke.log" || true
 
+# Memory (issue 12): offload overhead at 128K (full checkpointing + tiled MLP, offload off/on, same
+# run), the planner's prediction next to the measured peak, then the longest sequence by bisection
+for off in false true; do
+  timeout 200 python3 scripts/bench_train.py --device cuda --model llama3.2-1b --probe 131072 --steps 2 --warmup 1 \
+    --train.precision bf16 --memory.activation_checkpointing full --memory.tiled_mlp true \
+    --memory.offload_activations $off 2>&1 | grep "probe:" | tee -a "$OUT/bench_memory.log"
+done
+python3 -m seqpar.plan --config configs/llama3.2-1b-long.yaml --data.seq_len 131072 --gpu-memory 141 2>&1 \
+  | tail -20 | tee -a "$OUT/bench_memory.log"
+timeout 420 python3 scripts/bench_train.py --device cuda --config configs/llama3.2-1b-long.yaml --longest \
+  --seq-lens 262144 --granularity 131072 --max-len 1048576 --steps 1 --warmup 0 --json "$OUT/longest.json" 2>&1 \
+  | tail -12 | tee -a "$OUT/bench_memory.log"
+
 timeout 120 python3 scripts/gpu_selftest.py 2>&1 | tee "$OUT/selftest.log"
 timeout 120 python3 scripts/bench_attention.py --seqlens 8192 32768 131072 --budget 0.5 2>&1 | tee "$OUT/bench_attention.log"
 # the 1B shape's attention (d 64, GQA 32/8) packed into documents of 32K, 4K and 1K
