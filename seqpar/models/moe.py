@@ -217,6 +217,21 @@ class MoE(nn.Module):
         # expert is tiled over tokens (per token, unlike the routed part's statistics)
         self.recompute_experts = False
         self.shared_tile = 0
+        # expert parallelism (seqpar.parallel.experts.ExpertParallel): this rank holds E/P experts
+        self.expert_parallel = None
+
+    def set_expert_parallel(self, ep) -> None:
+        """Keep only this rank's slice of the experts (the same values a full model built from the
+        same seed has there) and dispatch tokens to their owners from now on."""
+        if ep is None or ep.degree == 1:
+            return
+        if self.expert_parallel is not None:
+            raise RuntimeError("experts are already split for expert parallelism")
+        keep = slice(ep.first, ep.first + ep.local)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(self.experts, name)
+            setattr(self.experts, name, nn.Parameter(w.detach()[keep].clone(), requires_grad=w.requires_grad))
+        self.expert_parallel = ep
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         e = self.cfg.num_experts
@@ -239,7 +254,10 @@ class MoE(nn.Module):
         """Weighted sum of each token's top-k experts' outputs."""
         t, h = x.shape
         k = self.cfg.top_k
-        y_sorted = self.experts(x[order // k], counts)
+        if self.expert_parallel is not None:
+            y_sorted = self.expert_parallel.run(self.experts, x[order // k], counts)
+        else:
+            y_sorted = self.experts(x[order // k], counts)
         y_slots = torch.empty_like(y_sorted)
         y_slots[order] = y_sorted  # unique indices: deterministic, unlike index_add_ on CUDA
         return (y_slots.view(t, k, h) * weights.unsqueeze(-1).to(x.dtype)).sum(1)

@@ -276,6 +276,12 @@ class Transformer(nn.Module):
             if isinstance(m, MoE):
                 m.stats_group = group
 
+    def set_expert_parallel(self, ep) -> None:
+        """Split every MoE layer's experts over the EP group (seqpar.parallel.experts)."""
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.set_expert_parallel(ep)
+
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None,
                      write: Callable[[str, Tensor], None] | None = None,
