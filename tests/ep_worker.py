@@ -10,11 +10,13 @@ the same experts. Writes one JSON line per check to argv[1] (rank 0); exits non-
 
 from __future__ import annotations
 
-import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from common import finish
 
 from seqpar.config import ModelConfig, MoEConfig
 from seqpar.kernels import TorchAttention
@@ -130,14 +132,9 @@ def main() -> int:
              4: [(1, 1, 2), (1, 1, 4), (2, 1, 2), (2, 1, 4), (1, 2, 4), (2, 2, 4)]}[world]
     for ulysses, ring, degree in cases:
         check(ulysses, ring, degree, experts=8)
-    if dist.get_rank() == 0:
-        with open(sys.argv[1], "w") as f:
-            for r in results:
-                f.write(json.dumps(r) + "\n")
-    failed = [r for r in results if not r["ok"]]
-    dist.barrier()
+    status = finish(results, Path(sys.argv[1]))
     dist.destroy_process_group()
-    return 1 if failed else 0
+    return status
 
 
 if __name__ == "__main__":
