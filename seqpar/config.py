@@ -159,7 +159,7 @@ class RopeScalingConfig(_Section):
 
 
 class MoEConfig(_Section):
-    """Mixture-of-experts feed-forward (dropless, top-k)."""
+    """Mixture-of-experts feed-forward (top-k; dropless unless capacity_factor is set)."""
 
     num_experts: int = Field(8, ge=1)
     top_k: int = Field(2, ge=1)
@@ -175,6 +175,10 @@ class MoEConfig(_Section):
     aux_loss_coef: float = Field(0.0, ge=0, description="load-balancing aux loss weight (0 = off)")
     bias_update_rate: float = Field(
         0.0, ge=0, description="aux-loss-free expert-bias step gamma (DeepSeek-V3; 0 = off)"
+    )
+    capacity_factor: float | None = Field(
+        None, gt=0, description="None = dropless; else each expert takes at most ceil(factor x tokens x top_k / "
+        "num_experts) (token, slot) pairs of a rank's micro-batch, later tokens first dropped (logged as moe_dropped)"
     )
 
     @model_validator(mode="after")
@@ -194,7 +198,7 @@ class MoEConfig(_Section):
 # Training choices that may differ from a loaded checkpoint's config.json (context extension,
 # balancing); everything else defines weight shapes or the function computed and must match.
 HF_OVERRIDABLE = {"rope_theta", "rope_scaling", "max_position_embeddings", "initializer_range"}
-HF_OVERRIDABLE_MOE = {"aux_loss_coef", "bias_update_rate"}
+HF_OVERRIDABLE_MOE = {"aux_loss_coef", "bias_update_rate", "capacity_factor"}
 
 
 class ModelConfig(_Section):
@@ -685,6 +689,9 @@ class Config(_Section):
             raise ValueError(f"train.compile compiles whole decoder layers; {what} splits them (not supported "
                              "together yet): use memory.activation_checkpointing full without tiled_mlp, or "
                              "train.compile false")
+        if self.train.compile and self.model.moe is not None and self.model.moe.capacity_factor is not None:
+            raise ValueError("train.compile with model.moe.capacity_factor is not supported (the kept pairs have a "
+                             "data-dependent count): remove capacity_factor (dropless) or set train.compile false")
         if self.train.compile and self.parallel.zero_stage == 3:
             raise ValueError("train.compile does not support ZeRO-3 (its parameters are gathered around "
                              "each module's forward): set parallel.zero_stage 2 or train.compile false")

@@ -129,9 +129,58 @@ def test_moe_dropless_equals_per_token_loop():
     model = build_model(tiny_cfg(**MOE), seed=3)
     moe = model.model.layers[0].mlp
     x = torch.randn(40, 32)
-    y, aux, (counts, digest) = moe(x)
+    y, aux, (counts, digest, dropped) = moe(x)
     assert torch.allclose(y, naive_moe(moe, x), atol=1e-5)
-    assert counts.sum().item() == 40 * 2 and aux.item() > 0
+    assert counts.sum().item() == 40 * 2 and aux.item() > 0 and dropped.item() == 0
+
+
+def test_moe_capacity_factor_drops_later_tokens_and_counts_them():
+    """capacity = ceil(factor x T x k / E) pairs per expert; an expert's later tokens (in sequence
+    order) beyond it contribute zero; counts and aux still see every routed pair; a factor large
+    enough to hold everything equals dropless bitwise. Router stats report the dropped fraction."""
+    import math
+
+    cfg = tiny_cfg(**MOE)
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(4))
+    dropless = build_model(cfg, seed=3).model.layers[0].mlp
+    want_y, want_aux, (want_counts, _, _) = dropless(x)
+    big = build_model(cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"capacity_factor": 4.0})}), seed=3)
+    y, aux, (counts, _, dropped) = big.model.layers[0].mlp(x)
+    assert torch.equal(y, want_y) and torch.equal(aux, want_aux) and dropped.item() == 0
+    factor = 0.5
+    small = build_model(cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"capacity_factor": factor})}), seed=3)
+    moe = small.model.layers[0].mlp
+    y, aux, (counts, _, dropped) = moe(x)
+    cap = math.ceil(factor * 40 * 2 / 4)
+    assert torch.equal(counts, want_counts) and torch.equal(aux, want_aux)  # demand, not what ran
+    assert dropped.item() == (want_counts - cap).clamp(min=0).sum().item() > 0
+    # the definition: per-token loop with each expert's pairs after its first `cap` (token order) zeroed
+    _, idx, w = moe.gate(x)
+    seen = torch.zeros(4, dtype=torch.long)
+    w = w.clone()
+    for t in range(40):
+        for j in range(2):
+            e = idx[t, j]
+            if seen[e] >= cap:
+                w[t, j] = 0
+            seen[e] += 1
+    ex, ref = moe.experts, torch.zeros_like(x)
+    for t in range(40):
+        for j in range(2):
+            e = idx[t, j]
+            h = F.silu(x[t] @ ex.gate_proj[e].t()) * (x[t] @ ex.up_proj[e].t())
+            ref[t] += w[t, j] * (h @ ex.down_proj[e].t())
+    ref = ref + torch.sigmoid(moe.shared_expert_gate(x)) * moe.shared_expert(x)
+    assert torch.allclose(y, ref, atol=1e-5)
+    # through the model: dropped pairs accumulate per step, are logged as a fraction, then reset
+    ids = torch.randint(0, 97, (2, 24))
+    small(ids, torch.arange(24).repeat(2, 1), ids)
+    assert small.model.layers[0].mlp.gate.dropped_tokens.item() > 0
+    assert "model.layers.0.mlp.gate.dropped_tokens" in small.router_state_dict()
+    stats = small.update_routers()
+    assert 0 < stats["moe_dropped"] < 1 and stats["moe_max_load"] >= stats["moe_mean_load"] >= 1.0
+    assert stats["moe_bias_norm"] > 0 and small.model.layers[0].mlp.gate.dropped_tokens.item() == 0
+    assert "moe_dropped" not in build_model(cfg, seed=3).update_routers()
 
 
 def test_expert_bias_changes_selection_not_weights():

@@ -74,7 +74,7 @@ def fwd_bwd(m, x, forward):
     """Output, aux, counts, digest, and every gradient (x and each parameter) of one step."""
     m.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_()
-    y, aux, (counts, digest) = forward(m, x)
+    y, aux, (counts, digest, *_) = forward(m, x)
     proj = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
     ((y * proj).sum() + aux).backward()
     grads = {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
@@ -293,7 +293,7 @@ def test_grouped_path_reads_nothing_on_the_host(monkeypatch):
     with torch.device("meta"):
         m = moe_mod.MoE(H, cfg).to(torch.bfloat16)
         x = torch.randn(24, H, dtype=torch.bfloat16, requires_grad=True)
-    y, aux, (counts, _) = m(x)
+    y, aux, (counts, *_) = m(x)
     (y.float().sum() + aux).backward()
     assert y.shape == x.shape and counts.shape == (8,)
     assert all(p.grad is not None and p.grad.shape == p.shape for p in m.parameters())

@@ -198,7 +198,7 @@ class Resume:
         dss.restore_counters(self.tr.engine, counters)
         if self.tr.cfg.model.moe is not None:
             routers = [self.tr.ckpt.read_tree(path, "router", r) for r in (old_ranks if old_micro else [0])]
-            self.tr.model.load_router_state_dict(self._window_sums(routers, ("tokens_per_expert",)))
+            self.tr.model.load_router_state_dict(self._window_sums(routers, ("tokens_per_expert", "dropped_tokens")))
         self.tr.state.load_state_dict({**{k: state[k] for k in self.tr.state.state_dict() if k in state},
                                     **self.tr.ckpt.read_tree(path, "engine", 0)["history"]})
         self.tr.state.micro_step = new_micro

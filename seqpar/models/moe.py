@@ -10,6 +10,8 @@ model weights, so the checkpoint code reaches both through ``Transformer.router_
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +38,11 @@ class Router(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
+        # (token, slot) pairs over capacity in the current optimizer step (capacity_factor only)
+        if cfg.capacity_factor is not None:
+            self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.float32), persistent=False)
+        else:
+            self.dropped_tokens = None
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # Keep routing state fp32 when the model is cast (DeepSpeed bf16 casts every buffer):
@@ -239,26 +246,43 @@ class MoE(nn.Module):
         flat = idx.reshape(-1)
         sorted_ids, order = flat.sort(stable=True)  # (token, slot) pairs grouped by expert
         counts = tokens_per_expert(sorted_ids, e)  # = bincount(flat, minlength=e), sync-free
+        kept_order, kept, dropped = order, counts, counts.new_zeros(())
+        if self.cfg.capacity_factor is not None:
+            kept_order, kept, dropped = self._capacity(sorted_ids, order, counts)
         if self.recompute_experts and torch.is_grad_enabled():
-            y = checkpoint(self._routed, x, order, counts, weights, use_reentrant=False)
+            y = checkpoint(self._routed, x, kept_order, kept, weights, use_reentrant=False)
         else:
-            y = self._routed(x, order, counts, weights)
+            y = self._routed(x, kept_order, kept, weights)
         if self.shared_expert is not None:
             y = y + tiled(self._shared, x, self.shared_tile)
         aux = self._aux_loss(scores, counts) if self.cfg.aux_loss_coef > 0 else scores.new_zeros(())
         slots = torch.arange(1, flat.numel() + 1, device=flat.device)
         digest = ((flat.long() + 1) * slots).sum() % (2**61 - 1)
-        return y, aux, (counts.detach().float(), digest.detach())
+        return y, aux, (counts.detach().float(), digest.detach(), dropped.detach().float())
+
+    def _capacity(self, sorted_ids: Tensor, order: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Keep each expert's first ``capacity`` (token, slot) pairs in token order (the stable sort
+        keeps it): (kept pairs' order, kept counts, number dropped). Selecting the kept pairs has a
+        data-dependent size, read on the host: capacity mode costs one sync per layer on CUDA."""
+        n, e, k = order.numel(), self.cfg.num_experts, self.cfg.top_k
+        capacity = math.ceil(self.cfg.capacity_factor * (n // k) * k / e)
+        starts = torch.cumsum(counts, 0) - counts
+        within = torch.arange(n, device=order.device) - starts[sorted_ids]  # rank inside its expert
+        keep = within < capacity
+        kept = counts.clamp(max=capacity)
+        return order[keep], kept, n - kept.sum()
 
     def _routed(self, x: Tensor, order: Tensor, counts: Tensor, weights: Tensor) -> Tensor:
-        """Weighted sum of each token's top-k experts' outputs."""
+        """Weighted sum of each token's top-k experts' outputs (of the pairs in ``order``)."""
         t, h = x.shape
         k = self.cfg.top_k
         if self.expert_parallel is not None:
             y_sorted = self.expert_parallel.run(self.experts, x[order // k], counts)
         else:
             y_sorted = self.experts(x[order // k], counts)
-        y_slots = torch.empty_like(y_sorted)
+        # dropped pairs (capacity_factor) contribute zero; dropless fills every slot
+        full = order.numel() == t * k
+        y_slots = torch.empty_like(y_sorted) if full else y_sorted.new_zeros(t * k, h)
         y_slots[order] = y_sorted  # unique indices: deterministic, unlike index_add_ on CUDA
         return (y_slots.view(t, k, h) * weights.unsqueeze(-1).to(x.dtype)).sum(1)
 

@@ -335,8 +335,11 @@ class Transformer(nn.Module):
             aux = aux + a
             if counts is not None and self.training:
                 # outside the checkpointed region: recomputation must not count twice
-                layer.mlp.gate.tokens_per_expert += counts[0]
-                layer.mlp.gate.routing_digest += counts[1]
+                gate = layer.mlp.gate
+                gate.tokens_per_expert += counts[0]
+                gate.routing_digest += counts[1]
+                if gate.dropped_tokens is not None:
+                    gate.dropped_tokens += counts[2]
         x = self.model.norm(x)
         if labels is None:
             return ModelOutput(None, aux, self.lm_head(x).view(*input_ids.shape, -1))
@@ -351,6 +354,8 @@ class Transformer(nn.Module):
             out[f"{name}.routing_digest"] = r.routing_digest.detach().cpu().clone()
             if r.expert_bias is not None:
                 out[f"{name}.expert_bias"] = r.expert_bias.detach().cpu().clone()
+            if r.dropped_tokens is not None:
+                out[f"{name}.dropped_tokens"] = r.dropped_tokens.detach().cpu().clone()
         return out
 
     def load_router_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -365,6 +370,8 @@ class Transformer(nn.Module):
             r.routing_digest.copy_(state[f"{name}.routing_digest"])
             if r.expert_bias is not None:
                 r.expert_bias.copy_(state[f"{name}.expert_bias"])
+            if r.dropped_tokens is not None:
+                r.dropped_tokens.copy_(state[f"{name}.dropped_tokens"])
 
     @torch.no_grad()
     def routing_digest(self) -> int:
@@ -385,16 +392,29 @@ class Transformer(nn.Module):
         routers = [r for _, r in self.routers()]
         if not routers:
             return {}
-        counts = torch.stack([r.tokens_per_expert for r in routers])  # [L, E]
+        zero = routers[0].tokens_per_expert.new_zeros(())
+        # [L, E + 1]: tokens per expert, then (token, slot) pairs dropped over capacity
+        table = torch.stack([torch.cat([r.tokens_per_expert, (r.dropped_tokens if r.dropped_tokens is not None
+                                                               else zero).reshape(1)]) for r in routers])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts, group=group)
+            torch.distributed.all_reduce(table, group=group)
+        counts, dropped = table[:, :-1], table[:, -1]
         mean = counts.mean(dim=1, keepdim=True)
         for r, c, m in zip(routers, counts, mean):
             if r.expert_bias is not None:
                 # DeepSeek-V3: raise under-loaded experts' bias, lower over-loaded ones'.
                 r.expert_bias += r.cfg.bias_update_rate * torch.sign(m - c)
             r.tokens_per_expert.zero_()
-        return {"moe_max_load": float((counts.max(1).values / mean.squeeze(1).clamp_min(1)).max())}
+            if r.dropped_tokens is not None:
+                r.dropped_tokens.zero_()
+        imbalance = counts.max(1).values / mean.squeeze(1).clamp_min(1)  # per layer, 1.0 = balanced
+        stats = {"moe_max_load": float(imbalance.max()), "moe_mean_load": float(imbalance.mean())}
+        biases = [r.expert_bias for r in routers if r.expert_bias is not None]
+        if biases:  # after this step's update: how far balancing has pushed the selection
+            stats["moe_bias_norm"] = float(torch.stack([b.norm() for b in biases]).max())
+        if any(r.dropped_tokens is not None for r in routers):
+            stats["moe_dropped"] = float(dropped.sum() / counts.sum().clamp_min(1))  # fraction of all pairs
+        return stats
 
 
 def combine_routing_digest(parts: list[int]) -> int:
