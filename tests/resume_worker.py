@@ -35,6 +35,8 @@ def memory(stage: int, moe: bool) -> dict:
 
 def config(run_dir: Path, stage: int, moe: bool, sp: int, sp_kind: str) -> dict:
     model = tiny_model(moe)
+    if moe and stage == 2:  # dropped-pair counts are window state too (capacity factor)
+        model["moe"]["capacity_factor"] = 0.75
     par = {"zero_stage": stage}
     if sp == 2:
         par["ulysses_degree" if sp_kind == "ulysses" else "ring_degree"] = 2
@@ -104,6 +106,7 @@ def main() -> int:
         topo = topos[1] if sp == 1 else topos[(kind, 2)]
         gas = 4 // (2 // sp)  # 4 sequences per step over dp = 2 / sp ranks
         name = (f"zero{stage} {'moe' if moe else 'dense'} sp{sp}{'' if sp == 1 else ' ' + kind}"
+                + (" capacity0.75" if moe and stage == 2 else "")
                 + (f" {memory(stage, moe)['activation_checkpointing']}-offload-tiled" if memory(stage, moe) else ""))
         a = final_state(run(config(root / f"{name}-A".replace(" ", "_"), stage, moe, sp, kind), topo))
         for where, stop in (("boundary", gas), ("mid-window", gas + 1)):
