@@ -195,6 +195,30 @@ class MoEConfig(_Section):
         return self
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRAConfig(_Section):
+    """Low-rank adapters (seqpar.models.lora): base weights frozen; adapters and `trainable` train."""
+
+    rank: int = Field(16, ge=1, description="r: adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling = alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input (dense projections)")
+    targets: list[Literal[LORA_TARGETS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(LORA_TARGETS), description="projections that get adapters (every layer)"
+    )
+    experts: bool = Field(False, description="also adapt the routed experts' gate/up/down projections")
+    trainable: list[Literal["norms", "embed_tokens", "lm_head"]] = Field(
+        default_factory=list, description="modules trained in full next to the adapters (LongLoRA: norms, embed_tokens)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoRAConfig":
+        if not self.targets and not self.experts:
+            raise ValueError("model.lora.targets is empty and experts is false: nothing would get an adapter")
+        return self
+
+
 # Training choices that may differ from a loaded checkpoint's config.json (context extension,
 # balancing); everything else defines weight shapes or the function computed and must match.
 HF_OVERRIDABLE = {"rope_theta", "rope_scaling", "max_position_embeddings", "initializer_range"}
@@ -225,6 +249,7 @@ class ModelConfig(_Section):
     tie_word_embeddings: bool = False
     initializer_range: float = Field(0.02, gt=0)
     moe: MoEConfig | None = None
+    lora: LoRAConfig | None = Field(None, description="low-rank adapters on a frozen base (None = full training)")
 
     @model_validator(mode="before")
     @classmethod
@@ -689,6 +714,10 @@ class Config(_Section):
             raise ValueError(f"train.compile compiles whole decoder layers; {what} splits them (not supported "
                              "together yet): use memory.activation_checkpointing full without tiled_mlp, or "
                              "train.compile false")
+        if self.model.lora is not None:
+            raise ValueError("model.lora: the adapters exist (seqpar.models.lora: PEFT export, merged export) but the "
+                             "trainer cannot train them yet (adapter-only checkpoints are not written yet); remove "
+                             "model.lora")
         if self.train.compile and self.model.moe is not None and self.model.moe.capacity_factor is not None:
             raise ValueError("train.compile with model.moe.capacity_factor is not supported (the kept pairs have a "
                              "data-dependent count): remove capacity_factor (dropless) or set train.compile false")

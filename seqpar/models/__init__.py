@@ -16,6 +16,10 @@ def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
         from seqpar.models.hf import load_hf_checkpoint
 
         load_hf_checkpoint(model, cfg.hf_path)
+    if cfg.lora is not None:  # adapters on the loaded base; the base frozen
+        from seqpar.models.lora import apply_lora
+
+        apply_lora(model, cfg.lora, seed)
     return model
 
 

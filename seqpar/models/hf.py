@@ -446,7 +446,7 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, write: Callable[[str,
     """Copy a Hub safetensors checkpoint (single file or sharded) into ``model`` (cast to its dtype).
 
     Strict: every parameter must be found and every tensor used, else ``ValueError`` listing them
-    (rotary ``inv_freq`` buffers are ignored). The expert bias (``mlp.gate.e_score_correction_bias``)
+    (rotary ``inv_freq`` buffers and LoRA adapters are ignored). The expert bias (``mlp.gate.e_score_correction_bias``)
     is optional: without it the model's ``expert_bias`` buffer keeps its value. All names and
     shapes are checked before anything is copied. ``model`` is an unwrapped ``Transformer``.
 
@@ -454,8 +454,11 @@ def load_hf_checkpoint(model: nn.Module, path: str | Path, write: Callable[[str,
     assembled whole on the CPU (one at a time) and handed over; ``shapes`` then gives the full
     shapes of parameters that have none of their own (ZeRO-3 partitions).
     """
+    from seqpar.models.lora import is_adapter
+
     files, by_key = _checkpoint_files(Path(path))
-    ours = model.state_dict(keep_vars=True)
+    # LoRA adapters are not part of a base checkpoint (they are initialised, or resumed, apart)
+    ours = {k: v for k, v in model.state_dict(keep_vars=True).items() if not is_adapter(k)}
     full_shape = {k: tuple((shapes or {}).get(k, v.shape)) for k, v in ours.items()}
     cfg: ModelConfig | None = getattr(model, "cfg", None)
     tied = bool(cfg is not None and cfg.tie_word_embeddings)

@@ -174,6 +174,9 @@ class Experts(nn.Module):
     def forward(self, x_sorted: Tensor, counts: Tensor | list[int]) -> Tensor:
         """Run each expert on its contiguous slice of expert-sorted tokens."""
         w = (self.gate_proj, self.up_proj, self.down_proj)
+        lora = getattr(self, "lora", None)
+        if lora is not None:  # per-expert LoRA adapters (seqpar.models.lora), folded in exactly
+            w = tuple(base + lora.delta(n) for base, n in zip(w, ("gate_proj", "up_proj", "down_proj")))
         if isinstance(counts, Tensor) and self.use_grouped_mm(x_sorted):
             zero = grouped_mm_major(x_sorted.device) in _ZERO_EMPTY_EXPERT_GRAD_MAJORS
             return grouped_swiglu(x_sorted, *w, counts, zero_empty_grads=zero)
@@ -235,9 +238,12 @@ class MoE(nn.Module):
         if self.expert_parallel is not None:
             raise RuntimeError("experts are already split for expert parallelism")
         keep = slice(ep.first, ep.first + ep.local)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            w = getattr(self.experts, name)
-            setattr(self.experts, name, nn.Parameter(w.detach()[keep].clone(), requires_grad=w.requires_grad))
+        lora = getattr(self.experts, "lora", None)
+        for owner, names in ((self.experts, ("gate_proj", "up_proj", "down_proj")),
+                             (lora, [n for n, _ in lora.named_parameters()] if lora is not None else [])):
+            for name in names:
+                w = getattr(owner, name)
+                setattr(owner, name, nn.Parameter(w.detach()[keep].clone(), requires_grad=w.requires_grad))
         self.expert_parallel = ep
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:

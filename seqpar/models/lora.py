@@ -1,0 +1,165 @@
+"""LoRA: low-rank adapters on a frozen base model (``model.lora``), PEFT-compatible.
+
+A targeted projection ``W`` [out, in] computes ``W x + (alpha / r) B A dropout(x)`` with A [r, in]
+(Kaiming-uniform, as PEFT) and B [out, r] (zeros: training starts from the base model exactly).
+The adapted module keeps its base parameter under its own name (``...q_proj.weight``), so Hugging
+Face import/export of the base is unchanged; the adapters are ``...q_proj.lora_A`` / ``lora_B``.
+Routed experts (stacked [E, out, in]) get per-expert adapters A [E, r, in], B [E, out, r], folded
+into the weight each forward (``W + s B @ A``: exact, no dropout there).
+
+Everything except the adapters and ``lora.trainable`` modules has ``requires_grad=False``: no
+gradient, no optimizer state. ``merged_state_dict`` folds the adapters into the base weights (an
+ordinary full checkpoint for ``save_hf_checkpoint``); ``save_peft_adapter`` writes the adapter alone
+in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``), which
+``peft.PeftModel.from_pretrained`` loads onto the Hugging Face base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqpar.config import LoRAConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` with a frozen ``weight`` (and bias) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
+                         device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(base.weight)
+            if base.bias is not None:
+                self.bias.copy_(base.bias)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.scaling = rank, alpha / rank
+        self.lora_A = nn.Parameter(_kaiming_uniform((rank, self.in_features), generator).to(self.weight))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=self.weight.dtype,
+                                               device=self.weight.device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def merged_weight(self) -> Tensor:
+        return self.weight + (self.lora_B @ self.lora_A) * self.scaling
+
+
+class LoRAExperts(nn.Module):
+    """Per-expert adapters for a stacked ``Experts`` module: its forward runs on ``W + s B @ A``."""
+
+    def __init__(self, experts: nn.Module, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.rank, self.scaling = rank, alpha / rank
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(experts, name)
+            w.requires_grad_(False)
+            e, out, inp = w.shape
+            a = torch.stack([_kaiming_uniform((rank, inp), generator) for _ in range(e)]).to(w)
+            self.register_parameter(f"{name}_lora_A", nn.Parameter(a))
+            self.register_parameter(f"{name}_lora_B", nn.Parameter(torch.zeros(e, out, rank, dtype=w.dtype,
+                                                                                device=w.device)))
+
+    def delta(self, name: str) -> Tensor:
+        return torch.bmm(getattr(self, f"{name}_lora_B"), getattr(self, f"{name}_lora_A")) * self.scaling
+
+
+def _kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    # PEFT's default A init: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(shape[-1])
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> None:
+    """Wrap the targeted projections of every layer, then freeze all but adapters and
+    ``cfg.trainable``. Deterministic from ``seed`` (same adapters on every rank)."""
+    from seqpar.models.moe import Experts
+
+    g = torch.Generator().manual_seed(seed + 0x10A)
+    targets = set(cfg.targets)
+    for module_name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(module, child_name, LoRALinear(child, cfg.rank, cfg.alpha, cfg.dropout, g))
+            elif cfg.experts and isinstance(child, Experts):
+                child.lora = LoRAExperts(child, cfg.rank, cfg.alpha, g)
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter(name) or _trainable(name, cfg))
+    model.lora_config = cfg
+
+
+def is_adapter(name: str) -> bool:
+    return ".lora_A" in name or ".lora_B" in name or "_lora_A" in name or "_lora_B" in name
+
+
+def _trainable(name: str, cfg: LoRAConfig) -> bool:
+    if "norms" in cfg.trainable and ("layernorm" in name or name.endswith("norm.weight") or "_norm." in name):
+        return True
+    if "embed_tokens" in cfg.trainable and name.startswith("model.embed_tokens."):
+        return True
+    return "lm_head" in cfg.trainable and name.startswith("lm_head.")
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict with every adapter folded into its base weight, adapter keys gone:
+    what ``save_hf_checkpoint`` exports (a full model equal to the adapted one)."""
+    sd = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"{name}.weight"] = m.merged_weight().detach()
+        elif isinstance(m, LoRAExperts):
+            experts = name.rsplit(".", 1)[0]
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                sd[f"{experts}.{proj}"] = (sd[f"{experts}.{proj}"] + m.delta(proj)).detach()
+    return sd
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """The adapter alone in PEFT's LoRA format. Refused (one line, with the reason) for what PEFT
+    cannot load onto the Hugging Face model: routed-expert adapters (HF stores experts as one fused
+    parameter in transformers 5) and fully trained modules (use the merged export instead)."""
+    from safetensors.torch import save_file
+
+    cfg: LoRAConfig | None = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise ValueError("the model has no LoRA adapters (model.lora is not set)")
+    if cfg.experts:
+        raise ValueError("model.lora.experts: PEFT cannot load adapters of the routed experts onto the Hugging "
+                         "Face model (stacked expert parameters); export the merged model instead")
+    if cfg.trainable:
+        raise ValueError(f"model.lora.trainable={cfg.trainable}: modules trained in full are not part of a PEFT "
+                         "LoRA adapter here; export the merged model instead")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"adapter directory '{out_dir}' exists and is not empty: choose a new path")
+    tensors = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets), "bias": "none",
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "base_model_name_or_path": base_model, "use_rslora": False, "use_dora": False,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        with open(out_dir / f, "rb") as fh:
+            os.fsync(fh.fileno())
+    return out_dir

@@ -1,0 +1,114 @@
+"""LoRA adapters (seqpar.models.lora): frozen base, exact start, merged export equal to the adapted
+model, and the PEFT round trip: peft loads our adapter onto the transformers base model with
+equal logits (peft and transformers are test dependencies)."""
+
+from __future__ import annotations
+
+import peft  # test dependencies (the `test` extra): never skipped
+import pytest
+import torch
+import transformers
+from test_model import MOE, tiny_cfg
+
+from seqpar.config import ConfigError, LoRAConfig, load_config
+from seqpar.models import build_model
+from seqpar.models.hf import load_hf_checkpoint, save_hf_checkpoint
+from seqpar.models.lora import LoRALinear, is_adapter, merged_state_dict, save_peft_adapter
+
+SEQ = 20
+
+
+def batch(vocab: int = 97):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (2, SEQ), generator=g)
+    return ids, torch.arange(SEQ).repeat(2, 1)
+
+
+def nudge(model, scale: float = 0.05) -> None:
+    """Give every adapter a non-zero B (a trained adapter), deterministically."""
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("extra", [{}, MOE])
+def test_adapters_start_at_the_base_and_only_they_train(extra):
+    lora = LoRAConfig(rank=4, alpha=8, experts=bool(extra), trainable=["norms"])
+    base = build_model(tiny_cfg(**extra), seed=3)
+    model = build_model(tiny_cfg(**extra, lora=lora), seed=3)
+    ids, pos = batch()
+    torch.testing.assert_close(model(ids, pos).logits, base(ids, pos).logits, rtol=0, atol=0)  # B = 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(is_adapter(n) or "norm" in n for n in trainable)
+    assert any("experts.lora" in n for n in trainable) == bool(extra)
+    assert not any(n.endswith("q_proj.weight") or n.endswith("embed_tokens.weight") for n in trainable)
+    out = model(ids, pos, ids.roll(-1, 1))
+    (out.loss_sum + out.aux_loss).backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n  # frozen base: no gradient at all
+    # merged export = adapted model
+    nudge(model)
+    merged = build_model(tiny_cfg(**extra), seed=3)
+    sd = merged_state_dict(model)
+    missing, unexpected = merged.load_state_dict(sd, strict=False)
+    assert not unexpected and all("tokens_per_expert" in k or "routing_digest" in k for k in missing)
+    torch.testing.assert_close(merged(ids, pos).logits, model(ids, pos).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path):
+    hf_cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "base")
+    cfg = load_config(None, ["--model.hf_path", str(tmp_path / "base")]).model
+    cfg = cfg.model_copy(update={"lora": LoRAConfig(rank=4, alpha=16, targets=["q_proj", "v_proj", "down_proj"])})
+    model = build_model(cfg, seed=0)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+    assert not isinstance(model.model.layers[0].self_attn.k_proj, LoRALinear)
+    nudge(model)
+    save_peft_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    loaded = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                            tmp_path / "adapter").eval()
+    ids, pos = batch(128)
+    with torch.no_grad():
+        want = model.eval()(ids, pos).logits
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # and the merged export loads as a plain transformers model with the same logits
+    save_hf_checkpoint(merged_state_dict(model), cfg.model_copy(update={"lora": None}), tmp_path / "merged")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_peft_adapter(model, tmp_path / "adapter")
+
+
+def test_unsupported_exports_and_configs_say_why(tmp_path):
+    moe = build_model(tiny_cfg(**MOE, lora=LoRAConfig(experts=True)), seed=0)
+    with pytest.raises(ValueError, match="routed experts"):
+        save_peft_adapter(moe, tmp_path / "a")
+    norms = build_model(tiny_cfg(lora=LoRAConfig(trainable=["norms"])), seed=0)
+    with pytest.raises(ValueError, match="merged model"):
+        save_peft_adapter(norms, tmp_path / "b")
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_peft_adapter(build_model(tiny_cfg(), seed=0), tmp_path / "c")
+    with pytest.raises(ConfigError, match="nothing would get an adapter"):
+        load_config(None, ["--model.lora.targets", "[]"])
+    with pytest.raises(ConfigError, match="model.lora.targets"):
+        load_config(None, ["--model.lora.targets", "[qkv]"])
+    with pytest.raises(ConfigError, match="cannot train them yet"):  # until adapter checkpoints land
+        load_config(None, ["--model.lora.rank", "8"])
+
+
+def test_hf_weights_load_into_the_base_of_an_adapted_model(tmp_path):
+    """Adapters wrap the loaded base (names unchanged), so importing a Hub checkpoint and then
+    adding adapters equals adding adapters to a model that loads the same weights."""
+    src = build_model(tiny_cfg(), seed=5)
+    save_hf_checkpoint({k: v for k, v in src.state_dict().items()}, src.cfg, tmp_path / "m")
+    model = build_model(tiny_cfg(lora=LoRAConfig(rank=2)), seed=0)
+    load_hf_checkpoint(model, tmp_path / "m")
+    ids, pos = batch()
+    torch.testing.assert_close(model(ids, pos).logits, src(ids, pos).logits, rtol=0, atol=0)
