@@ -199,9 +199,31 @@ def cmd_inspect(path: Path) -> int:
             _show(label, text)
     if manifest is not None:
         print(f"files       {len(manifest.files)}, {_size(ck) / 2**20:.1f} MiB")
+        parts = _sizes_by_component(manifest.files)
+        print("by part     " + ", ".join(f"{name} {n / 2**20:.2f} MiB" for name, n in parts.items()))
     problems = verify_checkpoint(ck)
     print("verified: OK" if not problems else "verified: FAIL" + "".join(f"\n  {p}" for p in problems))
     return 0 if not problems and readable else 1
+
+
+def _component(rel: str) -> str:
+    """Which part of the training state a checkpoint file belongs to (for sizes)."""
+    top, _, rest = rel.partition("/")
+    if top in ("model", "adapter", "tokenizer"):
+        return {"model": "model weights", "adapter": "adapters (trainable tensors)", "tokenizer": "tokenizer"}[top]
+    if top.startswith("rank"):
+        stem = rest.split(".")[0].split("/")[0]
+        return {"optimizer": "optimizer", "model_shard": "model weights", "grads": "partial gradients",
+                "fragments": "optimizer", "router": "router"}.get(stem, "rank state (rng, counters)")
+    return "trainer state and config"
+
+
+def _sizes_by_component(files: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for rel, rec in files.items():
+        name = _component(rel)
+        out[name] = out.get(name, 0) + int(rec.size)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def cmd_verify(path: Path) -> int:
@@ -251,7 +273,28 @@ def _copy_checked(src: Path, dst: Path, sha256: str) -> None:
         raise CliError(f"{src} changed after it was verified; export aborted")
 
 
-def cmd_export(path: Path, out: Path) -> int:
+def _adapted_model(ck: Path, files: dict):
+    """A LoRA checkpoint's model: the base it names (its identity checked), with the saved
+    trainable tensors loaded."""
+    from safetensors.torch import load_file
+
+    from seqpar.checkpoint.manager import CONFIG_FILE
+    from seqpar.config import ModelConfig
+    from seqpar.models import build_model
+    from seqpar.models.lora import ADAPTER_FILE, BASE_FILE, base_identity, check_base_identity, load_trainable_state_dict
+
+    cfg = _read(ck, CONFIG_FILE, yaml.safe_load)
+    model_cfg = ModelConfig.model_validate(cfg["model"])
+    saved = json.loads(safe_member(ck, f"adapter/{BASE_FILE}").read_text())
+    seed = int(cfg["train"].get("seed", 0))
+    check_base_identity(saved, base_identity(model_cfg, seed), str(ck))
+    model = build_model(model_cfg, seed=seed)
+    where = safe_member(ck, f"adapter/{ADAPTER_FILE}")
+    load_trainable_state_dict(model, load_file(str(where)), str(where))
+    return model, model_cfg
+
+
+def cmd_export(path: Path, out: Path, peft: bool = False) -> int:
     from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
     from seqpar.config import ModelConfig
     from seqpar.models.hf import save_hf_checkpoint
@@ -270,11 +313,23 @@ def cmd_export(path: Path, out: Path) -> int:
     model = {rel.removeprefix("model/"): rel for rel in files if rel.startswith("model/")}
     tokenizer = {rel.split("/")[-1]: rel for rel in files
                  if (rel.startswith(f"{TOKENIZER_DIR}/") and rel.count("/") == 1) or rel in TOKENIZER_FILES}
+    adapters = any(rel.startswith("adapter/") for rel in files)
+    if peft and not adapters:
+        print(f"{ck.name} holds no LoRA adapters (model.lora was not set): export without --peft", file=sys.stderr)
+        return 1
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         hf = stage / "hf"
-        if model:  # ZeRO 0-2: rank 0 wrote the HF layout
+        if adapters:  # LoRA: the adapter alone (PEFT), or merged into the base it names
+            from seqpar.models.lora import merged_state_dict, save_peft_adapter
+
+            adapted, model_cfg = _adapted_model(ck, files)
+            if peft:
+                save_peft_adapter(adapted, hf, base_model=str(model_cfg.hf_path) if model_cfg.hf_path else None)
+            else:
+                save_hf_checkpoint(merged_state_dict(adapted), model_cfg.model_copy(update={"lora": None}), hf)
+        elif model:  # ZeRO 0-2: rank 0 wrote the HF layout
             for name, rel in model.items():
                 _copy_checked(safe_member(ck, rel), safe_member(hf, name), files[rel].sha256)
         else:
@@ -304,13 +359,14 @@ def main(argv: list[str] | None = None) -> int:
                         ("inspect", "one checkpoint's contents, and whether it verifies"),
                         ("verify", "sizes and sha256 of one or all checkpoints")]:
         sub.add_parser(name, help=help_).add_argument("path", type=Path, help=where)
-    ex = sub.add_parser("export", help="write a Hugging Face model directory")
+    ex = sub.add_parser("export", help="write a Hugging Face model directory (LoRA: merged into the base)")
     ex.add_argument("path", type=Path, help=where)
     ex.add_argument("out", type=Path)
+    ex.add_argument("--peft", action="store_true", help="LoRA checkpoints: the adapter alone, in PEFT's format")
     a = p.parse_args(argv)
     try:
         if a.cmd == "export":
-            return cmd_export(a.path, a.out)
+            return cmd_export(a.path, a.out, a.peft)
         return {"list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify}[a.cmd](a.path)
     except CliError as e:
         print(e, file=sys.stderr)

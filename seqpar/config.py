@@ -714,10 +714,13 @@ class Config(_Section):
             raise ValueError(f"train.compile compiles whole decoder layers; {what} splits them (not supported "
                              "together yet): use memory.activation_checkpointing full without tiled_mlp, or "
                              "train.compile false")
-        if self.model.lora is not None:
-            raise ValueError("model.lora: the adapters exist (seqpar.models.lora: PEFT export, merged export) but the "
-                             "trainer cannot train them yet (adapter-only checkpoints are not written yet); remove "
-                             "model.lora")
+        if self.model.lora is not None and self.parallel.zero_stage == 3:
+            raise ValueError("model.lora with ZeRO-3 is not supported yet (adapters are added after the base is "
+                             "built, which ZeRO-3 builds partitioned): use parallel.zero_stage 0, 1 or 2 (the "
+                             "frozen base has no gradients or optimizer state to shard)")
+        if self.model.lora is not None and self.model.lora.experts and self.train.compile:
+            raise ValueError("model.lora.experts with train.compile is not supported (the compiled experts op does "
+                             "not see the adapters): set train.compile false or model.lora.experts false")
         if self.train.compile and self.model.moe is not None and self.model.moe.capacity_factor is not None:
             raise ValueError("train.compile with model.moe.capacity_factor is not supported (the kept pairs have a "
                              "data-dependent count): remove capacity_factor (dropless) or set train.compile false")

@@ -99,8 +99,11 @@ def test_unsupported_exports_and_configs_say_why(tmp_path):
         load_config(None, ["--model.lora.targets", "[]"])
     with pytest.raises(ConfigError, match="model.lora.targets"):
         load_config(None, ["--model.lora.targets", "[qkv]"])
-    with pytest.raises(ConfigError, match="cannot train them yet"):  # until adapter checkpoints land
-        load_config(None, ["--model.lora.rank", "8"])
+    with pytest.raises(ConfigError, match="model.lora with ZeRO-3 is not supported yet"):
+        load_config(None, ["--model.lora.rank", "8", "--parallel.zero_stage", "3"])
+    with pytest.raises(ConfigError, match="model.lora.experts with train.compile"):
+        load_config(None, ["--model.lora.experts", "true", "--train.compile", "true"])
+    assert load_config(None, ["--model.lora.rank", "8"]).model.lora.rank == 8
 
 
 def test_hf_weights_load_into_the_base_of_an_adapted_model(tmp_path):

@@ -21,6 +21,7 @@ from seqpar.config import ConfigError, validate_config
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form, reshard_optimizer, reshard_partial_grads
 from seqpar.models import build_model
+from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, check_base_identity, load_trainable_state_dict
 from seqpar.rng import load_rng_state_dict
 
 if TYPE_CHECKING:
@@ -68,6 +69,12 @@ class Resume:
         accepted = check_resume_config(_with_defaults(saved_cfg), self.tr.cfg.model_dump(mode="json"),
                                        self.tr.cfg.checkpoint.allow_changes, saved_step=state["step"])
         self._set_aside_newer(path)
+        if self.tr.cfg.model.lora is not None:
+            saved_base = json.loads((path / ADAPTER_DIR / BASE_FILE).read_text())
+            try:
+                check_base_identity(saved_base, self.tr.base_identity, str(path))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if elastic:
             self._restore_elastic(path, state, saved_cfg)
         else:
@@ -144,9 +151,7 @@ class Resume:
         """Same layout: every rank reads back exactly what it saved."""
         eng, r = self.tr.engine, self.tr.topo.rank
         if dss.needs_module_weights(eng):
-            from seqpar.models.hf import load_hf_checkpoint
-
-            load_hf_checkpoint(self.tr.model, path / "model")
+            self._load_weights(self.tr.model, path)
         opt_rank = r if not dss.optimizer_is_replicated(eng) else 0
         dss.restore_optimizer(eng, self.tr.ckpt.read_tree(path, "optimizer", opt_rank))
         engine_state = self.tr.ckpt.read_tree(path, "engine", r)
@@ -161,6 +166,20 @@ class Resume:
             self.tr._resumed_acc = engine_state["window"]
         load_rng_state_dict(self.tr.ckpt.read_tree(path, "rng", r))
         self.tr.extensions.load(lambda stem: self.tr.ckpt.read_tree(path, stem, r), self._log)
+
+    @staticmethod
+    def _load_weights(model, path: Path) -> None:
+        """The module weights a checkpoint holds: the whole model (``model/``, Hugging Face
+        layout), or with LoRA the trainable tensors (``adapter/``) over the rebuilt base."""
+        if (path / ADAPTER_DIR).is_dir():
+            from safetensors.torch import load_file
+
+            where = path / ADAPTER_DIR / ADAPTER_FILE
+            load_trainable_state_dict(model, load_file(str(where)), str(where))
+            return
+        from seqpar.models.hf import load_hf_checkpoint
+
+        load_hf_checkpoint(model, path / "model")
 
     def _restore_elastic(self, path: Path, state: dict[str, Any], saved_cfg: dict[str, Any]) -> None:
         """Another layout (``_cannot_resume`` checked): the optimizer state is resharded from every
@@ -180,10 +199,8 @@ class Resume:
                 yield tree["optimizer"], self.tr.ckpt.read_tree(path, "fragments", r)
 
         def old_weights() -> dict[str, torch.Tensor]:  # ZeRO-0 fp32 keeps its master in the module
-            from seqpar.models.hf import load_hf_checkpoint
-
             saved = build_model(self.tr.cfg.model, seed=self.tr.cfg.train.seed)
-            load_hf_checkpoint(saved, path / "model")
+            self._load_weights(saved, path)
             return {n: p.detach() for n, p in saved.named_parameters()}
 
         if state["step"] > 0:

@@ -57,6 +57,7 @@ from seqpar.loss import select_loss
 from seqpar.metrics import RunLogger, memory_gib, peak_tflops
 from seqpar.models import Transformer, build_model, count_parameters
 from seqpar.models.compile import compile_layers
+from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, base_identity, trainable_state_dict
 from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
@@ -216,6 +217,12 @@ class Trainer:
         if cfg.train.compile:  # before DeepSpeed wraps the model; parameter names do not change
             compile_layers(model, mode="default", dynamic=None)
         self.n_params, self.n_active = count_parameters(model)
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.base_identity = None
+        if cfg.model.lora is not None:  # hashed once (rank 0 reads the base files), shared
+            ident = [base_identity(cfg.model, cfg.train.seed) if topo.is_main else None]
+            dist.broadcast_object_list(ident, src=0)
+            self.base_identity = ident[0]
         if cfg.parallel.zero_stage == 3 and cfg.model.tie_word_embeddings:
             # the tied head reads the embedding matrix outside the embedding's forward
             deepspeed.zero.register_external_parameter(model.lm_head, model.model.embed_tokens.weight)
@@ -289,7 +296,10 @@ class Trainer:
                 f"model   {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads {kv}, "
                 f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
                 f"({self.n_active / 1e6:,.2f}M active)"
-                + (f", from {m.hf_path}" if m.hf_path else ""),
+                + (f", from {m.hf_path}" if m.hf_path else "")
+                + (f"; LoRA r{m.lora.rank} on {','.join(m.lora.targets)}{' + experts' if m.lora.experts else ''}"
+                   f"{' + ' + ','.join(m.lora.trainable) if m.lora.trainable else ''}: "
+                   f"{self.n_trainable / 1e6:,.3f}M trainable" if m.lora else ""),
                 f"data    {self.dataset.describe()}",
                 f"batch   micro {lay.micro_batch_size} x dp {lay.dp} x grad-accum {lay.grad_accum_steps} "
                 f"= {lay.global_batch_size} sequences x {c.data.seq_len} = {tokens:,} tokens per step",
@@ -586,7 +596,12 @@ class Trainer:
             rank_trees["router"] = self.model.router_state_dict()
         rank_trees.update(self.extensions.trees())
         jobs, live = [], []
-        if self.cfg.parallel.zero_stage < 3 and self.topo.is_main:
+        if self.cfg.model.lora is not None and self.topo.is_main:
+            # adapters: only what trains, and which base it trains on (the base is not copied)
+            weights = trainable_state_dict(self.model)
+            jobs.append(self._adapter_job(weights))
+            live.append(weights)
+        elif self.cfg.parallel.zero_stage < 3 and self.topo.is_main:
             # the snapshot copies them once, in the background, before the job writes them
             weights = {k: v.detach() for k, v in self.model.state_dict().items()}
             jobs.append(self._hf_job(weights))
@@ -643,6 +658,17 @@ class Trainer:
 
             out = save_hf_checkpoint(weights, cfg, part / "model", write_tensors=write, **ids)
             return {p: records.get(p.name) for p in sorted(Path(out).rglob("*")) if p.is_file()}
+        return job
+
+    def _adapter_job(self, weights: dict[str, torch.Tensor]):
+        identity = (json.dumps(self.base_identity, indent=1, sort_keys=True) + "\n").encode()
+
+        def job(part: Path, mode: int) -> dict[Path, hashio.FileRecord | None]:
+            """Writes adapter/: the trainable tensors and the base model's identity."""
+            out = part / ADAPTER_DIR
+            out.mkdir(parents=True, exist_ok=True)
+            return {out / ADAPTER_FILE: hashio.write_safetensors(out / ADAPTER_FILE, weights, {"format": "pt"}, mode=mode),
+                    out / BASE_FILE: hashio.write_bytes(out / BASE_FILE, identity, mode=mode)}
         return job
 
     def resume(self, spec: str) -> None:

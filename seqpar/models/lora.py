@@ -163,3 +163,55 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model: str | N
         with open(out_dir / f, "rb") as fh:
             os.fsync(fh.fileno())
     return out_dir
+
+
+# -- checkpoints: the trainable tensors and the identity of the frozen base ------------------------
+ADAPTER_DIR = "adapter"
+ADAPTER_FILE = "trainable.safetensors"
+BASE_FILE = "base.json"
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """What an adapter checkpoint holds of the model: every parameter that trains (adapters and
+    ``lora.trainable`` modules), under the model's own names."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, tensors: dict[str, Tensor], where: str) -> None:
+    """Strict: exactly the trainable parameters, with their shapes (``where`` names the file)."""
+    want = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    wrong = [n for n in want if n in tensors and tuple(tensors[n].shape) != tuple(want[n].shape)]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{where} does not fit this model's adapters: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, shape mismatch {wrong[:5]} (was model.lora changed?)")
+    with torch.no_grad():
+        for n, p in want.items():
+            p.copy_(tensors[n])
+
+
+def base_identity(cfg, seed: int) -> dict:
+    """What the frozen base is: the Hub directory and a sha256 over its weight files' contents, or
+    the random init (config fingerprint of the architecture and seed). A resume refuses another."""
+    import hashlib
+
+    if cfg.hf_path is not None and cfg.load_weights:
+        from seqpar.models.hf import _checkpoint_files
+
+        files, _ = _checkpoint_files(Path(cfg.hf_path))
+        h = hashlib.sha256()
+        for f in sorted(files, key=lambda p: p.name):
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+        return {"hf_path": str(cfg.hf_path), "sha256": h.hexdigest()}
+    arch = cfg.model_dump(mode="json", exclude={"lora", "hf_path", "load_weights"})
+    blob = json.dumps({"arch": arch, "seed": seed}, sort_keys=True).encode()
+    return {"random_init": hashlib.sha256(blob).hexdigest()[:16], "seed": seed}
+
+
+def check_base_identity(saved: dict, current: dict, where: str) -> None:
+    if saved != current:
+        raise ValueError(f"{where}: the adapters were trained on another base model ({saved}); this run's base is "
+                         f"{current}: set model.hf_path (and train.seed) to the checkpoint's base")
