@@ -36,11 +36,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def model_cfg(experts: int) -> ModelConfig:
-    # top-2 of 8 experts, shared expert with gate, aux loss: every MoE path; layer 1 dense (every 2nd)
+    # top-2 of 8 experts, shared expert with gate, aux loss, expert bias: every MoE path
     return ModelConfig(arch="qwen2_moe", vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2,
                        moe=MoEConfig(num_experts=experts, top_k=2, intermediate_size=16,
-                                     shared_expert_intermediate_size=8, shared_expert_gate=True, aux_loss_coef=0.05))
+                                     shared_expert_intermediate_size=8, shared_expert_gate=True, aux_loss_coef=0.05,
+                                     bias_update_rate=1e-3))
+
+
+def starve(model, experts: int) -> None:
+    """Route nothing to the upper half of the experts (the bias selects, never weights): the EP
+    ranks holding them receive no tokens and must still give zero gradients, not None."""
+    for _, r in model.routers():
+        r.expert_bias[experts // 2:] = -1e4
 
 
 def batch(replica: int):
@@ -53,9 +61,11 @@ def batch(replica: int):
     return ids, pos, labels
 
 
-def reference(cfg: ModelConfig, replicas: int):
+def reference(cfg: ModelConfig, replicas: int, starved: bool = False):
     """Whole model, one process, every replica's sequence: summed loss/aux, grads, counts."""
     model = build_model(cfg, seed=5)
+    if starved:
+        starve(model, cfg.moe.num_experts)
     loss = aux = 0.0
     for r in range(replicas):
         out = model(*batch(r))
@@ -74,7 +84,7 @@ def groups_of(lists: list[list[int]]):
     return mine
 
 
-def check(ulysses: int, ring: int, degree: int, experts: int) -> None:
+def check(ulysses: int, ring: int, degree: int, experts: int, starved: bool = False) -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     topo = make_topology(ulysses, ring, torch.device("cpu"))
     ep_lists, edp_lists = ep_groups(world, degree)
@@ -82,9 +92,11 @@ def check(ulysses: int, ring: int, degree: int, experts: int) -> None:
     ep = ExpertParallel(ep_group, degree, rank % degree, experts, edp_group)
     cfg = model_cfg(experts)
     replicas = world // topo.sp
-    ref_loss, ref_aux, ref_grads, ref_routers = reference(cfg, replicas)
+    ref_loss, ref_aux, ref_grads, ref_routers = reference(cfg, replicas, starved)
 
     model = build_model(cfg, seed=5)
+    if starved:
+        starve(model, experts)
     model.set_expert_parallel(ep)
     if topo.sp > 1:
         model.set_attention(build_attention(topo, TorchAttention(), TorchBlockKernel(chunk=16)))
@@ -98,6 +110,9 @@ def check(ulysses: int, ring: int, degree: int, experts: int) -> None:
     dist.all_reduce(stats)
     worst, name = 0.0, ""
     for n, p in model.named_parameters():
+        if p.grad is None:  # would desynchronise ZeRO's reductions between expert-data-parallel peers
+            results.append({"check": f"{n}: no gradient", "ok": False})
+            continue
         grad = p.grad.clone()
         if ".experts." in n:
             dist.all_reduce(grad, group=edp_group)
@@ -115,7 +130,7 @@ def check(ulysses: int, ring: int, degree: int, experts: int) -> None:
             counts = value.clone()
             dist.all_reduce(counts)
             routing = max(routing, float((counts - ref_routers[key]).abs().max()))
-    label = f"ulysses{ulysses}xring{ring} ep{degree} experts{experts} dp{replicas}"
+    label = f"ulysses{ulysses}xring{ring} ep{degree} experts{experts} dp{replicas}" + (" starved" if starved else "")
     errs = {"loss": rel(stats[0], ref_loss), "aux": rel(stats[1], ref_aux), "grad": worst}
     ok = all(v <= TOL for v in errs.values()) and routing == 0.0
     local_shape = tuple(model.model.layers[0].mlp.experts.gate_proj.shape)
@@ -132,6 +147,7 @@ def main() -> int:
              4: [(1, 1, 2), (1, 1, 4), (2, 1, 2), (2, 1, 4), (1, 2, 4), (2, 2, 4)]}[world]
     for ulysses, ring, degree in cases:
         check(ulysses, ring, degree, experts=8)
+    check(1, 1, world, experts=8, starved=True)  # ranks holding experts 4-7 receive no token
     status = finish(results, Path(sys.argv[1]))
     dist.destroy_process_group()
     return status

@@ -19,7 +19,7 @@ def test_expert_parallel_equals_one_process(tmp_path, nproc):
     rows = read_rows(out)
     failed = [row for row in rows if not row["ok"]]
     assert r.returncode == 0 and rows and not failed, f"{failed}\n{r.stderr[-4000:]}"
-    assert len(rows) == {2: 4, 4: 6}[nproc]
+    assert len(rows) == {2: 5, 4: 7}[nproc] and "starved" in rows[-1]["check"]
     assert {row["local_experts"] for row in rows} >= ({8, 4} if nproc == 2 else {4, 2})
 
 

@@ -75,6 +75,10 @@ class ExpertParallel:
         perm = expert_major(recv_host, x_sorted.device)
         local_counts = recv_counts.sum(0)
         y_local = experts(x_recv[perm], local_counts)
+        if sum(recv_split) == 0:
+            # no token reached this rank's experts: keep their weights in the graph (zero gradients,
+            # not None), or ZeRO's gradient reduction would skip them here and not on their peers
+            y_local = y_local + sum(w.sum() for w in experts.parameters()) * 0
         y_recv = torch.empty_like(y_local)
         y_recv[perm] = y_local  # back to (source, expert) order; unique indices
         back = y_recv.new_empty(x_sorted.shape[0], y_recv.shape[1])
