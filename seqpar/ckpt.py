@@ -142,6 +142,8 @@ def _elastic(path: Path, state: dict, cfg: dict) -> str:
     """Whether (and with what constraint) the checkpoint resumes on another layout."""
     if not (path / "rank00000" / "fragments.json").is_file():
         return "no: written before elastic resume"
+    if state["topology"].get("ep", 1) > 1:
+        return "no: experts are split over ranks (expert parallelism): resume on this layout"
     from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form  # imports DeepSpeed: only when needed
 
     if state.get("optimizer_kind") not in ELASTIC_KINDS:
@@ -191,6 +193,10 @@ def cmd_inspect(path: Path) -> int:
             ("versions", lambda: f"{state['versions']}, format {state['format_version']}, "
                                  f"config hash {state['config_hash']}"),
         ]
+        moe = (cfg.get("model") or {}).get("moe") if isinstance(cfg, dict) else None
+        if moe:
+            lines.append(("experts", lambda: _expert_assignment(int(moe["num_experts"]), int(state["topology"].get("ep", 1)),
+                                                                int(state["topology"]["world_size"]))))
         if losses:
             lines.append(("loss", lambda: f"first {losses[0]:.4f}, last {losses[-1]:.4f} ({len(losses)} steps)"))
         elif isinstance(state, dict) and state.get("last_loss") is not None:  # newer trainer states
@@ -204,6 +210,16 @@ def cmd_inspect(path: Path) -> int:
     problems = verify_checkpoint(ck)
     print("verified: OK" if not problems else "verified: FAIL" + "".join(f"\n  {p}" for p in problems))
     return 0 if not problems and readable else 1
+
+
+def _expert_assignment(experts: int, ep: int, world: int) -> str:
+    """Which rank holds which experts (expert parallelism: consecutive EP groups of ``ep`` ranks)."""
+    if ep <= 1:
+        return f"{experts} per MoE layer, every rank holds all of them"
+    per = experts // ep
+    held = "; ".join(f"ranks {','.join(str(r) for r in range(i, world, ep))}: experts {i * per}-{(i + 1) * per - 1}"
+                     for i in range(ep))
+    return f"{experts} per MoE layer split over {ep} ranks ({held})"
 
 
 def _component(rel: str) -> str:

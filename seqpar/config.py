@@ -469,6 +469,10 @@ class ParallelConfig(_Section):
     zero3_init: bool = Field(
         True, description="ZeRO-3: build the model already partitioned (deepspeed.zero.Init); false = whole, then split"
     )
+    expert_degree: int = Field(
+        1, ge=1, description="expert parallelism: MoE experts split over groups of this many consecutive ranks "
+        "(tokens travel by all-to-all); any ranks of the DP x SP world (ZeRO 1-2)"
+    )
 
     @property
     def sp_degree(self) -> int:
@@ -708,6 +712,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        self._check_expert_parallel()
         mem = self.memory
         if self.train.compile and (mem.activation_checkpointing == "selective" or mem.tiled_mlp):
             what = "memory.tiled_mlp" if mem.tiled_mlp else "memory.activation_checkpointing=selective"
@@ -736,14 +741,22 @@ class Config(_Section):
                              "would replace the stage seqpar derives): set parallel.zero_stage")
         if "stage" in zo:
             raise ValueError("deepspeed.zero_optimization.stage is derived: set parallel.zero_stage")
-        # Micro-batch checkpoints read partial gradients where DeepSpeed keeps them on the device
-        # (engine/deepspeed_state.py); these settings keep them elsewhere, so a save would lose them.
-        # (The engine is checked again after start-up: deepspeed_state.unsupported_settings.)
-        for key in ("offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param"):
+        # ZeRO-Offload is derived from memory.offload_* (the form whose partial gradients and CPU
+        # state checkpoints capture: engine/deepspeed_state.py); raw DeepSpeed spellings could ask
+        # for forms they do not (NVMe, partial ratios). The engine is checked again after start-up.
+        for key, ours in (("offload_optimizer", "memory.offload_optimizer"), ("offload_param", "memory.offload_params"),
+                          ("cpu_offload", "memory.offload_optimizer"), ("cpu_offload_param", "memory.offload_params")):
             off = zo.get(key)
             if off and (off.get("device", "none") if isinstance(off, dict) else off) != "none":
-                raise ValueError(f"deepspeed.zero_optimization.{key} is not supported: micro-batch checkpoints "
-                                 "cannot capture partial gradients held in offload buffers; remove it")
+                raise ValueError(f"deepspeed.zero_optimization.{key} is derived by seqpar: remove it and set "
+                                 f"{ours}: true (CPU offload; NVMe is not supported)")
+        mem, stage = self.memory, self.parallel.zero_stage
+        if mem.offload_optimizer and stage == 0:
+            raise ValueError("memory.offload_optimizer needs a ZeRO optimizer (it offloads the fp32 master and "
+                             "moments ZeRO partitions): set parallel.zero_stage 1, 2 or 3, or turn it off")
+        if mem.offload_params and stage != 3:
+            raise ValueError(f"memory.offload_params needs ZeRO-3 (only ZeRO-3 partitions the parameters), "
+                             f"parallel.zero_stage is {stage}: set parallel.zero_stage 3, or turn it off")
         dt = self.deepspeed.get("data_types", {})
         fp32_names = ("fp32", "float32", "float", "torch.float32")
         if (isinstance(dt, dict) and str(dt.get("grad_accum_dtype", "")).lower() in fp32_names
@@ -788,6 +801,36 @@ class Config(_Section):
                 )
         return self
 
+    def _check_expert_parallel(self) -> None:
+        ep, m = self.parallel.expert_degree, self.model
+        if ep == 1:
+            return
+        if m.moe is None:
+            raise ValueError(f"parallel.expert_degree={ep} splits MoE experts, but the model is dense: set "
+                             "parallel.expert_degree 1 or use an MoE model")
+        if m.moe.num_experts % ep:
+            raise ValueError(f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.expert_degree="
+                             f"{ep}: choose a degree that divides the experts")
+        stage = self.parallel.zero_stage
+        if stage == 0:
+            raise ValueError("parallel.expert_degree > 1 needs ZeRO-1 or 2: at ZeRO-0 DeepSpeed's gradient clipping "
+                             "leaves the experts out of the norm (or averages per-rank norms): set "
+                             "parallel.zero_stage 1 or 2")
+        if stage == 3:
+            raise ValueError("parallel.expert_degree > 1 with ZeRO-3 is not supported: DeepSpeed 0.19.8 refuses "
+                             "native MoE parameter groups at stage 3: set parallel.zero_stage 1 or 2")
+        if self.train.compile:
+            raise ValueError("parallel.expert_degree > 1 with train.compile is not supported (the token "
+                             "all-to-all needs its split sizes on the host): set train.compile false")
+        if m.lora is not None and m.lora.experts:
+            raise ValueError("parallel.expert_degree > 1 with model.lora.experts is not supported yet: set "
+                             "model.lora.experts false")
+        zo = self.deepspeed.get("zero_optimization", {})
+        for key in ("reduce_scatter", "contiguous_gradients"):
+            if isinstance(zo, dict) and zo.get(key) is False:
+                raise ValueError(f"deepspeed.zero_optimization.{key}: false is refused by DeepSpeed's MoE "
+                                 "gradient path (parallel.expert_degree > 1): remove it")
+
     # -- world-size-dependent checks ------------------------------------------------------------
     def layout(self, world_size: int) -> Layout:
         """Derive data-parallel degree and batch sizes; raise ``ConfigError`` when inconsistent."""
@@ -799,6 +842,9 @@ class Config(_Section):
                 f"of {p.sp_degree} processes or lower the degrees"
             )
         dp = world_size // p.sp_degree
+        if world_size % p.expert_degree:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.expert_degree={p.expert_degree}: "
+                              f"launch a multiple of {p.expert_degree} processes or lower the degree")
         per_micro = t.micro_batch_size * dp
         if t.global_batch_size is not None and t.grad_accum_steps is not None:
             if t.global_batch_size != per_micro * t.grad_accum_steps:
@@ -858,6 +904,18 @@ class Config(_Section):
         }
         if t.precision == "bf16":
             ds["bf16"] = {"enabled": True}
+        mem, pin = self.memory, device_type == "cuda"  # pinning needs CUDA (fast async host copies)
+        if mem.offload_optimizer:
+            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+            # the step runs on the CPU: "auto" means fused where the step runs on CUDA, so off here
+            # ("on" stays on: torch's fused AdamW has a CPU kernel). torch_adam keeps torch's AdamW
+            # (DeepSpeed would build DeepSpeedCPUAdam, a JIT-compiled op seqpar's checkpoints are
+            # not tested with); DeepSpeed 0.19.8 refuses a non-DeepSpeed CPU optimizer only when it
+            # is a client optimizer unless zero_force_ds_cpu_optimizer is false: say so explicitly.
+            ds["optimizer"]["params"]["fused"] = t.fused_optimizer == "on"
+            ds["zero_force_ds_cpu_optimizer"] = False
+        if mem.offload_params:
+            ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": pin}
         return _deep_merge(ds, self.deepspeed)
 
     def fingerprint(self) -> str:

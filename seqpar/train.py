@@ -21,6 +21,9 @@ import warnings  # noqa: E402
 
 # DeepSpeed 0.19.8 calls a collective torch has deprecated; nothing for users to act on.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+# Ulysses and expert parallelism use torch.distributed.nn's autograd all-to-all (tested on gloo,
+# used on NCCL); torch 2.13 deprecates it in favour of functional collectives
+warnings.filterwarnings("ignore", message=r".*nn\.functional\.all_to_all_single is deprecated", category=FutureWarning)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

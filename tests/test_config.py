@@ -50,7 +50,7 @@ ERROR_CASES = {
     "derived ds key": ({"deepspeed": {"train_batch_size": 8}}, ["deepspeed.train_batch_size", "train.global_batch_size"]),
     "derived ds stage": ({"deepspeed": {"zero_optimization": {"stage": 1}}}, ["zero_optimization.stage", "parallel.zero_stage"]),
     "offload": ({"deepspeed": {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}},
-                ["zero_optimization.offload_optimizer", "partial gradients", "remove it"]),
+                ["zero_optimization.offload_optimizer", "memory.offload_optimizer", "remove it"]),
     "legacy offload": ({"deepspeed": {"zero_optimization": {"cpu_offload": True}}}, ["zero_optimization.cpu_offload"]),
     "bfloat16 key": ({"deepspeed": {"bfloat16": {"enabled": True}}}, ["deepspeed.bfloat16", "train.precision"]),
     "zero_optimization not a mapping": ({"deepspeed": {"zero_optimization": True}}, ["must be a mapping", "parallel.zero_stage"]),

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import read_rows, torchrun
+from common import read_rows, tiny_model, torchrun
 
 from seqpar.parallel.experts import ExpertParallel, ep_groups, expert_major
+
+
+MOE_MODEL = tiny_model(True)
 
 
 @pytest.mark.slow
@@ -36,3 +39,27 @@ def test_groups_and_regrouping():
     idx = expert_major([[1, 2], [0, 3], [2, 0]], torch.device("cpu"))
     # source blocks start at 0 (1 + 2), 3 (0 + 3), 6 (2 + 0): expert 0 = [0] + [] + [6, 7]; expert 1 = [1, 2] + [3, 4, 5]
     assert idx.tolist() == [0, 6, 7, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("over,fragment", [
+    ({}, "the model is dense"),
+    ({"model": MOE_MODEL, "parallel": {"zero_stage": 0, "expert_degree": 2}}, "needs ZeRO-1 or 2"),
+    ({"model": MOE_MODEL, "parallel": {"zero_stage": 3, "expert_degree": 2}}, "refuses native MoE"),
+    ({"model": MOE_MODEL, "parallel": {"expert_degree": 3}}, "num_experts=4 is not divisible"),
+    ({"model": MOE_MODEL, "parallel": {"expert_degree": 2}, "train": {"compile": True}}, "train.compile"),
+])
+def test_expert_parallel_config_refusals(over, fragment):
+    from seqpar.config import ConfigError, validate_config
+
+    cfg = {"parallel": {"expert_degree": 2}, **over}
+    with pytest.raises((ConfigError, ValueError), match=fragment):
+        validate_config(cfg)
+
+
+def test_world_must_be_a_multiple_of_the_degree():
+    from seqpar.config import ConfigError, validate_config
+
+    cfg = validate_config({"model": MOE_MODEL, "parallel": {"expert_degree": 2},
+                           "train": {"global_batch_size": 8}})
+    with pytest.raises(ConfigError, match="not divisible by parallel.expert_degree=2"):
+        cfg.layout(3)

@@ -37,7 +37,8 @@ SAFE_CHANGES = ("train.max_steps", "train.lr", "train.min_lr_ratio", "train.deca
 # current layouts themselves and allows a change only as an elastic resume (the same global
 # batch, checkpoint.elastic on; mid-window: a window position the new micro-steps can continue).
 LAYOUT_CHANGES = ("parallel.zero_stage", "parallel.ulysses_degree", "parallel.ring_degree", "parallel.backend",
-                  "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size")
+                  "train.micro_batch_size", "train.grad_accum_steps", "train.global_batch_size",
+                  "memory.offload_optimizer", "memory.offload_params", "parallel.expert_degree")
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 

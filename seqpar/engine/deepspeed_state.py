@@ -14,6 +14,12 @@ stage 0/1: the local, not yet reduced ``param.grad`` (stage 1 may use ``param.gr
 ``BF16_Optimizer`` its fp32 gradient buffers; stage 2: the per-micro-step *reduced* accumulator
 ``optimizer.averaged_gradients`` (built from ``all_grad_tensors``); stage 3: the flat
 ``grad_partitions_flat_buffer`` plus ``micro_step_id`` and the epilogue flag.
+With ZeRO-Offload (``memory.offload_optimizer``; docs/zero-offload.md) the fp32 master and the
+moments are CPU tensors inside the same state dicts, and the partial gradients are: stage 1, still
+the local ``param.grad`` (reduced only at the boundary); stage 2, the per-parameter CPU buffers
+``accumulated_grads_in_cpu`` (reduced every micro-step; only this rank's slice of each is used)
+plus ``micro_step_id``, which decides whether the next micro-step adds to them or overwrites them;
+stage 3, ``grad_partitions_flat_buffer`` as without offload, allocated in CPU memory.
 Everything returned is a CPU copy (the live tensors keep changing).
 """
 
@@ -45,18 +51,59 @@ def _clone(tree: Any, copy: bool = True) -> Any:
     return tree
 
 
-def unsupported_settings(engine, precision: str) -> list[str]:
+def _device(off) -> str:
+    """``cpu`` | ``nvme`` | ``none`` of a DeepSpeed offload config (None: none)."""
+    return "none" if off is None else str(getattr(off.device, "value", off.device))
+
+
+def offload_problems(engine, offload: tuple[bool, bool] | None = None) -> list[str]:
+    """Why this engine's ZeRO-Offload is not the form seqpar's checkpoints capture (CPU, whole,
+    torch's AdamW, offload_param at ZeRO-3 only); ``offload``: what memory.offload_optimizer /
+    memory.offload_params asked for (None: not known, only the form is checked)."""
+    why = []
+    raw = (getattr(getattr(engine, "_config", None), "_param_dict", None) or {}).get("zero_optimization") or {}
+    for key, ours in (("cpu_offload", "memory.offload_optimizer"), ("cpu_offload_param", "memory.offload_params")):
+        if isinstance(raw, dict) and raw.get(key):
+            why.append(f"deepspeed.zero_optimization.{key} (DeepSpeed's legacy offload_optimizer / offload_param "
+                       f"spelling): remove it and set {ours}: true")
+    stage = int(engine.zero_optimization_stage())
+    opt_cfg, param_cfg = engine.zero_offload_optimizer(), engine.zero_offload_param()
+    on_opt, on_param = _device(opt_cfg) != "none", _device(param_cfg) != "none"
+    for key, cfg, ours in (("offload_optimizer", opt_cfg, "memory.offload_optimizer"),
+                           ("offload_param", param_cfg, "memory.offload_params")):
+        if _device(cfg) == "nvme":
+            why.append(f"deepspeed.zero_optimization.{key}.device nvme: ZeRO-Infinity's swap files are outside "
+                       f"seqpar's checkpoints; use {ours} (CPU memory)")
+    if on_opt and (float(getattr(opt_cfg, "ratio", 1.0)) < 1.0 or getattr(opt_cfg, "super_offload", False)):
+        why.append("deepspeed.zero_optimization.offload_optimizer ratio < 1 / super_offload (a second, partial "
+                   "optimizer) is not captured by seqpar's checkpoints; remove them and use memory.offload_optimizer")
+    if on_opt and stage == 0:
+        why.append("optimizer offload at ZeRO-0 (DeepSpeed ignores it): set parallel.zero_stage 1, 2 or 3, or turn "
+                   "memory.offload_optimizer off")
+    if on_param and stage != 3:
+        why.append(f"parameter offload at ZeRO-{stage} (only ZeRO-3 partitions parameters): set parallel.zero_stage "
+                   "3, or turn memory.offload_params off")
+    inner = getattr(engine.optimizer, "optimizer", None)
+    if on_opt and stage > 0 and not isinstance(inner, (torch.optim.AdamW, torch.optim.Adam)):
+        why.append(f"optimizer offload with {type(inner).__name__} (deepspeed.optimizer.params.torch_adam false "
+                   "builds DeepSpeedCPUAdam): seqpar checkpoints torch's AdamW state; keep torch_adam true")
+    if offload is not None:
+        for key, runs, wanted, ours in (("offload_optimizer", on_opt, offload[0], "memory.offload_optimizer"),
+                                        ("offload_param", on_param, offload[1], "memory.offload_params")):
+            if runs != wanted:
+                why.append(f"DeepSpeed runs {'with' if runs else 'without'} zero_optimization.{key} but {ours} is "
+                           f"{str(wanted).lower()}: set offload with {ours} only (no deepspeed.zero_optimization keys)")
+    return why
+
+
+def unsupported_settings(engine, precision: str, offload: tuple[bool, bool] | None = None) -> list[str]:
     """Why this engine's setup would make seqpar's checkpoints lose or misplace state (each reason
     names the ``deepspeed:`` key and the fix); empty when supported. Checked after start-up,
-    whatever spelling the config used."""
+    whatever spelling the config used. ``offload``: (memory.offload_optimizer,
+    memory.offload_params) when the caller knows them (see ``offload_problems``)."""
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 
-    why = []
-    for key, off in (("offload_optimizer", engine.zero_offload_optimizer()),
-                     ("offload_param", engine.zero_offload_param())):
-        if off is not None and str(getattr(off.device, "value", off.device)) != "none":
-            why.append(f"deepspeed.zero_optimization.{key} (or cpu_offload*): partial gradients live in offload "
-                       "buffers that micro-batch checkpoints do not capture; remove it")
+    why = offload_problems(engine, offload)
     if engine.bfloat16_enabled() != (precision == "bf16"):
         why.append(f"DeepSpeed runs {'bf16' if engine.bfloat16_enabled() else 'without bf16'} but train.precision "
                    f"is {precision}: set the precision with train.precision only (no deepspeed.bf16/bfloat16)")
@@ -158,12 +205,25 @@ def restore_counters(engine, counters: dict[str, int]) -> None:
 def capture_partial_grads(engine, copy: bool = True) -> dict[str, Any]:
     """The open window's partial gradients (a CPU copy; ``copy=False``: live tensors). Raises
     rather than save none."""
+    _settle_offload(engine)
     tree = _capture_partial_grads(engine, copy)
     if not _has_tensor(tree):
         raise RuntimeError("no partial gradients found inside an accumulation window: this DeepSpeed setup keeps "
                            "them where seqpar does not look (deepspeed_state.unsupported_settings should have "
                            "refused it); the checkpoint would lose them")
     return tree
+
+
+def _settle_offload(engine) -> None:
+    """Offloaded gradients reach their (pinned) CPU buffers by non-blocking device-to-host copies:
+    wait for them before the snapshot reads the buffers on the host (no-op on CPU)."""
+    opt = engine.optimizer
+    if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False):
+        from deepspeed.accelerator import get_accelerator
+
+        if hasattr(opt, "_wait_for_offload_copies"):
+            opt._wait_for_offload_copies()
+        get_accelerator().synchronize()
 
 
 def _has_tensor(tree: Any) -> bool:
@@ -184,7 +244,11 @@ def _capture_partial_grads(engine, copy: bool) -> dict[str, Any]:
             "micro_step_id": int(opt.micro_step_id),
             "epilogue_ran": bool(getattr(opt, "_epilogue_ran_this_backward", False)),
             "index": zero3_grad_index(engine),  # for an elastic resume (engine/reshard.py)
+            # offload: the parameters reduced in this window (DeepSpeed's record; by name)
+            "offload_reduced": _names_of_ds_ids(engine, getattr(opt, "_offload_boundary_param_ids", ())),
         }
+    if kind == "zero12" and opt.partition_gradients and getattr(opt, "cpu_offload", False):
+        return _capture_offload12(engine, copy)
     if kind == "zero12" and opt.partition_gradients:  # stage 2: reduced every micro-step
         names = {id(p): n for n, p in engine.module.named_parameters()}
         out, where = {}, {}
@@ -206,7 +270,77 @@ def _capture_partial_grads(engine, copy: bool) -> dict[str, Any]:
             grads[name] = _clone(p.grad, copy)
         if getattr(p, "grad_accum", None) is not None:
             accum[name] = _clone(p.grad_accum, copy)
-    return {"grad": grads, "grad_accum": accum}
+    tree: dict[str, Any] = {"grad": grads, "grad_accum": accum}
+    if kind == "zero12":  # stage 1 offload reads it at the boundary (see _micro_step_state)
+        tree["micro_step"] = _micro_step_state(opt)
+    return tree
+
+
+def _micro_step_state(opt) -> list[int]:
+    """ZeRO-1/2 ``[micro_step_id, ready_for_gradients]``. The next backward increments the id
+    only when buckets are not set up (ready false): stage 2 releases them after every backward,
+    stage 1 only at the boundary, so a restore must subtract the increment the fresh engine adds."""
+    return [int(opt.micro_step_id), int(bool(getattr(opt, "ready_for_gradients", False)))]
+
+
+def _restore_micro_step(opt, saved: list[int]) -> None:
+    micro_step_id, ready = saved
+    opt.micro_step_id = micro_step_id - ready  # a fresh engine is not ready: its next backward adds 1
+
+
+def _names_of_ds_ids(engine, ids: Any) -> list[str]:
+    by_id = {getattr(p, "ds_id", None): n for n, p in engine.module.named_parameters()}
+    return sorted(by_id[i] for i in ids if i in by_id)
+
+
+def offload12_slots(engine) -> dict[str, tuple[int, int, int]]:
+    """ZeRO-2 offload: ``{name: (param id, first element, count)}`` of the parameters this rank's
+    partition holds, as DeepSpeed's ``grad_position`` places them in ``accumulated_grads_in_cpu``
+    (full-size per-parameter buffers of which only those elements are ever read)."""
+    opt = engine.optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    out = {}
+    for params in opt.params_in_partition:
+        for p in params:
+            pid = opt.get_param_id(p)
+            _, first, _, count = opt.grad_position[pid]
+            if count > 0:
+                out[names[id(p)]] = (pid, int(first), int(count))
+    return out
+
+
+def _capture_offload12(engine, copy: bool) -> dict[str, Any]:
+    """ZeRO-2 offload: this rank's slice of every CPU accumulation buffer (its partition of the
+    window's reduced gradient), the slice map, the parameters reduced in this window, and the
+    micro-step id."""
+    opt, slots = engine.optimizer, offload12_slots(engine)
+    grads, where = {}, {}
+    for name, (pid, first, count) in slots.items():
+        buf = opt.accumulated_grads_in_cpu.get(pid)
+        if buf is not None:  # created at a parameter's first reduction, reused by later windows
+            grads[name] = _clone(buf.view(-1).narrow(0, first, count), copy)
+            where[name] = [first, count]
+    by_pid = {pid: n for n, (pid, _, _) in slots.items()}
+    return {"cpu_grads": grads, "cpu_slices": where, "micro_step": _micro_step_state(opt),
+            "offload_reduced": sorted(by_pid[i] for i in opt._offload_accumulated_param_ids if i in by_pid)}
+
+
+def fill_offload12(engine, vals: dict[str, Any], reduced: list[str], micro_step: list[int]) -> None:
+    """ZeRO-2 offload: put this rank's slices (``{name: 1-D values}``) into fresh CPU accumulation
+    buffers (zero elsewhere: DeepSpeed never reads outside the slice), as DeepSpeed allocates them."""
+    from deepspeed.accelerator import get_accelerator
+
+    opt, slots = engine.optimizer, offload12_slots(engine)
+    params = {n: p for n, p in engine.module.named_parameters()}
+    for name, t in vals.items():
+        pid, first, count = slots[name]
+        buf = torch.zeros(params[name].numel(), dtype=params[name].dtype, device=opt.device)
+        if opt.cpu_offload_pin_memory:
+            buf = get_accelerator().pin_memory(buf)
+        buf.narrow(0, first, count).copy_(t.reshape(-1))
+        opt.accumulated_grads_in_cpu[pid] = buf
+    opt._offload_accumulated_param_ids = {slots[n][0] for n in reduced}
+    _restore_micro_step(opt, micro_step)
 
 
 def _lp_range(p) -> list[int]:
@@ -244,7 +378,19 @@ def restore_partial_grads(engine, state: dict[str, Any]) -> None:
         opt.grad_partitions_flat_buffer.copy_(state["flat"])
         opt.micro_step_id = state["micro_step_id"]
         opt._epilogue_ran_this_backward = state["epilogue_ran"]
+        if hasattr(opt, "_offload_boundary_param_ids"):
+            ids = {n: getattr(p, "ds_id", None) for n, p in engine.module.named_parameters()}
+            opt._offload_boundary_param_ids = {ids[n] for n in state.get("offload_reduced", [])}
         return
+    if kind == "zero12" and getattr(opt, "cpu_offload", False) and opt.partition_gradients:
+        if "cpu_grads" not in state:
+            raise RuntimeError("these partial gradients were saved without ZeRO-Offload, this run offloads: "
+                               "resume with the saved memory.offload_optimizer")
+        fill_offload12(engine, state["cpu_grads"], state["offload_reduced"], state["micro_step"])
+        return
+    if "cpu_grads" in state:
+        raise RuntimeError("these partial gradients were saved with ZeRO-2 offload, this run does not offload: "
+                           "resume with memory.offload_optimizer true")
     if kind == "zero12" and opt.partition_gradients:
         device = next(engine.module.parameters()).device
         for i, tensors in state["all_grad_tensors"].items():
@@ -261,3 +407,66 @@ def restore_partial_grads(engine, state: dict[str, Any]) -> None:
         params[name].grad = g.to(params[name].device)
     for name, g in state["grad_accum"].items():
         params[name].grad_accum = g.to(params[name].device)
+    if kind == "zero12" and "micro_step" in state:
+        _restore_micro_step(opt, state["micro_step"])
+
+
+# -- expert parallelism: DeepSpeed's native MoE gradient paths, without its MoE layers ---------------
+# (research with file:line evidence: shared notes ep-deepspeed.md). DeepSpeed 0.19.8 partitions a
+# parameter group marked ``moe`` over the ranks holding the same experts, reduces its gradients
+# there divided by the world size (the same divisor as dense gradients, so seqpar's loss scaling
+# holds) and all-reduces the expert norm over the world at ZeRO-1/2 (exact clipping). Its code
+# paths switch on when the module tree contains a ``deepspeed.moe.layer.MoE``.
+def expert_group_name(degree: int) -> str:
+    return f"ep_size_{degree}"
+
+
+def expert_parallel_groups(degree: int):
+    """(EP group, expert-data-parallel group) of this rank, created by DeepSpeed (collective) so
+    its optimizer and seqpar's all-to-all use the same communicators; checked against
+    ``seqpar.parallel.experts.ep_groups`` (consecutive EP groups)."""
+    from deepspeed.utils import groups
+
+    from seqpar.parallel.experts import ep_groups
+
+    name, world, rank = expert_group_name(degree), dist.get_world_size(), dist.get_rank()
+    groups._create_expert_and_data_parallel(degree)
+    ep, edp = ep_groups(world, degree)
+    got = (list(groups._get_expert_parallel_group_ranks(name)), list(groups._get_expert_data_parallel_group_ranks(name)))
+    if got != (ep[rank // degree], edp[rank % degree]):
+        raise RuntimeError(f"DeepSpeed's expert groups {got} differ from seqpar's {ep[rank // degree]}, "
+                           f"{edp[rank % degree]} (DeepSpeed version?)")
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+def _marker_class():
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class DeepSpeedMoEMarker(DeepSpeedMoE):
+        """Turns DeepSpeed's expert-parallel gradient paths on; holds nothing and never runs."""
+
+        def __init__(self, num_experts: int, degree: int):
+            torch.nn.Module.__init__(self)  # not DeepSpeedMoE.__init__ (it builds its own gate and experts)
+            self.num_experts, self.ep_size = num_experts, degree
+            self.expert_group_name = expert_group_name(degree)
+
+        def set_deepspeed_parallelism(self, *args, **kwargs):  # the engine calls it on every module that has it
+            pass
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("DeepSpeedMoEMarker is a marker, not a layer")
+
+    return DeepSpeedMoEMarker
+
+
+def mark_expert_params(model: torch.nn.Module, degree: int) -> str:
+    """Mark the split experts as DeepSpeed expert parameters and attach the marker module (no
+    parameters or buffers: state dicts and exports are unchanged). Returns the group name."""
+    name = expert_group_name(degree)
+    n_experts = 0
+    for pname, p in model.named_parameters():
+        if ".mlp.experts." in pname and p.requires_grad:
+            p.allreduce, p.group_name = False, name
+            n_experts = max(n_experts, p.shape[0] * degree)
+    model.ds_moe_marker = _marker_class()(n_experts, degree)
+    return name

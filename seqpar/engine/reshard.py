@@ -9,9 +9,10 @@ layout is filled by copying the overlap of each saved slice with each slice the 
 
 Supported optimizer kinds (``deepspeed_state.optimizer_kind``): ``torch`` (ZeRO-0 fp32: the
 master weights are the module's, read from the HF weights), ``unfused16`` (ZeRO-0 bf16),
-``zero12`` (ZeRO-1/2, fp32 or bf16), ``zero3``. Every element of every new slice must be covered,
-or the resume is refused. Saved files are read lazily: a new rank reads only the parts that overlap
-its own slices (safetensors slices of memory-mapped files).
+``zero12`` (ZeRO-1/2, fp32 or bf16), ``zero3``; each with or without ZeRO-Offload (offloaded
+state dicts have the same layout, in CPU memory). Every element of every new slice must be
+covered, or the resume is refused. Saved files are read lazily: a new rank reads only the parts
+that overlap its own slices (safetensors slices of memory-mapped files).
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqpar.checkpoint.codec import LazyTensor
-from seqpar.engine.deepspeed_state import capture_optimizer, optimizer_kind, restore_optimizer, zero3_grad_partitions
+from seqpar.engine.deepspeed_state import (
+    capture_optimizer,
+    fill_offload12,
+    offload12_slots,
+    optimizer_kind,
+    restore_optimizer,
+    zero3_grad_partitions,
+)
 
 ELASTIC_KINDS = ("torch", "unfused16", "zero12", "zero3")
 
@@ -244,7 +252,8 @@ def _fill_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, Any
 # -- partial gradients of an open accumulation window ----------------------------------------------
 # Saved per rank in one of two forms (deepspeed_state.capture_partial_grads):
 #   ``sum``:  stages 0/1, each rank's own unreduced gradient of every parameter;
-#   ``copy``: stages 2/3, reduced at every micro-step: the rank's partition of A, with a slice map.
+#   ``copy``: stages 2/3, reduced at every micro-step: the rank's partition of A, with a slice map
+#             (ZeRO-2 offload: slices of its CPU accumulation buffers, ``cpu_grads``).
 # DeepSpeed averages over the (old) world when it reduces, so the layout-free quantity is
 # A = (sum of all ranks' local gradients) / world.
 
@@ -255,7 +264,7 @@ def partial_grads_form(tree_keys: Iterable[str]) -> str | None:
     keys = set(tree_keys)
     if "grad" in keys:
         return "sum"
-    if {"all_grad_tensors", "slices"} <= keys or {"flat", "index"} <= keys:
+    if {"all_grad_tensors", "slices"} <= keys or {"flat", "index"} <= keys or {"cpu_grads", "cpu_slices"} <= keys:
         return "copy"
     return None
 
@@ -265,6 +274,10 @@ def _grad_sources(tree: dict[str, Any]) -> dict[str, tuple[int, int, Tensor]]:
     if "grad" in tree:
         grads = {**tree["grad"], **tree["grad_accum"]}  # grad_accum, where used, is the accumulator
         return {n: (0, g.numel(), _flat(g, 0, g.numel())) for n, g in grads.items()}
+    if "cpu_grads" in tree:  # ZeRO-2 offload: buffers not reduced in this window hold older windows' sums
+        fresh = set(tree["offload_reduced"])
+        return {n: (lp, k, _flat(tree["cpu_grads"][n], 0, k)) for n, (lp, k) in tree["cpu_slices"].items()
+                if n in fresh}
     if "all_grad_tensors" in tree:
         out = {}
         for i, tensors in tree["all_grad_tensors"].items():
@@ -288,8 +301,19 @@ def _grad_targets(engine) -> tuple[str, dict[str, tuple[int, int]], Callable[[di
                 view.copy_(vals[name])
             # as after a completed backward: the next forward counts it, the next reduction adds
             opt.micro_step_id, opt._epilogue_ran_this_backward = 0, True
+            if hasattr(opt, "_offload_boundary_param_ids"):  # offload's record of reduced parameters
+                ids = {n: p.ds_id for n, p in engine.module.named_parameters() if n in parts}
+                opt._offload_boundary_param_ids = set(ids.values())
 
         return "partition", {n: (s, k) for n, (_, s, k) in parts.items()}, write3
+    if kind == "zero12" and opt.partition_gradients and getattr(opt, "cpu_offload", False):
+        cpu_slots = offload12_slots(engine)
+
+        def write2_offload(vals: dict[str, Tensor]) -> None:
+            # as after one reduced micro-step ([micro_step_id 0, not ready]): the next one adds
+            fill_offload12(engine, vals, list(vals), [0, 0])
+
+        return "partition", {n: (first, count) for n, (_, first, count) in cpu_slots.items()}, write2_offload
     if kind == "zero12" and opt.partition_gradients:
         names = _names(engine)  # (a compact fp32 gradient buffer is refused at start-up)
         slots: dict[str, tuple[int, Tensor]] = {}

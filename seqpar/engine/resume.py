@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 
 def _layout(t: dict[str, Any]) -> str:
-    return (f"world {t['world_size']} = dp {t['dp']} x ulysses {t['ulysses']} x ring {t['ring']}, "
+    ep = f", experts split over {t['ep']} ranks" if t.get("ep", 1) > 1 else ""
+    return (f"world {t['world_size']} = dp {t['dp']} x ulysses {t['ulysses']} x ring {t['ring']}{ep}, "
             f"ZeRO-{t['zero_stage']}, {t['grad_accum_steps']} micro-batches per step")
 
 
@@ -111,6 +112,9 @@ class Resume:
         where = f"saved on layout {_layout(old)}, this run is {_layout(new)}"
         if not self.tr.cfg.checkpoint.elastic:
             return f"{where} and checkpoint.elastic is off"
+        if old.get("ep", 1) > 1 or new.get("ep", 1) > 1:
+            return (f"{where}: elastic resume with expert parallelism is not supported yet (expert optimizer "
+                    "partitions would move between ranks): resume on the saved layout")
         old_batch = saved_cfg["train"]["micro_batch_size"] * old["grad_accum_steps"] * old["dp"]
         lay = self.tr.layout
         new_batch = lay.micro_batch_size * lay.grad_accum_steps * lay.dp

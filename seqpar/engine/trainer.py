@@ -61,6 +61,7 @@ from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, base_identi
 from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
+from seqpar.parallel.experts import ExpertParallel, gather_experts
 from seqpar.parallel.sharding import owner_of
 from seqpar.rng import rng_state_dict, seed_everything
 from seqpar.schedule import WarmupDecay
@@ -84,17 +85,25 @@ def _size(n: float) -> str:
 
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on vectors (norms, biases, router bias) — the usual Llama recipe."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str | None = None) -> list[dict[str, Any]]:
+    """No weight decay on vectors (norms, biases, router bias) — the usual Llama recipe. With
+    expert parallelism (``expert_group`` = DeepSpeed's group name) the split experts form a third
+    group that DeepSpeed partitions and reduces over the ranks holding the same experts."""
+    decay, no_decay, experts = [], [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter is 1-D locally
-            (decay if len(shape) >= 2 else no_decay).append(p)
-    return [
+            if expert_group is not None and getattr(p, "group_name", None) == expert_group:
+                experts.append(p)
+            else:
+                (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if expert_group is not None:
+        groups.append({"params": experts, "weight_decay": weight_decay, "name": expert_group, "moe": True})
+    return groups
 
 
 @dataclass
@@ -216,8 +225,15 @@ class Trainer:
         self.attention_name = model.attention.describe()
         if cfg.train.compile:  # before DeepSpeed wraps the model; parameter names do not change
             compile_layers(model, mode="default", dynamic=None)
-        self.n_params, self.n_active = count_parameters(model)
+        self.n_params, self.n_active = count_parameters(model)  # the whole model, before EP splits it
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.expert_parallel, expert_group = None, None
+        if cfg.parallel.expert_degree > 1:  # this rank keeps E / P experts; DeepSpeed learns which
+            ep = cfg.parallel.expert_degree
+            ep_group, edp_group = dss.expert_parallel_groups(ep)
+            self.expert_parallel = ExpertParallel(ep_group, ep, topo.rank % ep, cfg.model.moe.num_experts, edp_group)
+            model.set_expert_parallel(self.expert_parallel)
+            expert_group = dss.mark_expert_params(model, ep)
         self.base_identity = None
         if cfg.model.lora is not None:  # hashed once (rank 0 reads the base files), shared
             ident = [base_identity(cfg.model, cfg.train.seed) if topo.is_main else None]
@@ -229,13 +245,14 @@ class Trainer:
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model if partitioned else model.to(self.device),
-            model_parameters=param_groups(model, cfg.train.weight_decay),
+            model_parameters=param_groups(model, cfg.train.weight_decay, expert_group),
             config=self.ds_config,
             lr_scheduler=lambda opt: WarmupDecay(opt, cfg.train),
             dist_init_required=False,
         )
         self.model: Transformer = self.engine.module
-        refused = dss.unsupported_settings(self.engine, cfg.train.precision)
+        refused = dss.unsupported_settings(self.engine, cfg.train.precision,
+                                           (cfg.memory.offload_optimizer, cfg.memory.offload_params))
         if refused:
             raise ConfigError("this DeepSpeed setup is not supported:\n  - " + "\n  - ".join(refused))
 
@@ -285,6 +302,8 @@ class Trainer:
         tokens = lay.global_batch_size * c.data.seq_len
         kv = f"{m.num_attention_heads}/{m.kv_heads} kv"
         moe = f", MoE {m.moe.num_experts} experts top-{m.moe.top_k}" if m.moe else ""
+        if self.expert_parallel is not None:
+            moe += f" ({self.expert_parallel.local} per rank, expert-parallel over {self.expert_parallel.degree})"
         return "\n".join(
             [
                 f"seqpar {__version__} | config {self.config_path or '<dict>'} (hash {c.fingerprint()})",
@@ -561,12 +580,17 @@ class Trainer:
     def _meta(self) -> dict[str, Any]:
         import deepspeed
 
+        mem = self.cfg.memory
         return {
             "format_version": FORMAT_VERSION,
             "config_hash": self.cfg.fingerprint(),
             "topology": {"world_size": self.topo.world_size, "dp": self.layout.dp, "ulysses": self.topo.ulysses,
                          "ring": self.topo.ring, "zero_stage": self.cfg.parallel.zero_stage,
-                         "grad_accum_steps": self.layout.grad_accum_steps},
+                         "grad_accum_steps": self.layout.grad_accum_steps,
+                         # only when used: checkpoints without them (EP = 1, no offload) keep resuming exactly
+                         **({"ep": self.cfg.parallel.expert_degree} if self.cfg.parallel.expert_degree > 1 else {}),
+                         **({"offload": [mem.offload_optimizer, mem.offload_params]}
+                            if mem.offload_optimizer or mem.offload_params else {})},
             "optimizer_kind": dss.optimizer_kind(self.engine),
             "versions": {"seqpar": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                          "python": platform.python_version()},
@@ -601,6 +625,14 @@ class Trainer:
             weights = trainable_state_dict(self.model)
             jobs.append(self._adapter_job(weights))
             live.append(weights)
+        elif self.cfg.parallel.zero_stage < 3 and self.expert_parallel is not None:
+            # EP: the ranks holding experts 0..E-1 together (the first EP group) hand rank 0 theirs
+            weights = {k: v.detach() for k, v in self.model.state_dict().items()}
+            if self.topo.rank < self.expert_parallel.degree:
+                weights = gather_experts(weights, self.expert_parallel)
+            if self.topo.is_main:
+                jobs.append(self._hf_job(weights))
+                live.append(weights)
         elif self.cfg.parallel.zero_stage < 3 and self.topo.is_main:
             # the snapshot copies them once, in the background, before the job writes them
             weights = {k: v.detach() for k, v in self.model.state_dict().items()}

@@ -98,3 +98,24 @@ def expert_major(recv_counts: list[list[int]], device: torch.device) -> Tensor:
               for e in range(len(recv_counts[0])) for s in range(len(recv_counts))]
     idx = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.int64)
     return idx.to(device)
+
+
+def gather_experts(state: dict[str, Tensor], ep: ExpertParallel) -> dict[str, Tensor]:
+    """``state`` (a model state dict on one rank of the first EP group, ranks 0..P-1) with every
+    expert tensor replaced, on rank 0, by all P slices concatenated (collective over that group;
+    other ranks get their input back). One tensor at a time, on the CPU."""
+    out = dict(state)
+    for name in sorted(k for k in state if ".mlp.experts." in k):
+        local = state[name].detach().cpu().contiguous()
+        parts = [torch.empty_like(local) for _ in range(ep.degree)] if ep.rank == 0 else None
+        if dist.get_backend(ep.group) == "nccl":  # NCCL gathers device tensors
+            dev = state[name].device
+            parts_dev = [p.to(dev) for p in parts] if parts is not None else None
+            dist.gather(state[name].detach().contiguous(), parts_dev, dst=dist.get_global_rank(ep.group, 0),
+                        group=ep.group)
+            parts = [p.cpu() for p in parts_dev] if parts_dev is not None else None
+        else:
+            dist.gather(local, parts, dst=dist.get_global_rank(ep.group, 0), group=ep.group)
+        if parts is not None:
+            out[name] = torch.cat(parts)
+    return out
