@@ -163,7 +163,7 @@ def test_shipped_configs_validate(path, tmp_path):
     corpus = tmp_path / "corpus.bin"
     corpus.write_bytes(b"\0" * 64)
     cfg = load_config(path, ["--data.paths", f"[{corpus}]"] if needs_files else None)
-    world = {"llama3-8b-32k": 8, "qwen3-moe-64k": 16, "llama3.2-1b-long": 1}.get(path.stem, 2)  # as in the headers
+    world = {"llama3-8b-32k": 8, "qwen3-moe-64k": 8, "llama3.2-1b-long": 1}.get(path.stem, 2)  # as in the headers
     cfg.layout(world)
 
 

@@ -36,7 +36,7 @@ from seqpar.parallel import make_topology
 CELLS = {
     "zero1-opt": (1, True, False, False, 1, "fp32"),
     "zero2-opt": (2, True, False, False, 1, "fp32"),
-    "zero2-opt-moe-ulysses2": (2, True, False, True, 2, "fp32"),
+    "zero2-opt-moe-ulysses2-ep2": (2, True, False, True, 2, "fp32"),  # MoE cells: experts split over 2 ranks
     "zero3-opt": (3, True, False, False, 1, "fp32"),
     "zero3-opt-params": (3, True, True, False, 1, "fp32"),
     "zero3-params": (3, False, True, False, 1, "fp32"),
@@ -63,7 +63,7 @@ def config(run_dir: Path, stage: int, opt: bool, params: bool, moe: bool, ulysse
     return {
         "model": tiny_model(moe),
         "data": {"type": "passkey", "seq_len": 128, "passkey": {"eval_samples": 0, "key_digits": 2}},
-        "parallel": {"zero_stage": stage, "ulysses_degree": ulysses},
+        "parallel": {"zero_stage": stage, "ulysses_degree": ulysses, "expert_degree": 2 if moe else 1},
         "memory": {"offload_optimizer": opt, "offload_params": params},
         "train": {"max_steps": 3, "micro_batch_size": 1, "global_batch_size": global_batch or GAS * dp,
                   "lr": 1e-2, "warmup_steps": 1, "grad_clip": 0.5, "precision": precision},
