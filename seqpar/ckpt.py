@@ -142,8 +142,8 @@ def _elastic(path: Path, state: dict, cfg: dict) -> str:
     """Whether (and with what constraint) the checkpoint resumes on another layout."""
     if not (path / "rank00000" / "fragments.json").is_file():
         return "no: written before elastic resume"
-    if state["topology"].get("ep", 1) > 1:
-        return "no: experts are split over ranks (expert parallelism): resume on this layout"
+    if state["topology"].get("ep", 1) > 1 and state.get("optimizer_kind") in ("torch", "unfused16"):
+        return "no: ZeRO-0 with experts split over ranks (rank 0's optimizer state only): resume on this layout"
     from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form  # imports DeepSpeed: only when needed
 
     if state.get("optimizer_kind") not in ELASTIC_KINDS:

@@ -13,6 +13,11 @@ master weights are the module's, read from the HF weights), ``unfused16`` (ZeRO-
 state dicts have the same layout, in CPU memory). Every element of every new slice must be
 covered, or the resume is refused. Saved files are read lazily: a new rank reads only the parts
 that overlap its own slices (safetensors slices of memory-mapped files).
+
+Expert parallelism (EP, ZeRO-1/2): rank r of a layout with EP degree P holds rows
+[(r % P) E/P, (r % P + 1) E/P) of every expert parameter, under the whole parameter's name. Maps are
+saved in these local coordinates; the overlap arithmetic shifts them to whole-parameter ones
+(``ExpertSplit``), so state moves between EP degrees as between DP sizes.
 """
 
 from __future__ import annotations
@@ -68,6 +73,43 @@ class Slice:
     lp_start: int
     numel: int
     tensors: dict[str, Tensor | _LazyRange]
+
+
+EXPERT_MARK = ".mlp.experts."  # names of the split expert parameters (as deepspeed_state.mark_expert_params)
+
+
+@dataclass(frozen=True)
+class ExpertSplit:
+    """How the saved (``old``) and this run's (``new``) layouts split the expert parameters over
+    EP groups of consecutive ranks; ``whole``: element count of each expert parameter with all E
+    experts. Without EP both degrees are 1 and every shift is 0."""
+
+    whole: dict[str, int]
+    old: int = 1
+    new: int = 1
+
+    def is_expert(self, name: str) -> bool:
+        return name in self.whole
+
+    def shift(self, name: str, rank: int, degree: int) -> int:
+        """Whole-parameter index of element 0 of ``name``'s slice on ``rank`` (0 for dense names)."""
+        n = self.whole.get(name)
+        return 0 if n is None else (rank % degree) * (n // degree)
+
+    def old_shift(self, name: str, old_rank: int) -> int:
+        return self.shift(name, old_rank, self.old)
+
+    def new_shift(self, name: str) -> int:
+        return self.shift(name, dist.get_rank(), self.new)
+
+
+def expert_split(engine, old_degree: int = 1, new_degree: int = 1) -> ExpertSplit:
+    """``ExpertSplit`` of this engine's model (split ``new_degree`` ways) and a saved layout."""
+    if old_degree == new_degree == 1:
+        return ExpertSplit({})
+    whole = {n: int(getattr(p, "ds_numel", p.numel())) * new_degree
+             for n, p in engine.module.named_parameters() if EXPERT_MARK in n}
+    return ExpertSplit(whole, old_degree, new_degree)
 
 
 def _names(engine) -> dict[int, str]:
@@ -172,6 +214,31 @@ def _param_groups(kind: str, sd: dict[str, Any]) -> list[dict[str, Any]]:
     return (sd[base] if base else sd)["param_groups"]
 
 
+def match_groups(new: list[dict[str, Any]], old: list[dict[str, Any]]) -> list[int]:
+    """For each new param group, the saved group whose hyperparameters it takes, by role: dense
+    groups in order; the expert group (``moe``, present only with EP > 1) takes the saved expert
+    group, or the decay group (index 0) where the experts were without EP."""
+    old_dense = [i for i, g in enumerate(old) if not g.get("moe")]
+    old_moe = next((i for i, g in enumerate(old) if g.get("moe")), 0)
+    new_dense = [i for i, g in enumerate(new) if not g.get("moe")]
+    if len(new_dense) != len(old_dense) or len(new) - len(new_dense) > 1:
+        raise ReshardError(f"the checkpoint's optimizer has {len(old)} parameter groups ({len(old_dense)} dense), "
+                           f"this run's {len(new)} ({len(new_dense)} dense): they cannot be matched")
+    dense = iter(old_dense)
+    return [old_moe if g.get("moe") else next(dense) for g in new]
+
+
+def _remap_scheduler(scheduler: dict[str, Any] | None, groups: list[int], n_old: int) -> dict[str, Any] | None:
+    """The scheduler's per-group lists (``base_lrs``, ``_last_lr``) for the new param groups."""
+    if scheduler is None:
+        return None
+    out = dict(scheduler)
+    for key in ("base_lrs", "_last_lr"):
+        if isinstance(out.get(key), list) and len(out[key]) == n_old:
+            out[key] = [out[key][i] for i in groups]
+    return out
+
+
 def _covered_to(start: int, ranges: list[tuple[int, int]]) -> int:
     """End of the gap-free run of ``ranges`` from ``start`` (``start`` if nothing covers it)."""
     end = start
@@ -192,61 +259,75 @@ def all_ranks_ok(device: torch.device, ok: bool, error: Exception | None = None)
         raise ReshardError("another rank could not reshard the checkpoint (its error is in its log)")
 
 
-def reshard_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, Any], dict[str, list[int]]]],
-                      scheduler: dict[str, Any] | None,
-                      old_weights: Callable[[], dict[str, Tensor]] | None = None) -> None:
-    """Fill this rank's optimizer from every saved rank's ``(optimizer state dict, fragment map)``.
+Source = tuple[int, dict[str, Any], dict[str, list[int]]]  # (saved rank, optimizer state dict, fragment map)
 
-    ``old_weights`` gives the saved module weights by name (needed when ``old_kind == "torch"``).
+
+def reshard_optimizer(engine, old_kind: str, sources: Iterable[Source], scheduler: dict[str, Any] | None,
+                      old_weights: Callable[[], dict[str, Tensor]] | None = None,
+                      experts: ExpertSplit | None = None) -> None:
+    """Fill this rank's optimizer from every saved rank's ``(rank, optimizer state dict, fragment map)``.
+
+    ``old_weights`` gives the saved module weights by name (needed when ``old_kind == "torch"``);
+    ``experts`` places expert slices when either layout splits them (EP > 1).
     Collective (DeepSpeed's loader all-gathers the new weights); every rank calls it, and an error
     on any rank is raised on all of them before that collective.
     """
     try:
-        sd = _fill_optimizer(engine, old_kind, sources, old_weights)
+        sd, groups, n_old = _fill_optimizer(engine, old_kind, sources, old_weights, experts or ExpertSplit({}))
     except Exception as e:  # noqa: BLE001  (re-raised here, after telling the other ranks)
         all_ranks_ok(engine.device, False, e)
     all_ranks_ok(engine.device, True)
-    restore_optimizer(engine, {"optimizer": sd, "scheduler": scheduler})
+    restore_optimizer(engine, {"optimizer": sd, "scheduler": _remap_scheduler(scheduler, groups, n_old)})
 
 
-def _fill_optimizer(engine, old_kind: str, sources: Iterable[tuple[dict[str, Any], dict[str, list[int]]]],
-                    old_weights: Callable[[], dict[str, Tensor]] | None) -> dict[str, Any]:
-    """This rank's new optimizer state dict, filled from the saved ranks' slices (no collectives)."""
+def _fill_optimizer(engine, old_kind: str, sources: Iterable[Source],
+                    old_weights: Callable[[], dict[str, Tensor]] | None,
+                    experts: ExpertSplit) -> tuple[dict[str, Any], list[int], int]:
+    """This rank's new optimizer state dict, filled from the saved ranks' slices, with which saved
+    param group each new one follows and how many there were (no collectives)."""
     new_kind = optimizer_kind(engine)
     for k in (old_kind, new_kind):
         if k not in ELASTIC_KINDS:
             raise ReshardError(f"optimizer kind {k!r} cannot be resharded (supported: {ELASTIC_KINDS})")
+    if old_kind in ("torch", "unfused16") and experts.old > 1:  # ZeRO-0 saves rank 0's state (and experts) only
+        raise ReshardError("a ZeRO-0 checkpoint with split experts cannot be resharded")
     target_map = fragment_map(engine)
     sd = None
     covered: dict[str, list[tuple[int, int]]] = {name: [] for name in target_map}
     weights_by_name = old_weights() if old_kind == "torch" else None
-    for old_sd, old_map in sources:
-        if sd is None:  # the first source fixes the step count and which state keys exist
+    for old_rank, old_sd, old_map in sources:
+        if sd is None:  # the first source fixes the step count, the state keys and the param groups
             step, keys = _step_and_keys(old_kind, old_sd)
             sd, weights = _template(engine, step, keys)
             targets = slices(new_kind, sd, target_map, weights)
-            for new_pg, old_pg in zip(_param_groups(new_kind, sd), _param_groups(old_kind, old_sd), strict=True):
-                new_pg.update({k: v for k, v in old_pg.items() if k != "params"})
+            new_pgs, old_pgs = _param_groups(new_kind, sd), _param_groups(old_kind, old_sd)
+            groups = match_groups(new_pgs, old_pgs)
+            for new_pg, i in zip(new_pgs, groups):
+                new_pg.update({k: v for k, v in old_pgs[i].items() if k not in ("params", "name", "moe")})
         old_w = [weights_by_name[n] for n in sorted(old_map, key=lambda n: old_map[n][0])] if weights_by_name else None
         for name, src in slices(old_kind, old_sd, old_map, old_w).items():
             dst = targets.get(name)
             if dst is None:
                 continue
-            lo, hi = max(dst.lp_start, src.lp_start), min(dst.lp_start + dst.numel, src.lp_start + src.numel)
+            # whole-parameter coordinates (expert slices sit at their rows); views stay local
+            d0, s0 = dst.lp_start + experts.new_shift(name), src.lp_start + experts.old_shift(name, old_rank)
+            lo, hi = max(d0, s0), min(d0 + dst.numel, s0 + src.numel)
             if lo >= hi:
                 continue
             for key, view in dst.tensors.items():
                 if key not in src.tensors:
                     raise ReshardError(f"saved optimizer state has no {key!r} for {name}")
-                view[lo - dst.lp_start : hi - dst.lp_start].copy_(src.tensors[key][lo - src.lp_start : hi - src.lp_start])
+                view[lo - d0 : hi - d0].copy_(src.tensors[key][lo - s0 : hi - s0])
             covered[name].append((lo, hi))
     if sd is None:
         raise ReshardError("the checkpoint holds no optimizer state")
     for name, (_, _, lp, n) in target_map.items():
-        end = _covered_to(lp, covered[name])
-        if end < lp + n:
-            raise ReshardError(f"the checkpoint does not cover elements [{end}, {lp + n}) of {name}")
-    return sd
+        d0 = lp + experts.new_shift(name)
+        end = _covered_to(d0, covered[name])
+        if end < d0 + n:
+            raise ReshardError(f"the checkpoint does not cover elements [{end}, {d0 + n}) of {name}"
+                               + (" (whole-parameter indices: all experts)" if experts.is_expert(name) else ""))
+    return sd, groups, len(old_pgs)
 
 
 # -- partial gradients of an open accumulation window ----------------------------------------------
@@ -343,51 +424,74 @@ def _grad_targets(engine) -> tuple[str, dict[str, tuple[int, int]], Callable[[di
     return "local", {n: (0, p.numel()) for n, p in params.items()}, write_local
 
 
-def reshard_partial_grads(engine, read: Callable[[int], dict[str, Any]], old_world: int, form: str) -> None:
+def reshard_partial_grads(engine, read: Callable[[int], dict[str, Any]], old_world: int, form: str,
+                          experts: ExpertSplit | None = None) -> None:
     """Fill this rank's gradient accumulator from the saved ranks' partial gradients (``read(r)``
-    gives saved rank r's tree; ``form`` is ``partial_grads_form`` of them). Collective only to
-    agree that every rank succeeded.
+    gives saved rank r's tree; ``form`` is ``partial_grads_form`` of them; ``experts`` places
+    expert slices when either layout splits them). Collective only to agree that every rank
+    succeeded.
 
-    New stages 2/3 receive their partition of A. New stages 0/1 hold shares that sum to
-    A x new world (DeepSpeed averages them at the boundary): from ``copy`` trees every rank holds A;
-    from ``sum`` trees new rank r holds new world / old world x the gradients of old ranks
-    r, r + new world, ... so gradients keep their usual size per rank (it matters in bf16) and
-    each old file is read by one new rank. A parameter with no saved gradient counts as zero in
-    ``sum`` trees, as DeepSpeed treats a missing gradient.
+    New stages 2/3 receive their partition of A. New stages 0/1 hold shares that DeepSpeed sums
+    over the element's holders and divides by the world at the boundary: all ranks for dense
+    parameters, the N = world / P ranks holding the same experts (expert-data-parallel group) for
+    expert ones. From ``copy`` trees every holder gets world / holders x A (A for dense). From
+    ``sum`` trees new rank r gets new world / old world x the gradients of old ranks r, r + new
+    world, ... (dense), or of the old holders whose index in their expert-data-parallel group is
+    r's modulo N (experts; the same rule without EP), so gradients keep their usual size per rank
+    (it matters in bf16) and each old slice is read by one new rank. A parameter with no saved
+    gradient counts as zero in ``sum`` trees, as DeepSpeed treats a missing gradient.
     """
     try:
-        _fill_partial_grads(engine, read, old_world, form)
+        _fill_partial_grads(engine, read, old_world, form, experts or ExpertSplit({}))
     except Exception as e:  # noqa: BLE001  (re-raised here, after telling the other ranks)
         all_ranks_ok(engine.device, False, e)
     all_ranks_ok(engine.device, True)
 
 
-def _fill_partial_grads(engine, read: Callable[[int], dict[str, Any]], old_world: int, form: str) -> None:
+def _fill_partial_grads(engine, read: Callable[[int], dict[str, Any]], old_world: int, form: str,
+                        experts: ExpertSplit) -> None:
     mode, targets, write = _grad_targets(engine)
     if form not in ("sum", "copy"):
         raise ReshardError("the checkpoint's partial gradients cannot move to another layout")
     rank, world = dist.get_rank(), dist.get_world_size()
-    old_ranks = range(rank, old_world, world) if (mode, form) == ("local", "sum") else range(old_world)
-    scale = world / old_world if (mode, form) == ("local", "sum") else 1.0 / old_world if form == "sum" else 1.0
+    shares = (mode, form) == ("local", "sum")
+    edp = world // experts.new  # new holders of each expert element (expert-data-parallel group size)
+
+    def takes(name: str, old_rank: int) -> bool:
+        """Whether this rank adds saved rank ``old_rank``'s ``sum`` gradient of ``name``."""
+        if not shares:
+            return True
+        if experts.is_expert(name):  # overlapping rows only: checked below
+            return (old_rank // experts.old) % edp == rank // experts.new
+        return old_rank % world == rank
+
+    old_ranks = [r for r in range(old_world) if not shares or r % world == rank
+                 or (experts.whole and (r // experts.old) % edp == rank // experts.new)]
+    scale = world / old_world if shares else 1.0 / old_world if form == "sum" else 1.0
     vals = {name: torch.zeros(n, dtype=torch.float32) for name, (_, n) in targets.items()}
     covered: dict[str, list[tuple[int, int]]] = {name: [] for name in targets}
     for r in old_ranks:
         for name, (lp_s, n_s, t) in _grad_sources(read(r)).items():
-            if name not in targets:
+            if name not in targets or not takes(name, r):
                 continue
+            # whole-parameter coordinates (expert slices sit at their rows); views stay local
             lp_t, n_t = targets[name]
-            lo, hi = max(lp_t, lp_s), min(lp_t + n_t, lp_s + n_s)
+            d0, s0 = lp_t + experts.new_shift(name), lp_s + experts.old_shift(name, r)
+            lo, hi = max(d0, s0), min(d0 + n_t, s0 + n_s)
             if lo >= hi:
                 continue
-            piece, dst = t[lo - lp_s : hi - lp_s].float(), vals[name][lo - lp_t : hi - lp_t]
+            piece, dst = t[lo - s0 : hi - s0].float(), vals[name][lo - d0 : hi - d0]
             if form == "sum":
                 dst.add_(piece, alpha=scale)
+            elif mode == "local" and experts.is_expert(name):
+                dst.copy_(piece).mul_(experts.new)  # world / edp holders: DeepSpeed sums edp of them over world
             else:
                 dst.copy_(piece)
             covered[name].append((lo, hi))
     if form == "copy":  # stage 2/3 partitions tile every parameter: a gap is a broken checkpoint
         for name, (lp, n) in targets.items():
-            end = _covered_to(lp, covered[name])
-            if end < lp + n:
-                raise ReshardError(f"the checkpoint's partial gradients miss elements [{end}, {lp + n}) of {name}")
+            d0 = lp + experts.new_shift(name)
+            end = _covered_to(d0, covered[name])
+            if end < d0 + n:
+                raise ReshardError(f"the checkpoint's partial gradients miss elements [{end}, {d0 + n}) of {name}")
     write(vals)

@@ -19,7 +19,13 @@ from seqpar.checkpoint.manager import TRAINER_STATE, check_resume_config
 from seqpar.checkpoint.writer import rank_dir
 from seqpar.config import ConfigError, validate_config
 from seqpar.engine import deepspeed_state as dss
-from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form, reshard_optimizer, reshard_partial_grads
+from seqpar.engine.reshard import (
+    ELASTIC_KINDS,
+    expert_split,
+    partial_grads_form,
+    reshard_optimizer,
+    reshard_partial_grads,
+)
 from seqpar.models import build_model
 from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, check_base_identity, load_trainable_state_dict
 from seqpar.rng import load_rng_state_dict
@@ -112,9 +118,9 @@ class Resume:
         where = f"saved on layout {_layout(old)}, this run is {_layout(new)}"
         if not self.tr.cfg.checkpoint.elastic:
             return f"{where} and checkpoint.elastic is off"
-        if old.get("ep", 1) > 1 or new.get("ep", 1) > 1:
-            return (f"{where}: elastic resume with expert parallelism is not supported yet (expert optimizer "
-                    "partitions would move between ranks): resume on the saved layout")
+        if old.get("ep", 1) > 1 and state.get("optimizer_kind") in ("torch", "unfused16"):
+            # ZeRO-0 keeps rank 0's optimizer state only, which holds rank 0's experts only
+            return f"{where}; it was saved at ZeRO-0 with experts split over ranks, which cannot be resharded"
         old_batch = saved_cfg["train"]["micro_batch_size"] * old["grad_accum_steps"] * old["dp"]
         lay = self.tr.layout
         new_batch = lay.micro_batch_size * lay.grad_accum_steps * lay.dp
@@ -200,15 +206,17 @@ class Resume:
         def sources():  # one saved rank's optimizer state in memory at a time
             for r in ranks:
                 tree = trees.pop(r, None) or self.tr.ckpt.read_tree(path, "optimizer", r, lazy=True)
-                yield tree["optimizer"], self.tr.ckpt.read_tree(path, "fragments", r)
+                yield r, tree["optimizer"], self.tr.ckpt.read_tree(path, "fragments", r)
 
         def old_weights() -> dict[str, torch.Tensor]:  # ZeRO-0 fp32 keeps its master in the module
             saved = build_model(self.tr.cfg.model, seed=self.tr.cfg.train.seed)
             self._load_weights(saved, path)
             return {n: p.detach() for n, p in saved.named_parameters()}
 
+        # expert slices: saved rank r held rows (r % old ep) of the experts, this rank (rank % new ep)
+        experts = expert_split(self.tr.engine, old.get("ep", 1), self.tr.cfg.parallel.expert_degree)
         if state["step"] > 0:
-            reshard_optimizer(self.tr.engine, kind, sources(), scheduler, old_weights)
+            reshard_optimizer(self.tr.engine, kind, sources(), scheduler, old_weights, experts)
         # else inside the first window: no optimizer step yet, so the saved optimizer holds just the
         # initial weights, which this run has built from the same config and seed; nothing to move
         lay, old_ranks = self.tr.layout, range(old["world_size"])
@@ -226,7 +234,7 @@ class Resume:
         if old_micro:
             form = partial_grads_form(json.loads((path / rank_dir(0) / "grads.json").read_text()))
             reshard_partial_grads(self.tr.engine, lambda r: self.tr.ckpt.read_tree(path, "grads", r, lazy=True),
-                                  old["world_size"], str(form))
+                                  old["world_size"], str(form), experts)
             window = self._window_sums([self.tr.ckpt.read_tree(path, "engine", r)["window"] for r in old_ranks],
                                        ("ce", "aux"))
             # each micro-step's aux loss counts 1 / (accumulation steps x world) of the window
