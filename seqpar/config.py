@@ -812,10 +812,6 @@ class Config(_Section):
             raise ValueError(f"model.moe.num_experts={m.moe.num_experts} is not divisible by parallel.expert_degree="
                              f"{ep}: choose a degree that divides the experts")
         stage = self.parallel.zero_stage
-        if stage == 0:
-            raise ValueError("parallel.expert_degree > 1 needs ZeRO-1 or 2: at ZeRO-0 DeepSpeed's gradient clipping "
-                             "leaves the experts out of the norm (or averages per-rank norms): set "
-                             "parallel.zero_stage 1 or 2")
         if stage == 3:
             raise ValueError("parallel.expert_degree > 1 with ZeRO-3 is not supported: DeepSpeed 0.19.8 refuses "
                              "native MoE parameter groups at stage 3: set parallel.zero_stage 1 or 2")
@@ -904,6 +900,10 @@ class Config(_Section):
         }
         if t.precision == "bf16":
             ds["bf16"] = {"enabled": True}
+        if self.parallel.expert_degree > 1 and self.parallel.zero_stage == 0:
+            # DeepSpeed's ZeRO-0 clipping leaves split experts out of the norm (bf16) or averages
+            # per-rank norms (fp32): seqpar clips these runs itself (parallel.experts.clip_grad_norm_)
+            ds["gradient_clipping"] = 0.0
         mem, pin = self.memory, device_type == "cuda"  # pinning needs CUDA (fast async host copies)
         if mem.offload_optimizer:
             ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}

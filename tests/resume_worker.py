@@ -1,8 +1,8 @@
 """Worker for tests/test_checkpoint_resume.py (torchrun, 2 gloo processes).
 
 Bit-exact matrix: ZeRO 0/1/2/3 x {save at a step boundary, save mid-accumulation} x {dense, MoE}
-x SP {1, 2}, with activation policies at ZeRO-1/3 (``memory``) and, for MoE at ZeRO-2, expert
-parallelism over both ranks and a capacity factor. For each cell: run A trains uninterrupted; run B trains until the save point, saves
+x SP {1, 2}, with activation policies at ZeRO-1/3 (``memory``) and, for MoE at ZeRO-0 and ZeRO-2,
+expert parallelism over both ranks (and a capacity factor at ZeRO-2). For each cell: run A trains uninterrupted; run B trains until the save point, saves
 through the real preemption path (SEQPAR_STOP_AFTER_MICRO_BATCHES) and stops; run C is a fresh
 trainer that resumes from B's checkpoint and finishes. A and C must have torch.equal parameters
 and optimizer state (fp32 master, Adam moments), identical per-micro-batch losses and identical
@@ -39,7 +39,7 @@ def config(run_dir: Path, stage: int, moe: bool, sp: int, sp_kind: str) -> dict:
     if moe and stage == 2:  # dropped-pair counts are window state too (capacity factor)
         model["moe"]["capacity_factor"] = 0.75
     par = {"zero_stage": stage}
-    if moe and stage == 2:  # expert parallelism over both ranks (across DP, or across the SP pair)
+    if moe and stage in (0, 2):  # expert parallelism over both ranks (across DP, or across the SP pair)
         par["expert_degree"] = 2
     if sp == 2:
         par["ulysses_degree" if sp_kind == "ulysses" else "ring_degree"] = 2
@@ -109,7 +109,7 @@ def main() -> int:
         topo = topos[1] if sp == 1 else topos[(kind, 2)]
         gas = 4 // (2 // sp)  # 4 sequences per step over dp = 2 / sp ranks
         name = (f"zero{stage} {'moe' if moe else 'dense'} sp{sp}{'' if sp == 1 else ' ' + kind}"
-                + (" capacity0.75 ep2" if moe and stage == 2 else "")
+                + (" capacity0.75 ep2" if moe and stage == 2 else "") + (" ep2" if moe and stage == 0 else "")
                 + (f" {memory(stage, moe)['activation_checkpointing']}-offload-tiled" if memory(stage, moe) else ""))
         a = final_state(run(config(root / f"{name}-A".replace(" ", "_"), stage, moe, sp, kind), topo))
         for where, stop in (("boundary", gas), ("mid-window", gas + 1)):

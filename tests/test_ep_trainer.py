@@ -1,5 +1,5 @@
 """Expert parallelism through the trainer (issue 13), 2 gloo processes: EP 2 trains like EP 1 (same
-losses and final weights within fp32 reduction-order noise) at ZeRO-1 and ZeRO-2, the checkpoint's
+losses and final weights within fp32 reduction-order noise) at ZeRO-0 (seqpar's own clipping), 1 and 2, the checkpoint's
 Hugging Face export holds every expert, and the start-up summary says how experts are split.
 (Bitwise resume with EP 2: the resume matrix, tests/resume_worker.py.)"""
 
@@ -18,7 +18,7 @@ def losses(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_expert_parallel_trains_like_one_expert_group(tmp_path, stage):
     from seqpar.config import ModelConfig
     from seqpar.models import build_model
@@ -36,6 +36,7 @@ def test_expert_parallel_trains_like_one_expert_group(tmp_path, stage):
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         runs[ep] = (run_dir, r.stdout)
     assert "(4 per rank, expert-parallel over 2)" in runs[2][1]
+    assert "memory  predicted peak" in runs[2][1]  # the planner's line in the start-up summary
     a, b = losses(runs[1][0]), losses(runs[2][0])
     assert len(a) == len(b) == 4 and all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(a, b)), (a, b)
     weights = []

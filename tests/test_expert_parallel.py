@@ -43,7 +43,6 @@ def test_groups_and_regrouping():
 
 @pytest.mark.parametrize("over,fragment", [
     ({}, "the model is dense"),
-    ({"model": MOE_MODEL, "parallel": {"zero_stage": 0, "expert_degree": 2}}, "needs ZeRO-1 or 2"),
     ({"model": MOE_MODEL, "parallel": {"zero_stage": 3, "expert_degree": 2}}, "refuses native MoE"),
     ({"model": MOE_MODEL, "parallel": {"expert_degree": 3}}, "num_experts=4 is not divisible"),
     ({"model": MOE_MODEL, "parallel": {"expert_degree": 2}, "train": {"compile": True}}, "train.compile"),

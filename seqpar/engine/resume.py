@@ -105,9 +105,11 @@ class Resume:
         if saved != self.tr._meta()["topology"]:
             return lambda rel: True
         mine = rank_dir(self.tr.topo.rank) + "/"
-        also0 = dss.optimizer_is_replicated(self.tr.engine)  # stage 0: rank 0 saved the optimizer for all
+        # stage 0: rank 0 saved the optimizer for all (with split experts, rank r % P for rank r)
+        replicated = dss.optimizer_is_replicated(self.tr.engine)
+        source = rank_dir(self.tr.topo.rank % self.tr.cfg.parallel.expert_degree) + "/"
         return lambda rel: (not rel.startswith("rank") or rel.startswith(mine)
-                            or (also0 and rel.startswith("rank00000/")))
+                            or (replicated and rel.startswith(source)))
 
     def _cannot_resume(self, path: Path) -> str | None:
         """Why this run cannot resume the (verified) checkpoint ``path``, or None."""
@@ -119,8 +121,9 @@ class Resume:
         if not self.tr.cfg.checkpoint.elastic:
             return f"{where} and checkpoint.elastic is off"
         if old.get("ep", 1) > 1 and state.get("optimizer_kind") in ("torch", "unfused16"):
-            # ZeRO-0 keeps rank 0's optimizer state only, which holds rank 0's experts only
-            return f"{where}; it was saved at ZeRO-0 with experts split over ranks, which cannot be resharded"
+            # ZeRO-0 with split experts saves one optimizer copy per expert slice; moving those is not done yet
+            return (f"{where}; it was saved at ZeRO-0 with experts split over ranks, which is not resharded yet: "
+                    "resume on the saved layout (or save from ZeRO-1/2)")
         old_batch = saved_cfg["train"]["micro_batch_size"] * old["grad_accum_steps"] * old["dp"]
         lay = self.tr.layout
         new_batch = lay.micro_batch_size * lay.grad_accum_steps * lay.dp
@@ -161,8 +164,9 @@ class Resume:
         """Same layout: every rank reads back exactly what it saved."""
         eng, r = self.tr.engine, self.tr.topo.rank
         if dss.needs_module_weights(eng):
-            self._load_weights(self.tr.model, path)
-        opt_rank = r if not dss.optimizer_is_replicated(eng) else 0
+            self._load_weights(self.tr.model, path, self.tr.expert_parallel)
+        ep = self.tr.cfg.parallel.expert_degree  # ZeRO-0: ranks 0..P-1 saved the copies (one per expert slice)
+        opt_rank = r if not dss.optimizer_is_replicated(eng) else r % ep
         dss.restore_optimizer(eng, self.tr.ckpt.read_tree(path, "optimizer", opt_rank))
         engine_state = self.tr.ckpt.read_tree(path, "engine", r)
         dss.restore_counters(eng, engine_state["counters"])
@@ -177,10 +181,21 @@ class Resume:
         load_rng_state_dict(self.tr.ckpt.read_tree(path, "rng", r))
         self.tr.extensions.load(lambda stem: self.tr.ckpt.read_tree(path, stem, r), self._log)
 
-    @staticmethod
-    def _load_weights(model, path: Path) -> None:
+    def _load_weights(self, model, path: Path, ep=None) -> None:
         """The module weights a checkpoint holds: the whole model (``model/``, Hugging Face
-        layout), or with LoRA the trainable tensors (``adapter/``) over the rebuilt base."""
+        layout), or with LoRA the trainable tensors (``adapter/``) over the rebuilt base. With
+        split experts (``ep``) the export holds every expert: loaded whole, this rank's rows kept."""
+        if ep is not None and not (path / ADAPTER_DIR).is_dir():
+            full = build_model(self.tr.cfg.model, seed=self.tr.cfg.train.seed)
+            self._load_weights(full, path)
+            whole = full.state_dict()
+            with torch.no_grad():
+                for name, t in model.state_dict(keep_vars=True).items():
+                    src = whole[name]
+                    if ".mlp.experts." in name:
+                        src = src[ep.first:ep.first + ep.local]
+                    t.copy_(src)
+            return
         if (path / ADAPTER_DIR).is_dir():
             from safetensors.torch import load_file
 

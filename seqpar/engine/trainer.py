@@ -61,7 +61,7 @@ from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, base_identi
 from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
-from seqpar.parallel.experts import ExpertParallel, gather_experts
+from seqpar.parallel.experts import ExpertParallel, clip_grad_norm_, gather_experts
 from seqpar.parallel.sharding import owner_of
 from seqpar.rng import rng_state_dict, seed_everything
 from seqpar.schedule import WarmupDecay
@@ -251,6 +251,13 @@ class Trainer:
             dist_init_required=False,
         )
         self.model: Transformer = self.engine.module
+        # ZeRO-0 with split experts: seqpar clips (DeepSpeed's ZeRO-0 norm misses or averages them)
+        self._own_clipping: tuple[list, list] | None = None
+        self._grad_norm = None
+        if self.expert_parallel is not None and cfg.parallel.zero_stage == 0:
+            trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self._own_clipping = ([p for n, p in trainable if getattr(p, "group_name", None) != expert_group],
+                                  [p for n, p in trainable if getattr(p, "group_name", None) == expert_group])
         refused = dss.unsupported_settings(self.engine, cfg.train.precision,
                                            (cfg.memory.offload_optimizer, cfg.memory.offload_params))
         if refused:
@@ -325,10 +332,25 @@ class Trainer:
                 f"optim   {c.train.max_steps} steps, AdamW{' (fused)' if self._fused_optimizer() else ''} "
                 f"lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
                 f"{c.train.decay} to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
+                f"memory  {self._memory_line()}",
                 f"output  {self.run_dir}",
                 f"ckpt    {self._disk_line()}",
             ]
         )
+
+    def _memory_line(self) -> str:
+        """The planner's prediction (seqpar.plan) for this config and world; on CUDA, a warning when
+        it does not fit the device (printed before training, not after an out-of-memory)."""
+        from seqpar.plan import predict, warn_if_oom
+
+        plan = predict(self.cfg, self.topo.world_size)
+        line = plan.describe()
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            warning = warn_if_oom(plan, total)
+            if warning:
+                line += f"\n        WARNING: {warning}"
+        return line
 
     def _disk_line(self) -> str:
         """What the checkpoint directory needs: retention deletes old checkpoints only after a new
@@ -477,6 +499,8 @@ class Trainer:
         assert self.engine.is_gradient_accumulation_boundary() == closes, "DeepSpeed micro-step drifted"
         if closes:  # the optimizer step changes what a checkpoint in flight may still be copying
             self.ckpt.writer.wait_deferred()
+            if self._own_clipping:  # gradients are reduced by now (DeepSpeed's backward epilogue)
+                self._grad_norm = clip_grad_norm_(*self._own_clipping, self.expert_parallel, self.cfg.train.grad_clip)
         self.engine.step()
         self._acc["ce"] += out.loss_sum.detach().double()
         self._acc["aux"] += out.aux_loss.detach().double()
@@ -558,7 +582,7 @@ class Trainer:
         waited, self.ckpt.writer.deferred_wait_s = self.ckpt.writer.deferred_wait_s, 0.0
         if waited:  # the optimizer step waited for a checkpoint's background copy
             metrics["ckpt_wait_s"] = waited
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if not self._own_clipping else self._grad_norm
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if self.cfg.model.moe is not None:
@@ -611,7 +635,10 @@ class Trainer:
         }
         # changed only by the next optimizer step: copied in the background (the step waits for it)
         deferred: dict[str, Any] = {}
-        if self.topo.is_main or not dss.optimizer_is_replicated(eng):
+        # ZeRO-0 keeps one optimizer copy per rank; rank 0's is everyone's, except that with split
+        # experts the ranks holding other experts (ranks 1..P-1) save theirs too
+        ep = self.cfg.parallel.expert_degree
+        if self.topo.is_main or not dss.optimizer_is_replicated(eng) or self.topo.rank < ep:
             deferred["optimizer"] = dss.capture_optimizer(eng, copy=False)  # the snapshot copies once
             rank_trees["fragments"] = fragment_map(eng)  # makes the optimizer state reshardable
         if mid_window:

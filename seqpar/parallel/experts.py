@@ -119,3 +119,23 @@ def gather_experts(state: dict[str, Tensor], ep: ExpertParallel) -> dict[str, Te
         if parts is not None:
             out[name] = torch.cat(parts)
     return out
+
+
+@torch.no_grad()
+def clip_grad_norm_(dense: list[Tensor], experts: list[Tensor], ep: ExpertParallel, max_norm: float) -> Tensor:
+    """Global gradient-norm clipping with split experts, on reduced gradients (DeepSpeed's rule:
+    scale by max_norm / (norm + 1e-6) when that is below 1). Dense gradients are equal on every
+    rank; each EP group holds every expert's gradient once, so the expert part is summed over it.
+    Returns the norm (a device tensor: no host read)."""
+    grads = [p.grad for p in dense if p.grad is not None]
+    egrads = [p.grad for p in experts if p.grad is not None]
+    ref = (grads or egrads)[0]
+    d = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else ref.new_zeros((), dtype=torch.float32)
+    e = torch.stack([g.float().pow(2).sum() for g in egrads]).sum() if egrads else d.new_zeros(())
+    dist.all_reduce(e, group=ep.group)
+    norm = (d + e).sqrt()
+    if max_norm > 0:
+        coef = max_norm / (norm + 1e-6)
+        coef = torch.where(coef < 1, coef, torch.ones_like(coef))
+        torch._foreach_mul_(grads + egrads, coef)
+    return norm
