@@ -34,12 +34,18 @@ def memory(stage: int, moe: bool) -> dict:
     return {"activation_checkpointing": policy, "offload_activations": True, "tiled_mlp": True, "mlp_tile_tokens": 24}
 
 
+def ep(stage: int, sp: int) -> bool:
+    """MoE cells with experts split over both ranks: ZeRO-0 and 2, and ZeRO-1 without SP (its SP
+    cell keeps experts whole, so whole-expert MoE stays covered below ZeRO-3 too)."""
+    return stage in (0, 2) or (stage == 1 and sp == 1)
+
+
 def config(run_dir: Path, stage: int, moe: bool, sp: int, sp_kind: str) -> dict:
     model = tiny_model(moe)
     if moe and stage == 2:  # dropped-pair counts are window state too (capacity factor)
         model["moe"]["capacity_factor"] = 0.75
     par = {"zero_stage": stage}
-    if moe and stage in (0, 2):  # expert parallelism over both ranks (across DP, or across the SP pair)
+    if moe and ep(stage, sp):  # expert parallelism over both ranks (across DP, or across the SP pair)
         par["expert_degree"] = 2
     if sp == 2:
         par["ulysses_degree" if sp_kind == "ulysses" else "ring_degree"] = 2
@@ -109,7 +115,7 @@ def main() -> int:
         topo = topos[1] if sp == 1 else topos[(kind, 2)]
         gas = 4 // (2 // sp)  # 4 sequences per step over dp = 2 / sp ranks
         name = (f"zero{stage} {'moe' if moe else 'dense'} sp{sp}{'' if sp == 1 else ' ' + kind}"
-                + (" capacity0.75 ep2" if moe and stage == 2 else "") + (" ep2" if moe and stage == 0 else "")
+                + (" capacity0.75" if moe and stage == 2 else "") + (" ep2" if moe and ep(stage, sp) else "")
                 + (f" {memory(stage, moe)['activation_checkpointing']}-offload-tiled" if memory(stage, moe) else ""))
         a = final_state(run(config(root / f"{name}-A".replace(" ", "_"), stage, moe, sp, kind), topo))
         for where, stop in (("boundary", gas), ("mid-window", gas + 1)):
