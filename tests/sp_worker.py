@@ -120,6 +120,34 @@ def check_model(topo, label: str, kind: str, doc_lens: list[int], memory: Memory
            loss=rel(loss, out.loss_sum.detach()), aux=aux_err, grad=worst)
 
 
+def check_peak_memory(topo, label: str) -> None:
+    """Issue 12's CPU target: at a fixed total length, a rank's peak memory (every tensor alive,
+    measured by torch's MemTracker on the real CPU tensors, forward + backward) under SP is at most
+    0.55x one process holding the whole sequence, on an activation-dominated shape."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cfg = ModelConfig(vocab_size=61, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    t = 2048
+    g = torch.Generator().manual_seed(0)
+    ids, pos = torch.randint(0, 61, (1, t), generator=g), torch.arange(t)[None]
+    labels = ids.roll(-1, 1)
+
+    def peak(model, *inputs) -> int:
+        tracker = MemTracker()
+        with tracker:
+            model(*inputs).loss_sum.backward()
+        return sum(v.get("Total", 0) for v in tracker.get_tracker_snapshot("peak").values())
+
+    whole = peak(build_model(cfg, seed=1), ids, pos, labels)
+    model = build_model(cfg, seed=1)
+    model.set_attention(build_attention(topo, TorchAttention(), TorchBlockKernel()))
+    sh = shard_for(topo, ids, labels, pos)
+    mine = torch.tensor([float(peak(model, sh.input_ids[None], sh.position_ids[None], sh.labels[None], sh.meta))])
+    dist.all_reduce(mine, op=dist.ReduceOp.MAX)  # the busiest rank
+    record(f"peak memory {label} (per rank / whole sequence)", tol=0.55, peak_ratio=float(mine) / whole)
+
+
 def main() -> int:
     dist.init_process_group("gloo")
     world = dist.get_world_size()
@@ -142,6 +170,7 @@ def main() -> int:
         check_model(topo, label, "moe", [21, 9, 34], MemoryConfig(
             activation_checkpointing="full", offload_activations=True, tiled_mlp=True,
             mlp_tile_tokens=6))
+        check_peak_memory(topo, label)
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             for r in results:

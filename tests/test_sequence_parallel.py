@@ -106,8 +106,10 @@ def test_sp_attention_and_model_exact(tmp_path, nproc):
     failed = [row for row in rows if not row["ok"]]
     assert r.returncode == 0 and rows and not failed, f"{failed}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     layouts = {2: 2, 4: 3}[nproc]
-    assert len(rows) == layouts * 10  # 6 attention + 2 model + 2 model-with-memory-policy checks per layout
-    assert sum("memory" in row["check"] for row in rows) == layouts * 2
+    # 6 attention + 2 model + 2 model-with-memory-policy checks + 1 peak-memory check per layout
+    assert len(rows) == layouts * 11
+    assert sum("memory" in row["check"] and "peak" not in row["check"] for row in rows) == layouts * 2
+    assert sum(row["check"].startswith("peak memory") for row in rows) == layouts
 
 
 @pytest.mark.slow
