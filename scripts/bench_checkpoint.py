@@ -60,13 +60,43 @@ def raw_write(path: Path, nbytes: int) -> float:
     return dt
 
 
+LLAMA_1B = ["--model.vocab_size", "128256", "--model.hidden_size", "2048", "--model.intermediate_size", "8192",
+            "--model.num_hidden_layers", "16", "--model.num_attention_heads", "32", "--model.num_key_value_heads", "8",
+            "--model.tie_word_embeddings", "true", "--data.passkey.eval_samples", "0", "--parallel.zero_stage", "0"]
+
+
+def sizes(precision: str) -> None:
+    """Checkpoint bytes by training mode for the Llama-3.2-1B shape (issue 14), from shapes alone."""
+    from seqpar.config import load_config
+    from seqpar.optim.sizes import checkpoint_bytes
+
+    modes = {
+        "full AdamW": [],
+        "GaLore rank 512 (1/4 hidden)": ["--train.optimizer", "galore", "--train.galore.rank", "512"],
+        "LoRA rank 16 (all projections)": ["--model.lora.rank", "16"],
+    }
+    rows = {name: checkpoint_bytes(load_config(None, LLAMA_1B + ["--train.precision", precision] + over))
+            for name, over in modes.items()}
+    full = rows["full AdamW"]["total"]
+    print(f"# Llama-3.2-1B shape, {precision}, checkpoint bytes (weights + optimizer state), seqpar.optim.sizes")
+    print("| mode | weights GB | optimizer GB | total GB | vs full AdamW |\n|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['weights'] / 1e9:.3f} | {r['optimizer'] / 1e9:.3f} | {r['total'] / 1e9:.3f} | "
+              f"{r['total'] / full:.3f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path("/tmp/seqpar-ckbench"))
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sizes", choices=["bf16", "fp32"], default=None,
+                   help="only print checkpoint sizes by training mode for the Llama-3.2-1B shape")
     a = p.parse_args()
+    if a.sizes:
+        sizes(a.sizes)
+        return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 

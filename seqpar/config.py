@@ -479,6 +479,20 @@ class ParallelConfig(_Section):
         return self.ulysses_degree * self.ring_degree
 
 
+GALORE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class GaLoreConfig(_Section):
+    """GaLore (train.optimizer: galore): AdamW moments in a low-rank projection of each gradient."""
+
+    rank: int = Field(128, ge=1, description="projection rank (1/4 of hidden_size is common)")
+    update_interval: int = Field(200, ge=1, description="steps between projector refreshes (SVD of the gradient)")
+    scale: float = Field(0.25, gt=0, description="multiplies the projected-back update")
+    targets: list[Literal[GALORE_TARGETS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(GALORE_TARGETS), description="projections optimised by GaLore; the rest AdamW"
+    )
+
+
 class TrainConfig(_Section):
     """Optimisation and the micro-batch loop."""
 
@@ -496,6 +510,10 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
+    optimizer: Literal["adamw", "galore"] = Field(
+        "adamw", description="adamw (DeepSpeed, any ZeRO stage); galore: low-rank moments (seqpar.optim, ZeRO-0)"
+    )
+    galore: GaLoreConfig = Field(default_factory=GaLoreConfig)
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master")
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
     compile: bool = Field(
@@ -713,6 +731,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross(self) -> "Config":
         self._check_expert_parallel()
+        self._check_galore()
         mem = self.memory
         if self.train.compile and (mem.activation_checkpointing == "selective" or mem.tiled_mlp):
             what = "memory.tiled_mlp" if mem.tiled_mlp else "memory.activation_checkpointing=selective"
@@ -800,6 +819,22 @@ class Config(_Section):
                     f"task's byte vocabulary: raise model.vocab_size"
                 )
         return self
+
+    def _check_galore(self) -> None:
+        if self.train.optimizer != "galore":
+            return
+        if self.parallel.zero_stage != 0:
+            raise ValueError(f"train.optimizer=galore needs whole weight matrices, but ZeRO-{self.parallel.zero_stage} "
+                             "flattens parameters into partitions: set parallel.zero_stage 0")
+        if self.parallel.expert_degree > 1:
+            raise ValueError("train.optimizer=galore with parallel.expert_degree > 1 is not supported: set "
+                             "parallel.expert_degree 1")
+        if self.model.lora is not None:
+            raise ValueError("train.optimizer=galore and model.lora are alternatives (both shrink the training "
+                             "state): choose one")
+        if self.memory.offload_optimizer:
+            raise ValueError("train.optimizer=galore with memory.offload_optimizer is not supported (ZeRO-Offload "
+                             "needs a ZeRO stage): turn offload off")
 
     def _check_expert_parallel(self) -> None:
         ep, m = self.parallel.expert_degree, self.model
@@ -900,6 +935,8 @@ class Config(_Section):
         }
         if t.precision == "bf16":
             ds["bf16"] = {"enabled": True}
+        if t.optimizer == "galore":  # seqpar builds GaLoreAdamW and hands it to DeepSpeed
+            del ds["optimizer"]
         if self.parallel.expert_degree > 1 and self.parallel.zero_stage == 0:
             # DeepSpeed's ZeRO-0 clipping leaves split experts out of the norm (bf16) or averages
             # per-rank norms (fp32): seqpar clips these runs itself (parallel.experts.clip_grad_norm_)

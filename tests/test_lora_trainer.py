@@ -53,6 +53,13 @@ def test_lora_checkpoints_hold_adapters_and_resume_bitwise(tmp_path, stage, npro
     held = load_file(str(ck / tag / "adapter" / "trainable.safetensors"))
     assert held and all("lora_" in k or "norm" in k for k in held)  # the frozen base is not copied
     assert any("norm" in k for k in held) == (stage != 0)
+    # the size seqpar.optim.sizes reports (bench_checkpoint.py --sizes) is what the file holds
+    from seqpar.config import load_config
+    from seqpar.optim.sizes import checkpoint_bytes
+
+    want = checkpoint_bytes(load_config(full_dir.parent / "full.yaml"))["weights"]
+    got = int(files["adapter/trainable.safetensors"]["size"])
+    assert want <= got <= want + 20_000, (got, want)
     assert json.loads((ck / tag / "adapter" / "base.json").read_text())["hf_path"] == str(base)
     # stopped mid-window (micro-batch 6 of 4-per-step / dp), resumed: bitwise the uninterrupted run
     stop_cmd, stop_dir = lora_run(tmp_path, "stopped", stage, nproc, base)

@@ -120,6 +120,9 @@ class Resume:
         where = f"saved on layout {_layout(old)}, this run is {_layout(new)}"
         if not self.tr.cfg.checkpoint.elastic:
             return f"{where} and checkpoint.elastic is off"
+        if self.tr.cfg.train.optimizer == "galore":
+            return (f"{where}: GaLore's optimizer state (projectors, low-rank moments) is not resharded: "
+                    "resume on the saved layout")
         if old.get("ep", 1) > 1 and state.get("optimizer_kind") in ("torch", "unfused16"):
             # ZeRO-0 with split experts saves one optimizer copy per expert slice; moving those is not done yet
             return (f"{where}; it was saved at ZeRO-0 with experts split over ranks, which is not resharded yet: "

@@ -61,6 +61,7 @@ from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, base_identi
 from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
+from seqpar.optim.galore import build_galore
 from seqpar.parallel.experts import ExpertParallel, clip_grad_norm_, gather_experts
 from seqpar.parallel.sharding import owner_of
 from seqpar.rng import rng_state_dict, seed_everything
@@ -243,9 +244,12 @@ class Trainer:
             # the tied head reads the embedding matrix outside the embedding's forward
             deepspeed.zero.register_external_parameter(model.lm_head, model.model.embed_tokens.weight)
 
+        model = model if partitioned else model.to(self.device)
+        client_optimizer = build_galore(model, cfg.train) if cfg.train.optimizer == "galore" else None
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model if partitioned else model.to(self.device),
-            model_parameters=param_groups(model, cfg.train.weight_decay, expert_group),
+            model=model,
+            optimizer=client_optimizer,
+            model_parameters=None if client_optimizer else param_groups(model, cfg.train.weight_decay, expert_group),
             config=self.ds_config,
             lr_scheduler=lambda opt: WarmupDecay(opt, cfg.train),
             dist_init_required=False,
@@ -329,7 +333,10 @@ class Trainer:
                 f"data    {self.dataset.describe()}",
                 f"batch   micro {lay.micro_batch_size} x dp {lay.dp} x grad-accum {lay.grad_accum_steps} "
                 f"= {lay.global_batch_size} sequences x {c.data.seq_len} = {tokens:,} tokens per step",
-                f"optim   {c.train.max_steps} steps, AdamW{' (fused)' if self._fused_optimizer() else ''} "
+                f"optim   {c.train.max_steps} steps, "
+                + (f"GaLore-AdamW rank {c.train.galore.rank}, refresh every {c.train.galore.update_interval}, "
+                   f"scale {c.train.galore.scale:g} " if c.train.optimizer == "galore"
+                   else f"AdamW{' (fused)' if self._fused_optimizer() else ''} ") +
                 f"lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
                 f"{c.train.decay} to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"memory  {self._memory_line()}",
