@@ -738,10 +738,9 @@ class Config(_Section):
             raise ValueError(f"train.compile compiles whole decoder layers; {what} splits them (not supported "
                              "together yet): use memory.activation_checkpointing full without tiled_mlp, or "
                              "train.compile false")
-        if self.model.lora is not None and self.parallel.zero_stage == 3:
-            raise ValueError("model.lora with ZeRO-3 is not supported yet (adapters are added after the base is "
-                             "built, which ZeRO-3 builds partitioned): use parallel.zero_stage 0, 1 or 2 (the "
-                             "frozen base has no gradients or optimizer state to shard)")
+        if self.model.lora is not None and self.parallel.zero_stage == 3 and self.parallel.zero3_init:
+            raise ValueError("model.lora with ZeRO-3 needs parallel.zero3_init false (adapters wrap the base after "
+                             "it is built, so it is built whole and then partitioned): set parallel.zero3_init false")
         if self.model.lora is not None and self.model.lora.experts and self.train.compile:
             raise ValueError("model.lora.experts with train.compile is not supported (the compiled experts op does "
                              "not see the adapters): set train.compile false or model.lora.experts false")

@@ -99,7 +99,7 @@ def test_unsupported_exports_and_configs_say_why(tmp_path):
         load_config(None, ["--model.lora.targets", "[]"])
     with pytest.raises(ConfigError, match="model.lora.targets"):
         load_config(None, ["--model.lora.targets", "[qkv]"])
-    with pytest.raises(ConfigError, match="model.lora with ZeRO-3 is not supported yet"):
+    with pytest.raises(ConfigError, match="model.lora with ZeRO-3 needs parallel.zero3_init false"):
         load_config(None, ["--model.lora.rank", "8", "--parallel.zero_stage", "3"])
     with pytest.raises(ConfigError, match="model.lora.experts with train.compile"):
         load_config(None, ["--model.lora.experts", "true", "--train.compile", "true"])

@@ -654,11 +654,13 @@ class Trainer:
             rank_trees["router"] = self.model.router_state_dict()
         rank_trees.update(self.extensions.trees())
         jobs, live = [], []
-        if self.cfg.model.lora is not None and self.topo.is_main:
-            # adapters: only what trains, and which base it trains on (the base is not copied)
-            weights = trainable_state_dict(self.model)
-            jobs.append(self._adapter_job(weights))
-            live.append(weights)
+        if self.cfg.model.lora is not None:
+            # adapters: only what trains, and which base it trains on (the base is not copied);
+            # at ZeRO-3 the (small) trainable tensors are gathered whole first (collective)
+            weights = self._trainable_weights()
+            if self.topo.is_main:
+                jobs.append(self._adapter_job(weights))
+                live.append(weights)
         elif self.cfg.parallel.zero_stage < 3 and self.expert_parallel is not None:
             # EP: the ranks holding experts 0..E-1 together (the first EP group) hand rank 0 theirs
             weights = {k: v.detach() for k, v in self.model.state_dict().items()}
@@ -725,6 +727,15 @@ class Trainer:
             out = save_hf_checkpoint(weights, cfg, part / "model", write_tensors=write, **ids)
             return {p: records.get(p.name) for p in sorted(Path(out).rglob("*")) if p.is_file()}
         return job
+
+    def _trainable_weights(self) -> dict[str, torch.Tensor]:
+        if self.cfg.parallel.zero_stage < 3:
+            return trainable_state_dict(self.model)
+        import deepspeed
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in trainable_state_dict(self.model).items()}
 
     def _adapter_job(self, weights: dict[str, torch.Tensor]):
         identity = (json.dumps(self.base_identity, indent=1, sort_keys=True) + "\n").encode()
