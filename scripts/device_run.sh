@@ -27,6 +27,8 @@ timeout 120 python3 scripts/bench_moe.py --device cuda --experts 8 16 32 64 128 
 timeout 240 python3 -m torch.distributed.run --nproc_per_node 1 scripts/gpu_smoke.py --device cuda 2>&1 \
   | grep -vi warn | tee "$OUT/gpu_smoke.log" || true
 
+# CUDA paths of the memory features (pinned offload copies on a side stream, tiles, GaLore's SVD)
+timeout 120 python3 scripts/gpu_memory_check.py --device cuda 2>&1 | grep -v -i warn | tee "$OUT/gpu_memory_check.log"
 # Memory (issue 12): offload overhead at 128K (full checkpointing + tiled MLP, offload off/on, same
 # run), the planner's prediction next to the measured peak, then the longest sequence by bisection
 for off in false true; do
