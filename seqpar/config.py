@@ -211,6 +211,9 @@ class LoRAConfig(_Section):
     trainable: list[Literal["norms", "embed_tokens", "lm_head"]] = Field(
         default_factory=list, description="modules trained in full next to the adapters (LongLoRA: norms, embed_tokens)"
     )
+    quantize_base: Literal["nf4"] | None = Field(
+        None, description="QLoRA: the adapted projections' frozen weights in 4-bit NF4 (bitsandbytes; extra 'qlora')"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "LoRAConfig":
@@ -741,6 +744,9 @@ class Config(_Section):
         if self.model.lora is not None and self.parallel.zero_stage == 3 and self.parallel.zero3_init:
             raise ValueError("model.lora with ZeRO-3 needs parallel.zero3_init false (adapters wrap the base after "
                              "it is built, so it is built whole and then partitioned): set parallel.zero3_init false")
+        if self.model.lora is not None and self.model.lora.quantize_base and self.parallel.zero_stage == 3:
+            raise ValueError("model.lora.quantize_base with ZeRO-3 is not supported (the 4-bit base is a buffer "
+                             "ZeRO-3 would not partition): use parallel.zero_stage 0, 1 or 2")
         if self.model.lora is not None and self.model.lora.experts and self.train.compile:
             raise ValueError("model.lora.experts with train.compile is not supported (the compiled experts op does "
                              "not see the adapters): set train.compile false or model.lora.experts false")

@@ -115,3 +115,37 @@ def test_hf_weights_load_into_the_base_of_an_adapted_model(tmp_path):
     load_hf_checkpoint(model, tmp_path / "m")
     ids, pos = batch()
     torch.testing.assert_close(model(ids, pos).logits, src(ids, pos).logits, rtol=0, atol=0)
+
+
+def test_qlora_base_is_nf4_and_exports_dequantized():
+    """QLoRA: the adapted projections keep their frozen weight as 4-bit NF4 (bitsandbytes, a test
+    dependency; CPU backend here): no parameter, no state-dict entry; the model computes with the
+    dequantized base (exactly the merged export at B = 0 and after training the adapters)."""
+    import bitsandbytes.functional as bnbf
+
+    from seqpar.models.lora import QLoRALinear
+
+    cfg = tiny_cfg(lora=LoRAConfig(rank=4, alpha=8, quantize_base="nf4"))
+    model = build_model(cfg, seed=3)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QLoRALinear) and q.qweight.dtype == torch.uint8
+    assert not any(n.endswith("q_proj.weight") for n, _ in model.named_parameters())
+    assert not any("qweight" in k for k in model.state_dict())
+    base = build_model(tiny_cfg(), seed=3)
+    want = bnbf.dequantize_4bit(*bnbf.quantize_4bit(base.model.layers[0].self_attn.q_proj.weight.detach(),
+                                                    quant_type="nf4", blocksize=64))
+    torch.testing.assert_close(q.base_weight(torch.float32), want, rtol=0, atol=0)
+    ids, pos = batch()
+    nudge(model)
+    out = model(ids, pos, ids.roll(-1, 1))
+    out.loss_sum.backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    merged = build_model(tiny_cfg(), seed=3)
+    merged.load_state_dict(merged_state_dict(model), strict=True)
+    torch.testing.assert_close(merged(ids, pos).logits, model(ids, pos).logits, rtol=1e-5, atol=1e-5)
+    # the 4-bit base is an approximation of the original, not another model
+    err = (model(ids, pos).logits - build_model(tiny_cfg(lora=LoRAConfig(rank=4, alpha=8)), seed=3).eval()(ids, pos).logits)
+    assert 0 < float(err.abs().max()) < 1.0
+    with pytest.raises(ConfigError, match="quantize_base with ZeRO-3"):
+        load_config(None, ["--model.lora.quantize_base", "nf4", "--parallel.zero_stage", "3",
+                           "--parallel.zero3_init", "false"])

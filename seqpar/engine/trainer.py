@@ -327,7 +327,7 @@ class Trainer:
                 f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
                 f"({self.n_active / 1e6:,.2f}M active)"
                 + (f", from {m.hf_path}" if m.hf_path else "")
-                + (f"; LoRA r{m.lora.rank} on {','.join(m.lora.targets)}{' + experts' if m.lora.experts else ''}"
+                + (f"; {'QLoRA (NF4 base)' if m.lora.quantize_base else 'LoRA'} r{m.lora.rank} on {','.join(m.lora.targets)}{' + experts' if m.lora.experts else ''}"
                    f"{' + ' + ','.join(m.lora.trainable) if m.lora.trainable else ''}: "
                    f"{self.n_trainable / 1e6:,.3f}M trainable" if m.lora else ""),
                 f"data    {self.dataset.describe()}",

@@ -58,6 +58,55 @@ class LoRALinear(nn.Linear):
         return self.weight + (self.lora_B @ self.lora_A) * self.scaling
 
 
+class QLoRALinear(nn.Module):
+    """QLoRA: the frozen base weight stored as 4-bit NF4 (bitsandbytes, blocks of 64 with their
+    absmax), dequantized for each matmul; the adapters as in ``LoRALinear``. The packed weight is a
+    non-persistent buffer (no optimizer state, nothing for DeepSpeed to cast, not in state dicts:
+    checkpoints hold adapters only, exports dequantize it)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+        import bitsandbytes.functional as bnbf
+
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        w = base.weight.detach()
+        packed, self.quant_state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64)
+        self.register_buffer("qweight", packed, persistent=False)
+        self.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False) if base.bias is not None else None
+        self.rank, self.scaling = rank, alpha / rank
+        self.lora_A = nn.Parameter(_kaiming_uniform((rank, self.in_features), generator).to(w))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def base_weight(self, dtype: torch.dtype) -> Tensor:
+        import bitsandbytes.functional as bnbf
+
+        if self.quant_state.absmax.device != self.qweight.device:  # the buffer moved with the module
+            self.quant_state.to(self.qweight.device)
+        return bnbf.dequantize_4bit(self.qweight, self.quant_state).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self.base_weight(x.dtype), self.bias)
+        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def merged_weight(self) -> Tensor:
+        w = self.base_weight(self.lora_A.dtype)
+        return w + (self.lora_B @ self.lora_A) * self.scaling
+
+
+def quantization_problem() -> str | None:
+    """Why 4-bit bases cannot be used here, or None (bitsandbytes must import and quantize)."""
+    try:
+        import bitsandbytes.functional as bnbf
+
+        bnbf.quantize_4bit(torch.ones(64, 64), quant_type="nf4", blocksize=64)
+    except Exception as e:  # ImportError, or a build without this device's backend
+        return (f"model.lora.quantize_base=nf4 needs bitsandbytes with a 4-bit backend for this machine "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'not installed'}): "
+                "pip install 'seqpar[qlora]', or remove quantize_base")
+    return None
+
+
 class LoRAExperts(nn.Module):
     """Per-expert adapters for a stacked ``Experts`` module: its forward runs on ``W + s B @ A``."""
 
@@ -90,10 +139,13 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> None:
 
     g = torch.Generator().manual_seed(seed + 0x10A)
     targets = set(cfg.targets)
+    if cfg.quantize_base is not None and (problem := quantization_problem()):
+        raise ValueError(problem)
+    wrap = QLoRALinear if cfg.quantize_base == "nf4" else LoRALinear
     for module_name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and type(child) is nn.Linear:
-                setattr(module, child_name, LoRALinear(child, cfg.rank, cfg.alpha, cfg.dropout, g))
+                setattr(module, child_name, wrap(child, cfg.rank, cfg.alpha, cfg.dropout, g))
             elif cfg.experts and isinstance(child, Experts):
                 child.lora = LoRAExperts(child, cfg.rank, cfg.alpha, g)
     for name, p in model.named_parameters():
@@ -118,7 +170,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     what ``save_hf_checkpoint`` exports (a full model equal to the adapted one)."""
     sd = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, QLoRALinear)):
             sd[f"{name}.weight"] = m.merged_weight().detach()
         elif isinstance(m, LoRAExperts):
             experts = name.rsplit(".", 1)[0]
@@ -147,7 +199,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, base_model: str | N
         raise FileExistsError(f"adapter directory '{out_dir}' exists and is not empty: choose a new path")
     tensors = {}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, (LoRALinear, QLoRALinear)):
             tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
     config = {
