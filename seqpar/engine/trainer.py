@@ -18,7 +18,6 @@ Checkpoints: after any micro-batch the trainer hands the checkpoint manager name
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import shutil
@@ -30,22 +29,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from seqpar import __version__
-from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE, CheckpointManager, from_rank0
+from seqpar.checkpoint.manager import CheckpointManager, from_rank0
 from seqpar.checkpoint.runstate import write_run_state
 from seqpar.checkpoint.signals import EXIT_PREEMPTED, StopSignal
 from seqpar.checkpoint.store import FORMAT_VERSION, Position
-from seqpar.checkpoint import hashio
 from seqpar.checkpoint.writer import WriteFailed
 from seqpar.config import Config, ConfigError, Layout
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.evaluation import build_eval_dataset, held_out_loss
 from seqpar.engine.extensions import Extensions
 from seqpar.engine.memory import apply_memory_policy
-from seqpar.engine.reshard import fragment_map
 from seqpar.engine.resume import Resume
+from seqpar.engine.snapshot import Snapshot
 from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data.loader import to_device
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset, build_tokenizer
@@ -57,14 +54,14 @@ from seqpar.loss import select_loss
 from seqpar.metrics import RunLogger, memory_gib, peak_tflops
 from seqpar.models import Transformer, build_model, count_parameters
 from seqpar.models.compile import compile_layers
-from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, base_identity, trainable_state_dict
+from seqpar.models.lora import base_identity
 from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
 from seqpar.optim.galore import build_galore
-from seqpar.parallel.experts import ExpertParallel, clip_grad_norm_, gather_experts
+from seqpar.parallel.experts import ExpertParallel, clip_grad_norm_
 from seqpar.parallel.sharding import owner_of
-from seqpar.rng import rng_state_dict, seed_everything
+from seqpar.rng import seed_everything
 from seqpar.schedule import WarmupDecay
 
 
@@ -628,63 +625,11 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> str:
-        """Checkpoint after the current micro-batch (collective; returns the tag)."""
-        st, eng = self.state, self.engine
+        """Checkpoint after the current micro-batch (collective; returns the tag). What goes in it:
+        ``engine/snapshot.py``."""
+        st = self.state
         st.materialize()
-        mid_window = st.micro_step > 0
-        rank_trees: dict[str, Any] = {
-            "rng": rng_state_dict(),
-            "engine": {"counters": dss.capture_counters(eng),
-                       "window": {"ce": float(self._acc["ce"]), "aux": float(self._acc["aux"])} if mid_window else None,
-                       # per-rank records of the open window (trainer_state.json holds rank 0's)
-                       "history": {"window_micro_losses": list(st.window_micro_losses),
-                                   "window_routing": list(st.window_routing)}},
-        }
-        # changed only by the next optimizer step: copied in the background (the step waits for it)
-        deferred: dict[str, Any] = {}
-        # ZeRO-0 keeps one optimizer copy per rank; rank 0's is everyone's, except that with split
-        # experts the ranks holding other experts (ranks 1..P-1) save theirs too
-        ep = self.cfg.parallel.expert_degree
-        if self.topo.is_main or not dss.optimizer_is_replicated(eng) or self.topo.rank < ep:
-            deferred["optimizer"] = dss.capture_optimizer(eng, copy=False)  # the snapshot copies once
-            rank_trees["fragments"] = fragment_map(eng)  # makes the optimizer state reshardable
-        if mid_window:
-            rank_trees["grads"] = dss.capture_partial_grads(eng, copy=False)
-        if self.cfg.model.moe is not None:
-            rank_trees["router"] = self.model.router_state_dict()
-        rank_trees.update(self.extensions.trees())
-        jobs, live = [], []
-        if self.cfg.model.lora is not None:
-            # adapters: only what trains, and which base it trains on (the base is not copied);
-            # at ZeRO-3 the (small) trainable tensors are gathered whole first (collective)
-            weights = self._trainable_weights()
-            if self.topo.is_main:
-                jobs.append(self._adapter_job(weights))
-                live.append(weights)
-        elif self.cfg.parallel.zero_stage < 3 and self.expert_parallel is not None:
-            # EP: the ranks holding experts 0..E-1 together (the first EP group) hand rank 0 theirs
-            weights = {k: v.detach() for k, v in self.model.state_dict().items()}
-            if self.topo.rank < self.expert_parallel.degree:
-                weights = gather_experts(weights, self.expert_parallel)
-            if self.topo.is_main:
-                jobs.append(self._hf_job(weights))
-                live.append(weights)
-        elif self.cfg.parallel.zero_stage < 3 and self.topo.is_main:
-            # the snapshot copies them once, in the background, before the job writes them
-            weights = {k: v.detach() for k, v in self.model.state_dict().items()}
-            jobs.append(self._hf_job(weights))
-            live.append(weights)
-        elif self.cfg.parallel.zero_stage == 3:
-            deferred["model_shard"] = {n: p.ds_tensor.detach() for n, p in self.model.named_parameters()}
-        meta = self._meta()
-        if self._last_eval and self._last_eval[0] == st.step and not st.micro_step:
-            meta["eval_loss"] = self._last_eval[1]  # checkpoint.keep_best keeps the lowest
-        trainer_state = {**meta, **st.state_dict(), "sampler": self.sampler.state_dict(),
-                         "special_tokens": self._special_ids()}  # for the export of ZeRO-3 shards
-        raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),
-               CONFIG_FILE: yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False).encode(),
-               **self._tokenizer_files()}
-        args = (self._position(), rank_trees, raw if self.topo.is_main else {}, jobs, meta, deferred, live)
+        args = (self._position(), *Snapshot(self).contents())
         try:
             tag = self.ckpt.save(*args)
         except WriteFailed as e:  # the previous write failed somewhere: stop, or warn and save this one
@@ -694,59 +639,6 @@ class Trainer:
         self.logger.checkpoint(st.step, tag, self.ckpt.last_block_s, self.cfg.checkpoint.async_write,
                                ends_run=self.stop.received is not None or st.step >= self.cfg.train.max_steps)
         return tag
-
-    def _special_ids(self) -> dict[str, int | None]:
-        tok = self.tokenizer
-        return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id} if tok else {}
-
-    def _tokenizer_files(self) -> dict[str, bytes]:
-        """``tokenizer/`` of a checkpoint (exported beside the weights): the tokenizer.json trained
-        with, and a tokenizer_config.json naming the special tokens this run used (a tokenizer.json
-        alone loads in transformers without an eos token)."""
-        tok = self.tokenizer
-        if self.cfg.data.tokenizer is None or tok is None:
-            return {}
-        conf = {"tokenizer_class": "PreTrainedTokenizerFast", **{
-            k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k, None)}}
-        return {"tokenizer/tokenizer.json": Path(self.cfg.data.tokenizer).read_bytes(),
-                "tokenizer/tokenizer_config.json": (json.dumps(conf, indent=1) + "\n").encode()}
-
-    def _hf_job(self, weights: dict[str, torch.Tensor]):
-        cfg = self.cfg.model
-        ids = self._special_ids()
-
-        def job(part: Path, mode: int) -> dict[Path, hashio.FileRecord | None]:
-            """Writes model/ (Hugging Face layout), hashing the weights while writing them."""
-            from seqpar.models.hf import save_hf_checkpoint
-
-            records: dict[str, hashio.FileRecord] = {}
-
-            def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-                records[path.name] = hashio.write_safetensors(path, tensors, metadata, mode=mode)
-
-            out = save_hf_checkpoint(weights, cfg, part / "model", write_tensors=write, **ids)
-            return {p: records.get(p.name) for p in sorted(Path(out).rglob("*")) if p.is_file()}
-        return job
-
-    def _trainable_weights(self) -> dict[str, torch.Tensor]:
-        if self.cfg.parallel.zero_stage < 3:
-            return trainable_state_dict(self.model)
-        import deepspeed
-
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in trainable_state_dict(self.model).items()}
-
-    def _adapter_job(self, weights: dict[str, torch.Tensor]):
-        identity = (json.dumps(self.base_identity, indent=1, sort_keys=True) + "\n").encode()
-
-        def job(part: Path, mode: int) -> dict[Path, hashio.FileRecord | None]:
-            """Writes adapter/: the trainable tensors and the base model's identity."""
-            out = part / ADAPTER_DIR
-            out.mkdir(parents=True, exist_ok=True)
-            return {out / ADAPTER_FILE: hashio.write_safetensors(out / ADAPTER_FILE, weights, {"format": "pt"}, mode=mode),
-                    out / BASE_FILE: hashio.write_bytes(out / BASE_FILE, identity, mode=mode)}
-        return job
 
     def resume(self, spec: str) -> None:
         """Restore everything from a checkpoint (``auto`` | ``none`` | path); every rank."""
