@@ -1,10 +1,13 @@
-"""Smoke test of a new install: sequence parallelism, bitwise resume and elastic resume, one command.
+"""Smoke test of a new install: sequence and expert parallelism, bitwise and elastic resume, one command.
 
-    torchrun --nproc_per_node N scripts/gpu_smoke.py [--device cuda|cpu] [--only sp,resume,elastic]
+    torchrun --nproc_per_node N scripts/gpu_smoke.py [--device cuda|cpu] [--only sp,ep,resume,elastic]
 
 1. ``sp``: loss and every parameter gradient of a small model under each SP layout N ranks allow
    (ulysses N, ring N, ulysses x ring when N >= 4) against the same batch on one rank with SP = 1,
    in-process with the job's own ranks (bf16 on CUDA, fp32 on CPU; tolerances in ``TOL``).
+1b. ``ep``: an MoE model's experts split over the N ranks (each rank its own batch) against every
+   rank computing all ranks' batches with every expert: loss and gradients (dense summed over
+   all ranks, experts over the ranks holding them).
 2. ``resume``: ``seqpar/train.py`` on N ranks is stopped inside an accumulation window by the
    preemption drill (``SEQPAR_STOP_AFTER_MICRO_BATCHES``, exit 75) and resumed with ``--resume
    auto``; its final checkpoint must be bitwise equal to an uninterrupted run's (deterministic mode
@@ -51,7 +54,7 @@ from seqpar.parallel.attention import build_attention, shard_for  # noqa: E402
 from seqpar.parallel.ulysses import kv_repeats  # noqa: E402
 
 TRAIN = ROOT / "seqpar" / "train.py"
-CHECKS = ("sp", "resume", "elastic")
+CHECKS = ("sp", "ep", "resume", "elastic")
 # SP vs SP=1, as max|a - b| / max|b| of the loss and of the worst parameter gradient: (loss, grads).
 # fp32: the layouts only reorder sums (tests/test_sequence_parallel.py sees ~1e-7). bf16: the SP=1
 # reference is bf16 too, both round activations at 2^-8 = 3.9e-3 in different places. torch's
@@ -97,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", default=",".join(CHECKS), help="comma-separated subset of sp,resume,elastic")
+    p.add_argument("--only", default=",".join(CHECKS), help="comma-separated subset of sp,ep,resume,elastic")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps of the training runs (>= 2)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size (default: 8 heads of 32)")
     p.add_argument("--layers", type=int, default=2)
@@ -224,6 +227,59 @@ def run_sp_checks(args: argparse.Namespace, rep: Report, dev: torch.device) -> N
                   f"(tol {tol_grad:.0e}, worst {worst_name}) | {args.precision}, {model.attention.describe()}, "
                   f"{len(docs)} docs in {ids.shape[1]} tokens [{time.time() - t0:.1f} s]")
         del model
+
+
+# -- 1b. expert parallelism vs one expert group, in-process ------------------------------------------
+def run_ep_checks(args: argparse.Namespace, rep: Report, dev: torch.device) -> None:
+    """MoE experts split over the whole world (data parallel: each rank its own batch) against every
+    rank computing all ranks' batches with every expert: loss, and gradients (dense summed over all
+    ranks, experts over the ranks holding them)."""
+    from seqpar.config import MoEConfig
+    from seqpar.engine import deepspeed_state as dss
+    from seqpar.parallel.experts import ExpertParallel
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    experts = 2 * world
+    cfg = ModelConfig(**{**model_config(args), "arch": "mixtral",
+                         "moe": MoEConfig(num_experts=experts, top_k=2, intermediate_size=args.hidden)})
+    batches = [batch(world, seed=10 + r) for r in range(world)]
+
+    def fresh():
+        return build_model(cfg, seed=5).to(device=dev, dtype=dtype)
+
+    ref, ref_loss = fresh(), 0.0
+    for ids, labels, pos, _ in batches:
+        out = ref(ids.to(dev), pos.to(dev), labels.to(dev))
+        out.loss_sum.backward()
+        ref_loss += out.loss_sum.detach().float()
+    ref_grads = {n: p.grad.float() for n, p in ref.named_parameters()}
+    t0 = time.time()
+    ep_group, edp_group = dss.expert_parallel_groups(world)
+    ep = ExpertParallel(ep_group, world, rank, experts, edp_group)
+    model = fresh()
+    model.set_expert_parallel(ep)
+    ids, labels, pos, _ = batches[rank]
+    out = model(ids.to(dev), pos.to(dev), labels.to(dev))
+    out.loss_sum.backward()
+    total = out.loss_sum.detach().float().clone()
+    dist.all_reduce(total)
+    worst, worst_name = 0.0, ""
+    for n, p in model.named_parameters():
+        grad = p.grad.float()
+        expert = ".mlp.experts." in n
+        dist.all_reduce(grad, group=edp_group if expert else None)
+        want = ref_grads[n][ep.first:ep.first + ep.local] if expert else ref_grads[n]
+        e = rel(grad, want)
+        if e > worst:
+            worst, worst_name = e, n
+    tol_loss, tol_grad = TOL[args.precision]
+    errs = torch.tensor([rel(total, ref_loss), worst], dtype=torch.float64, device=dev)
+    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
+    ok = errs[0].item() <= tol_loss and errs[1].item() <= tol_grad
+    rep.check(ok, f"ep{world} vs ep1", f"loss max rel err {errs[0].item():.1e} (tol {tol_loss:.0e}), grads max rel "
+              f"err {errs[1].item():.1e} (tol {tol_grad:.0e}, worst {worst_name}) | {args.precision}, {experts} "
+              f"experts, {ep.local} per rank [{time.time() - t0:.1f} s]")
 
 
 # -- 2 and 3. training jobs (rank 0 only) ---------------------------------------------------------
@@ -458,17 +514,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# gpu_smoke: {world} rank(s) on {what}, torch {torch.__version__}, {args.precision}, "
               f"model hidden {args.hidden} x {args.layers} layers, heads {args.heads}/{args.kv_heads}", flush=True)
     t0 = time.time()
-    if "sp" not in args.only:
-        rep.add("SKIP", "sp", "not in --only")
-    elif world < 2:
-        rep.add("SKIP", "sp", "needs 2+ ranks (torchrun --nproc_per_node 2 or more)")
-    else:
+    in_process = [c for c in ("sp", "ep") if c in args.only]
+    for check in ("sp", "ep"):
+        if check not in args.only:
+            rep.add("SKIP", check, "not in --only")
+        elif world < 2:
+            rep.add("SKIP", check, "needs 2+ ranks (torchrun --nproc_per_node 2 or more)")
+    if in_process and world >= 2:
         # a rank that dies mid-collective must not leave the others waiting for half an hour
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=10))
-        run_sp_checks(args, rep, dev)
+        if "sp" in in_process:
+            run_sp_checks(args, rep, dev)
+        if "ep" in in_process:
+            run_ep_checks(args, rep, dev)
         dist.destroy_process_group()
     if rank != 0:
-        return 0  # rank 0 reports the SP verdicts (all ranks agreed on them) and runs the jobs
+        return 0  # rank 0 reports the SP / EP verdicts (all ranks agreed on them) and runs the jobs
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # the training jobs share this GPU
     jobs = "resume" in args.only or ("elastic" in args.only and world >= 2)

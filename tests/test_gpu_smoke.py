@@ -32,11 +32,11 @@ def verdicts(out: str) -> dict[str, str]:
 def test_smoke_passes_every_check_on_two_ranks(tmp_path):
     r = smoke("--workdir", str(tmp_path / "work"))
     got = verdicts(r.stdout)
-    want = {"sp=ulysses2 vs sp1": "PASS", "sp=ring2 vs sp1": "PASS", "resume 2 ranks": "PASS",
+    want = {"sp=ulysses2 vs sp1": "PASS", "sp=ring2 vs sp1": "PASS", "ep2 vs ep1": "PASS", "resume 2 ranks": "PASS",
             "elastic 2->1": "PASS"}
     assert r.returncode == 0 and got == want, f"{got}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     assert "bitwise equal to the uninterrupted run" in r.stdout
-    assert "gpu_smoke: 4 passed, 0 failed, 0 skipped" in r.stdout
+    assert "gpu_smoke: 5 passed, 0 failed, 0 skipped" in r.stdout
 
 
 @pytest.mark.slow
@@ -44,6 +44,7 @@ def test_smoke_fails_on_a_perturbed_sp_result():
     r = smoke("--only", "sp", "--inject-mismatch")
     got = verdicts(r.stdout)
     assert r.returncode != 0, r.stdout[-3000:]
-    assert got == {"sp=ulysses2 vs sp1": "FAIL", "sp=ring2 vs sp1": "FAIL", "resume": "SKIP",
+    assert got == {"sp=ulysses2 vs sp1": "FAIL", "sp=ring2 vs sp1": "FAIL", "ep": "SKIP", "resume": "SKIP",
                    "elastic": "SKIP"}, f"{got}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    assert "gpu_smoke: 0 passed, 2 failed, 2 skipped (resume: not in --only; elastic: not in --only)" in r.stdout
+    assert ("gpu_smoke: 0 passed, 2 failed, 3 skipped (ep: not in --only; resume: not in --only; elastic: not in "
+            "--only)") in r.stdout

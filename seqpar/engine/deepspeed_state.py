@@ -425,10 +425,14 @@ def expert_parallel_groups(degree: int):
     """(EP group, expert-data-parallel group) of this rank, created by DeepSpeed (collective) so
     its optimizer and seqpar's all-to-all use the same communicators; checked against
     ``seqpar.parallel.experts.ep_groups`` (consecutive EP groups)."""
+    import deepspeed
+    import deepspeed.comm as ds_dist
     from deepspeed.utils import groups
 
     from seqpar.parallel.experts import ep_groups
 
+    if not ds_dist.is_initialized():  # torch.distributed is; DeepSpeed's wrapper of it not yet
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     name, world, rank = expert_group_name(degree), dist.get_world_size(), dist.get_rank()
     groups._create_expert_and_data_parallel(degree)
     ep, edp = ep_groups(world, degree)
