@@ -142,8 +142,10 @@ def _elastic(path: Path, state: dict, cfg: dict) -> str:
     """Whether (and with what constraint) the checkpoint resumes on another layout."""
     if not (path / "rank00000" / "fragments.json").is_file():
         return "no: written before elastic resume"
-    if state["topology"].get("ep", 1) > 1 and state.get("optimizer_kind") in ("torch", "unfused16"):
-        return "no: ZeRO-0 with experts split over ranks (rank 0's optimizer state only): resume on this layout"
+    copies = state["topology"].get("ep", 1) if state.get("optimizer_kind") in ("torch", "unfused16") else 1
+    if any(not (path / f"rank{r:05d}" / "fragments.json").is_file() for r in range(1, copies)):
+        # ZeRO-0 with split experts: ranks 0..P-1 each save one expert slice's optimizer copy
+        return "no: ZeRO-0 with experts split over ranks, saved with rank 0's optimizer state only: resume on this layout"
     from seqpar.engine.reshard import ELASTIC_KINDS, partial_grads_form  # imports DeepSpeed: only when needed
 
     if state.get("optimizer_kind") not in ELASTIC_KINDS:

@@ -26,7 +26,7 @@ from seqpar.engine import Trainer
 from seqpar.engine.reshard import EXPERT_MARK
 from seqpar.parallel import make_topology
 
-Layout = tuple[int, int, int, int, int, bool]  # (world, zero stage, ulysses, ring, expert degree, offload)
+Layout = tuple[int, int, int, int, int, bool, bool]  # (world, zero, ulysses, ring, expert degree, offload, bf16)
 STEP = 2  # optimizer steps done at every stop
 # name: (source layout, target layout, micro-steps into step 3's window at the stop: 0 = boundary).
 # Global batch 4 sequences of 1: dp 2 runs windows of 2 micro-steps, dp 1 windows of 4. MoE with 4
@@ -35,22 +35,32 @@ STEP = 2  # optimizer steps done at every stop
 # partitions and ZeRO-0/1 local gradients, with the experts' holders changing; and ZeRO-2 offload's
 # CPU gradient buffers (memory.offload_optimizer) in both directions, and a ZeRO-3 target.
 CELLS: dict[str, tuple[Layout, Layout, int]] = {
-    "ep2-zero2_to_dp1-zero0": ((2, 2, 1, 1, 2, False), (1, 0, 1, 1, 1, False), 0),
-    "mid-ep2-zero2_to_dp1-zero1": ((2, 2, 1, 1, 2, False), (1, 1, 1, 1, 1, False), 1),
-    "mid-ep2-zero1_to_ep1-zero2": ((2, 1, 1, 1, 2, False), (2, 2, 1, 1, 1, False), 1),
-    "mid-ep2-zero1_to_ulysses2-zero1": ((2, 1, 1, 1, 2, False), (2, 1, 2, 1, 1, False), 1),
-    "mid-ep2-zero2-offload_to_dp1-zero2-offload": ((2, 2, 1, 1, 2, True), (1, 2, 1, 1, 1, True), 1),
-    "mid-ep2-zero1_to_dp1-zero3": ((2, 1, 1, 1, 2, False), (1, 3, 1, 1, 1, False), 1),
-    "dp1-zero2_to_ep2-zero1": ((1, 2, 1, 1, 1, False), (2, 1, 1, 1, 2, False), 0),
-    "mid-dp1-zero2_to_ep2-zero1": ((1, 2, 1, 1, 1, False), (2, 1, 1, 1, 2, False), 2),
-    "mid-ep1-zero1_to_ep2-zero2": ((2, 1, 1, 1, 1, False), (2, 2, 1, 1, 2, False), 1),
-    "mid-ep1-zero1_to_ring2-ep2-zero1": ((2, 1, 1, 1, 1, False), (2, 1, 1, 2, 2, False), 1),
-    "mid-dp1-zero2-offload_to_ep2-zero2-offload": ((1, 2, 1, 1, 1, True), (2, 2, 1, 1, 2, True), 2),
+    "ep2-zero2_to_dp1-zero0": ((2, 2, 1, 1, 2, False, False), (1, 0, 1, 1, 1, False, False), 0),
+    "mid-ep2-zero2_to_dp1-zero1": ((2, 2, 1, 1, 2, False, False), (1, 1, 1, 1, 1, False, False), 1),
+    "mid-ep2-zero1_to_ep1-zero2": ((2, 1, 1, 1, 2, False, False), (2, 2, 1, 1, 1, False, False), 1),
+    "mid-ep2-zero1_to_ulysses2-zero1": ((2, 1, 1, 1, 2, False, False), (2, 1, 2, 1, 1, False, False), 1),
+    "mid-ep2-zero2-offload_to_dp1-zero2-offload": ((2, 2, 1, 1, 2, True, False), (1, 2, 1, 1, 1, True, False), 1),
+    "mid-ep2-zero1_to_dp1-zero3": ((2, 1, 1, 1, 2, False, False), (1, 3, 1, 1, 1, False, False), 1),
+    "dp1-zero2_to_ep2-zero1": ((1, 2, 1, 1, 1, False, False), (2, 1, 1, 1, 2, False, False), 0),
+    "mid-dp1-zero2_to_ep2-zero1": ((1, 2, 1, 1, 1, False, False), (2, 1, 1, 1, 2, False, False), 2),
+    "mid-ep1-zero1_to_ep2-zero2": ((2, 1, 1, 1, 1, False, False), (2, 2, 1, 1, 2, False, False), 1),
+    "mid-ep1-zero1_to_ring2-ep2-zero1": ((2, 1, 1, 1, 1, False, False), (2, 1, 1, 2, 2, False, False), 1),
+    "mid-dp1-zero2-offload_to_ep2-zero2-offload": ((1, 2, 1, 1, 1, True, False), (2, 2, 1, 1, 2, True, False), 2),
+    # from ZeRO-0 with split experts (ranks 0..P-1 saved one optimizer copy each; fp32 masters from
+    # the export, bf16 ones from the copies), and into it
+    "ep2-zero0_to_dp1-zero1": ((2, 0, 1, 1, 2, False, False), (1, 1, 1, 1, 1, False, False), 0),
+    "mid-ep2-zero0_to_dp1-zero2": ((2, 0, 1, 1, 2, False, False), (1, 2, 1, 1, 1, False, False), 1),
+    "ep2-zero0_to_ep2-zero2": ((2, 0, 1, 1, 2, False, False), (2, 2, 1, 1, 2, False, False), 0),
+    "mid-ep2-zero0_to_ep2-zero1": ((2, 0, 1, 1, 2, False, False), (2, 1, 1, 1, 2, False, False), 1),
+    "dp1-zero2_to_ep2-zero0": ((1, 2, 1, 1, 1, False, False), (2, 0, 1, 1, 2, False, False), 0),
+    "mid-ep1-zero1_to_ep2-zero0": ((2, 1, 1, 1, 1, False, False), (2, 0, 1, 1, 2, False, False), 1),
+    "mid-ep2-zero0-bf16_to_dp1-zero0-bf16": ((2, 0, 1, 1, 2, False, True), (1, 0, 1, 1, 1, False, True), 1),
+    "ep2-zero0-bf16_to_ep2-zero2-bf16": ((2, 0, 1, 1, 2, False, True), (2, 2, 1, 1, 2, False, True), 0),
 }
 
 
 def key(layout: Layout) -> str:
-    return "src-w{}-z{}-u{}-r{}-ep{}".format(*layout) + ("-offload" if layout[5] else "")
+    return "src-w{}-z{}-u{}-r{}-ep{}".format(*layout) + ("-offload" if layout[5] else "") + ("-bf16" if layout[6] else "")
 
 
 def dp(layout: Layout) -> int:
@@ -64,14 +74,14 @@ def checkpoint(out: Path, cell: str) -> Path:
 
 
 def config(run_dir: Path, layout: Layout, resume: str) -> dict:
-    _, stage, ulysses, ring, ep, offload = layout
+    _, stage, ulysses, ring, ep, offload, bf16 = layout
     return {
         "model": tiny_model(True),
         "data": {"type": "passkey", "seq_len": 128, "passkey": {"eval_samples": 0, "key_digits": 2}},
         "parallel": {"zero_stage": stage, "ulysses_degree": ulysses, "ring_degree": ring, "expert_degree": ep},
         "memory": {"offload_optimizer": offload},
         "train": {"max_steps": 4, "micro_batch_size": 1, "global_batch_size": 4, "lr": 1e-2,
-                  "warmup_steps": 1, "grad_clip": 0.5},
+                  "warmup_steps": 1, "grad_clip": 0.5, "precision": "bf16" if bf16 else "fp32"},
         "checkpoint": {"at_end": False, "resume": resume, "async_write": False, "keep_last": 5},
         "logging": {"run_dir": str(run_dir), "progress_bar": False, "tensorboard": "off"},
     }

@@ -14,10 +14,11 @@ state dicts have the same layout, in CPU memory). Every element of every new sli
 covered, or the resume is refused. Saved files are read lazily: a new rank reads only the parts
 that overlap its own slices (safetensors slices of memory-mapped files).
 
-Expert parallelism (EP, ZeRO-1/2): rank r of a layout with EP degree P holds rows
+Expert parallelism (EP, ZeRO-0/1/2): rank r of a layout with EP degree P holds rows
 [(r % P) E/P, (r % P + 1) E/P) of every expert parameter, under the whole parameter's name. Maps are
 saved in these local coordinates; the overlap arithmetic shifts them to whole-parameter ones
-(``ExpertSplit``), so state moves between EP degrees as between DP sizes.
+(``ExpertSplit``), so state moves between EP degrees as between DP sizes. At ZeRO-0 the saved
+ranks 0..P-1 each hold one expert slice's optimizer copy (and, fp32, the export its master rows).
 """
 
 from __future__ import annotations
@@ -267,7 +268,8 @@ def reshard_optimizer(engine, old_kind: str, sources: Iterable[Source], schedule
                       experts: ExpertSplit | None = None) -> None:
     """Fill this rank's optimizer from every saved rank's ``(rank, optimizer state dict, fragment map)``.
 
-    ``old_weights`` gives the saved module weights by name (needed when ``old_kind == "torch"``);
+    ``old_weights`` gives the saved module weights by name, experts whole (needed when
+    ``old_kind == "torch"``);
     ``experts`` places expert slices when either layout splits them (EP > 1).
     Collective (DeepSpeed's loader all-gathers the new weights); every rank calls it, and an error
     on any rank is raised on all of them before that collective.
@@ -289,8 +291,6 @@ def _fill_optimizer(engine, old_kind: str, sources: Iterable[Source],
     for k in (old_kind, new_kind):
         if k not in ELASTIC_KINDS:
             raise ReshardError(f"optimizer kind {k!r} cannot be resharded (supported: {ELASTIC_KINDS})")
-    if old_kind in ("torch", "unfused16") and experts.old > 1:  # ZeRO-0 saves rank 0's state (and experts) only
-        raise ReshardError("a ZeRO-0 checkpoint with split experts cannot be resharded")
     target_map = fragment_map(engine)
     sd = None
     covered: dict[str, list[tuple[int, int]]] = {name: [] for name in target_map}
@@ -304,7 +304,10 @@ def _fill_optimizer(engine, old_kind: str, sources: Iterable[Source],
             groups = match_groups(new_pgs, old_pgs)
             for new_pg, i in zip(new_pgs, groups):
                 new_pg.update({k: v for k, v in old_pgs[i].items() if k not in ("params", "name", "moe")})
-        old_w = [weights_by_name[n] for n in sorted(old_map, key=lambda n: old_map[n][0])] if weights_by_name else None
+        old_w = None
+        if weights_by_name is not None:  # the export holds every expert: this saved rank's rows of each
+            old_w = [weights_by_name[n].reshape(-1).narrow(0, experts.old_shift(n, old_rank), old_map[n][3])
+                     for n in sorted(old_map, key=lambda n: old_map[n][0])]
         for name, src in slices(old_kind, old_sd, old_map, old_w).items():
             dst = targets.get(name)
             if dst is None:

@@ -123,10 +123,11 @@ class Resume:
         if self.tr.cfg.train.optimizer == "galore":
             return (f"{where}: GaLore's optimizer state (projectors, low-rank moments) is not resharded: "
                     "resume on the saved layout")
-        if old.get("ep", 1) > 1 and state.get("optimizer_kind") in ("torch", "unfused16"):
-            # ZeRO-0 with split experts saves one optimizer copy per expert slice; moving those is not done yet
-            return (f"{where}; it was saved at ZeRO-0 with experts split over ranks, which is not resharded yet: "
-                    "resume on the saved layout (or save from ZeRO-1/2)")
+        copies = old.get("ep", 1) if state.get("optimizer_kind") in ("torch", "unfused16") else 1
+        if any(not (path / rank_dir(r) / "fragments.json").is_file() for r in range(1, copies)):
+            # ZeRO-0 with split experts: ranks 0..P-1 each hold one expert slice's optimizer copy
+            return (f"{where}; it was saved at ZeRO-0 with experts split over ranks by an older seqpar, which kept "
+                    "rank 0's optimizer state only (its experts alone): resume on the saved layout")
         old_batch = saved_cfg["train"]["micro_batch_size"] * old["grad_accum_steps"] * old["dp"]
         lay = self.tr.layout
         new_batch = lay.micro_batch_size * lay.grad_accum_steps * lay.dp
@@ -216,7 +217,8 @@ class Resume:
         goes on at the micro-step of the new layout that starts at the same sample, and the
         per-rank sums of the window (loss, MoE token counts) are carried by the new rank 0."""
         old, kind = state["topology"], state["optimizer_kind"]
-        ranks = [0] if kind in ("torch", "unfused16") else list(range(old["world_size"]))
+        # ZeRO-0 state is replicated, except over expert slices: saved ranks 0..P-1 hold one each
+        ranks = list(range(old.get("ep", 1) if kind in ("torch", "unfused16") else old["world_size"]))
         # lazily: each new rank reads only the parts of the saved files that overlap its slices
         trees = {0: self.tr.ckpt.read_tree(path, "optimizer", 0, lazy=True)}
         scheduler = trees[0]["scheduler"]
