@@ -744,6 +744,9 @@ class Config(_Section):
         if self.model.lora is not None and self.parallel.zero_stage == 3 and self.parallel.zero3_init:
             raise ValueError("model.lora with ZeRO-3 needs parallel.zero3_init false (adapters wrap the base after "
                              "it is built, so it is built whole and then partitioned): set parallel.zero3_init false")
+        if self.model.lora is not None and "lm_head" in self.model.lora.trainable and self.model.tie_word_embeddings:
+            raise ValueError("model.lora.trainable: lm_head is tied to the embeddings in this model "
+                             "(tie_word_embeddings): train embed_tokens instead")
         if self.model.lora is not None and self.model.lora.quantize_base and self.parallel.zero_stage == 3:
             raise ValueError("model.lora.quantize_base with ZeRO-3 is not supported (the 4-bit base is a buffer "
                              "ZeRO-3 would not partition): use parallel.zero_stage 0, 1 or 2")
@@ -858,9 +861,10 @@ class Config(_Section):
         if self.train.compile:
             raise ValueError("parallel.expert_degree > 1 with train.compile is not supported (the token "
                              "all-to-all needs its split sizes on the host): set train.compile false")
-        if m.lora is not None and m.lora.experts:
-            raise ValueError("parallel.expert_degree > 1 with model.lora.experts is not supported yet: set "
-                             "model.lora.experts false")
+        if m.lora is not None:
+            raise ValueError("parallel.expert_degree > 1 with model.lora is not supported yet: DeepSpeed broadcasts "
+                             "frozen parameters from rank 0 at start-up, which would overwrite each rank's own "
+                             "experts: set parallel.expert_degree 1 or remove model.lora")
         zo = self.deepspeed.get("zero_optimization", {})
         for key in ("reduce_scatter", "contiguous_gradients"):
             if isinstance(zo, dict) and zo.get(key) is False:

@@ -47,3 +47,4 @@ def test_expert_parallel_trains_like_one_expert_group(tmp_path, stage):
         weights.append(dict(full.named_parameters()))
     for n, w in weights[0].items():
         torch.testing.assert_close(weights[1][n], w, rtol=1e-4, atol=1e-5, msg=n)
+

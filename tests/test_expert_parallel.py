@@ -46,6 +46,7 @@ def test_groups_and_regrouping():
     ({"model": MOE_MODEL, "parallel": {"zero_stage": 3, "expert_degree": 2}}, "refuses native MoE"),
     ({"model": MOE_MODEL, "parallel": {"expert_degree": 3}}, "num_experts=4 is not divisible"),
     ({"model": MOE_MODEL, "parallel": {"expert_degree": 2}, "train": {"compile": True}}, "train.compile"),
+    ({"model": {**MOE_MODEL, "lora": {"rank": 4}}, "parallel": {"expert_degree": 2}}, "overwrite each rank's own"),
 ])
 def test_expert_parallel_config_refusals(over, fragment):
     from seqpar.config import ConfigError, validate_config

@@ -5,6 +5,7 @@ is a fraction of AdamW's."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -42,6 +43,21 @@ def test_low_rank_state_and_refresh_schedule():
     assert got == galore_state_bytes((24, 8), 3)
     with pytest.raises(ValueError, match="GaLore projects matrices"):
         GaLoreAdamW([{"params": [vec], "galore": True}])
+    # a state_dict round trip (torch casts loaded state to the parameter's dtype) continues the
+    # same trajectory bitwise, through the next refresh
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in (tall, wide, vec)]
+    opt2 = GaLoreAdamW([{"params": twin[:2], "galore": True, "rank": 3, "update_interval": 2, "scale": 0.5},
+                        {"params": twin[2:]}], lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a file: no shared buffers
+    for a, b in zip((tall, wide, vec), twin):  # the state a later checkpoint writes is the same state
+        assert {k: (v.dtype, v.shape) for k, v in opt.state[a].items()} == \
+            {k: (v.dtype, v.shape) for k, v in opt2.state[b].items()}
+    for _ in range(3):
+        for o, (a, b, c) in ((opt, (tall, wide, vec)), (opt2, twin)):
+            o.zero_grad()
+            ((x @ a @ b).pow(2).mean() + c.pow(2).sum()).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip((tall, wide, vec), twin))
 
 
 def test_galore_refusals_say_why():

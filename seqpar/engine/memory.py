@@ -84,10 +84,15 @@ class ActivationOffload:
         """Start the copy back (side stream on CUDA); the compute stream waits for it in ``take``."""
         host = stash.host
         if self.cuda:
+            # allocated from the compute stream's pool (memory the side stream allocated would stay
+            # cached for it alone), filled on the side stream, kept alive until that copy is done
+            compute = torch.cuda.current_stream(stash.device)
+            x = torch.empty(host.shape, dtype=host.dtype, device=stash.device)
+            self.stream.wait_stream(compute)
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(stash.event)  # the copy to the host has finished
-                x = torch.empty(host.shape, dtype=host.dtype, device=stash.device)
                 x.copy_(host, non_blocking=True)
+            x.record_stream(self.stream)
             event = self.stream.record_event()
             stash.event = event
         else:
@@ -121,6 +126,15 @@ class Stash:
         self.in_forward = False
         self.offload.to_host(self)
 
+    def release(self) -> None:
+        """After the backward: drop what a recomputation that never happened left behind (a
+        checkpoint whose outputs needed no gradient is not recomputed)."""
+        self.back = None
+        if self.host is not None:
+            self.offload._returning.append((self.key, self.host, self.event))
+            self.offload.host_bytes -= self.host.numel() * self.host.element_size()
+            self.host = None
+
     def prefetch(self) -> None:
         if self.back is None and self.host is not None:
             self.back = self.offload.to_device(self)
@@ -128,6 +142,10 @@ class Stash:
     def take(self) -> Tensor:
         if self.in_forward:
             return self.device_tensor
+        if self.uses <= 0:
+            raise RuntimeError("an offloaded layer input was recomputed more often than its policy allows "
+                               "(a second backward through the same graph? retain_graph is not supported "
+                               "with memory.offload_activations)")
         self.prefetch()
         x = self.back
         if self.offload.cuda:
@@ -153,6 +171,13 @@ class LayerMemory:
         self.offloaded = [c and cfg.offload_activations and i != last for i, c in enumerate(self.checkpointed)]
         self.offload = ActivationOffload(device) if any(self.offloaded) else None
         self._previous: Stash | None = None
+
+    def release(self) -> None:
+        """End of a micro-batch's backward: every stash of its forward lets go of its tensors."""
+        stash, self._previous = self._previous, None
+        while stash is not None:
+            stash.release()
+            stash = stash.previous
 
     def describe(self) -> str:
         n = sum(self.checkpointed)

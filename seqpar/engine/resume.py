@@ -75,13 +75,13 @@ class Resume:
         elastic = state["topology"] != self.tr._meta()["topology"]
         accepted = check_resume_config(_with_defaults(saved_cfg), self.tr.cfg.model_dump(mode="json"),
                                        self.tr.cfg.checkpoint.allow_changes, saved_step=state["step"])
-        self._set_aside_newer(path)
-        if self.tr.cfg.model.lora is not None:
+        if self.tr.cfg.model.lora is not None:  # before anything is moved aside
             saved_base = json.loads((path / ADAPTER_DIR / BASE_FILE).read_text())
             try:
                 check_base_identity(saved_base, self.tr.base_identity, str(path))
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        self._set_aside_newer(path)
         if elastic:
             self._restore_elastic(path, state, saved_cfg)
         else:

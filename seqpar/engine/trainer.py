@@ -59,6 +59,7 @@ from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
 from seqpar.optim.galore import build_galore
+from seqpar.optim.sizes import checkpoint_bytes
 from seqpar.parallel.experts import ExpertParallel, clip_grad_norm_
 from seqpar.parallel.sharding import owner_of
 from seqpar.rng import seed_everything
@@ -235,7 +236,8 @@ class Trainer:
         self.base_identity = None
         if cfg.model.lora is not None:  # hashed once (rank 0 reads the base files), shared
             ident = [base_identity(cfg.model, cfg.train.seed) if topo.is_main else None]
-            dist.broadcast_object_list(ident, src=0)
+            # over the gloo control group: hashing a large base can outlast NCCL's timeout
+            dist.broadcast_object_list(ident, src=0, group=topo.control_group)
             self.base_identity = ident[0]
         if cfg.parallel.zero_stage == 3 and cfg.model.tie_word_embeddings:
             # the tied head reads the embedding matrix outside the embedding's forward
@@ -359,15 +361,14 @@ class Trainer:
     def _disk_line(self) -> str:
         """What the checkpoint directory needs: retention deletes old checkpoints only after a new
         one is committed, so keep_last + 1 of them must fit. Measured on the resumed checkpoint,
-        else estimated: fp32 master + 2 Adam moments (12 B/param) + the weights, + gradients inside
-        a window (ZeRO 0/1: every rank saves its full local gradients)."""
+        else estimated (``seqpar.optim.sizes``: weights + optimizer state by training mode), +
+        gradients inside a window (ZeRO 0/1: every rank saves its full local gradients)."""
         c, root = self.cfg.checkpoint, self.ckpt.store.root
-        weight = 2 if self.cfg.train.precision == "bf16" else 4
-        per, how = self.n_params * (12 + weight), "estimated"
+        per, how = checkpoint_bytes(self.cfg)["total"], "estimated"  # by training mode (LoRA, GaLore)
         if self._resumed_path is not None and self.layout.world_size == self._resumed_world:
             files = self.ckpt.store.manifest(self._resumed_path)["files"].values()
             per, how = sum(f["size"] for f in files), f"as {self._resumed_path.name}"
-        grads = self.n_params * 4 * (self.layout.world_size if self.cfg.parallel.zero_stage < 2 else 1)
+        grads = self.n_trainable * 4 * (self.layout.world_size if self.cfg.parallel.zero_stage < 2 else 1)
         need = (c.keep_last + 1) * (per + grads)
         try:
             free = f", {_size(shutil.disk_usage(root).free)} free"
@@ -499,6 +500,7 @@ class Trainer:
         # DeepSpeed averages gradients over all world ranks (DP x SP replicas); see module docstring
         loss = out.loss_sum * (lay.world_size / self._acc["tokens"]) + out.aux_loss / lay.grad_accum_steps
         self.engine.backward(loss, scale_wrt_gas=False)
+        self.memory.release()  # offloaded inputs a skipped recomputation left behind
         closes = st.micro_step + 1 == lay.grad_accum_steps
         assert self.engine.is_gradient_accumulation_boundary() == closes, "DeepSpeed micro-step drifted"
         if closes:  # the optimizer step changes what a checkpoint in flight may still be copying

@@ -58,6 +58,21 @@ class LoRALinear(nn.Linear):
         return self.weight + (self.lora_B @ self.lora_A) * self.scaling
 
 
+class _Linear4bit(torch.autograd.Function):
+    """``x @ W.t()`` with W dequantized from 4 bits in the forward and again in the backward:
+    autograd would otherwise keep every layer's dequantized weight until the backward (the base
+    is frozen: no weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "QLoRALinear") -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return F.linear(x, layer.base_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad @ ctx.layer.base_weight(grad.dtype), None
+
+
 class QLoRALinear(nn.Module):
     """QLoRA: the frozen base weight stored as 4-bit NF4 (bitsandbytes, blocks of 64 with their
     absmax), dequantized for each matmul; the adapters as in ``LoRALinear``. The packed weight is a
@@ -83,10 +98,13 @@ class QLoRALinear(nn.Module):
 
         if self.quant_state.absmax.device != self.qweight.device:  # the buffer moved with the module
             self.quant_state.to(self.qweight.device)
-        return bnbf.dequantize_4bit(self.qweight, self.quant_state).to(dtype)
+        self.quant_state.dtype = dtype  # dequantize straight to the compute dtype (no fp32 temporary)
+        return bnbf.dequantize_4bit(self.qweight, self.quant_state)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.base_weight(x.dtype), self.bias)
+        out = _Linear4bit.apply(x, self)
+        if self.bias is not None:
+            out = out + self.bias
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def merged_weight(self) -> Tensor:

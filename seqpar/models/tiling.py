@@ -9,10 +9,10 @@ the function's weights are summed over the tiles by autograd before any gradient
 
 DeepSpeed 0.19.8 ships ``TiledMLP`` (ALST) for the same purpose. It is an autograd Function that
 calls ``torch.autograd.backward`` per tile inside its backward and toggles ZeRO-3's
-``ds_grad_is_ready`` flags so DeepSpeed does not reduce after the first tile; nested inside a
-checkpointed layer it recomputes its whole forward again. Checkpointing each tile needs neither:
-it composes with whole-layer checkpointing, sequence parallelism and every ZeRO stage through
-autograd alone.
+``ds_grad_is_ready`` flags so DeepSpeed does not reduce after the first tile. Checkpointing each
+tile needs neither: it composes with whole-layer checkpointing, sequence parallelism and every
+ZeRO stage through autograd alone. The cost is the same in both: inside a checkpointed layer the
+MLP runs three times per micro-batch (forward, the layer's recomputation, the tile's).
 """
 
 from __future__ import annotations

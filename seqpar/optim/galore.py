@@ -12,7 +12,7 @@ Why not the ``galore-torch`` package: its per-parameter state holds a Python pro
 an optimizer ``state_dict`` cannot go through seqpar's no-pickle checkpoint codec; here every piece
 of state is a tensor (projector, low-rank moments, step), and the refresh schedule follows the
 saved step, so a resume that crosses a refresh is bitwise. The SVD runs in fp32 on the gradient's
-device (deterministic on CPU; on CUDA cuSOLVER's gesvd).
+device (deterministic on CPU; on CUDA torch's default driver, gesvdj with a gesvd fallback).
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 galore = group["galore"]
                 if galore:
                     refresh = int(state["step"]) % group["update_interval"] == 0
+                    left = p.shape[0] < p.shape[1]  # the smaller side (a shape fact: not kept in the state)
                     if refresh:  # a new subspace from this step's gradient (the moments carry over, as in GaLore)
-                        state["projector"], state["left"] = _projector(grad, group["rank"])
-                    low = _project(grad, state["projector"], bool(state["left"]))
+                        state["projector"] = _projector(grad, group["rank"])
+                    low = _project(grad, state["projector"], left)
                 else:
                     low = grad
                 if "exp_avg" not in state or (galore and refresh and state["exp_avg"].shape != low.shape):
@@ -70,21 +71,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 denom = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
                 update = (m / (1 - beta1 ** t)) / denom
                 if galore:
-                    update = _project_back(update, state["projector"], bool(state["left"])) * group["scale"]
+                    update = _project_back(update, state["projector"], left) * group["scale"]
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
         return loss
 
 
-def _projector(grad: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """(projector, left?) for a gradient [m, n]: U[:, :r] [m, r] if m < n (left), else V[:r] [r, n]."""
+def _projector(grad: Tensor, rank: int) -> Tensor:
+    """For a gradient [m, n]: U[:, :r] [m, r] if m < n (left side), else V[:r] [r, n]."""
     m, n = grad.shape
     r = min(rank, m, n)
     u, _, vh = torch.linalg.svd(grad, full_matrices=False)
-    left = m < n
-    proj = u[:, :r].contiguous() if left else vh[:r].contiguous()
-    return proj, torch.tensor(left)
+    return u[:, :r].contiguous() if m < n else vh[:r].contiguous()
 
 
 def _project(grad: Tensor, proj: Tensor, left: bool) -> Tensor:

@@ -105,19 +105,15 @@ def gather_experts(state: dict[str, Tensor], ep: ExpertParallel) -> dict[str, Te
     expert tensor replaced, on rank 0, by all P slices concatenated (collective over that group;
     other ranks get their input back). One tensor at a time, on the CPU."""
     out = dict(state)
+    nccl = dist.get_backend(ep.group) == "nccl"  # NCCL gathers device tensors, gloo host ones
+    dst = dist.get_global_rank(ep.group, 0)
     for name in sorted(k for k in state if ".mlp.experts." in k):
-        local = state[name].detach().cpu().contiguous()
+        local = state[name].detach().contiguous()
+        local = local if nccl else local.cpu()
         parts = [torch.empty_like(local) for _ in range(ep.degree)] if ep.rank == 0 else None
-        if dist.get_backend(ep.group) == "nccl":  # NCCL gathers device tensors
-            dev = state[name].device
-            parts_dev = [p.to(dev) for p in parts] if parts is not None else None
-            dist.gather(state[name].detach().contiguous(), parts_dev, dst=dist.get_global_rank(ep.group, 0),
-                        group=ep.group)
-            parts = [p.cpu() for p in parts_dev] if parts_dev is not None else None
-        else:
-            dist.gather(local, parts, dst=dist.get_global_rank(ep.group, 0), group=ep.group)
-        if parts is not None:
-            out[name] = torch.cat(parts)
+        dist.gather(local, parts, dst=dst, group=ep.group)
+        if parts is not None:  # one tensor's slices at a time on the device, then to the host
+            out[name] = torch.cat([p.cpu() for p in parts])
     return out
 
 
@@ -129,9 +125,10 @@ def clip_grad_norm_(dense: list[Tensor], experts: list[Tensor], ep: ExpertParall
     Returns the norm (a device tensor: no host read)."""
     grads = [p.grad for p in dense if p.grad is not None]
     egrads = [p.grad for p in experts if p.grad is not None]
-    ref = (grads or egrads)[0]
-    d = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else ref.new_zeros((), dtype=torch.float32)
-    e = torch.stack([g.float().pow(2).sum() for g in egrads]).sum() if egrads else d.new_zeros(())
+    dev = next(iter(dense or experts)).device  # a rank without any gradient still joins the all-reduce
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    d = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else zero
+    e = torch.stack([g.float().pow(2).sum() for g in egrads]).sum() if egrads else zero.clone()
     dist.all_reduce(e, group=ep.group)
     norm = (d + e).sqrt()
     if max_norm > 0:
