@@ -125,3 +125,25 @@ def test_describe_and_config_errors():
         load_config(None, ["--train.compile", "true", "--memory.tiled_mlp", "true"])
     with pytest.raises(ConfigError, match="selective"):
         load_config(None, ["--train.compile", "true", "--memory.activation_checkpointing", "selective"])
+
+
+def test_stashes_are_released_when_a_recomputation_is_skipped():
+    """A checkpoint whose outputs need no gradient is never recomputed (layer 0's q/k/v with a
+    frozen embedding and adapters only after attention): its offloaded input would stay referenced;
+    ``release()`` (the trainer calls it after each backward) drops it and returns the host buffer."""
+    from seqpar.config import LoRAConfig
+
+    cfg = tiny_cfg(num_hidden_layers=LAYERS, lora=LoRAConfig(rank=2, targets=["o_proj", "down_proj"]))
+    model = build_model(cfg, seed=3)
+    policy = apply_memory_policy(model, MemoryConfig(activation_checkpointing="selective", offload_activations=True),
+                                 cfg, CPU)
+    ids = torch.randint(0, 97, (2, 24))
+    model(ids, torch.arange(24).repeat(2, 1), ids).loss_sum.backward()
+    held = []
+    stash = policy._previous
+    while stash is not None:
+        held.append(stash.back is not None or stash.host is not None)
+        stash = stash.previous
+    assert any(held)  # layer 0's q/k/v recomputation never ran: its input is still held
+    policy.release()
+    assert policy._previous is None and policy.offload.host_bytes == 0
