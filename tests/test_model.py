@@ -243,7 +243,7 @@ def test_backend_chooser_falls_back_and_remembers():
         calls.append(("flash", k.shape[1]))
         if k.shape[1] != q.shape[1]:
             raise RuntimeError("no native GQA")
-        return q, torch.zeros(1)
+        return varlen_attention(q, k, v, torch.tensor([0, q.shape[0]]), a[-1])
 
     chooser = BackendChooser({"cudnn": failing("cudnn"), "flash": ok, "efficient": failing("efficient")},
                              backend_order(deterministic=False))
@@ -305,10 +305,12 @@ def test_backend_chooser_times_candidates_and_drops_wrong_ones():
     chooser(("k",), q, k, v, cu, 25, 0.25)
     assert log == ["efficient"], "chosen once per signature, then reused without timing"
     assert chooser.describe() == "efficient+expand (efficient+expand 2000 ms, flash 3000 ms, flash+expand 3000 ms)"
-    # without a timer (deterministic mode): first in order that runs, wrong or not checked
-    plain = BackendChooser({"flash": exact("flash"), "efficient": exact("efficient")}, ["efficient", "flash"])
+    # without a timer (deterministic mode): the first in order that runs and is right
+    plain = BackendChooser({"cudnn": wrong, "flash": exact("flash"), "efficient": exact("efficient")},
+                           ["cudnn", "efficient", "flash"])
     plain(("k",), q, k, v, cu, 25, 0.25)
     assert plain.chosen[("k",)] == ("efficient", True) and not plain.timings
+    assert "wrong result" in plain.errors["cudnn"]
     # nothing correct: one clear error
     bad = BackendChooser({"cudnn": wrong}, ["cudnn"], timer)
     with pytest.raises(RuntimeError, match="no SDPA backend ran correctly.*wrong result"):

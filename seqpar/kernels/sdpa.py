@@ -163,10 +163,10 @@ def cuda_seconds(fn: Callable[[], None], iters: int = 3) -> float:
 class BackendChooser:
     """Pick the backend for each call signature once, and remember it.
 
-    Without a timer (deterministic mode, tests): the first backend in ``order`` that runs. With a
-    ``timer`` (fast mode on CUDA): every backend that runs is checked against exact fp32 math on a
-    prefix of the inputs (a kernel that runs but is wrong, as torch 2.11's cuDNN varlen was, is
-    dropped) and timed forward + backward on copies of the inputs; the fastest is kept. Deterministic
+    Every backend that runs is checked against exact fp32 math on a prefix of the inputs (a kernel
+    that runs but is wrong, as torch 2.11's cuDNN varlen was, is dropped). Without a timer
+    (deterministic mode): the first correct one in ``order``. With a ``timer`` (fast mode on CUDA):
+    every correct one is timed forward + backward on copies of the inputs; the fastest is kept. Deterministic
     mode never times: a choice that depended on timing noise could differ between a run and its
     resume, and bitwise resume needs the same kernels.
 
@@ -216,7 +216,8 @@ class BackendChooser:
         ref = prefix_reference(q, k, v, cu, scale, self.CHECK_ROWS)
         rows = ref[0].shape[0]
         qc, kc, vc = (x.detach().clone().requires_grad_() for x in (q, k, v))
-        grad = torch.randn_like(qc)
+        g = torch.Generator(device=q.device).manual_seed(0)  # not the training RNG stream
+        grad = torch.randn(qc.shape, dtype=qc.dtype, device=qc.device, generator=g)
         times: dict[str, float] = {}
         for name, expand in self._candidates(q, k):
             label = self._label(name, expand)
@@ -247,11 +248,19 @@ class BackendChooser:
             self.chosen[key] = self._measure(key, q, k, v, cu, max_len, scale)
         if key in self.chosen:
             return self._run(*self.chosen[key], q, k, v, cu, max_len, scale)
+        ref = None
         for name, expand in self._candidates(q, k):
+            label = self._label(name, expand)
             try:
                 result = self._run(name, expand, q, k, v, cu, max_len, scale)
             except (RuntimeError, NotImplementedError) as e:  # unsupported for these inputs
-                self.errors[self._label(name, expand)] = str(e).splitlines()[0][:200]
+                self.errors[label] = str(e).splitlines()[0][:200]
+                continue
+            # checked like a timed choice (deterministic mode's bitwise runs need a right kernel too)
+            ref = ref if ref is not None else prefix_reference(q, k, v, cu, scale, self.CHECK_ROWS)
+            problem = self._close(result, ref, ref[0].shape[0], q)
+            if problem:
+                self.errors[label] = problem
                 continue
             self.chosen[key] = (name, expand)
             return result

@@ -35,15 +35,12 @@ class LoRALinear(nn.Linear):
     """``nn.Linear`` with a frozen ``weight`` (and bias) plus a trainable low-rank update."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
-                         device=base.weight.device, dtype=base.weight.dtype)
-        with torch.no_grad():
-            self.weight.copy_(base.weight)
-            if base.bias is not None:
-                self.bias.copy_(base.bias)
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        # nn.Linear's own __init__ would allocate and randomly initialise a weight only to discard
+        # it (and draw from the global RNG): take the base's tensors instead
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.bias = nn.Parameter(base.bias.detach(), requires_grad=False) if base.bias is not None else None
         self.rank, self.scaling = rank, alpha / rank
         self.lora_A = nn.Parameter(_kaiming_uniform((rank, self.in_features), generator).to(self.weight))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=self.weight.dtype,
