@@ -146,8 +146,9 @@ def measure(cfg, legacy_full: bool = False, monkeypatch: pytest.MonkeyPatch | No
     if legacy_full:
         model.activation_checkpointing = True
     elif mem.activation_checkpointing != "none" or mem.tiled_mlp:
-        memory = pytest.importorskip("seqpar.engine.memory")
-        memory.apply_memory_policy(model, mem, cfg.model, META)
+        from seqpar.engine.memory import apply_memory_policy
+
+        apply_memory_policy(model, mem, cfg.model, META)
     if cfg.model.moe is not None:
         even_experts(model, cfg.model.moe.num_experts)
     model.train()
