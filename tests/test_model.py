@@ -311,6 +311,21 @@ def test_backend_chooser_times_candidates_and_drops_wrong_ones():
     plain(("k",), q, k, v, cu, 25, 0.25)
     assert plain.chosen[("k",)] == ("efficient", True) and not plain.timings
     assert "wrong result" in plain.errors["cudnn"]
+    # a chosen backend that fails later (a longer sequence than the probe) is dropped, the next one runs
+    def fails_when_long(q, k, v, cu, max_len, scale):
+        log.append("cudnn")
+        if q.shape[0] > 40:
+            raise RuntimeError("sequence too long for this kernel")
+        return exact("flash")(q, k, v, cu, max_len, scale)
+
+    fallback = BackendChooser({"cudnn": fails_when_long, "efficient": exact("efficient")}, ["cudnn", "efficient"])
+    qq, kk, vv = rand_qkv(t=40, h=4, hkv=4)
+    fallback(("k",), qq, kk, vv, cu, 25, 0.25)
+    assert fallback.chosen[("k",)] == ("cudnn", False)
+    q2, k2, v2 = rand_qkv(t=70, h=4, hkv=4)
+    out2, _ = fallback(("k",), q2, k2, v2, CU, 31, 0.25)
+    assert fallback.chosen[("k",)] == ("efficient", False) and "failed after being chosen" in fallback.errors["cudnn"]
+    torch.testing.assert_close(out2.double(), reference_attention(q2, k2, v2, CU, 0.25)[0], rtol=1e-5, atol=1e-5)
     # nothing correct: one clear error
     bad = BackendChooser({"cudnn": wrong}, ["cudnn"], timer)
     with pytest.raises(RuntimeError, match="no SDPA backend ran correctly.*wrong result"):

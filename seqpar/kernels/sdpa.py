@@ -247,7 +247,17 @@ class BackendChooser:
         if key not in self.chosen and self.timer is not None:
             self.chosen[key] = self._measure(key, q, k, v, cu, max_len, scale)
         if key in self.chosen:
-            return self._run(*self.chosen[key], q, k, v, cu, max_len, scale)
+            try:
+                return self._run(*self.chosen[key], q, k, v, cu, max_len, scale)
+            except (RuntimeError, NotImplementedError) as e:
+                # the choice was made on a probe shape; a longer sequence can exceed what a kernel
+                # takes: drop it for this signature and choose again among the others
+                name, expand = self.chosen.pop(key)
+                self.errors[self._label(name, expand)] = f"failed after being chosen: {str(e).splitlines()[0][:160]}"
+                self.order = [n for n in self.order if n != name]  # not tried again by this chooser
+                if not self.order:
+                    raise
+                return self(key, q, k, v, cu, max_len, scale)
         ref = None
         for name, expand in self._candidates(q, k):
             label = self._label(name, expand)
