@@ -5,22 +5,15 @@ checkpoint taken inside an accumulation window."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from common import ENV, command, final_hashes, run
+from common import ENV, ROOT, command, final_hashes, run
 
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    ck = run_dir / "checkpoints"
-    tag = (ck / "latest").read_text().strip()
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted((ck / tag / "model").glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+sys.path.insert(0, str(ROOT / "scripts"))
+from gpu_smoke import final_weights as _weights  # noqa: E402  (the smoke test's reader of a run's weights)
 
 
 @pytest.mark.slow
