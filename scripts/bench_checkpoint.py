@@ -65,18 +65,29 @@ LLAMA_1B = ["--model.vocab_size", "128256", "--model.hidden_size", "2048", "--mo
             "--model.tie_word_embeddings", "true", "--data.passkey.eval_samples", "0", "--parallel.zero_stage", "0"]
 
 
-def sizes(precision: str) -> None:
+def size_rows(precision: str) -> dict[str, dict[str, int]]:
     """Checkpoint bytes by training mode for the Llama-3.2-1B shape (issue 14), from shapes alone."""
     from seqpar.config import load_config
     from seqpar.optim.sizes import checkpoint_bytes
 
+    galore = ["--train.optimizer", "galore", "--train.galore.rank", "512"]
     modes = {
         "full AdamW": [],
-        "GaLore rank 512 (1/4 hidden)": ["--train.optimizer", "galore", "--train.galore.rank", "512"],
+        "GaLore rank 512 (1/4 hidden), fp32 master weights": galore + ["--train.galore.master_weights", "true"],
+        "GaLore rank 512 (1/4 hidden), bf16 weights (default)": galore,
+        "Q-GaLore rank 512: INT8 weights, INT4 projectors, bf16 moments": ["--train.optimizer", "qgalore",
+                                                                           "--train.galore.rank", "512"],
         "LoRA rank 16 (all projections)": ["--model.lora.rank", "16"],
     }
-    rows = {name: checkpoint_bytes(load_config(None, LLAMA_1B + ["--train.precision", precision] + over))
+    if precision == "fp32":  # no master copy either way
+        del modes["GaLore rank 512 (1/4 hidden), fp32 master weights"]
+        modes["GaLore rank 512 (1/4 hidden)"] = modes.pop("GaLore rank 512 (1/4 hidden), bf16 weights (default)")
+    return {name: checkpoint_bytes(load_config(None, LLAMA_1B + ["--train.precision", precision] + over))
             for name, over in modes.items()}
+
+
+def sizes(precision: str) -> None:
+    rows = size_rows(precision)
     full = rows["full AdamW"]["total"]
     print(f"# Llama-3.2-1B shape, {precision}, checkpoint bytes (weights + optimizer state), seqpar.optim.sizes")
     print("| mode | weights GB | optimizer GB | total GB | vs full AdamW |\n|---|---|---|---|---|")

@@ -142,6 +142,8 @@ def _elastic(path: Path, state: dict, cfg: dict) -> str:
     """Whether (and with what constraint) the checkpoint resumes on another layout."""
     if not (path / "rank00000" / "fragments.json").is_file():
         return "no: written before elastic resume"
+    if cfg.get("train", {}).get("optimizer") in ("galore", "qgalore"):
+        return "no: GaLore's optimizer state (projectors, low-rank moments) is not resharded: resume on this layout"
     copies = state["topology"].get("ep", 1) if state.get("optimizer_kind") in ("torch", "unfused16") else 1
     if any(not (path / f"rank{r:05d}" / "fragments.json").is_file() for r in range(1, copies)):
         # ZeRO-0 with split experts: ranks 0..P-1 each save one expert slice's optimizer copy
@@ -227,8 +229,9 @@ def _expert_assignment(experts: int, ep: int, world: int) -> str:
 def _component(rel: str) -> str:
     """Which part of the training state a checkpoint file belongs to (for sizes)."""
     top, _, rest = rel.partition("/")
-    if top in ("model", "adapter", "tokenizer"):
-        return {"model": "model weights", "adapter": "adapters (trainable tensors)", "tokenizer": "tokenizer"}[top]
+    if top in ("model", "adapter", "tokenizer", "qweights"):
+        return {"model": "model weights", "adapter": "adapters (trainable tensors)", "tokenizer": "tokenizer",
+                "qweights": "model weights (Q-GaLore: INT8 codes + scales)"}[top]
     if top.startswith("rank"):
         stem = rest.split(".")[0].split("/")[0]
         return {"optimizer": "optimizer", "model_shard": "model weights", "grads": "partial gradients",
@@ -347,6 +350,23 @@ def cmd_export(path: Path, out: Path, peft: bool = False) -> int:
                 save_peft_adapter(adapted, hf, base_model=str(model_cfg.hf_path) if model_cfg.hf_path else None)
             else:
                 save_hf_checkpoint(merged_state_dict(adapted), model_cfg.model_copy(update={"lora": None}), hf)
+        elif any(rel.startswith("qweights/") for rel in files):  # Q-GaLore: INT8 codes dequantized
+            import torch
+            from safetensors.torch import load_file
+
+            from seqpar.models.transformer import Transformer
+            from seqpar.optim.qgalore import QWEIGHTS_DIR, QWEIGHTS_FILE, expand_state_dict
+
+            saved_cfg = _read(ck, CONFIG_FILE, yaml.safe_load)
+            model_cfg = ModelConfig.model_validate({**saved_cfg["model"], "hf_path": None})
+            dtype = torch.bfloat16 if saved_cfg["train"].get("precision") == "bf16" else torch.float32
+            with torch.device("meta"):
+                like = Transformer(model_cfg).to(dtype).state_dict()
+            tensors = load_file(str(safe_member(ck, f"{QWEIGHTS_DIR}/{QWEIGHTS_FILE}")))
+            state = _read(ck, TRAINER_STATE, json.loads) if TRAINER_STATE in files else {}
+            ids = state.get("special_tokens") or {}
+            save_hf_checkpoint(expand_state_dict(tensors, like), model_cfg, hf,
+                               **{k: v for k, v in ids.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")})
         elif model:  # ZeRO 0-2: rank 0 wrote the HF layout
             for name, rel in model.items():
                 _copy_checked(safe_member(ck, rel), safe_member(hf, name), files[rel].sha256)

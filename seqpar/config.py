@@ -486,7 +486,7 @@ GALORE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 class GaLoreConfig(_Section):
-    """GaLore (train.optimizer: galore): AdamW moments in a low-rank projection of each gradient."""
+    """GaLore and Q-GaLore (train.optimizer): AdamW moments in a low-rank projection of each gradient."""
 
     rank: int = Field(128, ge=1, description="projection rank (1/4 of hidden_size is common)")
     update_interval: int = Field(200, ge=1, description="steps between projector refreshes (SVD of the gradient)")
@@ -494,6 +494,16 @@ class GaLoreConfig(_Section):
     targets: list[Literal[GALORE_TARGETS]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(GALORE_TARGETS), description="projections optimised by GaLore; the rest AdamW"
     )
+    master_weights: bool = Field(
+        False, description="bf16 only: keep DeepSpeed's fp32 master copy (+4 bytes/param in memory and checkpoints); "
+        "false (GaLore paper): bf16 weights updated by stochastic rounding; qgalore needs false"
+    )
+    quant_group: int = Field(256, ge=2, description="qgalore: values per INT8 weight / INT4 projector scale")
+    adaptive_threshold: float = Field(
+        0.4, ge=0, le=1, description="qgalore: mean absolute cosine of successive projectors' leading vectors at "
+        "which a matrix's refresh interval doubles"
+    )
+    adaptive_window: int = Field(5, ge=0, description="qgalore: refreshes compared per decision (0: fixed interval)")
 
 
 class TrainConfig(_Section):
@@ -513,11 +523,13 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
-    optimizer: Literal["adamw", "galore"] = Field(
-        "adamw", description="adamw (DeepSpeed, any ZeRO stage); galore: low-rank moments (seqpar.optim, ZeRO-0)"
+    optimizer: Literal["adamw", "galore", "qgalore"] = Field(
+        "adamw", description="adamw (DeepSpeed, any ZeRO stage); galore: low-rank moments; qgalore: GaLore with "
+        "INT8 weights, INT4 projectors, bf16 moments (seqpar.optim, ZeRO-0)"
     )
     galore: GaLoreConfig = Field(default_factory=GaLoreConfig)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = bf16 weights/compute, fp32 master "
+                                                     "(GaLore: train.galore.master_weights)")
     loss_chunk_size: int = Field(4096, ge=1, description="tokens per logits chunk in the loss")
     compile: bool = Field(
         False, description="torch.compile each decoder layer (attention and experts as custom ops); "
@@ -828,21 +840,31 @@ class Config(_Section):
                 )
         return self
 
+    @property
+    def low_precision_weights(self) -> bool:
+        """bf16 parameters without an fp32 master copy (GaLore / Q-GaLore, train.galore.master_weights false)."""
+        t = self.train
+        return t.optimizer in ("galore", "qgalore") and t.precision == "bf16" and not t.galore.master_weights
+
     def _check_galore(self) -> None:
-        if self.train.optimizer != "galore":
+        opt = self.train.optimizer
+        if opt not in ("galore", "qgalore"):
             return
         if self.parallel.zero_stage != 0:
-            raise ValueError(f"train.optimizer=galore needs whole weight matrices, but ZeRO-{self.parallel.zero_stage} "
+            raise ValueError(f"train.optimizer={opt} needs whole weight matrices, but ZeRO-{self.parallel.zero_stage} "
                              "flattens parameters into partitions: set parallel.zero_stage 0")
         if self.parallel.expert_degree > 1:
-            raise ValueError("train.optimizer=galore with parallel.expert_degree > 1 is not supported: set "
+            raise ValueError(f"train.optimizer={opt} with parallel.expert_degree > 1 is not supported: set "
                              "parallel.expert_degree 1")
         if self.model.lora is not None:
-            raise ValueError("train.optimizer=galore and model.lora are alternatives (both shrink the training "
+            raise ValueError(f"train.optimizer={opt} and model.lora are alternatives (both shrink the training "
                              "state): choose one")
         if self.memory.offload_optimizer:
-            raise ValueError("train.optimizer=galore with memory.offload_optimizer is not supported (ZeRO-Offload "
+            raise ValueError(f"train.optimizer={opt} with memory.offload_optimizer is not supported (ZeRO-Offload "
                              "needs a ZeRO stage): turn offload off")
+        if opt == "qgalore" and self.train.galore.master_weights:
+            raise ValueError("train.galore.master_weights true with train.optimizer=qgalore: Q-GaLore keeps its "
+                             "weights on an INT8 grid (an fp32 master copy would undo it): set it false")
 
     def _check_expert_parallel(self) -> None:
         ep, m = self.parallel.expert_degree, self.model
@@ -942,9 +964,9 @@ class Config(_Section):
                 },
             },
         }
-        if t.precision == "bf16":
-            ds["bf16"] = {"enabled": True}
-        if t.optimizer == "galore":  # seqpar builds GaLoreAdamW and hands it to DeepSpeed
+        if t.precision == "bf16" and not self.low_precision_weights:
+            ds["bf16"] = {"enabled": True}  # else the model is cast to bf16 by seqpar (no fp32 master)
+        if t.optimizer in ("galore", "qgalore"):  # seqpar builds the optimizer and hands it to DeepSpeed
             del ds["optimizer"]
         if self.parallel.expert_degree > 1 and self.parallel.zero_stage == 0:
             # DeepSpeed's ZeRO-0 clipping leaves split experts out of the norm (bf16) or averages

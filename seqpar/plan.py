@@ -119,6 +119,21 @@ def _dtype_bytes(name: Any, default: int) -> int:
     return default
 
 
+def _small_state(cfg: Config, p: int, w: int, flat: int, largest: int) -> tuple[dict[str, int], dict[str, int], str]:
+    """GaLore / Q-GaLore at ZeRO-0: the optimizer state is what its checkpoint holds
+    (seqpar.optim.sizes; with master_weights DeepSpeed's fp32 copy too); the step works on one
+    parameter at a time: its gradient in fp32 and about three fp32 temporaries of its size (the
+    largest parameter counted; the SVD of a refresh is smaller than that)."""
+    from seqpar.optim.sizes import checkpoint_bytes
+
+    opt = checkpoint_bytes(cfg)["optimizer"]
+    run = {"params": w * p, "grads": w * p, "optimizer": opt, "buffers": 0}
+    name = {"galore": "seqpar GaLore-AdamW", "qgalore": "seqpar Q-GaLore-AdamW"}[cfg.train.optimizer]
+    weights = ("fp32" if w == 4 else "bf16 weights, fp32 master (DeepSpeed FP16_UnfusedOptimizer)"
+               if not cfg.low_precision_weights else "bf16 weights, no master")
+    return run, {**run, "buffers": max(flat, 16 * largest)}, f"{name}, {weights}"
+
+
 def model_state(cfg: Config, world_size: int) -> tuple[dict[str, int], dict[str, int], str]:
     """Bytes per rank of parameters, gradients, optimizer state and DeepSpeed buffers:
     (while the forward and backward run, at the optimizer step, what the step runs as).
@@ -146,6 +161,8 @@ def model_state(cfg: Config, world_size: int) -> tuple[dict[str, int], dict[str,
         # at the window's end the engine all-reduces the gradients through flat copies of up to
         # 5e8 elements (MEMORY_OPT_ALLREDUCE_SIZE); the step itself then runs
         flat = w * min(p, DS_ALLREDUCE_BUCKET_SIZE)
+        if cfg.train.optimizer in ("galore", "qgalore"):
+            return _small_state(cfg, p, w, flat, pc.largest_param)
         if w == 4:  # plain torch AdamW: the weights are the master copy; fused kernel, no temporaries
             run = {"params": 4 * p, "grads": 4 * p, "optimizer": 8 * p, "buffers": 0}
             return run, {**run, "buffers": flat}, "torch AdamW (fused on CUDA), fp32"

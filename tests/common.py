@@ -76,7 +76,7 @@ def final_hashes(run_dir: Path) -> dict[str, str]:
     ck = run_dir / "checkpoints"
     tag = (ck / "latest").read_text().strip()
     files = json.loads((ck / tag / "manifest.json").read_text())["files"]
-    keep = ("model/", "adapter/", "/optimizer.", "/rng.", "/grads.")
+    keep = ("model/", "adapter/", "qweights/", "/optimizer.", "/rng.", "/grads.")
     return {k: v["sha256"] for k, v in files.items() if any(s in k for s in keep)} | {"tag": tag}
 
 

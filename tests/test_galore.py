@@ -61,17 +61,103 @@ def test_low_rank_state_and_refresh_schedule():
 
 
 def test_galore_refusals_say_why():
-    for argv, fragment in ((["--parallel.zero_stage", "2"], "ZeRO-2 flattens parameters"),
-                           (["--parallel.zero_stage", "0", "--model.lora.rank", "4"], "alternatives"),
-                           (["--parallel.zero_stage", "0", "--memory.offload_optimizer", "true"], "offload")):
-        with pytest.raises(ConfigError, match=fragment):
-            load_config(None, ["--train.optimizer", "galore", *argv])
+    for opt in ("galore", "qgalore"):
+        for argv, fragment in ((["--parallel.zero_stage", "2"], "ZeRO-2 flattens parameters"),
+                               (["--parallel.zero_stage", "0", "--model.lora.rank", "4"], "alternatives"),
+                               (["--parallel.zero_stage", "0", "--memory.offload_optimizer", "true"], "offload")):
+            with pytest.raises(ConfigError, match=f"train.optimizer={opt}.*{fragment}"):
+                load_config(None, ["--train.optimizer", opt, *argv])
+    with pytest.raises(ConfigError, match="master_weights true with train.optimizer=qgalore"):
+        load_config(None, ["--train.optimizer", "qgalore", "--parallel.zero_stage", "0",
+                           "--train.galore.master_weights", "true"])
+    # GaLore's bf16 weights without a master copy: DeepSpeed runs without its bf16 wrapper
+    cfg = load_config(None, ["--train.optimizer", "galore", "--parallel.zero_stage", "0", "--train.precision", "bf16"])
+    assert cfg.low_precision_weights and "bf16" not in cfg.deepspeed_config(cfg.layout(1), "cpu")
+    cfg = load_config(None, ["--train.optimizer", "galore", "--parallel.zero_stage", "0", "--train.precision", "bf16",
+                             "--train.galore.master_weights", "true"])
+    assert not cfg.low_precision_weights and cfg.deepspeed_config(cfg.layout(1), "cpu")["bf16"]["enabled"]
 
 
-def galore_run(tmp_path, name: str, precision: str, **over):
+def test_stochastic_rounding_and_quantized_formats():
+    from seqpar.optim.quant import (dequantize_int4, dequantize_int8, generator, quantize_int4, quantize_int8,
+                                    requantize_int8, round_to)
+
+    # bf16 SR: unbiased (1 + 2^-10 lies a quarter of the way to the next bf16 value), same key same bits
+    x = torch.full((100_000,), 1.0 + 2 ** -10)
+    a = round_to(x, torch.bfloat16, generator("cpu", 0, 1, 2, "weight"))
+    assert set(a.float().unique().tolist()) == {1.0, 1.0 + 2 ** -7}
+    assert abs(a.float().mean().item() - 1 - 2 ** -10) < 2e-5
+    assert torch.equal(a, round_to(x, torch.bfloat16, generator("cpu", 0, 1, 2, "weight")))
+    assert not torch.equal(a, round_to(x, torch.bfloat16, generator("cpu", 0, 1, 3, "weight")))
+    assert torch.equal(round_to(-x, torch.bfloat16, generator("cpu", 7)).abs().float().unique(), a.float().unique())
+    assert round_to(x, torch.bfloat16, None).float().unique().tolist() == [1.0]  # to nearest drops it
+    torch.manual_seed(0)
+    w = torch.randn(37, 19)  # 703 values: groups of 64, the last one padded
+    for gen in (None, generator("cpu", 1)):
+        q, scale = quantize_int8(w, 64, gen)
+        back = dequantize_int8(q, scale, w.shape, torch.bfloat16)
+        assert q.dtype == torch.int8 and q.shape == (11, 64) and q.abs().max() == 127
+        assert torch.equal(requantize_int8(back, scale, 64), q)  # the codes recovered from the weight
+        exact = dequantize_int8(q, scale, w.shape, torch.float32)  # within one step (SR) or half (nearest)
+        bound = scale.repeat_interleave(64)[:703] * (1.0001 if gen is not None else 0.5001)
+        assert ((exact - w).abs().view(-1) <= bound).all()
+    packed, scale, zero = quantize_int4(w, 64)
+    assert packed.dtype == torch.uint8 and packed.numel() == 11 * 32
+    err = (dequantize_int4(packed, scale, zero, w.shape, 64) - w).abs().view(-1)
+    assert (err <= scale.repeat_interleave(64)[:703] * 0.51 + 1e-6).all()
+
+
+def test_qgalore_state_adaptive_refresh_and_round_trip():
+    from seqpar.optim.qgalore import QGaLoreAdamW
+    from seqpar.optim.quant import dequantize_int8
+
+    def build(params, threshold):
+        return QGaLoreAdamW([{"params": params[:2], "galore": True, "rank": 3, "update_interval": 1, "scale": 0.5},
+                             {"params": params[2:]}], lr=1e-2, group=16, adaptive_window=2,
+                            adaptive_threshold=threshold, seed=3)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 24).bfloat16()
+    loss = lambda a, b, c: (x @ a @ b).float().pow(2).mean() + c.float().pow(2).sum()  # noqa: E731
+    for threshold, intervals in ((0.0, [1, 1, 2, 2, 4]), (1.01, [1] * 8)):
+        params = [torch.nn.Parameter(torch.randn(*s).bfloat16()) for s in ((24, 8), (8, 24), (24,))]
+        opt = build(params, threshold)
+        seen = []
+        for _ in range(8):
+            opt.zero_grad()
+            loss(*params).backward()
+            opt.step()
+            if float(opt.state[params[0]]["refreshed_at"]) == float(opt.state[params[0]]["step"]) - 1:
+                seen.append(int(opt.state[params[0]]["interval"]))
+        # threshold 0: refreshes at state steps 0, 1, 2, 4, 6 (each second comparison doubles the
+        # interval: 1, 1, 2, 2, 4); an unreachable threshold keeps refreshing every step
+        assert seen == intervals, seen
+    st = opt.state[params[0]]
+    assert st["projector"].dtype == torch.uint8 and st["exp_avg"].dtype == torch.bfloat16
+    assert all(isinstance(v, torch.Tensor) for v in st.values())
+    codes, scales = opt.int8_weights()[params[0]]  # the weight is exactly its codes times scales
+    assert torch.equal(dequantize_int8(codes, scales, params[0].shape, torch.bfloat16), params[0].detach())
+    # build, load weights, load state (the trainer's order): the same trajectory, bitwise
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = build(twin, 1.01)
+    with torch.no_grad():
+        for a, b in zip(params, twin):
+            b.copy_(a)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert {k: v.dtype for k, v in opt2.state[twin[0]].items()} == {k: v.dtype for k, v in st.items()}
+    for _ in range(3):
+        for o, ps in ((opt, params), (opt2, twin)):
+            o.zero_grad()
+            loss(*ps).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, twin))
+
+
+def galore_run(tmp_path, name: str, precision: str, optimizer: str = "galore", master: bool = False, **over):
     sections = {"parallel": {"zero_stage": 0},
-                "train": {"max_steps": 4, "global_batch_size": 4, "optimizer": "galore", "precision": precision,
-                          "galore": {"rank": 8, "update_interval": 2}},
+                "train": {"max_steps": 4, "global_batch_size": 4, "optimizer": optimizer, "precision": precision,
+                          "galore": {"rank": 8, "update_interval": 2, "master_weights": master,
+                                     "adaptive_window": 1, "adaptive_threshold": 0.0}},
                 "checkpoint": {"every_micro_batches": 0, "keep_last": 2}, "logging": {"log_every": 1}}
     for k, v in over.items():
         sections.setdefault(k, {}).update(v)
@@ -79,37 +165,117 @@ def galore_run(tmp_path, name: str, precision: str, **over):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_across_a_projector_refresh_is_bitwise(tmp_path, precision):
-    full_cmd, full_dir = galore_run(tmp_path, "full", precision)
+@pytest.mark.parametrize("optimizer,precision,master", [("galore", "fp32", False), ("galore", "bf16", False),
+                                                        ("galore", "bf16", True), ("qgalore", "bf16", False)])
+def test_resume_across_a_projector_refresh_is_bitwise(tmp_path, optimizer, precision, master):
+    full_cmd, full_dir = galore_run(tmp_path, "full", precision, optimizer, master)
     full = run(full_cmd, timeout=600)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
-    assert "GaLore-AdamW rank 8, refresh every 2" in full.stdout
-    # refreshes happen at optimizer steps 1 and 3 (state step 0 and 2); stops before each of them
+    assert f"{'Q-' if optimizer == 'qgalore' else ''}GaLore-AdamW rank 8, refresh every 2" in full.stdout
+    if precision == "bf16":
+        assert ("fp32 master weights" if master else "bf16 weights (stochastic rounding)") in full.stdout
+    # refreshes happen at optimizer steps 1 and 3 (state step 0 and 2; Q-GaLore's interval doubles
+    # after the second: window 1, threshold 0); stops before each of them
     for name, stop in (("boundary", "8"), ("mid", "10")):  # 4 micro-batches per step
-        cmd, run_dir = galore_run(tmp_path, name, precision)
+        cmd, run_dir = galore_run(tmp_path, name, precision, optimizer, master)
         stopped = run(cmd, timeout=600, env={**ENV, "SEQPAR_STOP_AFTER_MICRO_BATCHES": stop})
         assert stopped.returncode == 75, stopped.stdout[-3000:]
         resumed = run(cmd + ["--resume", "auto"], timeout=600)
         assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-3000:]
         assert final_hashes(run_dir) == final_hashes(full_dir), name
-    if precision == "fp32":  # the optimizer part of the checkpoint: GaLore's vs AdamW's, same model
+    # the parts of the checkpoint: seqpar.optim.sizes (what bench_checkpoint.py --sizes reports for
+    # the 1B shape) = the real files
+    from seqpar.optim.sizes import checkpoint_bytes
+
+    def part_bytes(d, part):
+        ck = d / "checkpoints"
+        files = json.loads((ck / (ck / "latest").read_text().strip() / "manifest.json").read_text())["files"]
+        return sum(int(f["size"]) for rel, f in files.items() if part in rel)
+
+    runs = [full_dir]
+    if precision == "fp32":  # GaLore's optimizer part vs AdamW's, same model
         adam_cmd, adam_dir = galore_run(tmp_path, "adamw", precision, train={"optimizer": "adamw"})
         assert run(adam_cmd, timeout=600).returncode == 0
-
-        def part_bytes(d, part):
-            ck = d / "checkpoints"
-            files = json.loads((ck / (ck / "latest").read_text().strip() / "manifest.json").read_text())["files"]
-            return sum(int(f["size"]) for rel, f in files.items() if part in rel)
-
         ratio = part_bytes(full_dir, "/optimizer.") / part_bytes(adam_dir, "/optimizer.")
         assert ratio < 0.75, ratio  # the tiny model's matrices are 32 wide: rank 8 is 1/4
-        # seqpar.optim.sizes (what bench_checkpoint.py --sizes reports for the 1B shape) = real files
-        from seqpar.config import load_config
-        from seqpar.optim.sizes import checkpoint_bytes
+        runs.append(adam_dir)
+    weights_file = "qweights/weights.safetensors" if optimizer == "qgalore" else "model/model.safetensors"
+    for d in runs:
+        want = checkpoint_bytes(load_config(d.parent / f"{d.name}.yaml"))
+        got = {"weights": part_bytes(d, weights_file if d == full_dir else "model/model.safetensors"),
+               "optimizer": part_bytes(d, "/optimizer.")}
+        for k in got:  # file headers and tensor metadata on top of the raw bytes
+            assert want[k] <= got[k] <= 1.1 * want[k] + 20_000, (d.name, k, got[k], want[k])
+    if optimizer == "qgalore":
+        check_qgalore_checkpoint(tmp_path, full_dir)
 
-        for d in (full_dir, adam_dir):
-            want = checkpoint_bytes(load_config(d.parent / f"{d.name}.yaml"))
-            got = {"weights": part_bytes(d, "model/model.safetensors"), "optimizer": part_bytes(d, "/optimizer.")}
-            for k in got:  # file headers and tensor metadata on top of the raw bytes
-                assert want[k] <= got[k] <= 1.1 * want[k] + 20_000, (d.name, k, got[k], want[k])
+
+def check_qgalore_checkpoint(tmp_path, run_dir):
+    """Q-GaLore's weights in the checkpoint: INT8 codes and scales whose product is the weight; the
+    export is a Hugging Face model holding exactly those values."""
+    from safetensors.torch import load_file
+
+    from seqpar import ckpt
+    from seqpar.optim.qgalore import CODES, SCALES
+
+    ck = run_dir / "checkpoints"
+    tag = (ck / "latest").read_text().strip()
+    assert not (ck / tag / "model").exists()
+    saved = load_file(str(ck / tag / "qweights" / "weights.safetensors"))
+    quantized = [k[: -len(CODES)] for k in saved if k.endswith(CODES)]
+    assert len(quantized) == 2 * 7  # every projection of both layers
+    for name in quantized:
+        codes, scales = saved[name + CODES], saved[name + SCALES]
+        assert codes.dtype == torch.int8 and codes.abs().max() <= 127 and scales.dtype == torch.float32
+    import contextlib
+    import io
+
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        assert ckpt.main(["inspect", str(run_dir)]) == 0
+    assert "model weights (Q-GaLore: INT8 codes + scales)" in shown.getvalue()
+    assert "elastic     no: GaLore's optimizer state" in shown.getvalue()
+    out = tmp_path / "export"
+    assert ckpt.main(["export", str(run_dir), str(out)]) == 0
+    hf = load_file(str(out / "model.safetensors"))
+    q = saved["model.layers.0.self_attn.q_proj.weight" + CODES]
+    s = saved["model.layers.0.self_attn.q_proj.weight" + SCALES]
+    w = hf["model.layers.0.self_attn.q_proj.weight"]
+    assert w.dtype == torch.bfloat16
+    assert torch.equal(w, (q.float() * s[:, None]).reshape(w.shape).bfloat16())
+    assert torch.equal(hf["model.norm.weight"], saved["model.norm.weight"])
+
+
+def test_checkpoint_size_targets_for_the_1b_shape():
+    """Issue 14's targets, bf16 (the precision the 1B shape trains in), from shapes alone: GaLore
+    rank 1/4 of hidden <= 0.5x full AdamW, Q-GaLore <= 0.3x, LoRA rank 16 <= 0.05x."""
+    import sys
+
+    from common import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_checkpoint import size_rows
+
+    rows = {k: v["total"] for k, v in size_rows("bf16").items()}
+    full = rows.pop("full AdamW")
+    ratio = {k.split(" rank")[0] + (" master" if "master" in k else ""): v / full for k, v in rows.items()}
+    assert ratio["GaLore"] <= 0.5 and ratio["Q-GaLore"] <= 0.3 and ratio["LoRA"] <= 0.05, ratio
+    assert ratio["GaLore master"] > 0.5  # the fp32 master copy alone is 4 of AdamW's 14 bytes per parameter
+
+
+def test_planner_counts_the_small_state():
+    """The memory planner's optimizer part for GaLore / Q-GaLore is their state (what the
+    checkpoint holds), not AdamW's; with an fp32 master copy that copy too."""
+    from seqpar.optim.sizes import checkpoint_bytes
+    from seqpar.plan import model_state
+
+    shape = ["--model.hidden_size", "256", "--model.intermediate_size", "512", "--parallel.zero_stage", "0",
+             "--train.precision", "bf16", "--train.galore.rank", "64"]
+    adam = model_state(load_config(None, shape), 1)[0]
+    for extra, name in ((["--train.optimizer", "galore"], "bf16 weights, no master"),
+                        (["--train.optimizer", "galore", "--train.galore.master_weights", "true"], "fp32 master"),
+                        (["--train.optimizer", "qgalore"], "Q-GaLore")):
+        cfg = load_config(None, shape + extra)
+        run_, step, what = model_state(cfg, 1)
+        assert name in what and run_["optimizer"] == checkpoint_bytes(cfg)["optimizer"] < adam["optimizer"], what
+        assert run_["params"] == adam["params"] and step["buffers"] > 0

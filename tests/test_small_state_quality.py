@@ -1,8 +1,9 @@
 """Quality of the small-state modes on a text task of our own data (issue 14): the paragraphs of this
 project's docs as of 2026-11-30 (tests/data/docs_train.jsonl, docs_eval.jsonl held out), bytes as
 tokens. A tiny Llama trained with AdamW for 60 steps is the reference; GaLore (rank 1/4 of hidden)
-must reach a held-out loss within 5% of it; LoRA adapters trained on top of the AdamW model (its
-export as the frozen base) must improve its held-out loss. The numbers go to docs/lora.md."""
+and Q-GaLore (INT8 weights, INT4 projectors) must reach a held-out loss within 5% of it; LoRA
+adapters trained on top of the AdamW model (its export as the frozen base) must improve its
+held-out loss. The numbers go to docs/lora.md."""
 
 from __future__ import annotations
 
@@ -38,9 +39,14 @@ def test_galore_matches_adamw_and_lora_improves_on_its_base(tmp_path):
                                     "galore": {"rank": 16, "update_interval": 20, "scale": 1.0}}}
     gal_cmd, gal_dir = command(tmp_path, "galore", 1, **galore)
     assert run(gal_cmd, timeout=600).returncode == 0
-    adam, gal = eval_loss(adam_dir), eval_loss(gal_dir)
+    qgalore = {**galore, "train": {**galore["train"], "optimizer": "qgalore"}}  # INT8 weights, INT4 projectors
+    q_cmd, q_dir = command(tmp_path, "qgalore", 1, **qgalore)
+    r = run(q_cmd, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:]
+    adam, gal, qgal = eval_loss(adam_dir), eval_loss(gal_dir), eval_loss(q_dir)
     assert adam < 4.0  # it learned something (random: ~5.7 nats per byte)
     assert gal <= 1.05 * adam, (gal, adam)
+    assert qgal <= 1.05 * adam, (qgal, adam)
 
     from seqpar import ckpt
 
@@ -53,5 +59,6 @@ def test_galore_matches_adamw_and_lora_improves_on_its_base(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:]
     tuned = eval_loss(lora_dir)
     assert tuned < 0.995 * adam, (tuned, adam)  # adapters of rank 8 on a 64-wide model: a small, real gain
-    print(f"held-out loss: AdamW {adam:.4f}, GaLore {gal:.4f} ({gal / adam:.3f}x), "
+    print(f"held-out loss: AdamW {adam:.4f}, GaLore {gal:.4f} ({gal / adam:.3f}x), Q-GaLore {qgal:.4f} "
+          f"({qgal / adam:.3f}x), "
           f"LoRA on the AdamW model {tuned:.4f} ({tuned / adam:.3f}x)")

@@ -96,15 +96,21 @@ def offload_problems(engine, offload: tuple[bool, bool] | None = None) -> list[s
     return why
 
 
-def unsupported_settings(engine, precision: str, offload: tuple[bool, bool] | None = None) -> list[str]:
+def unsupported_settings(engine, precision: str, offload: tuple[bool, bool] | None = None,
+                         master: bool = True) -> list[str]:
     """Why this engine's setup would make seqpar's checkpoints lose or misplace state (each reason
     names the ``deepspeed:`` key and the fix); empty when supported. Checked after start-up,
     whatever spelling the config used. ``offload``: (memory.offload_optimizer,
-    memory.offload_params) when the caller knows them (see ``offload_problems``)."""
+    memory.offload_params) when the caller knows them (see ``offload_problems``). ``master``
+    false: bf16 weights without an fp32 master copy (GaLore's low-precision weights), which
+    DeepSpeed must run without its bf16 wrapper."""
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
 
     why = offload_problems(engine, offload)
-    if engine.bfloat16_enabled() != (precision == "bf16"):
+    if not master and engine.bfloat16_enabled():
+        why.append("DeepSpeed runs bf16 (an fp32 master copy) but train.galore.master_weights is false: remove "
+                   "deepspeed.bf16/bfloat16 (train.precision sets it) or set train.galore.master_weights true")
+    elif master and engine.bfloat16_enabled() != (precision == "bf16"):
         why.append(f"DeepSpeed runs {'bf16' if engine.bfloat16_enabled() else 'without bf16'} but train.precision "
                    f"is {precision}: set the precision with train.precision only (no deepspeed.bf16/bfloat16)")
     opt = engine.optimizer

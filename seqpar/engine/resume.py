@@ -28,6 +28,7 @@ from seqpar.engine.reshard import (
 )
 from seqpar.models import build_model
 from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, check_base_identity, load_trainable_state_dict
+from seqpar.optim.qgalore import QWEIGHTS_DIR, QWEIGHTS_FILE
 from seqpar.rng import load_rng_state_dict
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ class Resume:
         where = f"saved on layout {_layout(old)}, this run is {_layout(new)}"
         if not self.tr.cfg.checkpoint.elastic:
             return f"{where} and checkpoint.elastic is off"
-        if self.tr.cfg.train.optimizer == "galore":
+        if self.tr.cfg.train.optimizer in ("galore", "qgalore"):
             return (f"{where}: GaLore's optimizer state (projectors, low-rank moments) is not resharded: "
                     "resume on the saved layout")
         copies = old.get("ep", 1) if state.get("optimizer_kind") in ("torch", "unfused16") else 1
@@ -199,6 +200,15 @@ class Resume:
                     if ".mlp.experts." in name:
                         src = src[ep.first:ep.first + ep.local]
                     t.copy_(src)
+            return
+        if (path / QWEIGHTS_DIR).is_dir():  # Q-GaLore: INT8 codes and scales, dequantized exactly
+            from safetensors.torch import load_file
+
+            from seqpar.optim.qgalore import expand_state_dict
+
+            where = path / QWEIGHTS_DIR / QWEIGHTS_FILE
+            with torch.no_grad():
+                model.load_state_dict(expand_state_dict(load_file(str(where)), model.state_dict()))
             return
         if (path / ADAPTER_DIR).is_dir():
             from safetensors.torch import load_file

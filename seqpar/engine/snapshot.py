@@ -18,6 +18,7 @@ from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import fragment_map
 from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, trainable_state_dict
+from seqpar.optim.qgalore import QWEIGHTS_DIR, QWEIGHTS_FILE, compact_state_dict
 from seqpar.parallel.experts import gather_experts
 from seqpar.rng import rng_state_dict
 
@@ -82,6 +83,12 @@ class Snapshot:
             if tr.topo.is_main:
                 jobs.append(self._adapter_job(weights))
                 live.append(weights)
+        elif tr.cfg.train.optimizer == "qgalore":
+            # INT8-grid weights as their codes (ZeRO-0: every rank holds the same; rank 0 writes)
+            if tr.topo.is_main:
+                weights = compact_state_dict(tr.model, tr.engine.optimizer)
+                jobs.append(self._qweights_job(weights))
+                live.append(weights)
         elif tr.cfg.parallel.zero_stage < 3 and tr.expert_parallel is not None:
             # EP: the ranks holding experts 0..E-1 together (the first EP group) hand rank 0 theirs
             weights = {k: v.detach() for k, v in tr.model.state_dict().items()}
@@ -142,6 +149,16 @@ class Snapshot:
         params = [p for p in tr.model.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {k: v.detach().cpu().clone() for k, v in trainable_state_dict(tr.model).items()}
+
+    def _qweights_job(self, weights: dict[str, torch.Tensor]) -> Job:
+        meta = {"format": "pt", "seqpar": "qgalore-int8"}
+
+        def job(part: Path, mode: int) -> dict[Path, hashio.FileRecord | None]:
+            """Writes qweights/: the model with Q-GaLore's weights as INT8 codes and scales."""
+            out = part / QWEIGHTS_DIR
+            out.mkdir(parents=True, exist_ok=True)
+            return {out / QWEIGHTS_FILE: hashio.write_safetensors(out / QWEIGHTS_FILE, weights, meta, mode=mode)}
+        return job
 
     def _adapter_job(self, weights: dict[str, torch.Tensor]) -> Job:
         identity = (json.dumps(self.tr.base_identity, indent=1, sort_keys=True) + "\n").encode()

@@ -58,7 +58,7 @@ from seqpar.models.lora import base_identity
 from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
-from seqpar.optim.galore import build_galore
+from seqpar.optim import build_small_state_optimizer, describe_optimizer
 from seqpar.optim.sizes import checkpoint_bytes
 from seqpar.parallel.experts import ExpertParallel, clip_grad_norm_
 from seqpar.parallel.sharding import owner_of
@@ -244,7 +244,11 @@ class Trainer:
             deepspeed.zero.register_external_parameter(model.lm_head, model.model.embed_tokens.weight)
 
         model = model if partitioned else model.to(self.device)
-        client_optimizer = build_galore(model, cfg.train) if cfg.train.optimizer == "galore" else None
+        if cfg.low_precision_weights:  # bf16 parameters, no fp32 master (DeepSpeed casts them otherwise)
+            for p in model.parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)
+        client_optimizer = build_small_state_optimizer(model, cfg.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=client_optimizer,
@@ -262,7 +266,8 @@ class Trainer:
             self._own_clipping = ([p for n, p in trainable if getattr(p, "group_name", None) != expert_group],
                                   [p for n, p in trainable if getattr(p, "group_name", None) == expert_group])
         refused = dss.unsupported_settings(self.engine, cfg.train.precision,
-                                           (cfg.memory.offload_optimizer, cfg.memory.offload_params))
+                                           (cfg.memory.offload_optimizer, cfg.memory.offload_params),
+                                           master=not cfg.low_precision_weights)
         if refused:
             raise ConfigError("this DeepSpeed setup is not supported:\n  - " + "\n  - ".join(refused))
 
@@ -333,9 +338,7 @@ class Trainer:
                 f"batch   micro {lay.micro_batch_size} x dp {lay.dp} x grad-accum {lay.grad_accum_steps} "
                 f"= {lay.global_batch_size} sequences x {c.data.seq_len} = {tokens:,} tokens per step",
                 f"optim   {c.train.max_steps} steps, "
-                + (f"GaLore-AdamW rank {c.train.galore.rank}, refresh every {c.train.galore.update_interval}, "
-                   f"scale {c.train.galore.scale:g} " if c.train.optimizer == "galore"
-                   else f"AdamW{' (fused)' if self._fused_optimizer() else ''} ") +
+                + (describe_optimizer(c.train) or f"AdamW{' (fused)' if self._fused_optimizer() else ''} ") +
                 f"lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
                 f"{c.train.decay} to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"memory  {self._memory_line()}",

@@ -1,5 +1,31 @@
 """Optimizers seqpar builds itself (``train.optimizer``); AdamW comes from DeepSpeed's config."""
 
-from seqpar.optim.galore import GaLoreAdamW
+from __future__ import annotations
 
-__all__ = ["GaLoreAdamW"]
+import torch
+
+from seqpar.optim.galore import GaLoreAdamW, build_galore
+from seqpar.optim.qgalore import QGaLoreAdamW, build_qgalore
+
+
+def build_small_state_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer | None:
+    """GaLore / Q-GaLore for DeepSpeed as a client optimizer; None for adamw (DeepSpeed builds it)."""
+    return {"galore": build_galore, "qgalore": build_qgalore}.get(train.optimizer, lambda *_: None)(model, train)
+
+
+def describe_optimizer(train) -> str:
+    """The optimizer line's name part (start-up summary)."""
+    g = train.galore
+    if train.optimizer == "adamw":
+        return ""
+    name = "Q-GaLore-AdamW" if train.optimizer == "qgalore" else "GaLore-AdamW"
+    out = f"{name} rank {g.rank}, refresh every {g.update_interval}"
+    if train.optimizer == "qgalore":
+        out += (f" (doubling at |cos| >= {g.adaptive_threshold:g} over {g.adaptive_window})" if g.adaptive_window
+                else "") + f", INT8 weights / INT4 projectors in groups of {g.quant_group}, bf16 moments"
+    if train.precision == "bf16":
+        out += ", fp32 master weights" if g.master_weights else ", bf16 weights (stochastic rounding)"
+    return out + f", scale {g.scale:g} "
+
+
+__all__ = ["GaLoreAdamW", "QGaLoreAdamW", "build_small_state_optimizer", "describe_optimizer"]

@@ -8,6 +8,12 @@ the smaller side. Each step: R = projection of G, Adam moments and the normalise
 back to [m, n] times ``scale``, plus decoupled weight decay on the full weight. Parameters of a
 group without ``galore`` (norms, biases, embeddings) take plain AdamW steps.
 
+Low-precision weights: when the parameters themselves are bf16 (``train.galore.master_weights:
+false``, the GaLore paper's setting: no fp32 copy in memory or in checkpoints) each update is
+computed in fp32 and written back by stochastic rounding (seqpar.optim.quant), so updates smaller
+than a bf16 step are not lost. With ``master_weights: true`` DeepSpeed hands this optimizer its
+fp32 master copies and nothing is rounded here.
+
 Why not the ``galore-torch`` package: its per-parameter state holds a Python projector object, so
 an optimizer ``state_dict`` cannot go through seqpar's no-pickle checkpoint codec; here every piece
 of state is a tensor (projector, low-rank moments, step), and the refresh schedule follows the
@@ -17,25 +23,38 @@ device (deterministic on CPU; on CUDA torch's default driver, gesvdj with a gesv
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
+
+from seqpar.optim.quant import generator, round_to
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
     """``param_groups`` as for AdamW; a group with ``galore=True`` (2-D parameters only) also takes
-    ``rank``, ``update_interval`` and ``scale``."""
+    ``rank``, ``update_interval`` and ``scale``. ``seed`` keys the stochastic rounding of bf16
+    parameters (the same bits on a resumed run)."""
+
+    moment_dtype = torch.float32
+    host_state: tuple[str, ...] = ()  # state kept on the CPU (counters read every step: no device sync)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, rank: int = 128, update_interval: int = 200, scale: float = 0.25):
+                 weight_decay: float = 0.0, rank: int = 128, update_interval: int = 200, scale: float = 0.25,
+                 seed: int = 0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, galore=False, rank=rank,
                         update_interval=update_interval, scale=scale)
         super().__init__(params, defaults)
+        self.seed = seed
+        # a parameter's place in the groups: part of its rounding key (stable from run to run)
+        self.index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         for group in self.param_groups:
             if group["galore"]:
                 bad = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
                 if bad:
                     raise ValueError(f"GaLore projects matrices; this group has parameters of shapes {bad[:3]}")
 
+    # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -49,33 +68,71 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     continue
                 grad = p.grad.float()
                 state = self.state[p]
-                if not state:
+                if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                 galore = group["galore"]
+                step = int(state["step"])
+                left = p.shape[0] < p.shape[1] if galore else False  # the smaller side (a shape fact)
                 if galore:
-                    refresh = int(state["step"]) % group["update_interval"] == 0
-                    left = p.shape[0] < p.shape[1]  # the smaller side (a shape fact: not kept in the state)
-                    if refresh:  # a new subspace from this step's gradient (the moments carry over, as in GaLore)
-                        state["projector"] = _projector(grad, group["rank"])
-                    low = _project(grad, state["projector"], left)
+                    if self._refresh_due(state, group, step):  # a new subspace from this step's gradient
+                        self._refresh(p, state, group, grad, left, step)
+                    low = _project(grad, self._projector(p, state, group, left), left)
                 else:
                     low = grad
-                if "exp_avg" not in state or (galore and refresh and state["exp_avg"].shape != low.shape):
-                    state["exp_avg"] = torch.zeros_like(low)
-                    state["exp_avg_sq"] = torch.zeros_like(low)
+                if "exp_avg" not in state:  # the moments carry over a refresh, as in GaLore
+                    state["exp_avg"] = torch.zeros_like(low, dtype=self.moment_dtype)
+                    state["exp_avg_sq"] = torch.zeros_like(low, dtype=self.moment_dtype)
                 state["step"] += 1
-                t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
+                t = step + 1
+                m, v = state["exp_avg"].float(), state["exp_avg_sq"].float()  # fp32 moments: in place
                 m.lerp_(low, 1 - beta1)
                 v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+                self._keep_moments(p, state, m, v, t)
                 denom = (v / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
                 update = (m / (1 - beta1 ** t)) / denom
                 if galore:
-                    update = _project_back(update, state["projector"], left) * group["scale"]
+                    update = _project_back(update, self._projector(p, state, group, left), left) * group["scale"]
+                new = p.float()  # fp32 parameters: in place
                 if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                    new.mul_(1 - group["lr"] * group["weight_decay"])
+                new.add_(update, alpha=-group["lr"])
+                self._write(p, state, group, new, t)
         return loss
+
+    # -- what a subclass changes (Q-GaLore: quantized projector, weights, moments) -------------------
+    def _refresh_due(self, state: dict, group: dict, step: int) -> bool:
+        return step % group["update_interval"] == 0
+
+    def _refresh(self, p: Tensor, state: dict, group: dict, grad: Tensor, left: bool, step: int) -> None:
+        state["projector"] = _projector(grad, group["rank"])
+
+    def _projector(self, p: Tensor, state: dict, group: dict, left: bool) -> Tensor:
+        return state["projector"]
+
+    def _keep_moments(self, p: Tensor, state: dict, m: Tensor, v: Tensor, t: int) -> None:
+        """fp32 moments were updated in place; nothing to store."""
+
+    def _write(self, p: Tensor, state: dict, group: dict, new: Tensor, t: int) -> None:
+        """The updated fp32 value into the parameter: bf16 by stochastic rounding."""
+        if p.dtype != torch.float32:
+            p.copy_(round_to(new, p.dtype, self._generator(p, t, "weight")))
+
+    def _generator(self, p: Tensor, t: int, purpose: str) -> torch.Generator:
+        return generator(p.device, self.seed, self.index[p], t, purpose)
+
+    # -- state: dtypes kept exactly ------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but every state tensor keeps its saved dtype (torch casts them all to the
+        parameter's dtype: bf16 parameters would round fp32 moments, INT codes, scales)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params):
+            for key, value in saved.get(pid, {}).items():
+                if isinstance(value, Tensor) and key != "step":
+                    where = "cpu" if key in self.host_state else p.device
+                    self.state[p][key] = value.to(device=where, copy=True)
 
 
 def _projector(grad: Tensor, rank: int) -> Tensor:
@@ -103,19 +160,15 @@ def galore_state_bytes(shape: tuple[int, int], rank: int, bytes_per: int = 4) ->
     return (proj + moments) * bytes_per + 4
 
 
-__all__ = ["GaLoreAdamW", "galore_state_bytes"]
-
-
-def build_galore(model: torch.nn.Module, train) -> GaLoreAdamW:
-    """The optimizer for ``train.optimizer: galore``: the targeted projections of every decoder
-    layer in a GaLore group (with weight decay), other matrices AdamW with decay, vectors without."""
+def galore_groups(model: torch.nn.Module, train) -> list[dict]:
+    """The targeted projections of every decoder layer in a GaLore group (with weight decay), other
+    matrices AdamW with decay, vectors without."""
     cfg = train.galore
-    targets = tuple(f".{t}.weight" for t in cfg.targets)
     low, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() == 2 and ".layers." in name and name.endswith(targets):
+        if is_galore_target(name, p, cfg.targets):
             low.append(p)
         else:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -125,4 +178,18 @@ def build_galore(model: torch.nn.Module, train) -> GaLoreAdamW:
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return GaLoreAdamW([g for g in groups if g["params"]], lr=train.lr, betas=tuple(train.betas), eps=train.eps)
+    return [g for g in groups if g["params"]]
+
+
+def is_galore_target(name: str, p: Tensor, targets) -> bool:
+    """A decoder layer's projection matrix named in ``train.galore.targets``."""
+    return p.dim() == 2 and ".layers." in name and name.endswith(tuple(f".{t}.weight" for t in targets))
+
+
+def build_galore(model: torch.nn.Module, train) -> GaLoreAdamW:
+    """The optimizer for ``train.optimizer: galore``."""
+    return GaLoreAdamW(galore_groups(model, train), lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+                       seed=train.seed)
+
+
+__all__ = ["GaLoreAdamW", "build_galore", "galore_groups", "galore_state_bytes", "is_galore_target"]

@@ -1,6 +1,6 @@
 """How many bytes a checkpoint's weights and optimizer state take, by training mode (full AdamW,
-GaLore, LoRA), from the model's shapes alone (a meta-device model: any size, no memory, no
-training). Counted as one copy of each (ZeRO shards the same bytes over ranks); the small files
+GaLore, Q-GaLore, LoRA), from the model's shapes alone (a meta-device model: any size, no memory,
+no training). Counted as one copy of each (ZeRO shards the same bytes over ranks); the small files
 (RNG, counters, config) are left out. ``scripts/bench_checkpoint.py --sizes`` prints it;
 ``tests/test_galore.py`` checks it against real checkpoints of a small model."""
 
@@ -15,7 +15,8 @@ def checkpoint_bytes(cfg: Config) -> dict[str, int]:
     """{"weights": ..., "optimizer": ..., "total": ...} for ``cfg`` (its precision, optimizer, LoRA)."""
     from seqpar.models.lora import apply_lora
     from seqpar.models.transformer import Transformer
-    from seqpar.optim.galore import galore_state_bytes
+    from seqpar.optim.galore import galore_state_bytes, is_galore_target
+    from seqpar.optim.qgalore import qgalore_state_bytes
 
     m, t = cfg.model, cfg.train
     with torch.device("meta"):
@@ -23,14 +24,23 @@ def checkpoint_bytes(cfg: Config) -> dict[str, int]:
         if m.lora is not None:
             apply_lora(model, m.lora)
     wbytes = 2 if t.precision == "bf16" else 4
-    master = 4 if t.precision == "bf16" else 0  # fp32 copy in the optimizer; fp32 training updates the weights
-    targets = tuple(f".{name}.weight" for name in t.galore.targets)
+    # DeepSpeed's fp32 copy (bf16 with AdamW, or GaLore with master_weights); fp32 training and
+    # GaLore's low-precision weights update the weights themselves
+    master = 4 if t.precision == "bf16" and not cfg.low_precision_weights else 0
+    qgalore, g = t.optimizer == "qgalore", t.galore
     weights = optimizer = 0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # LoRA's frozen base: not in the checkpoint (its identity is)
-        weights += p.numel() * wbytes
-        galore = t.optimizer == "galore" and p.dim() == 2 and ".layers." in name and name.endswith(targets)
-        moments = galore_state_bytes(tuple(p.shape), t.galore.rank) if galore else 8 * p.numel()
-        optimizer += master * p.numel() + moments
+        n = p.numel()
+        target = t.optimizer in ("galore", "qgalore") and is_galore_target(name, p, g.targets)
+        if qgalore and target:  # INT8 codes + a scale per group
+            weights += n + 4 * -(-n // g.quant_group)
+            optimizer += qgalore_state_bytes(tuple(p.shape), g.rank, g.quant_group, g.adaptive_window)
+        elif qgalore:  # bf16 moments
+            weights += n * wbytes
+            optimizer += 4 * n + 4
+        else:
+            weights += n * wbytes
+            optimizer += master * n + (galore_state_bytes(tuple(p.shape), g.rank) if target else 8 * n)
     return {"weights": weights, "optimizer": optimizer, "total": weights + optimizer}
