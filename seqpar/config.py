@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from seqpar.errors import UserError
+from seqpar.hf_config import MOE_ARCHS, fields_to_hf_config, hf_config_to_fields
 
 # Default config: tiny model on the built-in passkey task; runs on a laptop CPU in minutes.
 DEFAULT_CONFIG_NAME = "tiny-cpu"
@@ -136,7 +137,6 @@ def _path_problem(origins: _Origins, key: str, i: int | None, value: Path, direc
 # model
 # ----------------------------------------------------------------------------------------------
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
-MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 class RopeScalingConfig(_Section):
@@ -269,8 +269,6 @@ class ModelConfig(_Section):
             raise ValueError(_path_problem(origins, "model.hf_path", None, path, directory=True) or
                              f"model.hf_path '{w.text}'{w.how}: config.json not found in it (want a Hugging Face "
                              "model directory)")
-        from seqpar.models.hf import hf_config_to_fields
-
         try:
             fields = hf_config_to_fields(json.loads(cfg_file.read_text()))
         except (ValueError, KeyError, json.JSONDecodeError) as e:
@@ -347,8 +345,6 @@ class ModelConfig(_Section):
                 raise ValueError(f"moe.mlp_only_layers {bad} outside 0..{self.num_hidden_layers - 1}")
         # Checkpoints store weights in the Hugging Face layout of `arch`: make sure it can express
         # this model now rather than at the first save.
-        from seqpar.models.hf import fields_to_hf_config
-
         try:
             fields_to_hf_config(self)
         except ValueError as e:
@@ -1413,10 +1409,10 @@ def _check_hf_weights(cfg: Config, origins: _Origins) -> None:
     m = cfg.model
     if m.hf_path is None or not m.load_weights:
         return
-    from seqpar.models.hf import _checkpoint_files
+    from seqpar.hf_files import checkpoint_files
 
     try:
-        _checkpoint_files(m.hf_path)
+        checkpoint_files(m.hf_path)
     except (OSError, ValueError) as e:
         w = _written(origins, "model.hf_path", 0, m.hf_path)
         raise ConfigError(

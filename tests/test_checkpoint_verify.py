@@ -136,22 +136,22 @@ def test_read_latest(ck, tmp_path):
 
 
 def test_hf_index_refuses_shards_outside_the_model_dir(tmp_path):
-    from seqpar.models.hf import SAFETENSORS_INDEX, _checkpoint_files
+    from seqpar.hf_files import SAFETENSORS_INDEX, checkpoint_files
 
     model = tmp_path / "model"
     model.mkdir()
     save_file({"a": torch.ones(2)}, str(tmp_path / "x.safetensors"))  # exists, so only the name is wrong
     (model / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": {"a": "../x.safetensors"}}))
     with pytest.raises(ValueError, match=r"\.\./x\.safetensors") as e:
-        _checkpoint_files(model)
+        checkpoint_files(model)
     assert "\n" not in str(e.value)
     (model / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": ["x"]}))
     with pytest.raises(ValueError, match="unusable index"):
-        _checkpoint_files(model)
+        checkpoint_files(model)
     # Hub cache snapshots are symlinks into blobs/: still loadable
     (model / "s1.safetensors").symlink_to(tmp_path / "x.safetensors")
     (model / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": {"a": "s1.safetensors"}}))
-    assert _checkpoint_files(model) == ([model / "s1.safetensors"], {"a": model / "s1.safetensors"})
+    assert checkpoint_files(model) == ([model / "s1.safetensors"], {"a": model / "s1.safetensors"})
 
 
 # -- manifest ----------------------------------------------------------------------------------------

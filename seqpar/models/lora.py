@@ -263,9 +263,9 @@ def base_identity(cfg, seed: int) -> dict:
     import hashlib
 
     if cfg.hf_path is not None and cfg.load_weights:
-        from seqpar.models.hf import _checkpoint_files
+        from seqpar.hf_files import checkpoint_files
 
-        files, _ = _checkpoint_files(Path(cfg.hf_path))
+        files, _ = checkpoint_files(Path(cfg.hf_path))
         h = hashlib.sha256()
         for f in sorted(files, key=lambda p: p.name):
             h.update(f.name.encode() + b"\0")
