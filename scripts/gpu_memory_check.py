@@ -9,6 +9,8 @@
 2. ``tiled``: the tiled MLP's loss and gradients equal the untiled ones within rounding.
 3. ``galore``: a GaLoreAdamW step on the device equals the same step in fp32 on the CPU (the SVD
    on the device picks the same subspace up to sign, which the projected update does not see).
+4. ``qgalore``: Q-GaLore in bf16 on the device: stochastic rounding unbiased, and a rebuilt
+   optimizer (weights, then state dict) continues the same trajectory bitwise.
 
 One PASS / FAIL line per check; exit status 0 only if all pass. tests/test_gpu_memory_check.py
 runs it with --device cpu.
@@ -96,6 +98,43 @@ def check_galore(dev) -> tuple[bool, str]:
     return err <= 1e-3, f"device vs CPU update differs by {err:.1e} of the update"
 
 
+def check_qgalore(dev) -> tuple[bool, str]:
+    """Q-GaLore on the device, bf16: stochastic rounding unbiased there; an optimizer rebuilt from
+    the state dict (weights copied first, as a resume does) continues bitwise (the device's
+    generator keyed the same way draws the same bits)."""
+    from seqpar.optim.qgalore import QGaLoreAdamW
+    from seqpar.optim.quant import generator, round_to
+
+    x = torch.full((1 << 20,), 1.0 + 2 ** -10, device=dev)
+    bias = abs(float(round_to(x, torch.bfloat16, generator(dev, 0)).float().mean()) - 1 - 2 ** -10)
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 192, generator=g).bfloat16()
+    grads = [torch.randn(64, 192, generator=g).to(dev) for _ in range(6)]
+
+    def build(w):
+        return QGaLoreAdamW([{"params": [w], "galore": True, "rank": 16, "update_interval": 1}], lr=1e-2,
+                            group=64, adaptive_window=2, adaptive_threshold=0.0)
+
+    w = torch.nn.Parameter(w0.clone().to(dev))
+    opt = build(w)
+    for gr in grads[:3]:
+        w.grad = gr.bfloat16()
+        opt.step()
+    twin = torch.nn.Parameter(torch.zeros_like(w))
+    opt2 = build(twin)
+    with torch.no_grad():
+        twin.copy_(w)
+    opt2.load_state_dict(opt.state_dict())  # live tensors: the load must copy them
+    for gr in grads[3:]:
+        for p_, o in ((w, opt), (twin, opt2)):
+            p_.grad = gr.bfloat16()
+            o.step()
+    same = torch.equal(w, twin)
+    moved = float((w.detach().float() - w0.to(dev).float()).abs().mean())
+    return (same and bias < 2e-5 and moved > 0), (f"resumed trajectory {'bitwise' if same else 'DIFFERS'}, "
+                                                   f"SR bias {bias:.1e}, mean |update| {moved:.1e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# seqpar gpu_memory_check | {name} | torch {torch.__version__} | {str(dtype)[6:]}", flush=True)
     failed = 0
     for label, fn in (("offload", lambda: check_offload(dev, dtype)), ("tiled", lambda: check_tiled(dev, dtype)),
-                      ("galore", lambda: check_galore(dev))):
+                      ("galore", lambda: check_galore(dev)), ("qgalore", lambda: check_qgalore(dev))):
         try:
             ok, detail = fn()
         except Exception as e:  # a crash is a failure with its reason, and the next check still runs

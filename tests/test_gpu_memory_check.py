@@ -14,4 +14,5 @@ def test_gpu_memory_check_runs_on_cpu():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert [line.split(":")[0] for line in lines] == ["PASS offload", "PASS tiled", "PASS galore"], r.stdout
+    assert [line.split(":")[0] for line in lines] == ["PASS offload", "PASS tiled", "PASS galore",
+                                                         "PASS qgalore"], r.stdout

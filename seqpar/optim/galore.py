@@ -123,15 +123,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # -- state: dtypes kept exactly ------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but every state tensor keeps its saved dtype (torch casts them all to the
-        parameter's dtype: bf16 parameters would round fp32 moments, INT codes, scales)."""
+        parameter's dtype: bf16 parameters would round fp32 moments, INT codes, scales) and is a
+        copy (torch keeps ``step`` shared with the given dict)."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
             for key, value in saved.get(pid, {}).items():
-                if isinstance(value, Tensor) and key != "step":
-                    where = "cpu" if key in self.host_state else p.device
+                if isinstance(value, Tensor):  # copies: a live state dict's tensors are not shared
+                    where = "cpu" if key == "step" or key in self.host_state else p.device
                     self.state[p][key] = value.to(device=where, copy=True)
 
 
