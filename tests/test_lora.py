@@ -149,3 +149,59 @@ def test_qlora_base_is_nf4_and_exports_dequantized():
     with pytest.raises(ConfigError, match="quantize_base with ZeRO-3"):
         load_config(None, ["--model.lora.quantize_base", "nf4", "--parallel.zero_stage", "3",
                            "--parallel.zero3_init", "false"])
+
+
+@pytest.mark.parametrize("path", ["loop", "grouped"])
+def test_expert_adapters_run_beside_the_frozen_weights(path):
+    """Per-expert adapters add s (x A^T) B^T to each projection: equal (fp32) to running the
+    experts on the folded weights W + s B @ A, and neither the forward nor the backward builds a
+    tensor of a full expert weight's shape (folding did, in every layer, kept for the backward).
+    Both the loop and the grouped-GEMM path (torch._grouped_mm's CPU kernel here)."""
+    from test_moe_grouped import FullSizeAllocations
+
+    from seqpar.config import MoEConfig
+    from seqpar.models import moe as moe_mod
+    from seqpar.models.lora import LoRAExperts
+
+    hidden = 16
+    ex = moe_mod.Experts(hidden, MoEConfig(num_experts=4, top_k=2, intermediate_size=24))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    ex.lora = LoRAExperts(ex, rank=8, alpha=16, generator=g)
+    with torch.no_grad():
+        for n, p in ex.lora.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, hidden, generator=g)
+    dy = torch.randn(10, hidden, generator=g)
+    ab = ex.lora.factors()
+
+    def run(fn):
+        xx = x.clone().requires_grad_()
+        for p in ex.lora.parameters():
+            p.grad = None
+        y = fn(xx)
+        y.backward(dy)
+        return [y.detach(), xx.grad] + [p.grad.clone() for p in ex.lora.parameters()]
+
+    if path == "loop":
+        new = lambda xx: moe_mod.looped_swiglu(xx, ex.gate_proj, ex.up_proj, ex.down_proj,  # noqa: E731
+                                               counts.tolist(), lora=ab)
+    else:
+        new = lambda xx: moe_mod.grouped_swiglu(xx, ex.gate_proj, ex.up_proj, ex.down_proj, counts,  # noqa: E731
+                                                lora=ab)
+    folded = lambda xx: moe_mod.looped_swiglu(xx, *(w + ex.lora.delta(n) for w, n in  # noqa: E731
+                                                    zip((ex.gate_proj, ex.up_proj, ex.down_proj),
+                                                        ("gate_proj", "up_proj", "down_proj"))), counts.tolist())
+    for a, b in zip(run(new), run(folded)):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
+    full = FullSizeAllocations([tuple(w.shape) for w in (ex.gate_proj, ex.up_proj, ex.down_proj)])
+    with full:
+        run(new)
+    assert not full.hits, full.hits
+    with full:
+        run(folded)
+    assert full.hits  # the detector sees the folded weights

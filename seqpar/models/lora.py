@@ -123,7 +123,8 @@ def quantization_problem() -> str | None:
 
 
 class LoRAExperts(nn.Module):
-    """Per-expert adapters for a stacked ``Experts`` module: its forward runs on ``W + s B @ A``."""
+    """Per-expert adapters for a stacked ``Experts`` module: its forward adds ``s (x A^T) B^T`` to
+    each projection (the same function as ``W + s B @ A``, without building that sum)."""
 
     def __init__(self, experts: nn.Module, rank: int, alpha: float, generator: torch.Generator):
         super().__init__()
@@ -138,7 +139,13 @@ class LoRAExperts(nn.Module):
                                                                                 device=w.device)))
 
     def delta(self, name: str) -> Tensor:
+        """The full-size update s B @ A of one projection's experts (for merged exports)."""
         return torch.bmm(getattr(self, f"{name}_lora_B"), getattr(self, f"{name}_lora_A")) * self.scaling
+
+    def factors(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor], float]:
+        """((A, B) of gate, up, down, scaling): what the experts' forward applies beside W."""
+        ab = [(getattr(self, f"{n}_lora_A"), getattr(self, f"{n}_lora_B")) for n in ("gate_proj", "up_proj", "down_proj")]
+        return ab[0], ab[1], ab[2], self.scaling
 
 
 def _kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:

@@ -113,39 +113,60 @@ class _ZeroGradOfEmptyExperts(torch.autograd.Function):
         return torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device)), None
 
 
+# per-expert LoRA factors of gate, up and down ((A [E, r, in], B [E, out, r]) each) and the scaling
+Adapters = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor], float] | None
+
+
 def grouped_swiglu(x_sorted: Tensor, gate: Tensor, up: Tensor, down: Tensor, counts: Tensor,
-                   zero_empty_grads: bool = False) -> Tensor:
+                   zero_empty_grads: bool = False, lora: Adapters = None) -> Tensor:
     """All experts at once: one torch._grouped_mm per projection over expert-sorted tokens.
 
     ``counts`` [E] (int, on the tokens' device) give each expert's contiguous rows; the group ends
     are their running sum, so no count ever reaches the host. The weight gradients come out of one
-    grouped GEMM each, straight into an [E, ...] tensor.
+    grouped GEMM each, straight into an [E, ...] tensor. ``lora``: per-expert adapters ((A, B) of
+    gate, up, down, and the scaling), applied as two thin grouped GEMMs beside each projection.
     """
     offs = counts.cumsum(0, dtype=torch.int32)
-    if zero_empty_grads:
-        gate, up, down = (_ZeroGradOfEmptyExperts.apply(w, counts) for w in (gate, up, down))
-    g = torch._grouped_mm(x_sorted, gate.transpose(-2, -1), offs=offs)
-    u = torch._grouped_mm(x_sorted, up.transpose(-2, -1), offs=offs)
-    return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+    zero = (lambda w: _ZeroGradOfEmptyExperts.apply(w, counts)) if zero_empty_grads else (lambda w: w)  # noqa: E731
+
+    def mm(x: Tensor, w: Tensor) -> Tensor:
+        return torch._grouped_mm(x, zero(w).transpose(-2, -1), offs=offs)
+
+    def proj(x: Tensor, w: Tensor, i: int) -> Tensor:
+        y = mm(x, w)
+        if lora is not None:
+            a, b = lora[i]
+            y = y + mm(mm(x, a), b) * lora[3]
+        return y
+
+    h = F.silu(proj(x_sorted, gate, 0)) * proj(x_sorted, up, 1)
+    return proj(h, down, 2)
 
 
 def looped_swiglu(x_sorted: Tensor, gate: Tensor, up: Tensor, down: Tensor,
-                  counts: list[int]) -> Tensor:
+                  counts: list[int], lora: Adapters = None) -> Tensor:
     """One expert at a time on contiguous views, with the same matmuls as the historical loop.
 
     The tokens are ``split`` and the weights ``unbind``-ed once: the backward of each is a single
     cat/stack into one full-size tensor. (Indexing ``w[e]`` per expert made every expert's
     gradient a full-size [E, ...] zero tensor that autograd then summed: E x weight size.) Experts
-    without tokens get exact zeros from unbind's backward.
+    without tokens get exact zeros from unbind's backward. ``lora`` as for ``grouped_swiglu``.
     """
     xs = x_sorted.split(counts)
-    gs, us, ds = gate.unbind(0), up.unbind(0), down.unbind(0)
+    ws = [w.unbind(0) for w in (gate, up, down)]
+    ab = [(a.unbind(0), b.unbind(0)) for a, b in lora[:3]] if lora is not None else None
+
+    def proj(x: Tensor, i: int, e: int) -> Tensor:
+        y = x @ ws[i][e].t()
+        if ab is not None:
+            y = y + (x @ ab[i][0][e].t()) @ ab[i][1][e].t() * lora[3]
+        return y
+
     outs = []
     for e, n in enumerate(counts):
         if n:
             xe = xs[e]
-            h = F.silu(xe @ gs[e].t()) * (xe @ us[e].t())
-            outs.append(h @ ds[e].t())
+            outs.append(proj(F.silu(proj(xe, 0, e)) * proj(xe, 1, e), 2, e))
     return torch.cat(outs) if outs else x_sorted[:0]
 
 
@@ -168,21 +189,25 @@ class Experts(nn.Module):
 
     def use_grouped_mm(self, x_sorted: Tensor) -> bool:
         """Path choice from metadata alone (device, dtype, shapes, alignment): never a sync."""
+        lora = getattr(self, "lora", None)
+        extra = [p for p in lora.parameters()] if lora is not None else []
         return grouped_mm_major(x_sorted.device) is not None and grouped_mm_layout_ok(
-            x_sorted, self.gate_proj, self.up_proj, self.down_proj)
+            x_sorted, self.gate_proj, self.up_proj, self.down_proj, *extra)
 
     def forward(self, x_sorted: Tensor, counts: Tensor | list[int]) -> Tensor:
         """Run each expert on its contiguous slice of expert-sorted tokens."""
         w = (self.gate_proj, self.up_proj, self.down_proj)
         lora = getattr(self, "lora", None)
-        if lora is not None:  # per-expert LoRA adapters (seqpar.models.lora), folded in exactly
-            w = tuple(base + lora.delta(n) for base, n in zip(w, ("gate_proj", "up_proj", "down_proj")))
+        # per-expert LoRA adapters (seqpar.models.lora) run beside the frozen weights: x A^T B^T is
+        # [tokens, rank] wide; folding B @ A into W would build (and keep for the backward) a
+        # full-size copy of every expert weight in every layer
+        ab = lora.factors() if lora is not None else None
         if isinstance(counts, Tensor) and self.use_grouped_mm(x_sorted):
             zero = grouped_mm_major(x_sorted.device) in _ZERO_EMPTY_EXPERT_GRAD_MAJORS
-            return grouped_swiglu(x_sorted, *w, counts, zero_empty_grads=zero)
+            return grouped_swiglu(x_sorted, *w, counts, zero_empty_grads=zero, lora=ab)
         if isinstance(counts, Tensor):
             counts = counts.tolist()  # a host read: no sync on CPU
-        return looped_swiglu(x_sorted, *w, counts)
+        return looped_swiglu(x_sorted, *w, counts, lora=ab)
 
 
 def tokens_per_expert(sorted_ids: Tensor, num_experts: int) -> Tensor:
