@@ -9,8 +9,9 @@
 2. ``tiled``: the tiled MLP's loss and gradients equal the untiled ones within rounding.
 3. ``galore``: a GaLoreAdamW step on the device equals the same step in fp32 on the CPU (the SVD
    on the device picks the same subspace up to sign, which the projected update does not see).
-4. ``qgalore``: Q-GaLore in bf16 on the device: stochastic rounding unbiased, and a rebuilt
-   optimizer (weights, then state dict) continues the same trajectory bitwise.
+4. ``qgalore``: Q-GaLore in bf16 on the device: stochastic rounding unbiased, the INT8 layer's
+   weight gradient equal to autograd's, and a rebuilt layer + optimizer (state dicts) continues
+   the same trajectory bitwise.
 
 One PASS / FAIL line per check; exit status 0 only if all pass. tests/test_gpu_memory_check.py
 runs it with --device cpu.
@@ -99,40 +100,53 @@ def check_galore(dev) -> tuple[bool, str]:
 
 
 def check_qgalore(dev) -> tuple[bool, str]:
-    """Q-GaLore on the device, bf16: stochastic rounding unbiased there; an optimizer rebuilt from
-    the state dict (weights copied first, as a resume does) continues bitwise (the device's
-    generator keyed the same way draws the same bits)."""
-    from seqpar.optim.qgalore import QGaLoreAdamW
+    """Q-GaLore on the device, bf16: stochastic rounding unbiased there; the INT8 layer's
+    gradients equal autograd's through the dequantized weight; an optimizer rebuilt from the
+    layer's and its own state dicts (a resume's order) continues bitwise (the device's generator
+    keyed the same way draws the same bits)."""
+    from torch import nn
+
+    from seqpar.optim.qgalore import Int8Linear, QGaLoreAdamW
     from seqpar.optim.quant import generator, round_to
 
     x = torch.full((1 << 20,), 1.0 + 2 ** -10, device=dev)
     bias = abs(float(round_to(x, torch.bfloat16, generator(dev, 0)).float().mean()) - 1 - 2 ** -10)
     g = torch.Generator().manual_seed(0)
-    w0 = torch.randn(64, 192, generator=g).bfloat16()
-    grads = [torch.randn(64, 192, generator=g).to(dev) for _ in range(6)]
+    inputs = [torch.randn(256, 192, generator=g).bfloat16().to(dev) for _ in range(6)]
 
-    def build(w):
-        return QGaLoreAdamW([{"params": [w], "galore": True, "rank": 16, "update_interval": 1}], lr=1e-2,
-                            group=64, adaptive_window=2, adaptive_threshold=0.0)
+    def build(seed):
+        torch.manual_seed(seed)
+        layer = Int8Linear(nn.Linear(192, 64, bias=False).bfloat16(), 64).to(dev)
+        opt = QGaLoreAdamW([{"params": [layer.weight_int8], "galore": True, "rank": 16, "update_interval": 1}],
+                           layers={layer.weight_int8: layer}, lr=1e-2, adaptive_window=2, adaptive_threshold=0.0)
+        return layer, opt
 
-    w = torch.nn.Parameter(w0.clone().to(dev))
-    opt = build(w)
-    for gr in grads[:3]:
-        w.grad = gr.bfloat16()
+    def step(layer, opt, xb):
+        layer(xb).float().pow(2).mean().backward()
         opt.step()
-    twin = torch.nn.Parameter(torch.zeros_like(w))
-    opt2 = build(twin)
-    with torch.no_grad():
-        twin.copy_(w)
+
+    layer, opt = build(0)
+    w = layer.dequantized().clone().requires_grad_()
+    xg = inputs[0].clone().requires_grad_()
+    layer(xg).float().pow(2).mean().backward()
+    torch.nn.functional.linear(inputs[0], w).float().pow(2).mean().backward()
+    grad_err = float((layer.weight_grad.float() - w.grad.float()).abs().max() / w.grad.float().abs().max())
+    layer.weight_grad = None
+    start = layer.dequantized().float()
+    for xb in inputs[:3]:
+        step(layer, opt, xb)
+    twin, opt2 = build(1)
+    twin.load_state_dict(layer.state_dict())
     opt2.load_state_dict(opt.state_dict())  # live tensors: the load must copy them
-    for gr in grads[3:]:
-        for p_, o in ((w, opt), (twin, opt2)):
-            p_.grad = gr.bfloat16()
-            o.step()
-    same = torch.equal(w, twin)
-    moved = float((w.detach().float() - w0.to(dev).float()).abs().mean())
-    return (same and bias < 2e-5 and moved > 0), (f"resumed trajectory {'bitwise' if same else 'DIFFERS'}, "
-                                                   f"SR bias {bias:.1e}, mean |update| {moved:.1e}")
+    for xb in inputs[3:]:
+        step(layer, opt, xb)
+        step(twin, opt2, xb)
+    same = torch.equal(layer.weight_int8, twin.weight_int8) and torch.equal(layer.weight_int8_scale,
+                                                                            twin.weight_int8_scale)
+    moved = float((layer.dequantized().float() - start).abs().mean())
+    ok = same and bias < 2e-5 and moved > 0 and grad_err < 1e-2
+    return ok, (f"resumed trajectory {'bitwise' if same else 'DIFFERS'}, SR bias {bias:.1e}, weight grad vs "
+                f"autograd {grad_err:.1e}, mean |update| {moved:.1e}")
 
 
 def main(argv: list[str] | None = None) -> int:

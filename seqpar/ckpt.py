@@ -235,6 +235,7 @@ def _component(rel: str) -> str:
     if top.startswith("rank"):
         stem = rest.split(".")[0].split("/")[0]
         return {"optimizer": "optimizer", "model_shard": "model weights", "grads": "partial gradients",
+                "qgrads": "partial gradients",
                 "fragments": "optimizer", "router": "router"}.get(stem, "rank state (rng, counters)")
     return "trainer state and config"
 

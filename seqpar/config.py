@@ -858,6 +858,9 @@ class Config(_Section):
         if self.memory.offload_optimizer:
             raise ValueError(f"train.optimizer={opt} with memory.offload_optimizer is not supported (ZeRO-Offload "
                              "needs a ZeRO stage): turn offload off")
+        if opt == "qgalore" and self.train.compile:
+            raise ValueError("train.optimizer=qgalore with train.compile is not supported (the INT8 layers' "
+                             "backward writes their gradients outside the graph): set train.compile false")
         if opt == "qgalore" and self.train.galore.master_weights:
             raise ValueError("train.galore.master_weights true with train.optimizer=qgalore: Q-GaLore keeps its "
                              "weights on an INT8 grid (an fp32 master copy would undo it): set it false")
@@ -967,6 +970,8 @@ class Config(_Section):
         if self.parallel.expert_degree > 1 and self.parallel.zero_stage == 0:
             # DeepSpeed's ZeRO-0 clipping leaves split experts out of the norm (bf16) or averages
             # per-rank norms (fp32): seqpar clips these runs itself (parallel.experts.clip_grad_norm_)
+            ds["gradient_clipping"] = 0.0
+        if t.optimizer == "qgalore":  # INT8 weights' gradients are not DeepSpeed's: seqpar clips all
             ds["gradient_clipping"] = 0.0
         mem, pin = self.memory, device_type == "cuda"  # pinning needs CUDA (fast async host copies)
         if mem.offload_optimizer:

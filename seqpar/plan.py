@@ -120,14 +120,14 @@ def _dtype_bytes(name: Any, default: int) -> int:
 
 
 def _small_state(cfg: Config, p: int, w: int, flat: int, largest: int) -> tuple[dict[str, int], dict[str, int], str]:
-    """GaLore / Q-GaLore at ZeRO-0: the optimizer state is what its checkpoint holds
-    (seqpar.optim.sizes; with master_weights DeepSpeed's fp32 copy too); the step works on one
+    """GaLore / Q-GaLore at ZeRO-0: the weights and the optimizer state are what the checkpoint
+    holds (seqpar.optim.sizes; with master_weights DeepSpeed's fp32 copy too); the step works on one
     parameter at a time: its gradient in fp32 and about three fp32 temporaries of its size (the
     largest parameter counted; the SVD of a refresh is smaller than that)."""
     from seqpar.optim.sizes import checkpoint_bytes
 
-    opt = checkpoint_bytes(cfg)["optimizer"]
-    run = {"params": w * p, "grads": w * p, "optimizer": opt, "buffers": 0}
+    sizes = checkpoint_bytes(cfg)  # resident = checkpointed here (Q-GaLore: INT8 codes and scales)
+    run = {"params": sizes["weights"], "grads": w * p, "optimizer": sizes["optimizer"], "buffers": 0}
     name = {"galore": "seqpar GaLore-AdamW", "qgalore": "seqpar Q-GaLore-AdamW"}[cfg.train.optimizer]
     weights = ("fp32" if w == 4 else "bf16 weights, fp32 master (DeepSpeed FP16_UnfusedOptimizer)"
                if not cfg.low_precision_weights else "bf16 weights, no master")

@@ -107,53 +107,81 @@ def test_stochastic_rounding_and_quantized_formats():
     assert (err <= scale.repeat_interleave(64)[:703] * 0.51 + 1e-6).all()
 
 
-def test_qgalore_state_adaptive_refresh_and_round_trip():
-    from seqpar.optim.qgalore import QGaLoreAdamW
-    from seqpar.optim.quant import dequantize_int8
+def test_int8_linear_and_qgalore_state_adaptive_refresh_round_trip():
+    from torch import nn
 
-    def build(params, threshold):
-        return QGaLoreAdamW([{"params": params[:2], "galore": True, "rank": 3, "update_interval": 1, "scale": 0.5},
-                             {"params": params[2:]}], lr=1e-2, group=16, adaptive_window=2,
-                            adaptive_threshold=threshold, seed=3)
+    from seqpar.optim.qgalore import Int8Linear, QGaLoreAdamW
 
+    # the layer: y = x W^T with W its dequantized codes; x's gradient through autograd, W's in
+    # weight_grad (summed over backward passes); no floating weight held
     torch.manual_seed(0)
-    x = torch.randn(8, 24).bfloat16()
-    loss = lambda a, b, c: (x @ a @ b).float().pow(2).mean() + c.float().pow(2).sum()  # noqa: E731
+    q = Int8Linear(nn.Linear(16, 24, bias=False), 16)
+    assert not [p for p in q.parameters() if p.is_floating_point()] and q.weight_int8.dtype == torch.int8
+    x = torch.randn(5, 16, requires_grad=True)
+    w = q.dequantized().clone().requires_grad_()
+    gy = torch.randn(5, 24)
+    q(x).backward(gy)
+    x_grad = x.grad.clone()
+    x.grad = None
+    torch.nn.functional.linear(x, w).backward(gy)
+    assert torch.allclose(x_grad, x.grad, atol=1e-6) and torch.allclose(q.weight_grad, w.grad, atol=1e-6)
+    q(x).backward(gy)
+    assert torch.allclose(q.weight_grad, 2 * w.grad, atol=1e-5)
+
+    def build(threshold, seed_layers):
+        torch.manual_seed(seed_layers)
+        a = Int8Linear(nn.Linear(8, 24, bias=False).bfloat16(), 16)
+        b = Int8Linear(nn.Linear(24, 8, bias=False).bfloat16(), 16)
+        vec = nn.Parameter(torch.randn(24).bfloat16())
+        opt = QGaLoreAdamW([{"params": [a.weight_int8, b.weight_int8], "galore": True, "rank": 3,
+                             "update_interval": 1, "scale": 0.5}, {"params": [vec]}],
+                           layers={a.weight_int8: a, b.weight_int8: b}, lr=1e-2, adaptive_window=2,
+                           adaptive_threshold=threshold, seed=3)
+        return (a, b, vec), opt
+
+    xx = torch.randn(8, 8).bfloat16()
+
+    def train_step(mods, opt):
+        a, b, vec = mods
+        opt.zero_grad()
+        (b(a(xx)).float().pow(2).mean() + vec.float().pow(2).sum()).backward()
+        opt.step()
+
     for threshold, intervals in ((0.0, [1, 1, 2, 2, 4]), (1.01, [1] * 8)):
-        params = [torch.nn.Parameter(torch.randn(*s).bfloat16()) for s in ((24, 8), (8, 24), (24,))]
-        opt = build(params, threshold)
+        mods, opt = build(threshold, 1)
+        first = mods[0].weight_int8.clone()
         seen = []
         for _ in range(8):
-            opt.zero_grad()
-            loss(*params).backward()
-            opt.step()
-            if float(opt.state[params[0]]["refreshed_at"]) == float(opt.state[params[0]]["step"]) - 1:
-                seen.append(int(opt.state[params[0]]["interval"]))
+            train_step(mods, opt)
+            st = opt.state[mods[0].weight_int8]
+            if float(st["refreshed_at"]) == float(st["step"]) - 1:
+                seen.append(int(st["interval"]))
         # threshold 0: refreshes at state steps 0, 1, 2, 4, 6 (each second comparison doubles the
         # interval: 1, 1, 2, 2, 4); an unreachable threshold keeps refreshing every step
         assert seen == intervals, seen
-    st = opt.state[params[0]]
+        assert not torch.equal(first, mods[0].weight_int8) and mods[0].weight_grad is None  # moved; consumed
+    st = opt.state[mods[0].weight_int8]
     assert st["projector"].dtype == torch.uint8 and st["exp_avg"].dtype == torch.bfloat16
     assert all(isinstance(v, torch.Tensor) for v in st.values())
-    codes, scales = opt.int8_weights()[params[0]]  # the weight is exactly its codes times scales
-    assert torch.equal(dequantize_int8(codes, scales, params[0].shape, torch.bfloat16), params[0].detach())
-    # build, load weights, load state (the trainer's order): the same trajectory, bitwise
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = build(twin, 1.01)
+    # another optimizer over other layers, given the layers' state dicts, then the optimizer's
+    # (the trainer's order): the same trajectory, bitwise
+    twin, opt2 = build(1.01, 2)
+    for src, dst in zip(mods[:2], twin[:2]):
+        dst.load_state_dict(src.state_dict())
     with torch.no_grad():
-        for a, b in zip(params, twin):
-            b.copy_(a)
+        twin[2].copy_(mods[2])
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert {k: v.dtype for k, v in opt2.state[twin[0]].items()} == {k: v.dtype for k, v in st.items()}
+    assert {k: v.dtype for k, v in opt2.state[twin[0].weight_int8].items()} == {k: v.dtype for k, v in st.items()}
     for _ in range(3):
-        for o, ps in ((opt, params), (opt2, twin)):
-            o.zero_grad()
-            loss(*ps).backward()
-            o.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, twin))
+        train_step(mods, opt)
+        train_step(twin, opt2)
+    for src, dst in zip(mods[:2], twin[:2]):
+        assert all(torch.equal(u, v) for u, v in zip(src.state_dict().values(), dst.state_dict().values()))
+    assert torch.equal(mods[2], twin[2])
 
 
-def galore_run(tmp_path, name: str, precision: str, optimizer: str = "galore", master: bool = False, **over):
+def galore_run(tmp_path, name: str, precision: str, optimizer: str = "galore", master: bool = False, nproc: int = 1,
+               **over):
     sections = {"parallel": {"zero_stage": 0},
                 "train": {"max_steps": 4, "global_batch_size": 4, "optimizer": optimizer, "precision": precision,
                           "galore": {"rank": 8, "update_interval": 2, "master_weights": master,
@@ -161,14 +189,15 @@ def galore_run(tmp_path, name: str, precision: str, optimizer: str = "galore", m
                 "checkpoint": {"every_micro_batches": 0, "keep_last": 2}, "logging": {"log_every": 1}}
     for k, v in over.items():
         sections.setdefault(k, {}).update(v)
-    return command(tmp_path, name, 1, **sections)
+    return command(tmp_path, name, nproc, **sections)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer,precision,master", [("galore", "fp32", False), ("galore", "bf16", False),
-                                                        ("galore", "bf16", True), ("qgalore", "bf16", False)])
-def test_resume_across_a_projector_refresh_is_bitwise(tmp_path, optimizer, precision, master):
-    full_cmd, full_dir = galore_run(tmp_path, "full", precision, optimizer, master)
+@pytest.mark.parametrize("optimizer,precision,master,nproc", [
+    ("galore", "fp32", False, 1), ("galore", "bf16", False, 1), ("galore", "bf16", True, 1),
+    ("qgalore", "bf16", False, 2)])  # 2 ranks: the INT8 layers' gradients reduced by seqpar, per rank mid-window
+def test_resume_across_a_projector_refresh_is_bitwise(tmp_path, optimizer, precision, master, nproc):
+    full_cmd, full_dir = galore_run(tmp_path, "full", precision, optimizer, master, nproc)
     full = run(full_cmd, timeout=600)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     assert f"{'Q-' if optimizer == 'qgalore' else ''}GaLore-AdamW rank 8, refresh every 2" in full.stdout
@@ -176,10 +205,13 @@ def test_resume_across_a_projector_refresh_is_bitwise(tmp_path, optimizer, preci
         assert ("fp32 master weights" if master else "bf16 weights (stochastic rounding)") in full.stdout
     # refreshes happen at optimizer steps 1 and 3 (state step 0 and 2; Q-GaLore's interval doubles
     # after the second: window 1, threshold 0); stops before each of them
-    for name, stop in (("boundary", "8"), ("mid", "10")):  # 4 micro-batches per step
-        cmd, run_dir = galore_run(tmp_path, name, precision, optimizer, master)
+    per_step = 4 // nproc  # micro-batches per step on each rank (global batch 4, micro 1)
+    for name, stop in (("boundary", str(2 * per_step)), ("mid", str(2 * per_step + per_step // 2))):
+        cmd, run_dir = galore_run(tmp_path, name, precision, optimizer, master, nproc)
         stopped = run(cmd, timeout=600, env={**ENV, "SEQPAR_STOP_AFTER_MICRO_BATCHES": stop})
-        assert stopped.returncode == 75, stopped.stdout[-3000:]
+        # exit 75 (preempted); under torchrun the agent reports its workers' non-zero exit as 1
+        assert stopped.returncode == (75 if nproc == 1 else 1), stopped.stdout[-3000:]
+        assert "stop requested (SEQPAR_STOP_AFTER_MICRO_BATCHES): saved" in stopped.stdout
         resumed = run(cmd + ["--resume", "auto"], timeout=600)
         assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-3000:]
         assert final_hashes(run_dir) == final_hashes(full_dir), name
@@ -264,8 +296,8 @@ def test_checkpoint_size_targets_for_the_1b_shape():
 
 
 def test_planner_counts_the_small_state():
-    """The memory planner's optimizer part for GaLore / Q-GaLore is their state (what the
-    checkpoint holds), not AdamW's; with an fp32 master copy that copy too."""
+    """The memory planner's weights and optimizer parts for GaLore / Q-GaLore are what their
+    checkpoint holds (Q-GaLore: INT8 weights), not AdamW's; with an fp32 master copy that too."""
     from seqpar.optim.sizes import checkpoint_bytes
     from seqpar.plan import model_state
 
@@ -278,4 +310,28 @@ def test_planner_counts_the_small_state():
         cfg = load_config(None, shape + extra)
         run_, step, what = model_state(cfg, 1)
         assert name in what and run_["optimizer"] == checkpoint_bytes(cfg)["optimizer"] < adam["optimizer"], what
-        assert run_["params"] == adam["params"] and step["buffers"] > 0
+        assert run_["params"] == checkpoint_bytes(cfg)["weights"] and step["buffers"] > 0
+        # resident weights: bf16 (GaLore), INT8 codes + scales for the projections (Q-GaLore)
+        assert (run_["params"] < 0.6 * adam["params"]) == (name == "Q-GaLore"), (name, run_, adam)
+
+
+@pytest.mark.slow
+def test_qgalore_data_parallel_matches_one_rank(tmp_path):
+    """The INT8 layers' gradients are reduced by seqpar, not DeepSpeed: 2 data-parallel ranks
+    train like 1 rank with the same global batch (fp32; only the summation order differs, which
+    can flip a stochastic rounding now and then), and the logged gradient norm is the global one."""
+    losses, norms = {}, {}
+    for nproc in (1, 2):
+        cmd, run_dir = galore_run(tmp_path, f"dp{nproc}", "fp32", "qgalore", nproc=nproc,
+                                  train={"max_steps": 6})
+        r = run(cmd, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[nproc] = [row["loss"] for row in rows if "loss" in row]
+        norms[nproc] = [row["grad_norm"] for row in rows if "grad_norm" in row]
+    assert len(losses[1]) == len(losses[2]) == 6 and len(norms[1]) == len(norms[2]) == 6
+    for a, b in zip(losses[1], losses[2]):
+        assert abs(a - b) <= 1e-3 * abs(a), (losses[1], losses[2])
+    for a, b in zip(norms[1], norms[2]):
+        assert abs(a - b) <= 1e-2 * abs(a), (norms[1], norms[2])
+    assert losses[1][-1] < losses[1][0]

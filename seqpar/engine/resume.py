@@ -182,6 +182,8 @@ class Resume:
         self.tr.sampler.load_state_dict(state["sampler"])
         if self.tr.state.micro_step > 0:
             dss.restore_partial_grads(eng, self.tr.ckpt.read_tree(path, "grads", r))
+            if self.tr.int8_weights is not None:
+                self.tr.int8_weights.load_state_dict(self.tr.ckpt.read_tree(path, "qgrads", r))
             self.tr._resumed_acc = engine_state["window"]
         load_rng_state_dict(self.tr.ckpt.read_tree(path, "rng", r))
         self.tr.extensions.load(lambda stem: self.tr.ckpt.read_tree(path, stem, r), self._log)
@@ -201,14 +203,11 @@ class Resume:
                         src = src[ep.first:ep.first + ep.local]
                     t.copy_(src)
             return
-        if (path / QWEIGHTS_DIR).is_dir():  # Q-GaLore: INT8 codes and scales, dequantized exactly
+        if (path / QWEIGHTS_DIR).is_dir():  # Q-GaLore's model: INT8 codes and scales as they were
             from safetensors.torch import load_file
 
-            from seqpar.optim.qgalore import expand_state_dict
-
-            where = path / QWEIGHTS_DIR / QWEIGHTS_FILE
             with torch.no_grad():
-                model.load_state_dict(expand_state_dict(load_file(str(where)), model.state_dict()))
+                model.load_state_dict(load_file(str(path / QWEIGHTS_DIR / QWEIGHTS_FILE)))
             return
         if (path / ADAPTER_DIR).is_dir():
             from safetensors.torch import load_file

@@ -18,7 +18,7 @@ from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import fragment_map
 from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, trainable_state_dict
-from seqpar.optim.qgalore import QWEIGHTS_DIR, QWEIGHTS_FILE, compact_state_dict
+from seqpar.optim.qgalore import QWEIGHTS_DIR, QWEIGHTS_FILE
 from seqpar.parallel.experts import gather_experts
 from seqpar.rng import rng_state_dict
 
@@ -57,6 +57,8 @@ class Snapshot:
             rank_trees["fragments"] = fragment_map(eng)  # makes the optimizer state reshardable
         if mid_window:
             rank_trees["grads"] = dss.capture_partial_grads(eng, copy=False)
+            if tr.int8_weights is not None:  # Q-GaLore's INT8 layers' gradients (not DeepSpeed's)
+                rank_trees["qgrads"] = tr.int8_weights.state_dict()
         if tr.cfg.model.moe is not None:
             rank_trees["router"] = tr.model.router_state_dict()
         rank_trees.update(tr.extensions.trees())
@@ -83,10 +85,10 @@ class Snapshot:
             if tr.topo.is_main:
                 jobs.append(self._adapter_job(weights))
                 live.append(weights)
-        elif tr.cfg.train.optimizer == "qgalore":
-            # INT8-grid weights as their codes (ZeRO-0: every rank holds the same; rank 0 writes)
+        elif tr.int8_weights is not None:
+            # Q-GaLore's state dict: INT8 codes and scales (ZeRO-0: every rank holds the same; rank 0 writes)
             if tr.topo.is_main:
-                weights = compact_state_dict(tr.model, tr.engine.optimizer)
+                weights = {k: v.detach() for k, v in tr.model.state_dict().items()}
                 jobs.append(self._qweights_job(weights))
                 live.append(weights)
         elif tr.cfg.parallel.zero_stage < 3 and tr.expert_parallel is not None:

@@ -248,7 +248,8 @@ class Trainer:
             for p in model.parameters():
                 if p.is_floating_point():
                     p.data = p.data.to(torch.bfloat16)
-        client_optimizer = build_small_state_optimizer(model, cfg.train)
+        # Q-GaLore: the targeted projections become INT8 layers, whose gradients seqpar reduces
+        client_optimizer, self.int8_weights = build_small_state_optimizer(model, cfg.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=client_optimizer,
@@ -510,6 +511,9 @@ class Trainer:
             self.ckpt.writer.wait_deferred()
             if self._own_clipping:  # gradients are reduced by now (DeepSpeed's backward epilogue)
                 self._grad_norm = clip_grad_norm_(*self._own_clipping, self.expert_parallel, self.cfg.train.grad_clip)
+            elif self.int8_weights is not None:  # INT8 weights' gradients: reduced here, clipped with the rest
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
+                self._grad_norm = self.int8_weights.finish(trainable, self.cfg.train.grad_clip, lay.world_size)
         self.engine.step()
         self._acc["ce"] += out.loss_sum.detach().double()
         self._acc["aux"] += out.aux_loss.detach().double()
@@ -591,7 +595,8 @@ class Trainer:
         waited, self.ckpt.writer.deferred_wait_s = self.ckpt.writer.deferred_wait_s, 0.0
         if waited:  # the optimizer step waited for a checkpoint's background copy
             metrics["ckpt_wait_s"] = waited
-        grad_norm = self.engine.get_global_grad_norm() if not self._own_clipping else self._grad_norm
+        own = self._own_clipping or self.int8_weights is not None
+        grad_norm = self._grad_norm if own else self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if self.cfg.model.moe is not None:

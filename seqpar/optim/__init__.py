@@ -5,12 +5,18 @@ from __future__ import annotations
 import torch
 
 from seqpar.optim.galore import GaLoreAdamW, build_galore
-from seqpar.optim.qgalore import QGaLoreAdamW, build_qgalore
+from seqpar.optim.qgalore import Int8Weights, QGaLoreAdamW, build_qgalore
 
 
-def build_small_state_optimizer(model: torch.nn.Module, train) -> torch.optim.Optimizer | None:
-    """GaLore / Q-GaLore for DeepSpeed as a client optimizer; None for adamw (DeepSpeed builds it)."""
-    return {"galore": build_galore, "qgalore": build_qgalore}.get(train.optimizer, lambda *_: None)(model, train)
+def build_small_state_optimizer(model: torch.nn.Module, train) -> tuple[torch.optim.Optimizer | None,
+                                                                         Int8Weights | None]:
+    """GaLore / Q-GaLore for DeepSpeed as a client optimizer (None for adamw: DeepSpeed builds
+    it), and Q-GaLore's INT8 layers (it makes them first)."""
+    if train.optimizer == "galore":
+        return build_galore(model, train), None
+    if train.optimizer == "qgalore":
+        return build_qgalore(model, train)
+    return None, None
 
 
 def describe_optimizer(train) -> str:
@@ -28,4 +34,4 @@ def describe_optimizer(train) -> str:
     return out + f", scale {g.scale:g} "
 
 
-__all__ = ["GaLoreAdamW", "QGaLoreAdamW", "build_small_state_optimizer", "describe_optimizer"]
+__all__ = ["GaLoreAdamW", "Int8Weights", "QGaLoreAdamW", "build_small_state_optimizer", "describe_optimizer"]

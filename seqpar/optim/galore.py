@@ -64,15 +64,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                grad = self._grad(p)
+                if grad is None:
                     continue
-                grad = p.grad.float()
+                grad = grad.float()
                 state = self.state[p]
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                 galore = group["galore"]
                 step = int(state["step"])
-                left = p.shape[0] < p.shape[1] if galore else False  # the smaller side (a shape fact)
+                shape = self._shape(p)
+                left = shape[0] < shape[1] if galore else False  # the smaller side (a shape fact)
                 if galore:
                     if self._refresh_due(state, group, step):  # a new subspace from this step's gradient
                         self._refresh(p, state, group, grad, left, step)
@@ -92,7 +94,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 update = (m / (1 - beta1 ** t)) / denom
                 if galore:
                     update = _project_back(update, self._projector(p, state, group, left), left) * group["scale"]
-                new = p.float()  # fp32 parameters: in place
+                new = self._value(p)  # fp32 parameters: in place
                 if group["weight_decay"]:
                     new.mul_(1 - group["lr"] * group["weight_decay"])
                 new.add_(update, alpha=-group["lr"])
@@ -100,6 +102,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return loss
 
     # -- what a subclass changes (Q-GaLore: quantized projector, weights, moments) -------------------
+    def _grad(self, p: Tensor) -> Tensor | None:
+        return p.grad
+
+    def _shape(self, p: Tensor) -> tuple[int, ...]:
+        return tuple(p.shape)
+
+    def _value(self, p: Tensor) -> Tensor:
+        """The parameter's value in fp32 (the parameter itself when it is fp32: updated in place)."""
+        return p.float()
+
     def _refresh_due(self, state: dict, group: dict, step: int) -> bool:
         return step % group["update_interval"] == 0
 
