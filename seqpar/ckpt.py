@@ -142,8 +142,6 @@ def _elastic(path: Path, state: dict, cfg: dict) -> str:
     """Whether (and with what constraint) the checkpoint resumes on another layout."""
     if not (path / "rank00000" / "fragments.json").is_file():
         return "no: written before elastic resume"
-    if cfg.get("train", {}).get("optimizer") in ("galore", "qgalore"):
-        return "no: GaLore's optimizer state (projectors, low-rank moments) is not resharded: resume on this layout"
     copies = state["topology"].get("ep", 1) if state.get("optimizer_kind") in ("torch", "unfused16") else 1
     if any(not (path / f"rank{r:05d}" / "fragments.json").is_file() for r in range(1, copies)):
         # ZeRO-0 with split experts: ranks 0..P-1 each save one expert slice's optimizer copy

@@ -121,9 +121,6 @@ class Resume:
         where = f"saved on layout {_layout(old)}, this run is {_layout(new)}"
         if not self.tr.cfg.checkpoint.elastic:
             return f"{where} and checkpoint.elastic is off"
-        if self.tr.cfg.train.optimizer in ("galore", "qgalore"):
-            return (f"{where}: GaLore's optimizer state (projectors, low-rank moments) is not resharded: "
-                    "resume on the saved layout")
         copies = old.get("ep", 1) if state.get("optimizer_kind") in ("torch", "unfused16") else 1
         if any(not (path / rank_dir(r) / "fragments.json").is_file() for r in range(1, copies)):
             # ZeRO-0 with split experts: ranks 0..P-1 each hold one expert slice's optimizer copy
@@ -244,7 +241,13 @@ class Resume:
 
         # expert slices: saved rank r held rows (r % old ep) of the experts, this rank (rank % new ep)
         experts = expert_split(self.tr.engine, old.get("ep", 1), self.tr.cfg.parallel.expert_degree)
-        if state["step"] > 0:
+        if self.tr.cfg.train.optimizer in ("galore", "qgalore"):
+            # ZeRO-0 (EP refused): every rank held the same state, in a parameter order no layout
+            # changes; projectors and low-rank moments need no slicing, so rank 0's is everyone's
+            if dss.needs_module_weights(self.tr.engine):
+                self._load_weights(self.tr.model, path)
+            dss.restore_optimizer(self.tr.engine, self.tr.ckpt.read_tree(path, "optimizer", 0))
+        elif state["step"] > 0:
             reshard_optimizer(self.tr.engine, kind, sources(), scheduler, old_weights, experts)
         # else inside the first window: no optimizer step yet, so the saved optimizer holds just the
         # initial weights, which this run has built from the same config and seed; nothing to move
@@ -264,6 +267,9 @@ class Resume:
             form = partial_grads_form(json.loads((path / rank_dir(0) / "grads.json").read_text()))
             reshard_partial_grads(self.tr.engine, lambda r: self.tr.ckpt.read_tree(path, "grads", r, lazy=True),
                                   old["world_size"], str(form), experts)
+            if self.tr.int8_weights is not None:  # Q-GaLore's INT8 layers: DeepSpeed's ZeRO-0 rule, by hand
+                self.tr.int8_weights.reshard(lambda r: self.tr.ckpt.read_tree(path, "qgrads", r), old["world_size"],
+                                             self.tr.topo.rank, self.tr.topo.world_size)
             window = self._window_sums([self.tr.ckpt.read_tree(path, "engine", r)["window"] for r in old_ranks],
                                        ("ce", "aux"))
             # each micro-step's aux loss counts 1 / (accumulation steps x world) of the window

@@ -144,6 +144,18 @@ class Int8Weights:
         for name, q in self.layers.items():
             q.weight_grad = state[name].to(q.weight_int8.device, q.dtype).clone() if name in state else None
 
+    def reshard(self, read, old_world: int, rank: int, world: int) -> None:
+        """An open window's gradients saved on ``old_world`` ranks (``read(r)``: saved rank r's
+        ``state_dict``) onto this layout, by the rule DeepSpeed's ZeRO-0 gradients follow in
+        ``engine/reshard.py``: new rank r takes world / old_world x the sum of saved ranks r,
+        r + world, ... (each is divided by the world at the window's end)."""
+        sums: dict[str, Tensor] = {}
+        for r in range(rank, old_world, world):
+            for name, g in read(r).items():
+                acc = sums.setdefault(name, torch.zeros(g.shape, dtype=torch.float32))
+                acc.add_(g.float(), alpha=world / old_world)
+        self.load_state_dict(sums)
+
 
 # -- the optimizer ----------------------------------------------------------------------------------
 class QGaLoreAdamW(GaLoreAdamW):
