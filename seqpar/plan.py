@@ -304,38 +304,32 @@ class _Sim:
 
     # -- pieces ------------------------------------------------------------------------------------
     def norm_fwd(self, p: str, x: str, n: int, width: int, rows: int = 1) -> None:
-        """RMSNorm saves its input in fp32 (a copy, or the input itself when fp32), rsqrt per row
-        and the normalised value in the compute dtype; its output is saved by its consumers."""
-        t, w = self.t, self.w
-        t.hold(x if w == 4 else f"{p}.x32", 4 * width * n)
+        """RMSNorm (``models/transformer._RMSNormFn``) saves its input (the tensor itself) and
+        rsqrt per row; fp32 temporaries while it computes; its output is saved by its consumers."""
+        t, w, a = self.t, self.w, width * n
+        t.hold(x, w * a)
         t.hold(f"{p}.r", 4 * rows * n)
-        t.hold(f"{p}.n", w * width * n)
+        t.spike(8 * a if w != 4 else 4 * a)  # x in fp32 and its square (fp32: the square only)
 
     def norm_bwd(self, p: str, x: str, gy: str, n: int, width: int) -> str:
-        """Returns the gradient of the input (a new tensor). The eager fp32 backward of
-        x * rsqrt(mean(x^2)) has four fp32 temporaries of the input's size alive at once."""
+        """Returns the gradient of the input (a new tensor): the normalised value recomputed in
+        fp32, the weight's gradient, the output gradient times the weight in fp32, row dot
+        products, in place from there."""
         t, w, a = self.t, self.w, width * n
-        t.hold(f"{p}.gn", w * a)
-        t.spike(w * a)  # grad * normalised, summed into the weight's gradient
-        t.drop(gy)
-        t.drop(f"{p}.n")
-        g = f"{p}.gn"
+        t.hold(f"{p}.xn", 4 * a)
+        t.spike(2 * w * a if w != 4 else w * a)  # xn in the compute dtype, times gy
+        t.hold(f"{p}.g", 4 * a)
         if w != 4:
-            t.hold(f"{p}.g32", 4 * a)
-            t.drop(g)
-            g = f"{p}.g32"
-        t.hold(f"{p}.ga", 4 * a)
-        t.spike(4 * a)  # grad * x, summed into rsqrt's gradient
-        t.drop(g)
-        t.spike(16 * a)  # mean backward (expand / width), then grad * 2 * x.pow(1)
-        t.hold(f"{p}.gx32", 4 * a)
-        t.drop(f"{p}.ga")
-        t.drop(x if w == 4 else f"{p}.x32")
+            t.spike(w * a)  # gy * weight before its fp32 copy
+        t.spike(4 * a)  # g * xn, for the row means
+        t.drop(f"{p}.xn")
+        t.drop(gy)
+        t.drop(x)
         t.drop(f"{p}.r")
         if w == 4:
-            return f"{p}.gx32"
+            return f"{p}.g"
         t.hold(f"{p}.gx", w * a)
-        t.drop(f"{p}.gx32")
+        t.drop(f"{p}.g")
         return f"{p}.gx"
 
     def linear_bwd(self, x: str, gout: str | None, gin: str, fan_in: int, fan_out: int, n: int) -> None:

@@ -385,3 +385,38 @@ def test_flops_per_token_formula():
     attn = h * d * (4 + 2 * 2) + 4 * d * h
     n = L * (attn + 3 * h * 64) + h * V
     assert flops_per_token(m, S) == 6 * n + 6 * L * 4 * d * S
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_saves_only_its_input_and_matches_eager(dtype):
+    """The norm's forward is eager Llama RMSNorm's values exactly; its gradients equal autograd's
+    through the eager formula (fp32: within rounding); it saves its input (the same storage, no
+    copy), the weight and one rsqrt per row, where eager autograd also kept fp32 [T, H] copies."""
+    from seqpar.models.transformer import RMSNorm
+
+    def eager(x, w, eps):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((9, 32), (3, 5, 2, 16)):  # hidden states; qk-norm's [T, heads, d]
+        x = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+        norm = RMSNorm(shape[-1], 1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(shape[-1], generator=g))
+        gy = torch.randn(*shape, generator=g).to(dtype)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = norm(x)
+        assert {(tuple(t.shape), t.dtype) for t in saved} == {
+            (shape, dtype), ((shape[-1],), dtype), ((*shape[:-1], 1), torch.float32)}
+        assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
+        y.backward(gy)
+        w = norm.weight.detach().clone().requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y2 = eager(x2, w, 1e-6)
+        y2.backward(gy)
+        assert torch.equal(y, y2)
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        for a, b in ((x.grad, x2.grad), (norm.weight.grad, w.grad)):
+            assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()

@@ -30,6 +30,33 @@ from seqpar.models.tiling import tiled
 AttentionFn = Callable[[Tensor, Tensor, Tensor, AttnMeta, float], Tensor]
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm as Llama computes it (fp32 statistics, the normalised value cast to the input's
+    dtype, then the weight), saving only its input and the per-row rsqrt: eager autograd also keeps
+    an fp32 copy of the input and the normalised value (6 bytes per element in bf16, per norm),
+    and its backward has four fp32 copies alive at once; this one recomputes the normalised value
+    and peaks at three. Same forward values; gradients equal up to fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x * rstd).to(x.dtype)  # x * rstd: promoted to fp32, as x.float() * rstd
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        xn = x * rstd  # fp32
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (gy * xn.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        g = (gy * weight).float()  # the compute-dtype product, as autograd rounds it
+        dot = (g * xn).mean(-1, keepdim=True)
+        g.sub_(xn.mul_(dot)).mul_(rstd)  # rstd * (g - xn * mean(g * xn))
+        del xn
+        return g.to(x.dtype), gw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -37,10 +64,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScalingConfig | None) -> Tensor:
