@@ -12,6 +12,8 @@
 4. ``qgalore``: Q-GaLore in bf16 on the device: stochastic rounding unbiased, the INT8 layer's
    weight gradient equal to autograd's, and a rebuilt layer + optimizer (state dicts) continues
    the same trajectory bitwise.
+5. ``rmsnorm``: the norm that saves only its input and rsqrt against eager autograd on the
+   device: same forward, gradients within rounding, less memory kept after the forward.
 
 One PASS / FAIL line per check; exit status 0 only if all pass. tests/test_gpu_memory_check.py
 runs it with --device cpu.
@@ -149,6 +151,41 @@ def check_qgalore(dev) -> tuple[bool, str]:
                 f"autograd {grad_err:.1e}, mean |update| {moved:.1e}")
 
 
+def check_rmsnorm(dev, dtype) -> tuple[bool, str]:
+    """The norm (saves its input and rsqrt only) against eager autograd on the device: same
+    forward, gradients within rounding, and fewer bytes alive after the forward (CUDA: allocated)."""
+    from seqpar.models.transformer import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4096, 2048, generator=g).to(dev, dtype)
+    w0 = torch.randn(2048, generator=g).to(dev, dtype)
+    gy = torch.randn(4096, 2048, generator=g).to(dev, dtype)
+
+    def eager(x, w):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    results, kept = [], []
+    for fused in (True, False):
+        x = x0.clone().requires_grad_()
+        norm = RMSNorm(2048, 1e-6).to(dev, dtype)
+        with torch.no_grad():
+            norm.weight.copy_(w0)
+        before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+        y = norm(x) if fused else eager(x, norm.weight)
+        kept.append((torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0) - before)
+        y.backward(gy)
+        results.append((y.detach(), x.grad, norm.weight.grad))
+        del y
+    same = torch.equal(results[0][0], results[1][0])
+    err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in
+              zip(results[0][1:], results[1][1:]))
+    less = kept[0] < kept[1] if dev.type == "cuda" else True
+    return same and err <= 2e-2 and less, (f"forward {'equal' if same else 'DIFFERS'}, gradients within {err:.1e}"
+                                           + (f", kept after forward {kept[0] / 2**20:.0f} vs eager "
+                                              f"{kept[1] / 2**20:.0f} MiB" if dev.type == "cuda" else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -159,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# seqpar gpu_memory_check | {name} | torch {torch.__version__} | {str(dtype)[6:]}", flush=True)
     failed = 0
     for label, fn in (("offload", lambda: check_offload(dev, dtype)), ("tiled", lambda: check_tiled(dev, dtype)),
-                      ("galore", lambda: check_galore(dev)), ("qgalore", lambda: check_qgalore(dev))):
+                      ("galore", lambda: check_galore(dev)), ("qgalore", lambda: check_qgalore(dev)),
+                      ("rmsnorm", lambda: check_rmsnorm(dev, dtype))):
         try:
             ok, detail = fn()
         except Exception as e:  # a crash is a failure with its reason, and the next check still runs

@@ -15,4 +15,4 @@ def test_gpu_memory_check_runs_on_cpu():
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     lines = [line for line in r.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert [line.split(":")[0] for line in lines] == ["PASS offload", "PASS tiled", "PASS galore",
-                                                         "PASS qgalore"], r.stdout
+                                                         "PASS qgalore", "PASS rmsnorm"], r.stdout
