@@ -134,6 +134,52 @@ def _small_state(cfg: Config, p: int, w: int, flat: int, largest: int) -> tuple[
     return run, {**run, "buffers": max(flat, 16 * largest)}, f"{name}, {weights}"
 
 
+def lora_counts(cfg: Config) -> tuple[int, int, int]:
+    """(trainable, frozen, frozen NF4-quantized) parameter counts with ``model.lora`` (a meta
+    model with the adapters applied: exact for any shape)."""
+    import torch
+
+    from seqpar.models.lora import apply_lora
+    from seqpar.models.transformer import Transformer
+
+    lora = cfg.model.lora
+    with torch.device("meta"):
+        model = Transformer(cfg.model.model_copy(update={"lora": None}))
+        apply_lora(model, lora.model_copy(update={"quantize_base": None}))  # NF4 needs bitsandbytes: counted below
+    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    frozen = sum(q.numel() for q in model.parameters() if not q.requires_grad)
+    nf4 = 0
+    if lora.quantize_base == "nf4":  # the targeted projections' base weights (routed experts stay bf16)
+        ends = tuple(f".{target}.weight" for target in lora.targets)
+        nf4 = sum(q.numel() for name, q in model.named_parameters()
+                  if not q.requires_grad and ".layers." in name and name.endswith(ends))
+    return trainable, frozen, nf4
+
+
+def _lora_state(cfg: Config, n: int, w: int, g: int, stage: int, pc: ParamCount, bucket_elems: int,
+                overlap: bool) -> tuple[dict[str, int], dict[str, int], str]:
+    """LoRA / QLoRA: the frozen base has no gradient and no optimizer state (DeepSpeed leaves
+    parameters without ``requires_grad`` out of its optimizer), the adapters and ``trainable``
+    modules have both; ZeRO partitions what it holds as for full training (ZeRO-3: the base too).
+    NF4 weights take half a byte plus an fp32 absmax per 64."""
+    t, frozen, nf4 = lora_counts(cfg)
+    base = w * (frozen - nf4) + nf4 // 2 + 4 * (nf4 // 64)
+    off_opt = cfg.memory.offload_optimizer and stage >= 1
+    opt = 0 if off_opt else (8 if stage == 0 and w == 4 else 12) * t // (n if stage >= 1 else 1)
+    grads = g * t // (n if stage >= 2 else 1)
+    name = ("QLoRA (NF4 base)" if nf4 else "LoRA") + f", {t:,} trainable"
+    if stage == 0:
+        run = {"params": base + w * t, "grads": w * t, "optimizer": opt, "buffers": 0}
+        return run, {**run, "buffers": 4 * t}, name + ", ZeRO-0"
+    bucket = min(bucket_elems, t) * g * (2 if overlap and stage < 3 else 1)
+    if stage in (1, 2):
+        run = {"params": base + w * t, "grads": grads, "optimizer": opt, "buffers": bucket}
+        return run, {**run, "buffers": bucket + (w + 4) * t // n}, name + f", ZeRO-{stage}"
+    gathered = w * pc.largest_module + w * pc.persistent
+    run = {"params": (base + w * t) // n, "grads": grads, "optimizer": opt, "buffers": gathered + bucket}
+    return run, {**run, "buffers": w * pc.persistent + (w + 4) * t // n}, name + ", ZeRO-3"
+
+
 def model_state(cfg: Config, world_size: int) -> tuple[dict[str, int], dict[str, int], str]:
     """Bytes per rank of parameters, gradients, optimizer state and DeepSpeed buffers:
     (while the forward and backward run, at the optimizer step, what the step runs as).
@@ -157,6 +203,8 @@ def model_state(cfg: Config, world_size: int) -> tuple[dict[str, int], dict[str,
     opt = 0 if off_opt else 12 * p // n  # fp32 master partition + exp_avg + exp_avg_sq
     run: dict[str, int]
     step: dict[str, int]
+    if getattr(cfg.model, "lora", None) is not None:
+        return _lora_state(cfg, n, w, g, stage, pc, bucket_elems=reduce_bucket, overlap=overlap)
     if stage == 0:
         # at the window's end the engine all-reduces the gradients through flat copies of up to
         # 5e8 elements (MEMORY_OPT_ALLREDUCE_SIZE); the step itself then runs
@@ -851,8 +899,8 @@ def describe_settings(cfg: Config) -> str:
             parts.append(words)
     if cfg.parallel.expert_degree > 1:
         parts.append(f"experts over {cfg.parallel.expert_degree} ranks")
-    if getattr(cfg.model, "lora", None) is not None:  # adapters are not modelled: full training is an upper bound
-        parts.append("LoRA planned as full training")
+    if getattr(cfg.model, "lora", None) is not None:  # frozen linears save no input: the walk is an upper bound
+        parts.append("LoRA (activations planned as full training: an upper bound)")
     return ", ".join(parts) + f", ZeRO-{cfg.parallel.zero_stage}"
 
 

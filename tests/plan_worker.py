@@ -35,7 +35,7 @@ def nbytes(tensors) -> int:
 def measure(overrides: list[str]) -> dict[str, int]:
     cfg = load_config(None, overrides)
     stage, world = cfg.parallel.zero_stage, dist.get_world_size()
-    model = build_model(cfg.model)
+    model = build_model(cfg.model)  # with model.lora: the adapters applied, the base frozen
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.1),
                                       config=cfg.deepspeed_config(cfg.layout(world), "cpu"), dist_init_required=False)
     opt = engine.optimizer
@@ -55,7 +55,9 @@ def measure(overrides: list[str]) -> dict[str, int]:
             seen["grads"] = nbytes([opt.grad_partitions_flat_buffer])
         return grad
 
-    engine.module.model.embed_tokens.weight.register_hook(probe)
+    lora = cfg.model.lora is not None  # the frozen base has no gradient: only the state after the step
+    if not lora:
+        engine.module.model.embed_tokens.weight.register_hook(probe)
     b = cfg.train.micro_batch_size
     ids = torch.randint(0, 300, (b, 64))
     pos = torch.arange(64).repeat(b, 1)
@@ -65,6 +67,8 @@ def measure(overrides: list[str]) -> dict[str, int]:
     seen["optimizer"] = nbytes(master) + nbytes(
         [v for s in opt.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0])
     seen["params"] = nbytes(getattr(opt, "bit16_groups_flat", None) or opt.fp16_partitioned_groups_flat)
+    if lora:  # the frozen base sits in the module, outside DeepSpeed's flat groups
+        seen["params"] += nbytes([q for q in engine.module.parameters() if not q.requires_grad])
     return seen
 
 

@@ -143,6 +143,17 @@ def test_qlora_base_is_nf4_and_exports_dequantized():
     merged = build_model(tiny_cfg(), seed=3)
     merged.load_state_dict(merged_state_dict(model), strict=True)
     torch.testing.assert_close(merged(ids, pos).logits, model(ids, pos).logits, rtol=1e-5, atol=1e-5)
+    # the memory planner counts the base as the model holds it: 4 bits + an fp32 absmax per 64
+    from seqpar import plan
+
+    plan_cfg = load_config(None, ["--model.lora.rank", "4", "--model.lora.alpha", "8", "--model.lora.quantize_base",
+                                  "nf4", "--parallel.zero_stage", "0"])
+    real = build_model(plan_cfg.model, seed=0)
+    held = sum(p.numel() * p.element_size() for p in real.parameters())
+    for m in real.modules():
+        if isinstance(m, QLoRALinear):
+            held += m.qweight.numel() * m.qweight.element_size() + m.quant_state.absmax.numel() * 4
+    assert plan.model_state(plan_cfg, 1)[0]["params"] == held
     # the 4-bit base is an approximation of the original, not another model
     err = (model(ids, pos).logits - build_model(tiny_cfg(lora=LoRAConfig(rank=4, alpha=8)), seed=3).eval()(ids, pos).logits)
     assert 0 < float(err.abs().max()) < 1.0

@@ -339,6 +339,10 @@ def test_model_state_matches_a_deepspeed_engine(tmp_path):
     runs = [["--parallel.zero_stage", str(s), "--train.precision", prec, "--train.global_batch_size", "2",
              "--train.micro_batch_size", "1", "--deepspeed.zero_optimization.reduce_bucket_size", "100000"]
             for s, prec in ((1, "bf16"), (2, "bf16"), (3, "fp32"))]
+    # LoRA: the frozen base counted as parameters, no gradient or optimizer state for it
+    runs += [["--parallel.zero_stage", str(s), "--train.precision", "bf16", "--train.global_batch_size", "2",
+              "--train.micro_batch_size", "1", "--model.lora.rank", "4", "--model.lora.trainable", "[norms]"]
+             for s in (1, 2)]
     r = torchrun(2, "plan_worker.py", *map(json.dumps, runs), cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -348,6 +352,10 @@ def test_model_state_matches_a_deepspeed_engine(tmp_path):
         got = res["measured"]
         print(res["overrides"][1], res["overrides"][3], "measured", got, "predicted", want)
         assert got["optimizer"] == want["optimizer"] and got["params"] == want["params"]
+        if "--model.lora.rank" in res["overrides"]:
+            full = plan.model_state(load_config(None, res["overrides"][:8]), res["world"])[0]
+            assert want["optimizer"] < 0.2 * full["optimizer"]  # the base has none
+            continue
         if res["overrides"][1] == "3":  # besides the bucket: whole copies of the small parameters (all here)
             assert got["bucket"] == want["buffers"] - 4 * plan.count_params(load_config(None, res["overrides"])).total
         else:
