@@ -794,12 +794,14 @@ class _Sim:
             t.drop(self.attn_bwd(p, x, gres, n))
             t.drop(x, all_refs=True)
             return
+        prev = max((j for j in range(i) if self.offloaded[j]), default=None)
         if self.offloaded[i]:
             if x not in t.live:  # copied back from the host (unless prefetched already)
                 t.hold(x, w * h * n, cat=_ACT)
-            prev = max((j for j in range(i) if self.offloaded[j]), default=None)
-            if prev is not None:  # the previous checkpointed layer's input is prefetched meanwhile
-                t.hold(f"x{prev}", w * h * n, cat=_ACT)
+        if prev is not None and (self.offloaded[i] or i == max(j for j, c in enumerate(self.ckpt) if c)):
+            # the previous offloaded input is prefetched meanwhile (also by the last checkpointed
+            # layer, whose own input stayed on the device)
+            t.hold(f"x{prev}", w * h * n, cat=_ACT)
         x2 = f"{p}.x2"
         self.recomputing = True
         if self.policy == "full":

@@ -147,3 +147,45 @@ def test_stashes_are_released_when_a_recomputation_is_skipped():
     assert any(held)  # layer 0's q/k/v recomputation never ran: its input is still held
     policy.release()
     assert policy._previous is None and policy.offload.host_bytes == 0
+
+
+def test_last_kept_layer_prefetches_the_previous_offloaded_input(monkeypatch):
+    """The backward starts with the last checkpointed layer, whose input stayed on the device: its
+    recomputation already starts bringing back the layer before's (on CUDA that copy overlaps the
+    layer's recomputation and backward), and each later restore is one layer ahead as before."""
+    from seqpar.engine import memory as memory_mod
+
+    events = []
+    real_to_device, real_take = memory_mod.ActivationOffload.to_device, memory_mod._Kept.take
+
+    def to_device(self, stash):
+        events.append(("restore", stashes.index(stash)))
+        return real_to_device(self, stash)
+
+    def take(self):
+        events.append(("kept", "forward" if self.in_forward else "recompute"))
+        x = real_take(self)
+        events.append(("kept", "returned"))
+        return x
+
+    monkeypatch.setattr(memory_mod.ActivationOffload, "to_device", to_device)
+    monkeypatch.setattr(memory_mod._Kept, "take", take)
+    stashes = []
+    real_init = memory_mod.Stash.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        stashes.append(self)
+
+    monkeypatch.setattr(memory_mod.Stash, "__init__", init)
+    cfg = tiny_cfg(num_hidden_layers=LAYERS)
+    model = build_model(cfg, seed=3)
+    apply_memory_policy(model, MemoryConfig(activation_checkpointing="full", offload_activations=True), cfg, CPU)
+    ids = torch.randint(0, 97, (2, 24))
+    out = model(ids, torch.arange(24).repeat(2, 1), ids)
+    assert events == [("kept", "forward"), ("kept", "returned")] and len(stashes) == LAYERS - 1
+    out.loss_sum.backward()
+    # the recomputation of the last layer restores layer 2's input (inside its take, before any of
+    # its backward); layer 2's restores layer 1's, ...
+    assert events[2:] == [("kept", "recompute"), ("restore", 2), ("kept", "returned"), ("restore", 1),
+                          ("restore", 0)], events

@@ -10,7 +10,8 @@ wait for the backward (``memory`` section of the config; the planner models the 
 - ``offload_activations``: each checkpointed layer's input waits in pinned host memory (a copy on a
   side CUDA stream, overlapped with the next layers' forward) and comes back just before its
   recomputation, the previous layer's input prefetched meanwhile. The last checkpointed layer's
-  input stays on the GPU: the backward needs it first.
+  input stays on the GPU: the backward needs it first, and its recomputation starts bringing back
+  the one before.
 - ``tiled_mlp``: the feed-forward runs over sequence tiles (``seqpar.models.tiling``).
 
 All of it uses non-reentrant ``torch.utils.checkpoint``, so gradients flow through the original
@@ -160,6 +161,23 @@ class Stash:
         return x.detach().requires_grad_(self.requires_grad)
 
 
+class _Kept:
+    """A checkpointed input that stays on the device (the last checkpointed layer's): handed out
+    as is; its first recomputation prefetches the previous, offloaded layer's input, so that copy
+    overlaps this layer's recomputation and backward instead of waiting for the next one."""
+
+    def __init__(self, x: Tensor, previous: Stash):
+        self.x, self.previous, self.in_forward = x, previous, True
+
+    def park(self) -> None:
+        self.in_forward = False
+
+    def take(self) -> Tensor:
+        if not self.in_forward:
+            self.previous.prefetch()  # once: a prefetched (or taken) stash does not copy again
+        return self.x
+
+
 class LayerMemory:
     """``Transformer.memory``: runs decoder layer ``i`` under the configured policy."""
 
@@ -196,7 +214,13 @@ class LayerMemory:
         if self.offloaded[i]:
             stash = Stash(x, self.offload, uses=1 if self.policy == "full" else 2)
             stash.previous, self._previous = self._previous, stash
-        get = stash.take if stash is not None else (lambda: x)
+            get = stash.take
+        elif self._previous is not None:  # the last checkpointed layer: its input stays, but its
+            # recomputation (the backward's first) starts bringing back the layer before's
+            stash = _Kept(x, self._previous)
+            get = stash.take
+        else:
+            get = lambda: x  # noqa: E731
         if self.policy == "full":
             out = checkpoint(_layer_from_stash, layer, get, cos, sin, meta, attn, use_reentrant=False)
         else:
