@@ -190,15 +190,18 @@ class Resume:
         layout), or with LoRA the trainable tensors (``adapter/``) over the rebuilt base. With
         split experts (``ep``) the export holds every expert: loaded whole, this rank's rows kept."""
         if ep is not None and not (path / ADAPTER_DIR).is_dir():
-            full = build_model(self.tr.cfg.model, seed=self.tr.cfg.train.seed)
-            self._load_weights(full, path)
-            whole = full.state_dict()
-            with torch.no_grad():
-                for name, t in model.state_dict(keep_vars=True).items():
-                    src = whole[name]
-                    if ".mlp.experts." in name:
-                        src = src[ep.first:ep.first + ep.local]
-                    t.copy_(src)
+            # each parameter assembled whole on the CPU, one at a time, and this rank's expert rows
+            # kept (not a whole model per rank: a large MoE's experts would not fit every rank's memory)
+            from seqpar.models.hf import load_hf_checkpoint
+
+            local = model.state_dict(keep_vars=True)
+            full = {n: (ep.num_experts, *t.shape[1:]) for n, t in local.items() if ".mlp.experts." in n}
+
+            def write(name: str, value: torch.Tensor) -> None:
+                with torch.no_grad():
+                    local[name].copy_(value[ep.first:ep.first + ep.local] if name in full else value)
+
+            load_hf_checkpoint(model, path / "model", write=write, shapes=full)
             return
         if (path / QWEIGHTS_DIR).is_dir():  # Q-GaLore's model: INT8 codes and scales as they were
             from safetensors.torch import load_file
