@@ -113,6 +113,22 @@ def quantize_linears(model: nn.Module, targets, group: int) -> dict[str, Int8Lin
     return out
 
 
+BUCKET_ELEMENTS = 1 << 27  # gradients all-reduced together (a flat copy of this many elements at a time)
+
+
+def _buckets(tensors: list[Tensor], limit: int) -> list[list[Tensor]]:
+    """Consecutive groups of ``tensors`` of at most ``limit`` elements (a larger tensor alone)."""
+    out: list[list[Tensor]] = []
+    size = limit
+    for t in tensors:
+        if size + t.numel() > limit:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += t.numel()
+    return out
+
+
 class Int8Weights:
     """The quantized layers of a model as the trainer handles them: gradients reduced and clipped
     at the window's end, and checkpointed mid-window (per rank: not yet reduced)."""
@@ -126,9 +142,12 @@ class Int8Weights:
         1). ``dense``: the trainable parameters, already reduced by DeepSpeed. Returns the norm."""
         grads = [q.weight_grad for q in self.layers.values() if q.weight_grad is not None]
         if world_size > 1:
-            for g in grads:
-                dist.all_reduce(g)
-                g.div_(world_size)
+            for bucket in _buckets(grads, BUCKET_ELEMENTS):  # few large collectives, not one per layer
+                flat = torch._utils._flatten_dense_tensors(bucket)
+                dist.all_reduce(flat)
+                flat.div_(world_size)
+                for g, reduced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                    g.copy_(reduced)
         grads += [p.grad for p in dense if p.grad is not None]
         norm = torch.stack([g.float().pow(2).sum() for g in grads]).sum().sqrt()
         if max_norm > 0:
