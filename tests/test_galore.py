@@ -79,8 +79,7 @@ def test_galore_refusals_say_why():
 
 
 def test_stochastic_rounding_and_quantized_formats():
-    from seqpar.optim.quant import (dequantize_int4, dequantize_int8, generator, quantize_int4, quantize_int8,
-                                    requantize_int8, round_to)
+    from seqpar.optim.quant import dequantize_int4, dequantize_int8, generator, quantize_int4, quantize_int8, round_to
 
     # bf16 SR: unbiased (1 + 2^-10 lies a quarter of the way to the next bf16 value), same key same bits
     x = torch.full((100_000,), 1.0 + 2 ** -10)
@@ -95,9 +94,7 @@ def test_stochastic_rounding_and_quantized_formats():
     w = torch.randn(37, 19)  # 703 values: groups of 64, the last one padded
     for gen in (None, generator("cpu", 1)):
         q, scale = quantize_int8(w, 64, gen)
-        back = dequantize_int8(q, scale, w.shape, torch.bfloat16)
         assert q.dtype == torch.int8 and q.shape == (11, 64) and q.abs().max() == 127
-        assert torch.equal(requantize_int8(back, scale, 64), q)  # the codes recovered from the weight
         exact = dequantize_int8(q, scale, w.shape, torch.float32)  # within one step (SR) or half (nearest)
         bound = scale.repeat_interleave(64)[:703] * (1.0001 if gen is not None else 0.5001)
         assert ((exact - w).abs().view(-1) <= bound).all()

@@ -74,12 +74,6 @@ def dequantize_int8(q: Tensor, scale: Tensor, shape: torch.Size | tuple[int, ...
     return (q.float() * scale[:, None]).reshape(-1)[:n].view(shape).to(dtype)
 
 
-def requantize_int8(w: Tensor, scale: Tensor, group: int) -> Tensor:
-    """The INT8 codes of a weight that is ``dequantize_int8(q, scale)``: exact recovery (a bf16
-    cast moves a value by at most 127 * 2^-9 < 1/2 of its step)."""
-    return (_groups(w.float(), group) / scale[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-
-
 def quantize_int4(x: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric INT4 per group (Q-GaLore's projector format), to nearest: (two codes per byte
     uint8, scale fp32 [groups], zero fp32 [groups]); x ~ scale * (code - zero)."""
