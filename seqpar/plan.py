@@ -349,6 +349,13 @@ class _Sim:
         self.recomputing = False  # inside a checkpoint's recomputation (it stops early)
         self.inner = False  # ... of the routed experts' own checkpoint
         self.moe = [m.moe is not None and is_moe_layer(m, i) for i in range(L)]
+        # LoRA: frozen linears keep no input for a weight gradient; adapters keep theirs and [n, r]
+        lora = getattr(m, "lora", None)
+        self.lora = lora
+        trained = set(lora.trainable) if lora is not None else set()
+        self.norms_train = lora is None or "norms" in trained
+        self.embed_train = lora is None or "embed_tokens" in trained
+        self.head_train = lora is None or ("embed_tokens" if m.tie_word_embeddings else "lm_head") in trained
 
     # -- pieces ------------------------------------------------------------------------------------
     def norm_fwd(self, p: str, x: str, n: int, width: int, rows: int = 1) -> None:
@@ -365,7 +372,8 @@ class _Sim:
         products, in place from there."""
         t, w, a = self.t, self.w, width * n
         t.hold(f"{p}.xn", 4 * a)
-        t.spike(2 * w * a if w != 4 else w * a)  # xn in the compute dtype, times gy
+        if self.norms_train:
+            t.spike(2 * w * a if w != 4 else w * a)  # xn in the compute dtype, times gy: the weight's gradient
         t.hold(f"{p}.g", 4 * a)
         if w != 4:
             t.spike(w * a)  # gy * weight before its fp32 copy
@@ -380,32 +388,65 @@ class _Sim:
         t.drop(f"{p}.g")
         return f"{p}.gx"
 
-    def linear_bwd(self, x: str, gout: str | None, gin: str, fan_in: int, fan_out: int, n: int) -> None:
+    def adapted(self, kind: str) -> bool:
+        return self.lora is not None and kind in self.lora.targets
+
+    def inputs_fwd(self, p: str, x: str, kinds: tuple[str, ...], width: int, n: int, counted: bool) -> None:
+        """What the linears ``kinds`` (all reading ``x``, ``width`` wide) keep of it: full
+        training, the input itself (one reference each; ``counted``: its bytes belong to an owner
+        already); LoRA, nothing for a frozen linear, and for an adapted one its input (or, with
+        dropout, its dropped copy and the mask) and the adapter's [n, r] middle."""
+        t, w = self.t, self.w
+        first = not counted
+        for kind in kinds:
+            if self.lora is None or (self.adapted(kind) and not self.lora.dropout):
+                t.hold(x, w * width * n if first else 0)
+                first = False
+            if self.adapted(kind):
+                if self.lora.dropout:
+                    t.hold(f"{p}.{kind}.drop", w * width * n)
+                    # CUDA's fused dropout keeps a bool mask; the CPU / meta path a mask in the input's dtype
+                    t.hold(f"{p}.{kind}.mask", (1 if self.lay.scratch else w) * width * n)
+                t.hold(f"{p}.{kind}.mid", w * self.lora.rank * n)
+        if first and not counted:
+            t.spike(w * width * n)  # made and consumed, kept by none
+
+    def linear_bwd(self, x: str, gout: str | None, gin: str, fan_in: int, fan_out: int, n: int,
+                   kind: str = "", p: str = "") -> None:
         """Gradient of the input (accumulated into ``gin``) and of the weight (handed to the
-        optimizer's hook, then freed); the saved input is released."""
+        optimizer's hook, then freed); the saved input is released. LoRA: no weight gradient for
+        the frozen base; an adapter's [n, r] and input-gradient terms (``kind`` in ``p``)."""
         t, w = self.t, self.w
         if gin in t.live:
             t.spike(w * fan_in * n)  # then added into the existing gradient
         else:
             t.hold(gin, w * fan_in * n)
-        t.spike(w * fan_in * fan_out)
-        t.drop(x)
+        if self.lora is None:
+            t.spike(w * fan_in * fan_out)
+            t.drop(x)
+        elif self.adapted(kind):
+            t.spike(w * self.lora.rank * n + w * fan_in * n)  # the middle's gradient, then the input's term
+            t.drop(f"{p}.{kind}.mid")
+            if self.lora.dropout:
+                t.drop(f"{p}.{kind}.drop")
+                t.drop(f"{p}.{kind}.mask")
+            else:
+                t.drop(x)
         if gout is not None:
             t.drop(gout)
 
     def mlp_fwd(self, p: str, x: str, n: int, inter: int) -> None:
         """SwiGLU: silu saves gate, the product saves silu(gate) and up, down_proj its input."""
         t, w = self.t, self.w
-        t.hold(x, 0)
-        t.hold(x, 0)  # gate_proj and up_proj save the input (already counted by its owner)
-        for k in ("g", "s", "u", "p"):
+        # gate_proj and up_proj save the input (already counted by its owner)
+        self.inputs_fwd(p, x, ("gate_proj", "up_proj"), self.h, n, counted=True)
+        for k in ("g", "s", "u"):
             t.hold(f"{p}.{k}", w * inter * n)
+        self.inputs_fwd(p, f"{p}.p", ("down_proj",), inter, n, counted=False)
 
     def mlp_bwd(self, p: str, x: str, gout: str, gx: str, n: int, inter: int, drop_gout: bool) -> None:
         t, w, h = self.t, self.w, self.h
-        t.hold(f"{p}.gp", w * inter * n)
-        t.spike(w * h * inter)
-        t.drop(f"{p}.p")
+        self.linear_bwd(f"{p}.p", None, f"{p}.gp", inter, h, n, "down_proj", p)
         if drop_gout:
             t.drop(gout)
         t.hold(f"{p}.gs", w * inter * n)
@@ -415,20 +456,21 @@ class _Sim:
         t.hold(f"{p}.gg", w * inter * n)
         t.drop(f"{p}.gs")
         t.drop(f"{p}.g")
-        self.linear_bwd(x, f"{p}.gg", gx, h, inter, n)
-        self.linear_bwd(x, f"{p}.gu", gx, h, inter, n)
+        self.linear_bwd(x, f"{p}.gg", gx, h, inter, n, "gate_proj", p)
+        self.linear_bwd(x, f"{p}.gu", gx, h, inter, n, "up_proj", p)
 
     def attn_fwd(self, p: str, x: str, n: int) -> None:
         """Norm, q/k/v projections (saving the norm's output), qk-norm, RoPE (saves only cos/sin),
         the kernel (q, k, v, out, lse) and o_proj (its input)."""
         t, w, u = self.t, self.w, self.lay.ulysses
         self.norm_fwd(f"{p}.n1", x, n, self.h)
-        t.hold(f"{p}.y1", w * self.h * n)
-        t.hold(f"{p}.y1", 0)
-        t.hold(f"{p}.y1", 0)
+        self.inputs_fwd(p, f"{p}.y1", ("q_proj", "k_proj", "v_proj"), self.h, n, counted=False)
         self.qk_fwd(p, n)
         self.kernel_fwd(p, n)
-        t.hold(f"{p}.ol" if u > 1 else f"{p}.o", w * self.q * n)
+        if u > 1:
+            self.inputs_fwd(p, f"{p}.ol", ("o_proj",), self.q, n, counted=False)
+        else:  # the kernel keeps o: a second reference
+            self.inputs_fwd(p, f"{p}.o", ("o_proj",), self.q, n, counted=True)
 
     def qk_fwd(self, p: str, n: int) -> None:
         if not self.m.qk_norm:
@@ -492,7 +534,7 @@ class _Sim:
     def attn_bwd(self, p: str, x: str, gres: str, n: int, recompute_qkv: bool = False) -> str:
         """Backward from o_proj to the input norm; returns the input norm's gradient."""
         w, u, h = self.w, self.lay.ulysses, self.h
-        self.linear_bwd(f"{p}.ol" if u > 1 else f"{p}.o", None, f"{p}.go", self.q, h, n)
+        self.linear_bwd(f"{p}.ol" if u > 1 else f"{p}.o", None, f"{p}.go", self.q, h, n, "o_proj", p)
         dq, dk, dv = self.kernel_bwd(p, f"{p}.go", n)
         if recompute_qkv:  # selective: the first half's checkpoint recomputes norm, projections
             self.attn_first_half(p, x, n)
@@ -507,17 +549,15 @@ class _Sim:
                 self.t.hold(f"{p}.{proj}pre", 0)
                 grads[proj] = self.norm_bwd(f"{p}.{proj}n", f"{p}.{proj}pre", grads[proj], n, width)
                 self.t.drop(f"{p}.{proj}pre", all_refs=True)
-        self.linear_bwd(f"{p}.y1", dv, f"{p}.gy1", h, self.kv, n)
-        self.linear_bwd(f"{p}.y1", grads["k"], f"{p}.gy1", h, self.kv, n)
-        self.linear_bwd(f"{p}.y1", grads["q"], f"{p}.gy1", h, self.q, n)
+        self.linear_bwd(f"{p}.y1", dv, f"{p}.gy1", h, self.kv, n, "v_proj", p)
+        self.linear_bwd(f"{p}.y1", grads["k"], f"{p}.gy1", h, self.kv, n, "k_proj", p)
+        self.linear_bwd(f"{p}.y1", grads["q"], f"{p}.gy1", h, self.q, n, "q_proj", p)
         return self.norm_bwd(f"{p}.n1", x, f"{p}.gy1", n, h)
 
     def attn_first_half(self, p: str, x: str, n: int) -> None:
         t, w = self.t, self.w
         self.norm_fwd(f"{p}.n1", x, n, self.h)
-        t.hold(f"{p}.y1", w * self.h * n)
-        t.hold(f"{p}.y1", 0)
-        t.hold(f"{p}.y1", 0)
+        self.inputs_fwd(p, f"{p}.y1", ("q_proj", "k_proj", "v_proj"), self.h, n, counted=False)
         self.qk_fwd(p, n)
 
     def tiles(self, one_tile, gout: str, gin: str, n: int, weights: int) -> None:
@@ -854,14 +894,17 @@ class _Sim:
         t.spike(max((w + 4) * c * v if w != 4 else 4 * c * v, 4 * c * v + lse_tmp))
         t.where = "loss backward"
         t.hold("dhidden", w * h * n)
-        t.hold("dweight", 4 * v * h)  # fp32 accumulator of the head's gradient
         tile = (w + 4) * c * v if w != 4 else 4 * c * v
-        t.spike(max(tile, w * c * v + w * v * h, 4 * c * v if w == 4 else 0))
-        if self.m.tie_word_embeddings:  # the shared weight's gradient waits for the embedding's share
-            t.hold("dtied", w * v * h)
-        elif w != 4:
-            t.spike(w * v * h)  # cast of the accumulator to the weight's dtype
-        t.drop("dweight")
+        if self.head_train:
+            t.hold("dweight", 4 * v * h)  # fp32 accumulator of the head's gradient
+            t.spike(max(tile, w * c * v + w * v * h, 4 * c * v if w == 4 else 0))
+            if self.m.tie_word_embeddings:  # the shared weight's gradient waits for the embedding's share
+                t.hold("dtied", w * v * h)
+            elif w != 4:
+                t.spike(w * v * h)  # cast of the accumulator to the weight's dtype
+            t.drop("dweight")
+        else:  # a frozen head (LoRA): no weight gradient
+            t.spike(max(tile, w * c * v))
         t.drop("lse")
         t.cat = _WORK
         t.where = "backward of the final norm"
@@ -872,7 +915,8 @@ class _Sim:
         for i in reversed(range(L)):
             self.layer_bwd(i, f"x{i}", gres)
         t.where = "backward of the embedding"
-        t.spike(w * v * h)  # the embedding's dense gradient
+        if self.embed_train:
+            t.spike(w * v * h)  # the embedding's dense gradient
         t.drop("dtied")
         return t
 
@@ -901,8 +945,8 @@ def describe_settings(cfg: Config) -> str:
             parts.append(words)
     if cfg.parallel.expert_degree > 1:
         parts.append(f"experts over {cfg.parallel.expert_degree} ranks")
-    if getattr(cfg.model, "lora", None) is not None:  # frozen linears save no input: the walk is an upper bound
-        parts.append("LoRA (activations planned as full training: an upper bound)")
+    if getattr(cfg.model, "lora", None) is not None:
+        parts.append("LoRA" + (" (MoE layers planned as full training: an upper bound)" if cfg.model.moe else ""))
     return ", ".join(parts) + f", ZeRO-{cfg.parallel.zero_stage}"
 
 

@@ -118,11 +118,20 @@ def even_experts(model: Transformer, num_experts: int) -> None:
             mod.forward = forward
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
 def measure(cfg, legacy_full: bool = False, monkeypatch: pytest.MonkeyPatch | None = None) -> int:
     """Peak bytes on the meta device of two micro-batches of one rank under ``cfg``."""
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     with torch.device("meta"):
         model = Transformer(cfg.model).to(dtype)
+        if cfg.model.lora is not None:  # adapters on the frozen base, as build_model applies them
+            from seqpar.models.lora import apply_lora
+
+            apply_lora(model, cfg.model.lora)
     u, r = cfg.parallel.ulysses_degree, cfg.parallel.ring_degree
     total = cfg.train.micro_batch_size * cfg.data.seq_len
     n = total // (u * r)
@@ -153,6 +162,9 @@ def measure(cfg, legacy_full: bool = False, monkeypatch: pytest.MonkeyPatch | No
         even_experts(model, cfg.model.moe.num_experts)
     model.train()
     tracker = MemTracker()
+    for q in model.parameters():  # MemTracker hooks every parameter's gradient: frozen ones (LoRA) have none
+        if not q.requires_grad:
+            tracker._param_to_grad_hook_handles[q] = (_NoHook(), _NoHook())
     tracker.track_external(model)
     with tracker:
         for _ in range(2):
@@ -168,6 +180,9 @@ def measure(cfg, legacy_full: bool = False, monkeypatch: pytest.MonkeyPatch | No
 def predicted(cfg) -> int:
     """Parameters and gradients (model dtype, as plain torch keeps them) + the activation walk."""
     w = 2 if cfg.train.precision == "bf16" else 4
+    if cfg.model.lora is not None:  # the frozen base has no gradient
+        trainable, frozen, _ = plan.lora_counts(cfg)
+        return w * (frozen + 2 * trainable) + plan.activation_tape(cfg, scratch=False).peak
     return 2 * w * plan.count_params(cfg).total + plan.activation_tape(cfg, scratch=False).peak
 
 
@@ -196,6 +211,19 @@ CASES = {
     "qwen3 fp32 full": (QWEN3, "fp32", {"activation_checkpointing": "full"}),
     "qwen3 bf16 selective every 2": (QWEN3, "bf16", {"activation_checkpointing": "selective",
                                                      "checkpoint_every": 2}),
+    # LoRA: frozen linears keep no input for a weight gradient, adapters keep theirs and [n, r]
+    "dense bf16 none lora q,v": ({**DENSE, "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]}}, "bf16", {}),
+    "dense bf16 none lora all + norms, dropout": (
+        {**DENSE, "lora": {"rank": 16, "dropout": 0.1, "trainable": ["norms"]}}, "bf16", {}),
+    "dense fp32 selective lora mlp": ({**DENSE, "lora": {"rank": 8, "targets": ["gate_proj", "up_proj",
+                                                                                 "down_proj"]}},
+                                      "fp32", {"activation_checkpointing": "selective"}),
+    "dense bf16 full tiled lora + head": ({**DENSE, "lora": {"rank": 8, "trainable": ["lm_head"]}}, "bf16",
+                                         {"activation_checkpointing": "full", "tiled_mlp": True,
+                                          "mlp_tile_tokens": 512}),
+    "qwen3 bf16 full lora o,down + embeddings": ({**QWEN3, "lora": {"rank": 8, "targets": ["o_proj", "down_proj"],
+                                                                    "trainable": ["embed_tokens"]}},
+                                                 "bf16", {"activation_checkpointing": "full"}),
 }
 
 
@@ -203,6 +231,18 @@ CASES = {
 def test_activation_peak_matches_the_meta_device(name):
     model, precision, memory = CASES[name]
     check(config(model, precision, **memory), name)
+
+
+def test_lora_moe_is_planned_as_an_upper_bound():
+    """MoE layers under LoRA keep full training's walk (the router's fp32 input, the experts'
+    inputs: a frozen expert keeps none): the prediction must not be below the measurement."""
+    for name, model, precision, memory in (
+            ("moe bf16 full lora", {**MOE, "lora": {"rank": 8}}, "bf16", {"activation_checkpointing": "full"}),
+            ("moe fp32 none lora experts", {**MOE, "lora": {"rank": 8, "experts": True}}, "fp32", {})):
+        cfg = config(model, precision, **memory)
+        got, want = measure(cfg), predicted(cfg)
+        print(f"{name}: measured {got / 2**20:.1f} MiB, predicted {want / 2**20:.1f} MiB ({want / got:.3f})")
+        assert got <= want <= 1.25 * got, name
 
 
 def test_legacy_full_checkpointing_switch():
