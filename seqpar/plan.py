@@ -462,7 +462,7 @@ class _Sim:
     def attn_fwd(self, p: str, x: str, n: int) -> None:
         """Norm, q/k/v projections (saving the norm's output), qk-norm, RoPE (saves only cos/sin),
         the kernel (q, k, v, out, lse) and o_proj (its input)."""
-        t, w, u = self.t, self.w, self.lay.ulysses
+        u = self.lay.ulysses
         self.norm_fwd(f"{p}.n1", x, n, self.h)
         self.inputs_fwd(p, f"{p}.y1", ("q_proj", "k_proj", "v_proj"), self.h, n, counted=False)
         self.qk_fwd(p, n)
@@ -555,7 +555,6 @@ class _Sim:
         return self.norm_bwd(f"{p}.n1", x, f"{p}.gy1", n, h)
 
     def attn_first_half(self, p: str, x: str, n: int) -> None:
-        t, w = self.t, self.w
         self.norm_fwd(f"{p}.n1", x, n, self.h)
         self.inputs_fwd(p, f"{p}.y1", ("q_proj", "k_proj", "v_proj"), self.h, n, counted=False)
         self.qk_fwd(p, n)
