@@ -882,10 +882,6 @@ class Config(_Section):
         if self.train.compile:
             raise ValueError("parallel.expert_degree > 1 with train.compile is not supported (the token "
                              "all-to-all needs its split sizes on the host): set train.compile false")
-        if m.lora is not None:
-            raise ValueError("parallel.expert_degree > 1 with model.lora is not supported yet: DeepSpeed broadcasts "
-                             "frozen parameters from rank 0 at start-up, which would overwrite each rank's own "
-                             "experts: set parallel.expert_degree 1 or remove model.lora")
         zo = self.deepspeed.get("zero_optimization", {})
         for key in ("reduce_scatter", "contiguous_gradients"):
             if isinstance(zo, dict) and zo.get(key) is False:

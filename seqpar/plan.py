@@ -135,8 +135,8 @@ def _small_state(cfg: Config, p: int, w: int, flat: int, largest: int) -> tuple[
 
 
 def lora_counts(cfg: Config) -> tuple[int, int, int]:
-    """(trainable, frozen, frozen NF4-quantized) parameter counts with ``model.lora`` (a meta
-    model with the adapters applied: exact for any shape)."""
+    """(trainable, frozen, frozen NF4-quantized) parameter counts per rank with ``model.lora`` (a
+    meta model with the adapters applied: exact for any shape; routed experts split by EP)."""
     import torch
 
     from seqpar.models.lora import apply_lora
@@ -146,8 +146,13 @@ def lora_counts(cfg: Config) -> tuple[int, int, int]:
     with torch.device("meta"):
         model = Transformer(cfg.model.model_copy(update={"lora": None}))
         apply_lora(model, lora.model_copy(update={"quantize_base": None}))  # NF4 needs bitsandbytes: counted below
-    trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    frozen = sum(q.numel() for q in model.parameters() if not q.requires_grad)
+    ep = cfg.parallel.expert_degree  # a rank holds 1/ep of the routed experts (and of their adapters)
+
+    def held(name: str, q) -> int:
+        return q.numel() // ep if ".mlp.experts." in name else q.numel()
+
+    trainable = sum(held(n, q) for n, q in model.named_parameters() if q.requires_grad)
+    frozen = sum(held(n, q) for n, q in model.named_parameters() if not q.requires_grad)
     nf4 = 0
     if lora.quantize_base == "nf4":  # the targeted projections' base weights (routed experts stay bf16)
         ends = tuple(f".{target}.weight" for target in lora.targets)

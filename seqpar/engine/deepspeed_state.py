@@ -471,11 +471,13 @@ def _marker_class():
 
 def mark_expert_params(model: torch.nn.Module, degree: int) -> str:
     """Mark the split experts as DeepSpeed expert parameters and attach the marker module (no
-    parameters or buffers: state dicts and exports are unchanged). Returns the group name."""
+    parameters or buffers: state dicts and exports are unchanged). Returns the group name.
+    Frozen ones too (LoRA's base experts): DeepSpeed broadcasts an unmarked parameter from rank 0
+    at start-up, which would overwrite every rank's own experts with rank 0's."""
     name = expert_group_name(degree)
     n_experts = 0
     for pname, p in model.named_parameters():
-        if ".mlp.experts." in pname and p.requires_grad:
+        if ".mlp.experts." in pname:
             p.allreduce, p.group_name = False, name
             n_experts = max(n_experts, p.shape[0] * degree)
     model.ds_moe_marker = _marker_class()(n_experts, degree)

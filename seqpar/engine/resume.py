@@ -213,7 +213,10 @@ class Resume:
             from safetensors.torch import load_file
 
             where = path / ADAPTER_DIR / ADAPTER_FILE
-            load_trainable_state_dict(model, load_file(str(where)), str(where))
+            tensors = load_file(str(where))
+            if ep is not None:  # the file holds every expert's adapters: this rank's rows
+                tensors = {k: v[ep.first:ep.first + ep.local] if ".mlp.experts." in k else v for k, v in tensors.items()}
+            load_trainable_state_dict(model, tensors, str(where))
             return
         from seqpar.models.hf import load_hf_checkpoint
 

@@ -145,7 +145,11 @@ class Snapshot:
     def _trainable_weights(self) -> dict[str, torch.Tensor]:
         tr = self.tr
         if tr.cfg.parallel.zero_stage < 3:
-            return trainable_state_dict(tr.model)
+            weights = trainable_state_dict(tr.model)
+            ep = tr.expert_parallel
+            if ep is not None and tr.topo.rank < ep.degree:  # expert adapters: every expert's, on rank 0
+                weights = gather_experts(weights, ep)
+            return weights
         import deepspeed
 
         params = [p for p in tr.model.parameters() if p.requires_grad]
