@@ -55,7 +55,7 @@ def test_expert_parallel_trains_like_one_expert_group(tmp_path, stage):
 def test_expert_parallel_with_lora_adapters(tmp_path, stage):
     """LoRA with adapters on the routed experts under EP 2: trains like EP 1 (the frozen base
     experts are not overwritten by rank 0's at start-up), the adapter file holds every expert's
-    adapters, and a resume mid-window is bitwise."""
+    adapters, a resume mid-window is bitwise, and (ZeRO-2) elastic onto EP 1 continues the losses."""
     from safetensors.torch import load_file
 
     from common import ENV, final_hashes
@@ -63,10 +63,13 @@ def test_expert_parallel_with_lora_adapters(tmp_path, stage):
     model = {**tiny_model(True), "lora": {"rank": 4, "experts": True}}
     model["moe"] = {**model["moe"], "num_experts": 8}
 
+    def cmd_for(name, ep):
+        return command(tmp_path, name, 2, model=model, parallel={"zero_stage": stage, "expert_degree": ep},
+                       train={"max_steps": 4, "global_batch_size": 4},
+                       checkpoint={"every_micro_batches": 0, "keep_last": 3}, logging={"log_every": 1})
+
     def go(name, ep, env=None, resume=False):
-        cmd, run_dir = command(tmp_path, name, 2, model=model, parallel={"zero_stage": stage, "expert_degree": ep},
-                               train={"max_steps": 4, "global_batch_size": 4},
-                               checkpoint={"every_micro_batches": 0, "keep_last": 3}, logging={"log_every": 1})
+        cmd, run_dir = cmd_for(name, ep)
         r = run(cmd + (["--resume", "auto"] if resume else []), timeout=600, env=env)
         return r, run_dir
 
@@ -87,6 +90,15 @@ def test_expert_parallel_with_lora_adapters(tmp_path, stage):
         torch.testing.assert_close(files[1][k], v, rtol=1e-4, atol=1e-5, msg=k)
     stopped, stop_dir = go("stopped", 2, env={**ENV, "SEQPAR_STOP_AFTER_MICRO_BATCHES": "3"})
     assert "stop requested (SEQPAR_STOP_AFTER_MICRO_BATCHES): saved" in stopped.stdout, stopped.stdout[-3000:]
+    if stage == 2:  # the same checkpoint resumed elastically without EP continues the trajectory
+        import shutil
+
+        _, moved_dir = cmd_for("moved", 1)
+        shutil.copytree(stop_dir / "checkpoints", moved_dir / "checkpoints")
+        moved, _ = go("moved", 1, resume=True)
+        assert moved.returncode == 0 and "onto a new layout" in moved.stdout, (moved.stdout + moved.stderr)[-3000:]
+        got = losses(moved_dir)[-3:]
+        assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(b[1:], got)), (b, got)
     resumed, _ = go("stopped", 2, resume=True)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, (resumed.stdout + resumed.stderr)[-3000:]
     assert final_hashes(stop_dir) == final_hashes(runs[2])
