@@ -57,9 +57,9 @@ class _Int8LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy: Tensor):  # type: ignore[override]
-        x, _, _ = ctx.saved_tensors
+        x, codes, scale = ctx.saved_tensors  # saved: an in-place change before the backward would be caught
         owner = ctx.owner
-        gx = gy @ owner.dequantized(gy.dtype) if ctx.needs_input_grad[0] else None
+        gx = gy @ dequantize_int8(codes, scale, owner.shape, gy.dtype) if ctx.needs_input_grad[0] else None
         gw = gy.reshape(-1, gy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         owner.accumulate(gw)
         return gx, None, None, None
