@@ -46,7 +46,6 @@ def test_groups_and_regrouping():
     ({"model": MOE_MODEL, "parallel": {"zero_stage": 3, "expert_degree": 2}}, "refuses native MoE"),
     ({"model": MOE_MODEL, "parallel": {"expert_degree": 3}}, "num_experts=4 is not divisible"),
     ({"model": MOE_MODEL, "parallel": {"expert_degree": 2}, "train": {"compile": True}}, "train.compile"),
-    ({"model": {**MOE_MODEL, "lora": {"rank": 4}}, "parallel": {"expert_degree": 2}}, "overwrite each rank's own"),
 ])
 def test_expert_parallel_config_refusals(over, fragment):
     from seqpar.config import ConfigError, validate_config
@@ -54,6 +53,16 @@ def test_expert_parallel_config_refusals(over, fragment):
     cfg = {"parallel": {"expert_degree": 2}, **over}
     with pytest.raises((ConfigError, ValueError), match=fragment):
         validate_config(cfg)
+
+
+def test_lora_with_expert_parallelism_is_accepted():
+    """(Refused until the frozen base experts were marked for DeepSpeed; trained and resumed in
+    tests/test_ep_trainer.py::test_expert_parallel_with_lora_adapters.)"""
+    from seqpar.config import validate_config
+
+    cfg = validate_config({"model": {**MOE_MODEL, "lora": {"rank": 4, "experts": True}},
+                           "parallel": {"expert_degree": 2}})
+    assert cfg.model.lora.experts and cfg.parallel.expert_degree == 2
 
 
 def test_world_must_be_a_multiple_of_the_degree():
