@@ -262,6 +262,7 @@ class Trainer:
         # ZeRO-0 with split experts: seqpar clips (DeepSpeed's ZeRO-0 norm misses or averages them)
         self._own_clipping: tuple[list, list] | None = None
         self._grad_norm = None
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.expert_parallel is not None and cfg.parallel.zero_stage == 0:
             trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             self._own_clipping = ([p for n, p in trainable if getattr(p, "group_name", None) != expert_group],
@@ -512,8 +513,7 @@ class Trainer:
             if self._own_clipping:  # gradients are reduced by now (DeepSpeed's backward epilogue)
                 self._grad_norm = clip_grad_norm_(*self._own_clipping, self.expert_parallel, self.cfg.train.grad_clip)
             elif self.int8_weights is not None:  # INT8 weights' gradients: reduced here, clipped with the rest
-                trainable = [p for p in self.model.parameters() if p.requires_grad]
-                self._grad_norm = self.int8_weights.finish(trainable, self.cfg.train.grad_clip, lay.world_size)
+                self._grad_norm = self.int8_weights.finish(self._trainable, self.cfg.train.grad_clip, lay.world_size)
         self.engine.step()
         self._acc["ce"] += out.loss_sum.detach().double()
         self._acc["aux"] += out.aux_loss.detach().double()

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from seqpar.optim.clip import clip_to_norm_, squared_norm
 from seqpar.optim.galore import GaLoreAdamW, _projector, galore_groups, is_galore_target
 from seqpar.optim.quant import (
     dequantize_int4,
@@ -149,10 +150,8 @@ class Int8Weights:
                 for g, reduced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
                     g.copy_(reduced)
         grads += [p.grad for p in dense if p.grad is not None]
-        norm = torch.stack([g.float().pow(2).sum() for g in grads]).sum().sqrt()
-        if max_norm > 0:
-            coef = max_norm / (norm + 1e-6)
-            torch._foreach_mul_(grads, torch.where(coef < 1, coef, torch.ones_like(coef)))
+        norm = squared_norm(grads, grads[0].device).sqrt()
+        clip_to_norm_(grads, norm, max_norm)
         return norm
 
     def state_dict(self) -> dict[str, Tensor]:

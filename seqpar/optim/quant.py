@@ -12,6 +12,7 @@ same bits without saving any generator state, so resume stays bitwise.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import Tensor
@@ -68,10 +69,7 @@ def quantize_int8(w: Tensor, group: int, gen: torch.Generator | None) -> tuple[T
 
 def dequantize_int8(q: Tensor, scale: Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """The weight ``q * scale`` (computed in fp32, then cast: the same bits every time)."""
-    n = 1
-    for s in shape:
-        n *= s
-    return (q.float() * scale[:, None]).reshape(-1)[:n].view(shape).to(dtype)
+    return (q.float() * scale[:, None]).reshape(-1)[: math.prod(shape)].view(shape).to(dtype)
 
 
 def quantize_int4(x: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -93,7 +91,4 @@ def dequantize_int4(packed: Tensor, scale: Tensor, zero: Tensor, shape: torch.Si
     codes = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)
     n = scale.numel() * group
     g = codes[:n].float().view(-1, group)
-    n_out = 1
-    for s in shape:
-        n_out *= s
-    return ((g - zero[:, None]) * scale[:, None]).reshape(-1)[:n_out].view(shape)
+    return ((g - zero[:, None]) * scale[:, None]).reshape(-1)[: math.prod(shape)].view(shape)

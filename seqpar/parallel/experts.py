@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.nn.functional import all_to_all_single
 
+from seqpar.optim.clip import clip_to_norm_, squared_norm
+
 
 def ep_groups(world: int, degree: int) -> tuple[list[list[int]], list[list[int]]]:
     """(EP groups, expert-data-parallel groups) as rank lists: EP groups are consecutive ranks;
@@ -126,13 +128,8 @@ def clip_grad_norm_(dense: list[Tensor], experts: list[Tensor], ep: ExpertParall
     grads = [p.grad for p in dense if p.grad is not None]
     egrads = [p.grad for p in experts if p.grad is not None]
     dev = next(iter(dense or experts)).device  # a rank without any gradient still joins the all-reduce
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
-    d = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else zero
-    e = torch.stack([g.float().pow(2).sum() for g in egrads]).sum() if egrads else zero.clone()
+    e = squared_norm(egrads, dev)
     dist.all_reduce(e, group=ep.group)
-    norm = (d + e).sqrt()
-    if max_norm > 0:
-        coef = max_norm / (norm + 1e-6)
-        coef = torch.where(coef < 1, coef, torch.ones_like(coef))
-        torch._foreach_mul_(grads + egrads, coef)
+    norm = (squared_norm(grads, dev) + e).sqrt()
+    clip_to_norm_(grads + egrads, norm, max_norm)
     return norm
