@@ -12,7 +12,11 @@ closes the window (one call here: grad_accum_steps is 1).
 plain: the same ``Transformer`` with the same config and init, ``[B, S]`` rows of one document each,
 causal ``F.scaled_dot_product_attention``, full logits + ``F.cross_entropy`` (under ``torch.autocast``
 bf16 on CUDA when train.precision is bf16, else fp32), ``clip_grad_norm_`` as train.grad_clip,
-``torch.optim.AdamW`` (fused on CUDA).
+``torch.optim.AdamW`` (fused on CUDA). When that runs out of GPU memory (``--plain auto``, e.g. the 1B
+shape at 128K), the loop a user writes next: ``torch.utils.checkpoint`` around every decoder layer
+and a chunked cross-entropy (each chunk's logits recomputed in backward); the table says which ran.
+``--variant train.deterministic=true`` (repeatable) also times the Trainer with those overrides and
+prints each against the Trainer's own row (issue 11's deterministic / fast ratio).
 Both read the same passkey samples (``seqpar.data``, curriculum off: one document per row) with the
 same micro-batch size, run ``--warmup`` steps, then time ``--steps`` steps (CUDA synchronized around
 them); tokens/s counts every token of the batch. MFU = step FLOPs / (time x peak), FLOPs from
@@ -67,19 +71,23 @@ DEFAULT_SEQ_LENS = {"tiny": "256,512", "llama3.2-1b": "4096,8192"}
 
 @dataclass
 class Row:
+    """One sequence length. A side that ran out of GPU memory has None for its numbers."""
+
     seq_len: int
-    seqpar_tok_s: float
-    plain_tok_s: float
-    ratio: float
+    seqpar_tok_s: float | None
+    plain_tok_s: float | None
+    ratio: float | None
     seqpar_mfu: float | None
     plain_mfu: float | None
-    seqpar_peak_gib: float
-    plain_peak_gib: float
-    seqpar_step_s: float
-    plain_step_s: float
+    seqpar_peak_gib: float | None
+    plain_peak_gib: float | None
+    seqpar_step_s: float | None
+    plain_step_s: float | None
     flops_per_step: float
-    seqpar_loss0: float  # loss of the first step: equal up to kernel rounding (same model, init and data)
-    plain_loss0: float
+    seqpar_loss0: float | None  # loss of the first step: equal up to kernel rounding (same model, init and data)
+    plain_loss0: float | None
+    plain_mode: str  # "eager", "checkpointed" (per-layer checkpoint + chunked CE) or "out of memory"
+    variants: list[dict[str, Any]]  # --variant runs: {"variant", "tok_s", "vs_seqpar", "peak_gib"}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -97,12 +105,41 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--max-len", type=int, default=2**21, help="--longest: upper end of the search")
     p.add_argument("--granularity", type=int, default=None, help="--longest: seq_len step (default 8192 CUDA, 64 CPU)")
     p.add_argument("--memory-limit-gib", type=float, default=None, help="--longest: a probe fits only under this peak")
+    p.add_argument("--plain", default="auto", choices=["auto", "eager", "checkpointed"],
+                   help="the baseline loop: eager (full logits), checkpointed (torch.utils.checkpoint per layer + "
+                        "chunked CE, what a user writes when eager does not fit); auto: eager, checkpointed after "
+                        "a CUDA out-of-memory")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also time the Trainer with these config overrides (repeatable), e.g. "
+                        "train.deterministic=true; printed against the Trainer's own row")
+    p.add_argument("--doc-len", type=int, default=None,
+                   help="--longest/--probe: pack documents of this many tokens into each row (same memory as one "
+                        "document: the attention kernels are varlen; a fraction of the attention time)")
     p.add_argument("--probe", type=int, default=None,
                    help="only the Trainer at this seq_len (no plain loop): one JSON line with s/step and peak")
     args, overrides = p.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.doc_len is not None and not (args.longest or args.probe):
+        p.error("--doc-len is for --longest / --probe (the plain loop's rows hold one document each)")
+    if args.doc_len is not None and args.doc_len < 64:
+        p.error("--doc-len must be >= 64 (a passkey document needs room for its key and question)")
+    try:
+        args.variant = [(v, variant_overrides(v)) for v in args.variant]
+    except ValueError as e:
+        p.error(str(e))
     return args, overrides
+
+
+def variant_overrides(text: str) -> list[str]:
+    """``"train.deterministic=true,train.compile=true"`` -> ``--train.deterministic true --train.compile true``."""
+    out: list[str] = []
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key or "." not in key:
+            raise ValueError(f"--variant {text!r}: write section.key=value[,section.key=value]")
+        out += [f"--{key}", value]
+    return out
 
 
 def _cuda() -> bool:
@@ -133,6 +170,12 @@ def build_config(args: argparse.Namespace, base: dict[str, Any], seq_len: int, r
     data["passkey"]["eval_samples"] = 0
     if "curriculum_samples" in data["passkey"]:  # packed shorter documents would not be one per row
         data["passkey"]["curriculum_samples"] = 0
+    doc = getattr(args, "doc_len", None)
+    if doc is not None and doc <= seq_len // 2:
+        # the passkey curriculum packs seq_len // L documents of L tokens into sample i, L growing from
+        # curriculum_start_len by (seq_len/2 - L) * i / curriculum_samples: so large a count keeps L fixed
+        data.update(shuffle=False)
+        data["passkey"].update(curriculum_samples=2**50, curriculum_start_len=doc)
     steps = args.warmup + args.steps
     train.update(max_steps=steps, warmup_steps=min(train["warmup_steps"], steps), grad_accum_steps=None,
                  global_batch_size=train["micro_batch_size"], eval_every=0)
@@ -226,8 +269,28 @@ class CausalSDPA:
         return out.transpose(1, 2).reshape(t, h, d)
 
 
-def run_plain(cfg, device, loader, args) -> tuple[float, float, float]:
-    """(seconds for the timed steps, peak GiB, first step's loss) of the eager loop."""
+def plain_chunked_ce(chunk: int):
+    """The chunked cross-entropy a user writes when full logits do not fit: per chunk of tokens,
+    logits -> ``F.cross_entropy`` (sum) under ``torch.utils.checkpoint``, so no chunk's logits are
+    kept for backward. Returns the model head's ``(hidden, weight, labels, chunk) -> sum`` hook."""
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from seqpar.data import IGNORE_INDEX
+
+    def piece(h, w, y):
+        return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def loss(h, w, y, _chunk):
+        return sum(checkpoint(piece, h[i:i + chunk], w, y[i:i + chunk], use_reentrant=False)
+                   for i in range(0, h.shape[0], chunk))
+
+    return loss
+
+
+def run_plain(cfg, device, loader, args, mode: str) -> tuple[float, float, float]:
+    """(seconds for the timed steps, peak GiB, first step's loss) of the eager loop; ``mode``
+    "checkpointed": every decoder layer under ``torch.utils.checkpoint`` and a chunked loss."""
     import torch
     import torch.nn.functional as F
 
@@ -240,6 +303,10 @@ def run_plain(cfg, device, loader, args) -> tuple[float, float, float]:
     model = build_model(cfg.model, seed=cfg.train.seed).to(device)
     model.train()
     model.set_attention(CausalSDPA(b, s))
+    checkpointed = mode == "checkpointed"
+    if checkpointed:
+        model.activation_checkpointing = True  # torch.utils.checkpoint(layer, ..., use_reentrant=False)
+        model.set_loss(plain_chunked_ce(t.loss_chunk_size))
     # a fixed layout: spares the model's own boundary search (a device sync) that SDPA ignores
     meta = AttnMeta(torch.tensor([0, b * s], device=device), s)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay,
@@ -253,8 +320,12 @@ def run_plain(cfg, device, loader, args) -> tuple[float, float, float]:
         ids, pos, labels = (x.to(device, non_blocking=True) for x in
                             (batch.input_ids, batch.position_ids, batch.labels))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(ids, pos, None, meta)
-            loss = F.cross_entropy(out.logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            if checkpointed:
+                out = model(ids, pos, labels, meta)
+                loss = out.loss_sum / (labels != IGNORE_INDEX).sum()
+            else:
+                out = model(ids, pos, None, meta)
+                loss = F.cross_entropy(out.logits.reshape(-1, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX)
             if cfg.model.moe is not None:
                 loss = loss + out.aux_loss
         loss.backward()
@@ -267,6 +338,42 @@ def run_plain(cfg, device, loader, args) -> tuple[float, float, float]:
 
     dt = _timed(step, args.warmup, args.steps, device)
     return dt, _mem_peak(device, base), loss0[0]
+
+
+def _free(device) -> None:
+    """What an out-of-memory run left: its frames are gone once the exception is dropped."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_plain(cfg, device, loader, args) -> tuple[str, tuple[float, float, float] | None]:
+    """The baseline in ``--plain``'s mode; auto falls back to checkpointed after a CUDA OOM."""
+    import torch
+
+    modes = ["eager", "checkpointed"] if args.plain == "auto" else [args.plain]
+    for mode in modes:
+        try:
+            return mode, run_plain(cfg, device, loader, args, mode)
+        except torch.OutOfMemoryError:
+            print(f"bench_train: seq_len {cfg.data.seq_len}: plain loop ({mode}) ran out of memory",
+                  file=sys.stderr, flush=True)
+        _free(device)
+    return "out of memory", None
+
+
+def measure_seqpar(cfg, topo, args) -> tuple[float, float, float] | None:
+    """The Trainer's (seconds, peak GiB, first loss), or None after a CUDA out-of-memory."""
+    import torch
+
+    try:
+        return run_seqpar(cfg, topo, args)
+    except torch.OutOfMemoryError:
+        print(f"bench_train: seq_len {cfg.data.seq_len}: seqpar Trainer ran out of memory", file=sys.stderr, flush=True)
+    _free(topo.device)
+    return None
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -291,12 +398,18 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def table(header: list[str], rows: list[Row], formula: str) -> str:
     columns = ("seq_len", "seqpar tok/s", "plain tok/s", "ratio", "seqpar MFU", "plain MFU", "seqpar peak GiB",
-               "plain peak GiB")
+               "plain peak GiB", "plain loop")
     lines = [*header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        lines.append(f"| {r.seq_len} | {r.seqpar_tok_s:,.0f} | {r.plain_tok_s:,.0f} | {r.ratio:.2f} | "
-                     f"{_fmt(r.seqpar_mfu, '.1%')} | {_fmt(r.plain_mfu, '.1%')} | "
-                     f"{r.seqpar_peak_gib:.2f} | {r.plain_peak_gib:.2f} |")
+        lines.append(f"| {r.seq_len} | {_fmt(r.seqpar_tok_s, ',.0f')} | {_fmt(r.plain_tok_s, ',.0f')} | "
+                     f"{_fmt(r.ratio, '.2f')} | {_fmt(r.seqpar_mfu, '.1%')} | {_fmt(r.plain_mfu, '.1%')} | "
+                     f"{_fmt(r.seqpar_peak_gib, '.2f')} | {_fmt(r.plain_peak_gib, '.2f')} | {r.plain_mode} |")
+    if any(r.variants for r in rows):
+        lines += ["", "| seq_len | seqpar variant | tok/s | x seqpar | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            for v in r.variants:
+                lines.append(f"| {r.seq_len} | {v['variant']} | {_fmt(v['tok_s'], ',.0f')} | "
+                             f"{_fmt(v['vs_seqpar'], '.2f')} | {_fmt(v['mfu'], '.1%')} | {_fmt(v['peak_gib'], '.2f')} |")
     return "\n".join([*lines, "", formula])
 
 
@@ -308,6 +421,7 @@ class Probe:
     peak_gib: float | None
     step_s: float | None
     why: str  # "" when it fits; "out of memory", "over the memory limit", or the error line
+    docs_per_row: int | None = None  # documents packed into a timed row (--doc-len), None: not known
 
 
 PROBE_MARK = "bench_train probe: "
@@ -330,7 +444,12 @@ def probe_child(args: argparse.Namespace, overrides: list[str]) -> int:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * 2**30 / total), device)
     topo = init_topology(1, 1, device, "auto")
-    result = {"seq_len": s, "fits": True, "peak_gib": None, "step_s": None, "why": ""}
+    from seqpar.data import build_dataset
+
+    # documents in the first timed row (1 unless --doc-len): the record says what was measured
+    row = build_dataset(cfg.data, tmp / "cache")[args.warmup]
+    result = {"seq_len": s, "fits": True, "peak_gib": None, "step_s": None, "why": "",
+              "docs_per_row": int((row["position_ids"] == 0).sum())}
     try:
         dt, peak, _ = run_seqpar(cfg, topo, args)
         result.update(peak_gib=peak if device.type == "cuda" else None, step_s=dt / args.steps)
@@ -346,7 +465,7 @@ def run_probe(args: argparse.Namespace, overrides: list[str], s: int) -> Probe:
     argv = [sys.executable, __file__, "--probe", str(s), "--device", args.device, "--model", args.model,
             "--steps", str(args.steps), "--warmup", str(args.warmup)]
     for flag, value in (("--config", args.config), ("--memory-limit-gib", args.memory_limit_gib),
-                        ("--peak-tflops", args.peak_tflops)):
+                        ("--peak-tflops", args.peak_tflops), ("--doc-len", args.doc_len)):
         if value is not None:
             argv += [flag, str(value)]
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
@@ -364,7 +483,7 @@ def run_probe(args: argparse.Namespace, overrides: list[str], s: int) -> Probe:
     peak = r["peak_gib"]
     if peak is None:  # CPU: the probe process's maximum resident set (kilobytes on Linux)
         peak = usage.ru_maxrss * 1024 / 2**30
-    p = Probe(s, r["fits"], peak, r["step_s"], r["why"])
+    p = Probe(s, r["fits"], peak, r["step_s"], r["why"], r.get("docs_per_row"))
     if p.fits and args.memory_limit_gib is not None and peak is not None and peak > args.memory_limit_gib:
         p.fits, p.why = False, f"over the memory limit ({peak:.2f} > {args.memory_limit_gib:g} GiB)"
     return p
@@ -405,6 +524,7 @@ def longest(args: argparse.Namespace, overrides: list[str]) -> int:
 
     print(f"# seqpar bench_train --longest | {card_name(pick_device(args.device))} | torch {torch.__version__} | "
           f"{datetime.date.today().isoformat()} | granularity {g}"
+          + (f" | rows packed with documents of {args.doc_len} tokens" if args.doc_len else "")
           + (f" | memory limit {args.memory_limit_gib:g} GiB" if args.memory_limit_gib else ""))
     print("| seq_len | fits | peak GiB | s/step |\n|---|---|---|---|")
     for p in sorted(probes, key=lambda p: p.seq_len):
@@ -444,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = base_config(args, overrides)
         cfgs = {s: build_config(args, base, s, tmp / f"seq{s}") for s in seq_lens}
+        variants = {name: {s: build_config(args, base_config(args, overrides + extra), s, tmp / f"seq{s}-v{i}")
+                           for s in seq_lens} for i, (name, extra) in enumerate(args.variant)}
     except ConfigError as e:
         print(f"bench_train: {e}", file=sys.stderr)
         return 2
@@ -451,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     topo = init_topology(1, 1, device, "auto")  # gloo on CPU, nccl on CUDA, 127.0.0.1 and a free port
     peak = peak_tflops(device, args.peak_tflops)
+
+    def per_second(result, tokens: int) -> tuple[float | None, float | None]:  # tok/s, MFU
+        if result is None:
+            return None, None
+        return tokens / result[0], (flops / result[0] / (peak * 1e12) if peak else None)
 
     rows: list[Row] = []
     for s, cfg in cfgs.items():
@@ -462,15 +589,23 @@ def main(argv: list[str] | None = None) -> int:
         if bool((pos[:, 0] != 0).any()) or int((pos == 0).sum()) != pos.shape[0]:
             raise SystemExit("bench_train: the data is not one document per row (the plain loop needs that)")
         flops = sum(step_flops(cfg.model, x.position_ids) for x in timed)
-        print(f"bench_train: seq_len {s}: plain loop", file=sys.stderr, flush=True)
-        plain_dt, plain_mem, plain_loss = run_plain(cfg, device, loader, args)
-        print(f"bench_train: seq_len {s}: seqpar Trainer", file=sys.stderr, flush=True)
-        seqpar_dt, seqpar_mem, seqpar_loss = run_seqpar(cfg, topo, args)
         tokens = args.steps * b * s
-        mfu = [flops / dt / (peak * 1e12) if peak else None for dt in (seqpar_dt, plain_dt)]
-        rows.append(Row(s, tokens / seqpar_dt, tokens / plain_dt, plain_dt / seqpar_dt, *mfu,
-                        seqpar_mem, plain_mem, seqpar_dt / args.steps, plain_dt / args.steps, flops / args.steps,
-                        seqpar_loss, plain_loss))
+        print(f"bench_train: seq_len {s}: plain loop", file=sys.stderr, flush=True)
+        plain_mode, plain = measure_plain(cfg, device, loader, args)
+        print(f"bench_train: seq_len {s}: seqpar Trainer", file=sys.stderr, flush=True)
+        ours = measure_seqpar(cfg, topo, args)
+        (ours_tok, ours_mfu), (plain_tok, plain_mfu) = per_second(ours, tokens), per_second(plain, tokens)
+        extra = []
+        for name, vcfgs in variants.items():
+            print(f"bench_train: seq_len {s}: seqpar Trainer, {name}", file=sys.stderr, flush=True)
+            v = measure_seqpar(vcfgs[s], topo, args)
+            v_tok, v_mfu = per_second(v, tokens)
+            extra.append({"variant": name, "tok_s": v_tok, "mfu": v_mfu, "peak_gib": v and v[1],
+                          "vs_seqpar": v_tok / ours_tok if v_tok and ours_tok else None})
+        rows.append(Row(s, ours_tok, plain_tok, ours_tok / plain_tok if ours_tok and plain_tok else None,
+                        ours_mfu, plain_mfu, ours and ours[1], plain and plain[1], ours and ours[0] / args.steps,
+                        plain and plain[0] / args.steps, flops / args.steps, ours and ours[2], plain and plain[2],
+                        plain_mode, extra))
 
     import deepspeed
 
@@ -490,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     formula = ("MFU = step FLOPs / (step time x peak), step FLOPs = T x 6 x N_active + 6 x L x H x d x sum(n_doc^2) "
                "(seqpar/flops.py)" + (f", peak {peak:g} TFLOP/s" if peak else
                                       ": not shown, no peak TFLOP/s known for this device (--peak-tflops)")
-               + "; ratio = seqpar tok/s / plain tok/s; peak GiB: "
+               + "; ratio = seqpar tok/s / plain tok/s; plain loop: eager (full logits) or checkpointed "
+               "(torch.utils.checkpoint per layer + chunked CE, after eager ran out of memory); peak GiB: "
                + ("max allocated during the run" if device.type == "cuda" else "process RSS after the run (CPU)"))
     print(table(header, rows, formula), flush=True)
     if args.json:

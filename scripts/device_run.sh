@@ -1,75 +1,125 @@
 #!/usr/bin/env bash
-# Everything seqpar checks on a lent GPU, in one call (see docs/benchmarks.md for the results):
-# kernel self-test, attention benchmark, a GPU training run per launcher, a 1B-shape throughput run.
-# Wheels for what the machine lacks (DeepSpeed, pydantic, ...) travel in .whl/ (docs/benchmarks.md).
+# Everything seqpar measures and checks on a lent GPU, most important first, inside a time budget.
+#
+#   bash scripts/device_wheels.sh                   # on the CPU machine first: fills .whl/
+#   bash scripts/device_run.sh [PHASE ...]          # on the GPU machine, repo root; logs under $OUT
+#
+# Phases (default: speed memory checks, in that order):
+#   speed   issue 11 + 13: trainer vs plain eager loop on the Llama-3.2-1B shape at 32K (with the
+#           deterministic and compiled variants) and 128K; the grouped MoE layer vs a dense GEMM;
+#           attention kernels on the real shape (d 64, GQA 32/8, packed documents) and ring at degree 1
+#   memory  issue 12: 1M tokens on the H200 and 512K under an 80 GiB cap (rows packed with 32K
+#           documents: same memory, a fraction of the attention time), offload off/on at 128K, the planner's
+#           predictions for those points, the CUDA paths of the memory features
+#   checks  kernel self-test, SP smoke test, launcher runs (deepspeed, ZeRO-3), 8K throughput, ckpt costs
+#
+# BUDGET (seconds, default 570: a device call may run 600) bounds the whole run: a step that cannot
+# finish in what is left is skipped and says so; each step's timeout is its own cap or what is left.
+# DRY_RUN=1 prints each step's command instead of running it (tests/test_device_run.py checks them on
+# CPU, so a typo cannot waste a device session). $OUT gets at most 8 files (the device returns no more).
+# Device time is about 15 minutes per session, start-up included: one call of `speed memory`, then
+# `checks` if time is left (docs/benchmarks.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/seqpar-device}
+BUDGET=${BUDGET:-570}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+DRY_RUN=${DRY_RUN:-0}
+if [ "$DRY_RUN" = 1 ]; then
+  export PYTHONPATH=$PWD
+elif [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
   export PATH=/tmp/site/bin:$PATH
+else
+  export PYTHONPATH=$PWD
 fi
 export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if [ "$DRY_RUN" != 1 ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  python3 -c "import deepspeed, pydantic, torch; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" \
+    2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+fi
 
-# Most important first (device time is short): speed of the trainer against a plain eager loop on
-# the Llama-3.2-1B shape (bf16, fused AdamW by default on CUDA), then with per-layer torch.compile
-# and the 32K point; every command has its own timeout so a hang cannot eat the rest.
-timeout 240 python3 scripts/bench_train.py --device cuda --model llama3.2-1b --seq-lens 8192,32768 \
-  --steps 4 --warmup 2 --train.precision bf16 --json "$OUT/bench_train.json" 2>&1 | grep -vi warn \
-  | tail -12 | tee "$OUT/bench_train.log"
-timeout 240 python3 scripts/bench_train.py --device cuda --model llama3.2-1b --seq-lens 32768 \
-  --steps 4 --warmup 2 --train.precision bf16 --train.compile true --json "$OUT/bench_train_compile.json" \
-  2>&1 | grep -vi warn | tail -8 | tee "$OUT/bench_train_compile.log"
-# MoE grouped expert compute (torch._grouped_mm on sm90 bf16) vs a dense GEMM of the same FLOPs
-timeout 120 python3 scripts/bench_moe.py --device cuda --experts 8 16 32 64 128 2>&1 | tail -14 | tee "$OUT/bench_moe.log"
-timeout 240 python3 -m torch.distributed.run --nproc_per_node 1 scripts/gpu_smoke.py --device cuda 2>&1 \
-  | grep -vi warn | tee "$OUT/gpu_smoke.log" || true
+# step NAME MIN_S CAP_S LOG CMD...: runs CMD with timeout min(CAP_S, left) when at least MIN_S is left
+step() {
+  local name=$1 min=$2 cap=$3 log=$4
+  shift 4
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt "$min" ]; then
+    echo "device_run: skipped $name ($left s left of $BUDGET, needs $min)" | tee -a "$OUT/skipped.log"
+    return 0
+  fi
+  local t=$((cap < left ? cap : left))
+  if [ "$DRY_RUN" = 1 ]; then
+    printf 'DRY %s\t' "$name"; printf '%q ' "$@"; echo
+    return 0
+  fi
+  echo "device_run: $name (timeout ${t}s, ${left}s left)" | tee -a "$OUT/$log"
+  timeout "$t" "$@" 2>&1 | grep -v -i -E "warn|^\[20" | tee -a "$OUT/$log"
+  echo "device_run: $name exit ${PIPESTATUS[0]} at ${SECONDS}s" | tee -a "$OUT/$log"
+}
 
-# CUDA paths of the memory features (pinned offload copies on a side stream, tiles, GaLore's SVD)
-timeout 120 python3 scripts/gpu_memory_check.py --device cuda 2>&1 | grep -v -i warn | tee "$OUT/gpu_memory_check.log"
-# Memory (issue 12): offload overhead at 128K (full checkpointing + tiled MLP, offload off/on, same
-# run), the planner's prediction next to the measured peak, then the longest sequence by bisection
-for off in false true; do
-  timeout 200 python3 scripts/bench_train.py --device cuda --model llama3.2-1b --probe 131072 --steps 2 --warmup 1 \
-    --train.precision bf16 --memory.activation_checkpointing full --memory.tiled_mlp true \
-    --memory.offload_activations $off 2>&1 | grep "probe:" | tee -a "$OUT/bench_memory.log"
+B1=(python3 scripts/bench_train.py --device cuda --model llama3.2-1b --train.precision bf16)
+
+speed() {
+  # 32K: trainer vs plain eager loop; deterministic / fast and compiled / eager trainer in the same run
+  step "train 32K" 120 260 speed.log "${B1[@]}" --seq-lens 32768 --steps 3 --warmup 2 \
+    --variant train.deterministic=true --variant train.compile=true --json "$OUT/speed_32k.json"
+  # 128K: the fastest policy that fits (planner: selective, 63 GiB) vs the plain loop (eager runs out
+  # of memory at 128K, then the checkpointed loop: torch.utils.checkpoint per layer + chunked CE)
+  step "train 128K" 120 220 speed.log "${B1[@]}" --seq-lens 131072 --steps 2 --warmup 1 \
+    --memory.activation_checkpointing selective --json "$OUT/speed_128k.json"
+  # grouped expert GEMMs (torch._grouped_mm, sm90 bf16) vs a dense GEMM of the same FLOPs
+  step "moe" 40 90 speed.log python3 scripts/bench_moe.py --device cuda --experts 8 64 128 --no-historical
+  # the 1B attention shape (d 64, GQA 32/8) at 32K in 1, 8 and 32 documents: every kernel + ring 1
+  for docs in 1 8 32; do
+    step "attention docs=$docs" 30 60 speed.log python3 scripts/bench_attention.py --seqlens 32768 --heads 32 \
+      --kv-heads 8 --dim 64 --docs "$docs" --budget 0.3
+  done
+}
+
+memory() {
+  # the long config at 1M (H200) and 512K under an 80 GiB cap (H100), rows of 32K documents
+  step "1M fit" 90 200 memory.log python3 scripts/bench_train.py --device cuda --config configs/llama3.2-1b-long.yaml \
+    --probe 1048576 --doc-len 32768 --steps 1 --warmup 1
+  step "512K under 80 GiB" 60 150 memory.log python3 scripts/bench_train.py --device cuda \
+    --config configs/llama3.2-1b-long.yaml --probe 524288 --doc-len 32768 --steps 1 --warmup 1 --memory-limit-gib 80
+  # offload overhead at 128K (full checkpointing + tiled MLP, off then on; one process each)
+  for off in false true; do
+    step "128K offload=$off" 70 150 memory.log "${B1[@]}" --probe 131072 --steps 2 --warmup 1 \
+      --memory.activation_checkpointing full --memory.tiled_mlp true --memory.offload_activations $off
+  done
+  # the planner's predictions for the points above (its last line: fits / does not fit, with the peak)
+  step "plan 128K offload off" 10 60 memory.log python3 -m seqpar.plan --config configs/llama3.2-1b-long.yaml \
+    --data.seq_len 131072 --memory.offload_activations false --gpu-memory 141
+  for s in 131072 524288 1048576; do
+    step "plan $s" 10 60 memory.log python3 -m seqpar.plan --config configs/llama3.2-1b-long.yaml --data.seq_len $s \
+      --gpu-memory $([ $s = 524288 ] && echo 80 || echo 141)
+  done
+  # CUDA paths of the memory features (pinned offload copies on a side stream, tiles, GaLore's SVD)
+  step "memory features" 40 120 memory.log python3 scripts/gpu_memory_check.py --device cuda
+}
+
+checks() {
+  step "selftest" 30 120 checks.log python3 scripts/gpu_selftest.py
+  step "smoke" 60 240 checks.log python3 -m torch.distributed.run --nproc_per_node 1 scripts/gpu_smoke.py --device cuda
+  step "8K throughput" 60 150 checks.log "${B1[@]}" --seq-lens 8192 --steps 4 --warmup 2
+  step "deepspeed launcher" 45 120 checks.log deepspeed --num_gpus 1 seqpar/train.py --config configs/tiny-cpu.yaml \
+    --train.precision bf16 --train.max_steps 60 --logging.run_dir /tmp/seqpar-tiny --logging.progress_bar false
+  step "zero3" 45 120 checks.log python3 seqpar/train.py --config configs/tiny-cpu.yaml --parallel.zero_stage 3 \
+    --train.precision bf16 --train.max_steps 60 --logging.run_dir /tmp/seqpar-tiny-z3 --logging.progress_bar false
+  step "checkpoint costs" 45 120 checks.log python3 scripts/bench_checkpoint.py --hidden 2048 --layers 8 --out /tmp/ckbench
+}
+
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(speed memory checks)
+for ph in "${phases[@]}"; do
+  case "$ph" in
+    speed|memory|checks) "$ph" ;;
+    *) echo "device_run: unknown phase '$ph' (speed, memory, checks)" >&2; exit 2 ;;
+  esac
 done
-python3 -m seqpar.plan --config configs/llama3.2-1b-long.yaml --data.seq_len 131072 --gpu-memory 141 2>&1 \
-  | tail -20 | tee -a "$OUT/bench_memory.log"
-timeout 420 python3 scripts/bench_train.py --device cuda --config configs/llama3.2-1b-long.yaml --longest \
-  --seq-lens 262144 --granularity 131072 --max-len 1048576 --steps 1 --warmup 0 --json "$OUT/longest.json" 2>&1 \
-  | tail -12 | tee -a "$OUT/bench_memory.log"
-
-timeout 120 python3 scripts/gpu_selftest.py 2>&1 | tee "$OUT/selftest.log"
-timeout 120 python3 scripts/bench_attention.py --seqlens 8192 32768 131072 --budget 0.5 2>&1 | tee "$OUT/bench_attention.log"
-# the 1B shape's attention (d 64, GQA 32/8) packed into documents of 32K, 4K and 1K
-for docs in 1 8 32; do
-  timeout 60 python3 scripts/bench_attention.py --seqlens 32768 --heads 32 --kv-heads 8 --dim 64 --docs $docs \
-    --budget 0.3 2>&1 | tee -a "$OUT/bench_attention.log"
-done
-
-# the default config on one GPU through the deepspeed launcher (nccl, bf16)
-timeout 120 deepspeed --num_gpus 1 seqpar/train.py --config configs/tiny-cpu.yaml --train.precision bf16 \
-  --train.max_steps 60 --logging.run_dir "$OUT/tiny" --logging.progress_bar false 2>&1 \
-  | grep -vi warn | tail -15 | tee "$OUT/train_tiny.log"
-
-# Llama-3.2-1B shape (tied 128K vocab), 8K tokens per step, random init: throughput and MFU
-timeout 150 python3 seqpar/train.py --config configs/tiny-cpu.yaml --model.vocab_size 128256 \
-  --model.hidden_size 2048 --model.intermediate_size 8192 --model.num_hidden_layers 16 \
-  --model.num_attention_heads 32 --model.num_key_value_heads 8 --model.tie_word_embeddings true \
-  --model.rope_theta 500000 --data.seq_len 8192 --data.passkey.eval_samples 0 --data.passkey.curriculum_samples 0 \
-  --train.micro_batch_size 1 --train.global_batch_size 1 --train.precision bf16 \
-  --train.max_steps 12 --train.warmup_steps 1 --logging.log_every 1 --logging.progress_bar false \
-  --logging.run_dir "$OUT/b1" 2>&1 | grep -vi warn | tail -12 | tee "$OUT/train_1b.log"
-
-# ZeRO-3 built partitioned (deepspeed.zero.Init) on CUDA, bf16: must train like ZeRO-2 does above
-timeout 120 python3 seqpar/train.py --config configs/tiny-cpu.yaml --parallel.zero_stage 3 --train.precision bf16 \
-  --train.max_steps 60 --logging.run_dir "$OUT/tiny_z3" --logging.progress_bar false 2>&1 \
-  | grep -vi warn | tail -6 | tee "$OUT/train_tiny_z3.log"
-
-# checkpoint costs with pinned-memory snapshots (the CPU numbers are in docs/benchmarks.md)
-timeout 120 python3 scripts/bench_checkpoint.py --hidden 2048 --layers 8 --out /tmp/ckbench 2>&1 | tail -12 \
-  | tee "$OUT/bench_checkpoint.log"
-
+# the tables, last: what the call's output shows first
+[ "$DRY_RUN" = 1 ] && exit 0
+grep -h -E "^\| |^longest|^bench_train probe|^fits|^does not fit|^device_run: .* exit|skipped" "$OUT"/speed.log \
+  "$OUT"/memory.log "$OUT"/skipped.log 2>/dev/null | tail -60
