@@ -494,6 +494,11 @@ class GaLoreConfig(_Section):
         False, description="bf16 only: keep DeepSpeed's fp32 master copy (+4 bytes/param in memory and checkpoints); "
         "false (GaLore paper): bf16 weights updated by stochastic rounding; qgalore needs false"
     )
+    shard_state: bool = Field(
+        True, description="galore without master weights: each data/sequence-parallel rank keeps the optimizer "
+        "state of its share of the parameters and broadcasts their updates (ZeRO-1 by parameter; bitwise the "
+        "same training); false: every rank keeps all of it"
+    )
     quant_group: int = Field(256, ge=2, description="qgalore: values per INT8 weight / INT4 projector scale")
     adaptive_threshold: float = Field(
         0.4, ge=0, le=1, description="qgalore: mean absolute cosine of successive projectors' leading vectors at "

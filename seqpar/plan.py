@@ -119,19 +119,27 @@ def _dtype_bytes(name: Any, default: int) -> int:
     return default
 
 
-def _small_state(cfg: Config, p: int, w: int, flat: int, largest: int) -> tuple[dict[str, int], dict[str, int], str]:
+def _small_state(cfg: Config, p: int, w: int, flat: int, largest: int,
+                 n: int) -> tuple[dict[str, int], dict[str, int], str]:
     """GaLore / Q-GaLore at ZeRO-0: the weights and the optimizer state are what the checkpoint
-    holds (seqpar.optim.sizes; with master_weights DeepSpeed's fp32 copy too); the step works on one
-    parameter at a time: its gradient in fp32 and about three fp32 temporaries of its size (the
-    largest parameter counted; the SVD of a refresh is smaller than that)."""
-    from seqpar.optim.sizes import checkpoint_bytes
+    holds (seqpar.optim.sizes; with master_weights DeepSpeed's fp32 copy too), GaLore's state
+    sharded by parameter over the ``n`` ranks (train.galore.shard_state: the most loaded rank's
+    share, plus a broadcast bucket at the step); the step works on one parameter at a time: its
+    gradient in fp32 and about three fp32 temporaries of its size (the largest parameter counted;
+    the SVD of a refresh is smaller than that)."""
+    from seqpar.optim.galore import GaLoreAdamW
+    from seqpar.optim.sizes import checkpoint_bytes, galore_largest_share, galore_sharded
 
     sizes = checkpoint_bytes(cfg)  # resident = checkpointed here (Q-GaLore: INT8 codes and scales)
-    run = {"params": sizes["weights"], "grads": w * p, "optimizer": sizes["optimizer"], "buffers": 0}
+    sharded = galore_sharded(cfg, n)
+    opt = galore_largest_share(cfg, n) if sharded else sizes["optimizer"]
+    run = {"params": sizes["weights"], "grads": w * p, "optimizer": opt, "buffers": 0}
     name = {"galore": "seqpar GaLore-AdamW", "qgalore": "seqpar Q-GaLore-AdamW"}[cfg.train.optimizer]
     weights = ("fp32" if w == 4 else "bf16 weights, fp32 master (DeepSpeed FP16_UnfusedOptimizer)"
                if not cfg.low_precision_weights else "bf16 weights, no master")
-    return run, {**run, "buffers": max(flat, 16 * largest)}, f"{name}, {weights}"
+    share = w * min(p, GaLoreAdamW.SHARE_BUCKET) if sharded else 0  # the owners' broadcasts, one bucket at a time
+    return (run, {**run, "buffers": max(flat, 16 * largest, share)},
+            f"{name}, {weights}" + (f", state sharded over {n} ranks" if sharded else ""))
 
 
 def lora_counts(cfg: Config) -> tuple[int, int, int]:
@@ -215,7 +223,7 @@ def model_state(cfg: Config, world_size: int) -> tuple[dict[str, int], dict[str,
         # 5e8 elements (MEMORY_OPT_ALLREDUCE_SIZE); the step itself then runs
         flat = w * min(p, DS_ALLREDUCE_BUCKET_SIZE)
         if cfg.train.optimizer in ("galore", "qgalore"):
-            return _small_state(cfg, p, w, flat, pc.largest_param)
+            return _small_state(cfg, p, w, flat, pc.largest_param, n)
         if w == 4:  # plain torch AdamW: the weights are the master copy; fused kernel, no temporaries
             run = {"params": 4 * p, "grads": 4 * p, "optimizer": 8 * p, "buffers": 0}
             return run, {**run, "buffers": flat}, "torch AdamW (fused on CUDA), fp32"

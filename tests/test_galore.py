@@ -13,7 +13,7 @@ import torch
 
 from common import ENV, command, final_hashes, run
 from seqpar.config import ConfigError, load_config
-from seqpar.optim.galore import GaLoreAdamW, galore_state_bytes
+from seqpar.optim.galore import GaLoreAdamW, balance_owners, galore_state_bytes
 
 
 def test_low_rank_state_and_refresh_schedule():
@@ -58,6 +58,114 @@ def test_low_rank_state_and_refresh_schedule():
             ((x @ a @ b).pow(2).mean() + c.pow(2).sum()).backward()
             o.step()
     assert all(torch.equal(a, b) for a, b in zip((tall, wide, vec), twin))
+
+
+def test_sharded_state_owners_and_union():
+    """Owners balance the state (largest first to the least loaded rank), the same on every rank;
+    ``shard_of`` keeps this rank's share of the union of saved shares (or of a replicated save)."""
+    assert balance_owners([10, 1, 7, 3, 3], 2) == [0, 1, 1, 1, 0]  # loads 13 / 11
+    assert balance_owners([5, 5, 5], 4) == [0, 1, 2]  # a rank may own nothing
+    assert balance_owners([4, 2], 1) == [0, 0]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in ((32, 8), (8, 32), (16, 16), (16,))]
+    opt = GaLoreAdamW([{"params": params[:3], "galore": True, "rank": 4}, {"params": params[3:]}])
+    sizes = [GaLoreAdamW.state_numel(p, g) for g in opt.param_groups for p in g["params"]]
+    assert sizes == [galore_state_bytes(tuple(p.shape), 4) // 4 for p in params[:3]] + [32]
+    opt.owner, opt.shard_rank = balance_owners(sizes, 2), 1  # what shard() sets on rank 1 of 2
+    assert [opt.owns(p) for p in params] == [o == 1 for o in opt.owner] and any(opt.owner) and not all(opt.owner)
+    groups = [{"params": [0, 1, 2]}, {"params": [3]}]
+    saved = [{"state": {i: {"x": torch.tensor(float(i))} for i in range(4) if opt.owner[i] == r}, "param_groups": groups}
+             for r in (0, 1)]
+    mine = opt.shard_of(saved)
+    assert sorted(mine["state"]) == [i for i in range(4) if opt.owner[i] == 1] and mine["param_groups"] == groups
+    replicated = {"state": {i: {"x": torch.tensor(float(i))} for i in range(4)}, "param_groups": groups}
+    assert sorted(opt.shard_of([replicated])["state"]) == sorted(mine["state"])
+    opt.owner = None  # replicated now: the union of every saved share
+    assert sorted(opt.shard_of(saved)["state"]) == [0, 1, 2, 3]
+
+
+def _sharded_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same weights and gradients on both ranks (as after an all-reduce)
+        shapes = ((40, 12), (12, 40), (16, 16), (300,), (7,), (150,))
+        sharded, replicated = ([torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i)))
+                                for i, s in enumerate(shapes)] for _ in range(2))
+        opts = [GaLoreAdamW([{"params": ps[:3], "galore": True, "rank": 4, "update_interval": 2},
+                             {"params": ps[3:], "weight_decay": 0.1}], lr=1e-2) for ps in (sharded, replicated)]
+        opts[0].SHARE_BUCKET = 100  # the 300- and 150-element vectors go alone, in place; the rest in buckets
+        opts[0].shard()
+        for step in range(4):
+            for ps in (sharded, replicated):
+                for i, q in enumerate(ps):
+                    q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            for o in opts:
+                o.step()
+        same = all(torch.equal(a, b) for a, b in zip(sharded, replicated))
+        held = sorted(opts[0].index[q] for q in opts[0].state)
+        torch.save({"same": same, "held": held}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_step_broadcasts_every_parameter(tmp_path):
+    """Two gloo ranks: the sharded optimizer's parameters equal the replicated one's after every
+    step (large parameters broadcast alone in place, small ones in flat buckets), and each rank
+    holds the state of its own parameters only."""
+    import torch.multiprocessing as mp
+
+    from common import free_port
+
+    mp.spawn(_sharded_worker, args=(free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"r.{r}") for r in (0, 1)]
+    assert all(r["same"] for r in results)
+    assert results[0]["held"] and results[1]["held"] and not set(results[0]["held"]) & set(results[1]["held"])
+    assert sorted(results[0]["held"] + results[1]["held"]) == list(range(6))
+
+
+@pytest.mark.slow
+def test_sharded_state_trains_bitwise_like_replicated(tmp_path):
+    """train.galore.shard_state (the default): 2 ranks each keep and step half of the state (by
+    size) and broadcast their parameters; the weights are bitwise those of the replicated optimizer,
+    each rank's checkpoint holds its own share, and together they are the replicated state."""
+    from seqpar.checkpoint.codec import load_tree
+
+    runs = {}
+    for shard in (True, False):
+        cmd, run_dir = galore_run(tmp_path, f"shard{shard}", "bf16", nproc=2,
+                                  train={"galore": {"rank": 8, "update_interval": 2, "shard_state": shard}})
+        r = run(cmd, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert ("(state sharded over 2 ranks)" in r.stdout) == shard
+        runs[shard] = run_dir
+    a, b = final_weights(runs[True]), final_weights(runs[False])
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    tag = lambda d: d / "checkpoints" / (d / "checkpoints" / "latest").read_text().strip()  # noqa: E731
+    shares = [load_tree(tag(runs[True]) / f"rank0000{r}" / "optimizer", False)["optimizer"]["state"] for r in (0, 1)]
+    full = load_tree(tag(runs[False]) / "rank00000" / "optimizer", False)["optimizer"]["state"]
+    assert not (tag(runs[False]) / "rank00001" / "optimizer.json").exists()  # replicated: rank 0 saves it
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    assert set(shares[0]) | set(shares[1]) == set(full)
+    for share in shares:
+        for i, entry in share.items():
+            assert all(torch.equal(v, full[i][k]) for k, v in entry.items())
+    # the planner's per-rank optimizer bytes: the most loaded of these shares, and less than the whole
+    from seqpar.optim.sizes import checkpoint_bytes, galore_largest_share
+
+    cfg = load_config(str(tag(runs[True]) / "config.yaml"), [])
+    held = [sum(v.numel() * v.element_size() for e in share.values() for v in e.values()) for share in shares]
+    assert galore_largest_share(cfg, 2) == max(held) < checkpoint_bytes(cfg)["optimizer"] == sum(held)
+    # a sharded save resumed replicated (mid-window; the setting changes nothing computed): the union
+    # of the shares, the same final weights
+    cmd, run_dir = galore_run(tmp_path, "flip", "bf16", nproc=2,
+                              train={"galore": {"rank": 8, "update_interval": 2, "shard_state": True}})
+    stopped = run(cmd, timeout=600, env={**ENV, "SEQPAR_STOP_AFTER_MICRO_BATCHES": "5"})
+    assert "stop requested (SEQPAR_STOP_AFTER_MICRO_BATCHES): saved" in stopped.stdout, stopped.stdout[-3000:]
+    resumed = run(cmd + ["--resume", "auto", "--train.galore.shard_state", "false"], timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    c = final_weights(run_dir)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_galore_refusals_say_why():
@@ -191,8 +299,9 @@ def galore_run(tmp_path, name: str, precision: str, optimizer: str = "galore", m
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer,precision,master,nproc", [
-    ("galore", "fp32", False, 1), ("galore", "bf16", False, 1), ("galore", "bf16", True, 1),
-    ("qgalore", "bf16", False, 2)])  # 2 ranks: the INT8 layers' gradients reduced by seqpar, per rank mid-window
+    ("galore", "fp32", False, 1), ("galore", "bf16", False, 2), ("galore", "bf16", True, 1),
+    ("qgalore", "bf16", False, 2)])  # 2 ranks: GaLore's state sharded per rank; the INT8 layers' gradients
+#                                      reduced by seqpar, per rank mid-window
 def test_resume_across_a_projector_refresh_is_bitwise(tmp_path, optimizer, precision, master, nproc):
     full_cmd, full_dir = galore_run(tmp_path, "full", precision, optimizer, master, nproc)
     full = run(full_cmd, timeout=600)

@@ -152,8 +152,15 @@ def needs_module_weights(engine) -> bool:
 
 
 def optimizer_is_replicated(engine) -> bool:
-    """Stage 0 optimizer state is identical on every rank (one copy is enough)."""
-    return optimizer_kind(engine) in ("torch", "unfused16")
+    """Stage 0 optimizer state is identical on every rank (one copy is enough), unless seqpar's
+    own optimizer shards it by parameter (GaLore's ``shard``)."""
+    return optimizer_kind(engine) in ("torch", "unfused16") and getattr(engine.optimizer, "owner", None) is None
+
+
+def weight_replica_group(engine):
+    """The ranks holding the same weights, over which DeepSpeed averages gradients (data x sequence
+    parallel; expert parallelism aside)."""
+    return engine.seq_data_parallel_group
 
 
 # -- optimizer + scheduler -------------------------------------------------------------------------

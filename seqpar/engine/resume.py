@@ -169,7 +169,10 @@ class Resume:
             self._load_weights(self.tr.model, path, self.tr.expert_parallel)
         ep = self.tr.cfg.parallel.expert_degree  # ZeRO-0: ranks 0..P-1 saved the copies (one per expert slice)
         opt_rank = r if not dss.optimizer_is_replicated(eng) else r % ep
-        dss.restore_optimizer(eng, self.tr.ckpt.read_tree(path, "optimizer", opt_rank))
+        if self._galore_by_parameter():
+            dss.restore_optimizer(eng, self._galore_tree(path, state["topology"]["world_size"], own=True))
+        else:
+            dss.restore_optimizer(eng, self.tr.ckpt.read_tree(path, "optimizer", opt_rank))
         engine_state = self.tr.ckpt.read_tree(path, "engine", r)
         dss.restore_counters(eng, engine_state["counters"])
         if self.tr.cfg.model.moe is not None:
@@ -184,6 +187,21 @@ class Resume:
             self.tr._resumed_acc = engine_state["window"]
         load_rng_state_dict(self.tr.ckpt.read_tree(path, "rng", r))
         self.tr.extensions.load(lambda stem: self.tr.ckpt.read_tree(path, stem, r), self._log)
+
+    def _galore_by_parameter(self) -> bool:
+        """GaLore is the engine's optimizer itself (plain ZeRO-0): its state is per parameter,
+        sharded (``shard``) or not, and read through ``GaLoreAdamW.shard_of``."""
+        return self.tr.cfg.train.optimizer == "galore" and dss.optimizer_kind(self.tr.engine) == "torch"
+
+    def _galore_tree(self, path: Path, old_world: int, own: bool) -> dict[str, Any]:
+        """This rank's optimizer tree: with ``own`` (same layout) and this run sharded, the share
+        this rank saved (the owners are a function of the shapes and the group size); otherwise the
+        union of every saved rank's state (a replicated save: rank 0's alone), this rank's share kept."""
+        opt, read = self.tr.small_state_optimizer, self.tr.ckpt.read_tree
+        mine = read(path, "optimizer", self.tr.topo.rank) if own and opt.owner is not None else None
+        trees = [mine] if mine is not None else [t for r in range(old_world)
+                                                 if (t := read(path, "optimizer", r)) is not None]
+        return {**trees[0], "optimizer": opt.shard_of([t["optimizer"] for t in trees])}
 
     def _load_weights(self, model, path: Path, ep=None) -> None:
         """The module weights a checkpoint holds: the whole model (``model/``, Hugging Face
@@ -248,11 +266,15 @@ class Resume:
         # expert slices: saved rank r held rows (r % old ep) of the experts, this rank (rank % new ep)
         experts = expert_split(self.tr.engine, old.get("ep", 1), self.tr.cfg.parallel.expert_degree)
         if self.tr.cfg.train.optimizer in ("galore", "qgalore"):
-            # ZeRO-0 (EP refused): every rank held the same state, in a parameter order no layout
-            # changes; projectors and low-rank moments need no slicing, so rank 0's is everyone's
+            # ZeRO-0 (EP refused): whole parameters, in an order no layout changes; projectors and
+            # low-rank moments need no slicing: saved rank 0's state is everyone's, or with GaLore's
+            # state sharded by parameter (saved, now, or both) the union of the saved shares
             if dss.needs_module_weights(self.tr.engine):
                 self._load_weights(self.tr.model, path)
-            dss.restore_optimizer(self.tr.engine, self.tr.ckpt.read_tree(path, "optimizer", 0))
+            if self._galore_by_parameter():
+                dss.restore_optimizer(self.tr.engine, self._galore_tree(path, old["world_size"], own=False))
+            else:
+                dss.restore_optimizer(self.tr.engine, self.tr.ckpt.read_tree(path, "optimizer", 0))
         elif state["step"] > 0:
             reshard_optimizer(self.tr.engine, kind, sources(), scheduler, old_weights, experts)
         # else inside the first window: no optimizer step yet, so the saved optimizer holds just the

@@ -259,6 +259,9 @@ class Trainer:
             dist_init_required=False,
         )
         self.model: Transformer = self.engine.module
+        self.small_state_optimizer = client_optimizer
+        if self.galore_sharded:  # plain ZeRO-0 (no master copy wrapped around it): shard it by parameter
+            client_optimizer.shard(dss.weight_replica_group(self.engine))
         # ZeRO-0 with split experts: seqpar clips (DeepSpeed's ZeRO-0 norm misses or averages them)
         self._own_clipping: tuple[list, list] | None = None
         self._grad_norm = None
@@ -340,7 +343,8 @@ class Trainer:
                 f"batch   micro {lay.micro_batch_size} x dp {lay.dp} x grad-accum {lay.grad_accum_steps} "
                 f"= {lay.global_batch_size} sequences x {c.data.seq_len} = {tokens:,} tokens per step",
                 f"optim   {c.train.max_steps} steps, "
-                + (describe_optimizer(c.train) or f"AdamW{' (fused)' if self._fused_optimizer() else ''} ") +
+                + (describe_optimizer(c.train, self.topo.world_size if self.galore_sharded else 1)
+                   or f"AdamW{' (fused)' if self._fused_optimizer() else ''} ") +
                 f"lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
                 f"{c.train.decay} to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"memory  {self._memory_line()}",
@@ -614,6 +618,13 @@ class Trainer:
 
     def _saved_at(self, pos: Position) -> bool:
         return self._last_tag == pos.tag
+
+    @property
+    def galore_sharded(self) -> bool:
+        """GaLore's state sharded over the ranks holding the same weights (train.galore.shard_state)."""
+        t = self.cfg.train
+        return (t.optimizer == "galore" and t.galore.shard_state and self.topo.world_size > 1
+                and dss.optimizer_kind(self.engine) == "torch")
 
     def _meta(self) -> dict[str, Any]:
         import deepspeed

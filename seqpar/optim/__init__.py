@@ -19,8 +19,9 @@ def build_small_state_optimizer(model: torch.nn.Module, train) -> tuple[torch.op
     return None, None
 
 
-def describe_optimizer(train) -> str:
-    """The optimizer line's name part (start-up summary)."""
+def describe_optimizer(train, shards: int = 1) -> str:
+    """The optimizer line's name part (start-up summary); ``shards``: ranks GaLore's state is
+    sharded over (1: replicated)."""
     g = train.galore
     if train.optimizer == "adamw":
         return ""
@@ -31,7 +32,7 @@ def describe_optimizer(train) -> str:
                 else "") + f", INT8 weights / INT4 projectors in groups of {g.quant_group}, bf16 moments"
     if train.precision == "bf16":
         out += ", fp32 master weights" if g.master_weights else ", bf16 weights (stochastic rounding)"
-    return out + f", scale {g.scale:g} "
+    return out + f", scale {g.scale:g}" + (f" (state sharded over {shards} ranks)" if shards > 1 else "") + " "
 
 
 __all__ = ["GaLoreAdamW", "Int8Weights", "QGaLoreAdamW", "build_small_state_optimizer", "describe_optimizer"]

@@ -19,6 +19,14 @@ an optimizer ``state_dict`` cannot go through seqpar's no-pickle checkpoint code
 of state is a tensor (projector, low-rank moments, step), and the refresh schedule follows the
 saved step, so a resume that crosses a refresh is bitwise. The SVD runs in fp32 on the gradient's
 device (deterministic on CPU; on CUDA torch's default driver, gesvdj with a gesvd fallback).
+
+Sharded state (``shard``, ``train.galore.shard_state``): ZeRO-1 for GaLore. ZeRO stages partition
+flat buffers, which would cut matrices apart (GaLore projects whole ones), so this shards by
+parameter instead: every rank that holds the same weights owns a share of the parameters (balanced
+by state size), keeps their state, runs their step (and their SVDs), and broadcasts their new values;
+the gradients are still all-reduced whole (ZeRO-0). The result is bitwise that of the replicated
+optimizer: the same arithmetic runs on one rank instead of all, and its stochastic rounding is keyed
+by parameter and step, not by rank.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from seqpar.optim.quant import generator, round_to
 
@@ -48,6 +58,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.seed = seed
         # a parameter's place in the groups: part of its rounding key (stable from run to run)
         self.index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        self.owner: list[int] | None = None  # shard(): the group rank owning each parameter's state
+        self.shard_rank, self.shard_group = 0, None
         for group in self.param_groups:
             if group["galore"]:
                 bad = [tuple(p.shape) for p in group["params"] if p.dim() != 2]
@@ -64,6 +76,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
+                if not self.owns(p):
+                    continue
                 grad = self._grad(p)
                 if grad is None:
                     continue
@@ -99,7 +113,81 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     new.mul_(1 - group["lr"] * group["weight_decay"])
                 new.add_(update, alpha=-group["lr"])
                 self._write(p, state, group, new, t)
+        if self.owner is not None:
+            self._share_updates()
         return loss
+
+    # -- sharded state ---------------------------------------------------------------------------------
+    def shard(self, group=None) -> None:
+        """Owns the state of a share of the parameters among ``group``'s ranks (the ranks holding
+        the same weights: DeepSpeed's data x sequence parallel group), before the first step or a
+        resume. Owners: largest state first, each to the rank with the least so far (a function of
+        the shapes and the group size alone, so every rank computes the same)."""
+        sizes = [self.state_numel(p, g) for g in self.param_groups for p in g["params"]]
+        self.owner = balance_owners(sizes, dist.get_world_size(group))
+        self.shard_rank, self.shard_group = dist.get_rank(group), group
+        # state loaded before (a resume into an optimizer built replicated): keep this rank's share
+        for p in list(self.state):
+            if not self.owns(p):
+                del self.state[p]
+
+    def owns(self, p: Tensor) -> bool:
+        return self.owner is None or self.owner[self.index[p]] == self.shard_rank
+
+    def owns_index(self, i: int) -> bool:
+        """By position in the groups, as in ``state_dict()['state']`` keys."""
+        return self.owner is None or self.owner[i] == self.shard_rank
+
+    @staticmethod
+    def state_numel(p: Tensor, group: dict) -> int:
+        """Elements of ``p``'s state (the balance of the shards)."""
+        if group.get("galore") and p.dim() == 2:
+            return galore_state_bytes(tuple(p.shape), group["rank"]) // 4
+        return 2 * p.numel()
+
+    SHARE_BUCKET = 1 << 26  # elements per broadcast copy (256 MiB of fp32): bounds the flat copies
+
+    def _share_updates(self) -> None:
+        """Every owner's new values to the other ranks: a parameter of a bucket's size or more
+        alone and in place, smaller ones in flat buckets of one dtype (fewer collectives)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        for k in range(dist.get_world_size(self.shard_group)):
+            src = dist.get_global_rank(self.shard_group, k) if self.shard_group is not None else k
+            mine = [p for p in params if self.owner[self.index[p]] == k]
+            for dtype in sorted({p.dtype for p in mine}, key=str):
+                bucket: list[Tensor] = []
+                size = 0
+                for p in (q for q in mine if q.dtype == dtype):
+                    if p.numel() >= self.SHARE_BUCKET and p.is_contiguous():
+                        dist.broadcast(p.data, src=src, group=self.shard_group)
+                        continue
+                    if bucket and size + p.numel() > self.SHARE_BUCKET:
+                        self._broadcast(bucket, k, src)
+                        bucket, size = [], 0
+                    bucket.append(p)
+                    size += p.numel()
+                if bucket:
+                    self._broadcast(bucket, k, src)
+
+    def _broadcast(self, bucket: list[Tensor], owner: int, src: int) -> None:
+        if owner == self.shard_rank:
+            flat = _flatten_dense_tensors([p.data for p in bucket])
+        else:
+            flat = torch.empty(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+        dist.broadcast(flat, src=src, group=self.shard_group)
+        if owner != self.shard_rank:
+            for p, value in zip(bucket, _unflatten_dense_tensors(flat, [p.data for p in bucket])):
+                p.data.copy_(value)
+
+    def shard_of(self, trees: list[dict]) -> dict:
+        """One state dict for this rank from saved ranks' ``state_dict()``s (sharded: each holds
+        its owners' entries; replicated: each holds all): their union, this rank's share kept."""
+        state: dict = {}
+        for tree in trees:
+            for i, entry in tree["state"].items():
+                if self.owns_index(int(i)) and i not in state:
+                    state[i] = entry
+        return {"state": state, "param_groups": trees[0]["param_groups"]}
 
     # -- what a subclass changes (Q-GaLore: quantized projector, weights, moments) -------------------
     def _grad(self, p: Tensor) -> Tensor | None:
@@ -146,6 +234,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if isinstance(value, Tensor):  # copies: a live state dict's tensors are not shared
                     where = "cpu" if key == "step" or key in self.host_state else p.device
                     self.state[p][key] = value.to(device=where, copy=True)
+
+
+def balance_owners(sizes: list[int], world: int) -> list[int]:
+    """An owner in ``range(world)`` for each size: largest first, each to the least loaded (ties:
+    lowest index, lowest rank). Deterministic: every rank computes the same."""
+    owner, load = [0] * len(sizes), [0] * world
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        k = min(range(world), key=lambda k: (load[k], k))
+        owner[i], load[k] = k, load[k] + sizes[i]
+    return owner
 
 
 def _projector(grad: Tensor, rank: int) -> Tensor:
@@ -205,4 +303,4 @@ def build_galore(model: torch.nn.Module, train) -> GaLoreAdamW:
                        seed=train.seed)
 
 
-__all__ = ["GaLoreAdamW", "build_galore", "galore_groups", "galore_state_bytes", "is_galore_target"]
+__all__ = ["GaLoreAdamW", "balance_owners", "build_galore", "galore_groups", "galore_state_bytes", "is_galore_target"]

@@ -42,5 +42,30 @@ def checkpoint_bytes(cfg: Config) -> dict[str, int]:
             optimizer += 4 * n + 4
         else:
             weights += n * wbytes
-            optimizer += master * n + (galore_state_bytes(tuple(p.shape), g.rank) if target else 8 * n)
+            optimizer += master * n + (galore_state_bytes(tuple(p.shape), g.rank) if target else 8 * n + 4)  # + step
     return {"weights": weights, "optimizer": optimizer, "total": weights + optimizer}
+
+
+def galore_sharded(cfg: Config, world_size: int) -> bool:
+    """GaLore's state sharded by parameter (train.galore.shard_state): several ranks, and GaLore is
+    DeepSpeed's optimizer itself (fp32, or bf16 without master weights)."""
+    t = cfg.train
+    return (t.optimizer == "galore" and t.galore.shard_state and world_size > 1
+            and (t.precision == "fp32" or cfg.low_precision_weights))
+
+
+def galore_largest_share(cfg: Config, world_size: int) -> int:
+    """Optimizer bytes of the most loaded rank when GaLore's state is sharded over ``world_size``
+    ranks: the optimizer's own owners (``balance_owners`` over its parameter order) on a meta model."""
+    from seqpar.models.transformer import Transformer
+    from seqpar.optim.galore import GaLoreAdamW, balance_owners, galore_groups, galore_state_bytes
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    groups = galore_groups(model, cfg.train)
+    params = [(p, g) for g in groups for p in g["params"]]
+    owner = balance_owners([GaLoreAdamW.state_numel(p, g) for p, g in params], world_size)
+    load = [0] * world_size
+    for (p, g), k in zip(params, owner):  # projector + low-rank moments + step, or AdamW's moments + step
+        load[k] += galore_state_bytes(tuple(p.shape), g["rank"]) if g.get("galore") else 8 * p.numel() + 4
+    return max(load)
