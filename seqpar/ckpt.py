@@ -30,13 +30,13 @@ import yaml
 
 # torch (and what imports it: the codec, the manager) is imported where a command needs it, so
 # `--help` and argument errors answer at once; the light modules below import neither.
-from seqpar.checkpoint.store import LATEST, MANIFEST, MARKER, CheckpointStore, parse_tag
-from seqpar.checkpoint.verify import load_manifest, read_latest, safe_member, verify_checkpoint
+from seqpar.checkpoint.store import LATEST, MARKER, parse_tag
+from seqpar.checkpoint.verify import (NotACheckpoint, is_checkpoint_dir, load_manifest, read_latest,
+                                      resolve_checkpoints, safe_member, verify_checkpoint)
 
 if TYPE_CHECKING:
     import torch
 
-RUN_CHECKPOINTS = "checkpoints"  # <logging.run_dir>/checkpoints, the default checkpoint.dir
 # Tokenizer files exported next to the weights when a checkpoint has them (top level or tokenizer/)
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -51,40 +51,18 @@ class CliError(Exception):
         self.code = code
 
 
-def _is_checkpoint(p: Path) -> bool:
-    from seqpar.checkpoint.manager import TRAINER_STATE
-
-    return p.is_dir() and (any(os.path.lexists(p / n) for n in (MANIFEST, MARKER, TRAINER_STATE))
-                           or (parse_tag(p.name) is not None and not os.path.lexists(p / LATEST)))
-
-
 def _targets(path: Path, newest: bool) -> list[Path]:
     """Checkpoint dirs ``path`` means: itself, the one ``latest`` names, or a root's (newest) ones."""
-    if not os.path.lexists(path):
-        raise CliError(f"{path} does not exist", 2)
-    if path.name == LATEST and not path.is_dir():
-        tag = read_latest(path.parent)
-        if tag is None:
-            raise CliError(f"{path} does not name a checkpoint", 2)
-        if not (path.parent / tag).is_dir():
-            raise CliError(f"{path} names {tag}, which does not exist in {path.parent}", 2)
-        return [path.parent / tag]
-    if _is_checkpoint(path):
-        return [path]
-    root = path / RUN_CHECKPOINTS if (path / RUN_CHECKPOINTS).is_dir() else path
-    if not root.is_dir():
-        raise CliError(f"{path} is not a directory", 2)
-    found = [c.path for c in CheckpointStore(root).list()]
-    if not found:
-        raise CliError(f"no checkpoints in {root}")
-    if not newest:
-        return found
-    tag = read_latest(root)
-    if tag is not None and root / tag in found:
-        return [root / tag]
-    if os.path.lexists(root / LATEST):  # a hint only: a resume may have moved that one aside
-        print(f"{root / LATEST} names no checkpoint here; using the newest, {found[-1].name}", file=sys.stderr)
-    return [found[-1]]
+    try:
+        found = resolve_checkpoints(path, newest)
+    except NotACheckpoint as e:
+        raise CliError(str(e), e.code) from None
+    if newest and len(found) == 1 and not is_checkpoint_dir(path) and path.name != LATEST:
+        root = found[0].parent
+        if os.path.lexists(root / LATEST) and read_latest(root) != found[0].name:
+            # a hint only: a resume may have moved that one aside
+            print(f"{root / LATEST} names no checkpoint here; using the newest, {found[0].name}", file=sys.stderr)
+    return found
 
 
 def _size(path: Path) -> int:

@@ -649,6 +649,14 @@ class CheckpointConfig(_Section):
         False, description="with train.eval_every: also save at each evaluation and keep the lowest eval loss"
     )
 
+    @field_validator("file_mode", mode="before")
+    @classmethod
+    def _quoted_mode(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):  # YAML 1.1 reads 0640 as the octal number 416
+            raise ValueError(f"got the number {v} (an unquoted 0{v:o} is read as an octal number): write the mode "
+                             f"quoted, '0{v:o}' (on a command line: \"'0{v:o}'\")")
+        return v
+
     @field_validator("file_mode")
     @classmethod
     def _octal_mode(cls, v: str) -> str:
@@ -1046,6 +1054,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        yamls = sorted(f.name for f in path.glob("*.y*ml"))
+        raise ConfigError(f"config file '{path}' is a directory: pass a YAML file"
+                          + (f" in it, e.g. --config {path / yamls[0]} ({len(yamls)} there)" if yamls else
+                             " (it holds none)"))
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found: pass an existing --config path")
     try:

@@ -62,7 +62,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """One line for the trainer's start-up summary."""
-        parts = ", ".join(f"{k} {self.breakdown.get(k, 0) / GiB:.1f}" for k in COMPONENTS
+        parts = ", ".join(f"{k} {_gib(self.breakdown.get(k, 0))}" for k in COMPONENTS
                           if self.breakdown.get(k, 0) or k in ("params", "activations", "reserve"))
         return f"predicted peak {self.peak_bytes / GiB:.1f} GiB/GPU ({parts})"
 

@@ -182,6 +182,31 @@ def test_resume_none_moves_the_old_run_aside(tmp_path):
     assert store.retain(keep_last=1, protect=set(), committed_now=new) == [] and new.is_dir()
 
 
+def test_explicit_resume_takes_run_and_checkpoints_dirs_and_says_what_a_path_is(tmp_path):
+    """--resume <path>: one checkpoint, its root's ``latest`` file, a run or checkpoints directory
+    (the checkpoint ``latest`` names, else the newest), as seqpar.ckpt takes them; a path holding no
+    checkpoint says so and what to pass (not "no COMMITTED marker")."""
+    from seqpar.checkpoint.manager import CheckpointManager, ResumeError
+    from seqpar.config import CheckpointConfig
+
+    run_dir = tmp_path / "run"
+    store = CheckpointStore(run_dir / "checkpoints")
+    first, second = make_checkpoint(store, 1, 0), make_checkpoint(store, 2, 0)
+    mgr = CheckpointManager(CheckpointConfig(), tmp_path / "other", rank=0, world=1, pin=False)
+    lines: list[str] = []
+    assert mgr.find_resume(str(first), log=lines.append) == first and not lines
+    assert mgr.find_resume(str(run_dir), log=lines.append) == second
+    assert lines == [f"--checkpoint.resume {run_dir}: resuming {second}"]
+    (store.root / "latest").write_text(first.name)
+    assert mgr.find_resume(str(store.root), log=lines.append) == first
+    assert mgr.find_resume(str(store.root / "latest"), log=lines.append) == first
+    (tmp_path / "empty").mkdir()
+    for bad, says in ((tmp_path / "empty", "no checkpoints in"), (tmp_path / "nowhere", "does not exist")):
+        with pytest.raises(ResumeError) as e:
+            mgr.find_resume(str(bad), log=lines.append)
+        assert says in str(e.value) and "pass a checkpoint directory" in str(e.value) and "COMMITTED marker" not in str(e.value)
+
+
 def test_retention_reverifies_and_deletes_by_renaming(tmp_path, monkeypatch):
     """Nothing is deleted when the new checkpoint does not verify from the disk; a delete renames to
     .deleting-* first, so a kill in the middle leaves no half checkpoint with its marker."""

@@ -69,6 +69,8 @@ ERROR_CASES = {
     "not a mapping": ("- 1\n- 2\n", ["must be a mapping"]),
     "bad yaml": ("train: [1, 2\n", ["not valid YAML"]),
     "bad tensorboard": ({"logging": {"tensorboard": "maybe"}}, ["logging.tensorboard", "'auto', 'on' or 'off'"]),
+    # YAML 1.1 reads an unquoted 0640 as the octal number 416
+    "unquoted file mode": ("checkpoint:\n  file_mode: 0640\n", ["checkpoint.file_mode", "number 416", "'0640'"]),
 }
 
 
@@ -80,9 +82,12 @@ def test_config_errors_name_key_and_fix(tmp_path, case):
         assert frag in msg, f"{case}: {frag!r} not in:\n{msg}"
 
 
-def test_missing_file():
+def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.yaml")
+    (tmp_path / "a.yaml").write_text("{}")
+    with pytest.raises(ConfigError, match=r"is a directory: pass a YAML file in it, e.g. --config .*a.yaml \(1 there\)"):
+        load_config(str(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import yaml
 from seqpar.checkpoint.codec import load_tree
 from seqpar.checkpoint.mirror import AsyncMirror, Mirror, MirrorError
 from seqpar.checkpoint.store import CheckpointStore, DirLockedError, Position, sha256_file
-from seqpar.checkpoint.verify import UnsafePath, safe_member
+from seqpar.checkpoint.verify import NotACheckpoint, UnsafePath, resolve_checkpoints, safe_member
 from seqpar.checkpoint.writer import CheckpointWriter, Snapshot, WriteFailed, rank_dir
 from seqpar.config import CheckpointConfig
 from seqpar.errors import UserError
@@ -230,7 +230,9 @@ class CheckpointManager:
             return None
         explicit = spec != "auto"
         # rank 0 lists: every rank considers the same candidates in the same order
-        candidates = from_rank0([Path(spec)] if explicit else [c.path for c in reversed(self.store.list())])
+        candidates, error = from_rank0(self._candidates(spec, log) if self.rank == 0 else None)
+        if error:
+            raise ResumeError(error)
         refused: list[str] = []
         for path in candidates:
             problems: list[str] = []
@@ -278,6 +280,21 @@ class CheckpointManager:
             if fetched:
                 return self.find_resume(spec, refuse, reads, log, from_mirror=True)
         return None
+
+    def _candidates(self, spec: str, log: Callable[[str], None]) -> tuple[list[Path], str | None]:
+        """Rank 0: the checkpoints to try, newest first, or why ``spec`` names none. An explicit
+        path may be one checkpoint, a ``latest`` file, or a run / checkpoints directory (its
+        checkpoint ``latest`` names, else its newest), as ``python -m seqpar.ckpt`` takes them."""
+        if spec == "auto":
+            return [c.path for c in reversed(self.store.list())], None
+        try:
+            (path,) = resolve_checkpoints(Path(spec), newest=True)
+        except NotACheckpoint as e:
+            return [], (f"--checkpoint.resume {spec}: {e}; pass a checkpoint directory (.../checkpoints/step...), a run "
+                        "or checkpoints directory, or auto (this run's newest that verifies)")
+        if path != Path(spec):
+            log(f"--checkpoint.resume {spec}: resuming {path}")
+        return [path], None
 
     def _hash_my_files(self, path: Path, mine: Callable[[str], bool]) -> tuple[list[str], str | None]:
         """(corruption problems, why a file could not be read) for the files this rank reads."""

@@ -19,7 +19,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from seqpar.checkpoint.store import LATEST, MANIFEST, MARKER, SUPERSEDED, parse_tag, sha256_file
+from seqpar.checkpoint.store import LATEST, MANIFEST, MARKER, SUPERSEDED, CheckpointStore, parse_tag, sha256_file
+from seqpar.errors import UserError
 
 SUPPORTED_VERSIONS = {1, 2}
 MAX_SMALL_FILE = 1 << 20  # marker and ``latest`` are one line; refuse to read a planted huge file
@@ -295,3 +296,52 @@ def _check_contents(manifest: Manifest, members: dict[str, Path], verified: list
             continue
         problems += [f"{rel}: {p}" for p in check(skeleton, tensor_keys)]
     return problems
+
+
+RUN_CHECKPOINTS = "checkpoints"  # <logging.run_dir>/checkpoints, the default checkpoint.dir
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+class NotACheckpoint(UserError, ValueError):
+    """A path that names no checkpoint; ``code``: 2 for a path that is not there or not usable."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def is_checkpoint_dir(p: Path) -> bool:
+    """One checkpoint (complete or not): its files, or a checkpoint's name without a root's ``latest``."""
+    return p.is_dir() and (any(os.path.lexists(p / n) for n in (MANIFEST, MARKER, TRAINER_STATE_FILE))
+                           or (parse_tag(p.name) is not None and not os.path.lexists(p / LATEST)))
+
+
+def resolve_checkpoints(path: Path, newest: bool) -> list[Path]:
+    """The checkpoint directories ``path`` means: itself, the one a ``latest`` file names, or a run
+    directory's / checkpoints directory's ones (``newest``: the one ``latest`` names, else the
+    newest). Raises ``NotACheckpoint`` saying what the path is instead."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        raise NotACheckpoint(f"{path} does not exist", 2)
+    if path.name == LATEST and not path.is_dir():
+        tag = read_latest(path.parent)
+        if tag is None:
+            raise NotACheckpoint(f"{path} does not name a checkpoint", 2)
+        if not (path.parent / tag).is_dir():
+            raise NotACheckpoint(f"{path} names {tag}, which does not exist in {path.parent}", 2)
+        return [path.parent / tag]
+    if is_checkpoint_dir(path):
+        return [path]
+    root = path / RUN_CHECKPOINTS if (path / RUN_CHECKPOINTS).is_dir() else path
+    if not root.is_dir():
+        raise NotACheckpoint(f"{path} is not a directory", 2)
+    found = [c.path for c in CheckpointStore(root).list()]
+    if not found:
+        raise NotACheckpoint(f"no checkpoints in {root} (a checkpoint directory holds {MARKER} and {MANIFEST}; "
+                             f"a run directory holds {RUN_CHECKPOINTS}/)")
+    if not newest:
+        return found
+    tag = read_latest(root)
+    if tag is not None and root / tag in found:
+        return [root / tag]
+    return [found[-1]]

@@ -360,6 +360,8 @@ class Trainer:
 
         plan = predict(self.cfg, self.topo.world_size)
         line = plan.describe()
+        if self.device.type != "cuda":  # DeepSpeed's buckets are reserved on a GPU, untouched pages on a CPU
+            line += " if it ran on a GPU (this CPU run: mem in the step lines)"
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
             warning = warn_if_oom(plan, total)
@@ -373,11 +375,13 @@ class Trainer:
         else estimated (``seqpar.optim.sizes``: weights + optimizer state by training mode), +
         gradients inside a window (ZeRO 0/1: every rank saves its full local gradients)."""
         c, root = self.cfg.checkpoint, self.ckpt.store.root
-        per, how = checkpoint_bytes(self.cfg)["total"], "estimated"  # by training mode (LoRA, GaLore)
+        sizes = checkpoint_bytes(self.cfg)  # by training mode (LoRA, GaLore) and ZeRO stage
+        per, how = sizes["total"], "estimated"
         if self._resumed_path is not None and self.layout.world_size == self._resumed_world:
             files = self.ckpt.store.manifest(self._resumed_path)["files"].values()
             per, how = sum(f["size"] for f in files), f"as {self._resumed_path.name}"
-        grads = self.n_trainable * 4 * (self.layout.world_size if self.cfg.parallel.zero_stage < 2 else 1)
+        # (counted on a meta model: at ZeRO-3 this rank's parameters are partitioned already)
+        grads = sizes["trainable"] * 4 * (self.layout.world_size if self.cfg.parallel.zero_stage < 2 else 1)
         need = (c.keep_last + 1) * (per + grads)
         try:
             free = f", {_size(shutil.disk_usage(root).free)} free"

@@ -12,7 +12,8 @@ from seqpar.config import Config
 
 
 def checkpoint_bytes(cfg: Config) -> dict[str, int]:
-    """{"weights": ..., "optimizer": ..., "total": ...} for ``cfg`` (its precision, optimizer, LoRA)."""
+    """{"weights": ..., "optimizer": ..., "total": ...} bytes for ``cfg`` (its precision, optimizer,
+    LoRA, ZeRO stage), and "trainable": the number of trainable values (all ranks together)."""
     from seqpar.models.lora import apply_lora
     from seqpar.models.transformer import Transformer
     from seqpar.optim.galore import galore_state_bytes, is_galore_target
@@ -24,15 +25,17 @@ def checkpoint_bytes(cfg: Config) -> dict[str, int]:
         if m.lora is not None:
             apply_lora(model, m.lora)
     wbytes = 2 if t.precision == "bf16" else 4
-    # DeepSpeed's fp32 copy (bf16 with AdamW, or GaLore with master_weights); fp32 training and
-    # GaLore's low-precision weights update the weights themselves
-    master = 4 if t.precision == "bf16" and not cfg.low_precision_weights else 0
+    # DeepSpeed's fp32 copy: bf16 with AdamW (or GaLore with master_weights), and ZeRO 1-3 in any
+    # precision (its partitions keep their own fp32 flat copy); ZeRO-0 fp32 and GaLore's
+    # low-precision weights update the weights themselves
+    master = 4 if (t.precision == "bf16" and not cfg.low_precision_weights) or cfg.parallel.zero_stage >= 1 else 0
     qgalore, g = t.optimizer == "qgalore", t.galore
-    weights = optimizer = 0
+    weights = optimizer = trainable = 0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # LoRA's frozen base: not in the checkpoint (its identity is)
         n = p.numel()
+        trainable += n
         target = t.optimizer in ("galore", "qgalore") and is_galore_target(name, p, g.targets)
         if qgalore and target:  # INT8 codes + a scale per group
             weights += n + 4 * -(-n // g.quant_group)
@@ -43,7 +46,7 @@ def checkpoint_bytes(cfg: Config) -> dict[str, int]:
         else:
             weights += n * wbytes
             optimizer += master * n + (galore_state_bytes(tuple(p.shape), g.rank) if target else 8 * n + 4)  # + step
-    return {"weights": weights, "optimizer": optimizer, "total": weights + optimizer}
+    return {"weights": weights, "optimizer": optimizer, "total": weights + optimizer, "trainable": trainable}
 
 
 def galore_sharded(cfg: Config, world_size: int) -> bool:
