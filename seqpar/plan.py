@@ -1103,6 +1103,16 @@ def cheapest_fit(cfg: Config, world_size: int, gpu_bytes: int,
     return out
 
 
+def pareto(fits: list[tuple[str, MemoryPlan]], saving: float = 0.01) -> list[tuple[str, MemoryPlan]]:
+    """The rungs worth their cost: each predicted at least ``saving`` (a fraction) below every
+    cheaper rung kept before it (a costlier setting that saves no memory is left out)."""
+    out: list[tuple[str, MemoryPlan]] = []
+    for name, plan in fits:
+        if not out or plan.peak_bytes < (1 - saving) * out[-1][1].peak_bytes:
+            out.append((name, plan))
+    return out
+
+
 def warn_if_oom(plan: MemoryPlan, gpu_bytes: int) -> str | None:
     """One line when ``plan`` does not fit ``gpu_bytes``: by how much, and the cheapest settings
     that fit (if any); None when it fits."""
@@ -1180,9 +1190,10 @@ def main(argv: list[str] | None = None) -> int:
     longest = longest_sequence(cfg, args.world, gpu, reserve)
     print(f"longest data.seq_len that fits {_gib(gpu)} with these settings: "
           + (f"{longest:,} tokens" if longest else "none"))
-    fits = cheapest_fit(cfg, args.world, gpu, reserve)
+    fits = pareto(cheapest_fit(cfg, args.world, gpu, reserve))
     if fits:
-        print(f"settings that fit at data.seq_len {cfg.data.seq_len:,}, cheapest first:")
+        print(f"settings that fit at data.seq_len {cfg.data.seq_len:,}, cheapest first (each needing at least 1% "
+              "less memory than the ones before it):")
         for name, p in fits:
             print(f"  {_gib(p.peak_bytes):>10}  {name}: {rung_flags(cfg, p.cfg) if p.cfg is not None else ''}")
     else:

@@ -451,6 +451,15 @@ def test_cheapest_fit_follows_the_ladder_and_every_entry_fits():
     assert all(p.peak_bytes <= gpu for _, p in long)
     assert plan.predict(llama_1b("--data.seq_len", "524288", "--memory.activation_checkpointing", "none"),
                         1).peak_bytes > gpu
+    # what the CLI lists: only rungs that save at least 1% over every cheaper one kept (a slower setting
+    # that needs more memory, e.g. selective + offloaded optimizer after full + tiled MLP, is dropped)
+    front = plan.pareto(long)
+    assert front[0] == long[0] and len(front) < len(long) and set(n for n, _ in front) <= set(names)
+    assert all(b.peak_bytes < 0.99 * a.peak_bytes for (_, a), (_, b) in zip(front, front[1:]))
+    kept = {n for n, _ in front}
+    for i, (name, p) in enumerate(long):  # a dropped rung: a cheaper kept one needs at most ~1% more
+        last_kept = [q for n, q in long[:i] if n in kept][-1:]
+        assert name in kept or last_kept[0].peak_bytes <= p.peak_bytes / 0.99
 
 
 def test_warn_if_oom_names_the_cheapest_setting():
