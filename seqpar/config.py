@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1311,7 +1312,13 @@ def _format_errors(err: ValidationError, source: str | _Origins) -> str:
         if e["type"] == "list_type" and not isinstance(got, (list, tuple, dict)):
             extra += f"; write a list: [{got}]"
         if e["type"] == "value_error" and (not key or msg.startswith((f"{key}.", f"{key} "))):
-            lines.append(f"{msg}{extra}")  # the message names its keys itself
+            # the message names its keys itself; say which of them the command line set
+            named = set(re.findall(r"\b([a-z_]+(?:\.[a-z_0-9]+)+)", msg))
+            flags = sorted(k for k in origins.cli_keys if any(k == n or k.startswith(f"{n}.") for n in named)
+                           and not any(o.startswith(f"{k}.") for o in origins.cli_keys))
+            if flags:
+                extra += " (set by " + ", ".join(f"--{k}" for k in flags) + " on the command line)"
+            lines.append(f"{msg}{extra}")
         else:
             lines.append(f"{shown}: {msg}{extra}")
     head = f"invalid configuration ({origins.source})"

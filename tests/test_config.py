@@ -82,6 +82,18 @@ def test_config_errors_name_key_and_fix(tmp_path, case):
         assert frag in msg, f"{case}: {frag!r} not in:\n{msg}"
 
 
+def test_a_cross_key_error_names_the_flag_that_set_a_key(tmp_path):
+    """A check over several keys (its message names them) says which the command line set: the
+    file is named in the head, so the flag would otherwise look innocent."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {"model": {"arch": "llama"}}), ["--model.moe.top_k", "2"])
+    assert "model.moe is set but arch 'llama' is dense" in str(e.value)
+    assert str(e.value).endswith("(set by --model.moe.top_k on the command line)")
+    with pytest.raises(ConfigError) as e:  # set in the file: no such note
+        load_config(write(tmp_path, {"model": {"arch": "llama", "moe": {"top_k": 2}}}), [])
+    assert "set by" not in str(e.value)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.yaml")
