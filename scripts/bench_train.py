@@ -87,7 +87,7 @@ class Row:
     seqpar_loss0: float | None  # loss of the first step: equal up to kernel rounding (same model, init and data)
     plain_loss0: float | None
     plain_mode: str  # "eager", "checkpointed" (per-layer checkpoint + chunked CE) or "out of memory"
-    variants: list[dict[str, Any]]  # --variant runs: {"variant", "tok_s", "vs_seqpar", "peak_gib"}
+    variants: list[dict[str, Any]]  # --variant runs: {"variant", "tok_s", "vs_seqpar", "mfu", "peak_gib", "error"}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -364,14 +364,23 @@ def measure_plain(cfg, device, loader, args) -> tuple[str, tuple[float, float, f
     return "out of memory", None
 
 
-def measure_seqpar(cfg, topo, args) -> tuple[float, float, float] | None:
-    """The Trainer's (seconds, peak GiB, first loss), or None after a CUDA out-of-memory."""
+def measure_seqpar(cfg, topo, args, variant: str | None = None) -> tuple[float, float, float] | str | None:
+    """The Trainer's (seconds, peak GiB, first loss), or None after a CUDA out-of-memory. A
+    ``variant`` that fails otherwise (a compiler error, say) returns its error line instead: one
+    variant must not cost the rest of a device session's table."""
     import torch
 
     try:
         return run_seqpar(cfg, topo, args)
     except torch.OutOfMemoryError:
         print(f"bench_train: seq_len {cfg.data.seq_len}: seqpar Trainer ran out of memory", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
+        if variant is None:
+            raise
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+        print(f"bench_train: seq_len {cfg.data.seq_len}: {variant} failed: {error}", file=sys.stderr, flush=True)
+        _free(topo.device)
+        return error
     _free(topo.device)
     return None
 
@@ -405,11 +414,14 @@ def table(header: list[str], rows: list[Row], formula: str) -> str:
                      f"{_fmt(r.ratio, '.2f')} | {_fmt(r.seqpar_mfu, '.1%')} | {_fmt(r.plain_mfu, '.1%')} | "
                      f"{_fmt(r.seqpar_peak_gib, '.2f')} | {_fmt(r.plain_peak_gib, '.2f')} | {r.plain_mode} |")
     if any(r.variants for r in rows):
-        lines += ["", "| seq_len | seqpar variant | tok/s | x seqpar | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+        lines += ["", "| seq_len | seqpar variant | tok/s | x seqpar | MFU | peak GiB | note |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rows:
             for v in r.variants:
+                note = (v.get("error") or "").replace("|", "/")
                 lines.append(f"| {r.seq_len} | {v['variant']} | {_fmt(v['tok_s'], ',.0f')} | "
-                             f"{_fmt(v['vs_seqpar'], '.2f')} | {_fmt(v['mfu'], '.1%')} | {_fmt(v['peak_gib'], '.2f')} |")
+                             f"{_fmt(v['vs_seqpar'], '.2f')} | {_fmt(v['mfu'], '.1%')} | {_fmt(v['peak_gib'], '.2f')} | "
+                             f"{note} |")
     return "\n".join([*lines, "", formula])
 
 
@@ -598,10 +610,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = []
         for name, vcfgs in variants.items():
             print(f"bench_train: seq_len {s}: seqpar Trainer, {name}", file=sys.stderr, flush=True)
-            v = measure_seqpar(vcfgs[s], topo, args)
+            v = measure_seqpar(vcfgs[s], topo, args, variant=name)
+            error = v if isinstance(v, str) else None
+            v = None if error else v
             v_tok, v_mfu = per_second(v, tokens)
             extra.append({"variant": name, "tok_s": v_tok, "mfu": v_mfu, "peak_gib": v and v[1],
-                          "vs_seqpar": v_tok / ours_tok if v_tok and ours_tok else None})
+                          "vs_seqpar": v_tok / ours_tok if v_tok and ours_tok else None,
+                          "error": error or ("out of memory" if v is None else None)})
         rows.append(Row(s, ours_tok, plain_tok, ours_tok / plain_tok if ours_tok and plain_tok else None,
                         ours_mfu, plain_mfu, ours and ours[1], plain and plain[1], ours and ours[0] / args.steps,
                         plain and plain[0] / args.steps, flops / args.steps, ours and ours[2], plain and plain[2],

@@ -57,7 +57,7 @@ def test_bench_train_checkpointed_plain_loop_and_variants(tmp_path: Path):
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--device", "cpu", "--seq-lens", "256",
            "--steps", "2", "--warmup", "1", "--train.loss_chunk_size", "64", "--plain", "checkpointed",
            "--variant", "train.deterministic=true", "--variant", "memory.activation_checkpointing=full",
-           "--json", str(out)]
+           "--variant", "train.attention=flash_attn", "--json", str(out)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -65,12 +65,15 @@ def test_bench_train_checkpointed_plain_loop_and_variants(tmp_path: Path):
     assert row["plain_mode"] == "checkpointed" and row["plain_tok_s"] > 0
     assert abs(row["seqpar_loss0"] - row["plain_loss0"]) < 1e-5 * row["plain_loss0"]
     assert [v["variant"] for v in row["variants"]] == ["train.deterministic=true",
-                                                       "memory.activation_checkpointing=full"]
-    for v in row["variants"]:
-        assert v["tok_s"] > 0 and abs(v["vs_seqpar"] - v["tok_s"] / row["seqpar_tok_s"]) < 1e-9
+                                                       "memory.activation_checkpointing=full", "train.attention=flash_attn"]
+    for v in row["variants"][:2]:
+        assert v["tok_s"] > 0 and abs(v["vs_seqpar"] - v["tok_s"] / row["seqpar_tok_s"]) < 1e-9 and v["error"] is None
+    # a variant that fails (here: a CUDA-only kernel on CPU) is a row with its error, not a lost table
+    failed = row["variants"][2]
+    assert failed["tok_s"] is None and "needs a CUDA device" in failed["error"]
     assert "| 256 | train.deterministic=true |" in r.stdout and "| checkpointed |" in r.stdout
 
-    bad = subprocess.run(cmd[:-4] + ["--variant", "deterministic"], capture_output=True, text=True, timeout=120,
+    bad = subprocess.run(cmd[:-6] + ["--variant", "deterministic"], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path, env=env)
     assert bad.returncode == 2 and "--variant 'deterministic': write section.key=value" in bad.stderr
 
