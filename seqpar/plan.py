@@ -369,6 +369,12 @@ class _Sim:
         self.norms_train = lora is None or "norms" in trained
         self.embed_train = lora is None or "embed_tokens" in trained
         self.head_train = lora is None or ("embed_tokens" if m.tie_word_embeddings else "lm_head") in trained
+        # MoE under LoRA: the router is frozen (its fp32 input is not kept, no weight gradient); the
+        # routed experts are frozen (keep neither their tokens nor their products) or adapted
+        # (x A^T B^T beside each projection: the tokens, the products and three [tokens, r] middles)
+        self.router_train = lora is None
+        self.expert_rank = 0 if lora is None or not lora.experts else lora.rank
+        self.experts_frozen = lora is not None and not lora.experts
 
     # -- pieces ------------------------------------------------------------------------------------
     def norm_fwd(self, p: str, x: str, n: int, width: int, rows: int = 1) -> None:
@@ -645,7 +651,10 @@ class _Sim:
         t, w, h, e = self.t, self.w, self.h, self.m.moe
         assert e is not None
         k = e.top_k
-        t.hold(x if w == 4 else f"{p}.rx32", 4 * h * n)  # router input in fp32
+        if self.router_train:
+            t.hold(x if w == 4 else f"{p}.rx32", 4 * h * n)  # router input in fp32
+        else:
+            t.spike(0 if w == 4 else 4 * h * n)  # the fp32 copy, kept by none
         t.hold(f"{p}.sc", 4 * e.num_experts * n)  # scores (softmax/sigmoid output)
         t.hold(f"{p}.idx", 8 * k * n)  # top-k ids, saved by gather
         t.hold(f"{p}.wg", 4 * k * n)  # gathered weights
@@ -679,10 +688,15 @@ class _Sim:
             t.hold(f"{p}.perm", 8 * k * n)
         t.hold(f"{p}.xs", w * k * h * n)  # expert-sorted tokens, saved by the expert matmuls
         for j, count in enumerate(self.expert_blocks()):
-            for s in ("g", "s", "u", "p"):
+            # silu keeps g, the product s and u, down_proj (unless frozen) its input p
+            for s in ("g", "s", "u") + (() if self.experts_frozen else ("p",)):
                 t.hold(f"{p}.e{j}.{s}", w * ie * k * n * count / ne)
+            if self.expert_rank:  # the adapters' [tokens, r] middles of gate, up and down
+                t.hold(f"{p}.e{j}.mid", 3 * w * self.expert_rank * k * n * count / ne)
         t.hold(f"{p}.ysorted", w * k * h * n)  # the experts' outputs concatenated (kept by the frame)
         t.spike(w * k * h * n * (2 if self.ep > 1 else 1))  # ... the pieces (EP: and their way back)
+        if self.experts_frozen:  # no matmul saved the tokens: gone when the experts return
+            t.drop(f"{p}.xs", all_refs=True)
         t.hold(f"{p}.ord", 8 * k * n)  # order, saved by the scatter back
         t.hold(f"{p}.ys", w * k * h * n)  # tokens' expert outputs, saved by the weighting
         # the weighted outputs, then their sum over k (a recomputation stops at its last saved
@@ -735,18 +749,20 @@ class _Sim:
         # their token slices and weight slices stay until every expert is done
         blocks = self.expert_blocks()
         m1 = k * n / ne  # tokens per expert
+        # a weight gradient per projection: the base's (full training) or the adapters' (r wide)
+        gw1 = w * h * ie if self.lora is None else w * self.expert_rank * (h + ie)
         for j in reversed(range(len(blocks))):
             count = blocks[j]
             # one expert's backward (the block's first): down, product, silu, gate and up
-            t.spike(w * ie * m1 + w * h * ie)
+            t.spike(w * ie * m1 + gw1)
             t.spike(3 * w * ie * m1 - w * ie * m1)
-            t.spike(w * h * m1 + w * h * ie - 2 * w * ie * m1)  # its saved ones gone by now
-            for s in ("g", "s", "u", "p"):
+            t.spike(w * h * m1 + gw1 - 2 * w * ie * m1)  # its saved ones gone by now
+            for s in ("g", "s", "u", "p", "mid"):
                 t.drop(f"{p}.e{j}.{s}")
             t.hold(f"{p}.e{j}.gx", w * h * m1 * count)
-            t.hold(f"{p}.e{j}.gw", 3 * w * h * ie * count)
+            t.hold(f"{p}.e{j}.gw", 3 * gw1 * count)
         t.drop(f"{p}.gxsort")
-        t.spike(3 * w * h * ie * ne)  # the experts' weight gradients stacked
+        t.spike(3 * gw1 * ne)  # the experts' weight gradients stacked
         for j in range(len(blocks)):
             t.drop(f"{p}.e{j}.gw")
         t.hold(f"{p}.gxs", w * k * h * n)  # the token slices' gradients concatenated
@@ -769,10 +785,12 @@ class _Sim:
         t.drop(f"{p}.den")
         t.drop(f"{p}.idx")
         t.hold(f"{p}.grx", 4 * h * n)
-        t.spike(4 * ne * h)
+        if self.router_train:
+            t.spike(4 * ne * h)
         t.drop(f"{p}.gsc")
         t.drop(f"{p}.sc")
-        t.drop(x if w == 4 else f"{p}.rx32")
+        if self.router_train:
+            t.drop(x if w == 4 else f"{p}.rx32")
         if w != 4:
             t.spike(w * h * n)
         t.drop(f"{p}.grx")
@@ -958,7 +976,7 @@ def describe_settings(cfg: Config) -> str:
     if cfg.parallel.expert_degree > 1:
         parts.append(f"experts over {cfg.parallel.expert_degree} ranks")
     if getattr(cfg.model, "lora", None) is not None:
-        parts.append("LoRA" + (" (MoE layers planned as full training: an upper bound)" if cfg.model.moe else ""))
+        parts.append("LoRA")
     return ", ".join(parts) + f", ZeRO-{cfg.parallel.zero_stage}"
 
 
