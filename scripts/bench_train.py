@@ -15,8 +15,10 @@ bf16 on CUDA when train.precision is bf16, else fp32), ``clip_grad_norm_`` as tr
 ``torch.optim.AdamW`` (fused on CUDA). When that runs out of GPU memory (``--plain auto``, e.g. the 1B
 shape at 128K), the loop a user writes next: ``torch.utils.checkpoint`` around every decoder layer
 and a chunked cross-entropy (each chunk's logits recomputed in backward); the table says which ran.
-``--variant train.deterministic=true`` (repeatable) also times the Trainer with those overrides and
-prints each against the Trainer's own row (issue 11's deterministic / fast ratio).
+``--variant train.deterministic=true`` (repeatable) also times the Trainer with those overrides, each
+in its own process (process-wide settings such as deterministic algorithms apply from its start, and
+a crash costs that row only), and prints each against the Trainer's own row (issue 11's
+deterministic / fast ratio).
 Both read the same passkey samples (``seqpar.data``, curriculum off: one document per row) with the
 same micro-batch size, run ``--warmup`` steps, then time ``--steps`` steps (CUDA synchronized around
 them); tokens/s counts every token of the batch. MFU = step FLOPs / (time x peak), FLOPs from
@@ -229,28 +231,36 @@ def _timed(step: Callable[[int], None], warmup: int, steps: int, device) -> floa
 
 def run_seqpar(cfg, topo, args) -> tuple[float, float, float]:
     """(seconds for the timed steps, peak GiB, first step's loss) of the Trainer's own step."""
+    from seqpar.checkpoint.signals import StopSignal
     from seqpar.engine import Trainer
 
     base = _mem_start(topo.device)
+    trainer = None
     # the trainer's own lines (its final progress record) go to stderr: stdout is the table's
     with contextlib.redirect_stdout(sys.stderr):
-        trainer = Trainer(cfg, topo, config_path="bench_train")
         try:
+            trainer = Trainer(cfg, topo, config_path="bench_train")
             trainer.engine.train()
 
             def step(i: int) -> None:
                 assert trainer.state.step == i and trainer.state.micro_step == 0
                 while trainer.state.step == i:  # every micro-batch of the window; the last one steps
                     trainer.train_micro_batch()
+                    if trainer.stop.received is not None:  # the Trainer catches SIGTERM (timeout's)
+                        raise SystemExit(f"bench_train: stopped by {trainer.stop.describe()}")
 
             dt = _timed(step, args.warmup, args.steps, topo.device)
             peak = _mem_peak(topo.device, base)
+            loss0 = trainer.state.losses[0]
         finally:
-            trainer.ckpt.finish()
-            trainer.logger.close()
-            trainer.loader.close()
-            trainer.engine.destroy()
-    return dt, peak, trainer.state.losses[0]  # the trainer goes with this frame (freed before the next run)
+            if trainer is not None:
+                with contextlib.suppress(Exception):  # a failed run's cleanup must not hide why it failed
+                    trainer.ckpt.finish()
+                    trainer.logger.close()
+                    trainer.loader.close()
+                    trainer.engine.destroy()
+            StopSignal.install().restore()  # signals back to their defaults for what runs next
+    return dt, peak, loss0  # the trainer goes with this frame (freed before the next run)
 
 
 class CausalSDPA:
@@ -346,7 +356,8 @@ def _free(device) -> None:
 
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        with contextlib.suppress(Exception):  # after a sticky CUDA error this raises too
+            torch.cuda.empty_cache()
 
 
 def measure_plain(cfg, device, loader, args) -> tuple[str, tuple[float, float, float] | None]:
@@ -364,25 +375,25 @@ def measure_plain(cfg, device, loader, args) -> tuple[str, tuple[float, float, f
     return "out of memory", None
 
 
-def measure_seqpar(cfg, topo, args, variant: str | None = None) -> tuple[float, float, float] | str | None:
-    """The Trainer's (seconds, peak GiB, first loss), or None after a CUDA out-of-memory. A
-    ``variant`` that fails otherwise (a compiler error, say) returns its error line instead: one
-    variant must not cost the rest of a device session's table."""
+def measure_seqpar(cfg, topo, args) -> tuple[float, float, float] | None:
+    """The Trainer's (seconds, peak GiB, first loss), or None after a CUDA out-of-memory."""
     import torch
 
     try:
         return run_seqpar(cfg, topo, args)
     except torch.OutOfMemoryError:
         print(f"bench_train: seq_len {cfg.data.seq_len}: seqpar Trainer ran out of memory", file=sys.stderr, flush=True)
-    except Exception as e:  # noqa: BLE001 - reported in the table, the run goes on
-        if variant is None:
-            raise
-        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
-        print(f"bench_train: seq_len {cfg.data.seq_len}: {variant} failed: {error}", file=sys.stderr, flush=True)
-        _free(topo.device)
-        return error
     _free(topo.device)
     return None
+
+
+def measure_variant(args, overrides: list[str], extra: list[str], s: int) -> tuple[float | None, float | None, str]:
+    """A ``--variant``: the Trainer with ``extra`` overrides in a fresh process (``--probe``), so
+    process-wide settings apply from the start (train.deterministic's cuBLAS workspace and
+    deterministic algorithms, as seqpar/train.py sets them) and a crash (a compiler error, a
+    sticky CUDA error) costs this row only. (s/step, peak GiB, "" or why it did not run)."""
+    p = run_probe(args, overrides + extra, s)
+    return p.step_s, p.peak_gib, p.why if not p.fits else ""
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -447,9 +458,12 @@ def probe_child(args: argparse.Namespace, overrides: list[str]) -> int:
     from seqpar.metrics import quiet_deepspeed
     from seqpar.parallel import init_topology, pick_device
 
+    from seqpar.rng import set_deterministic
+
     s = args.probe
     tmp = Path(tempfile.mkdtemp(prefix="seqpar-bench-probe-"))
     cfg = build_config(args, base_config(args, overrides), s, tmp / "run")
+    set_deterministic(cfg.train.deterministic)  # as seqpar/train.py: before any CUDA work
     quiet_deepspeed(announce=lambda line: print(line, file=sys.stderr, flush=True))
     device = pick_device(args.device)
     if device.type == "cuda" and args.memory_limit_gib:
@@ -481,7 +495,10 @@ def run_probe(args: argparse.Namespace, overrides: list[str], s: int) -> Probe:
         if value is not None:
             argv += [flag, str(value)]
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
-        child = subprocess.Popen(argv + overrides, stdout=fo, stderr=fe, text=True)
+        # the child's own process group: not the rendezvous this process (--variant) may hold
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        child = subprocess.Popen(argv + overrides, stdout=fo, stderr=fe, text=True, env=env)
         _, status, usage = os.wait4(child.pid, 0)  # reaped here, with the child's resource usage
         child.returncode = os.waitstatus_to_exitcode(status)
         fo.seek(0)
@@ -576,11 +593,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = base_config(args, overrides)
         cfgs = {s: build_config(args, base, s, tmp / f"seq{s}") for s in seq_lens}
-        variants = {name: {s: build_config(args, base_config(args, overrides + extra), s, tmp / f"seq{s}-v{i}")
-                           for s in seq_lens} for i, (name, extra) in enumerate(args.variant)}
+        for i, (_, extra) in enumerate(args.variant):  # each variant's config is valid before any run
+            for s in seq_lens:
+                build_config(args, base_config(args, overrides + extra), s, tmp / f"seq{s}-v{i}")
     except ConfigError as e:
         print(f"bench_train: {e}", file=sys.stderr)
         return 2
+    from seqpar.rng import set_deterministic
+
+    set_deterministic(base["train"]["deterministic"])  # as seqpar/train.py: before any CUDA work
     quiet_deepspeed(announce=lambda line: print(line, file=sys.stderr, flush=True))
     device = pick_device(args.device)
     topo = init_topology(1, 1, device, "auto")  # gloo on CPU, nccl on CUDA, 127.0.0.1 and a free port
@@ -608,15 +629,12 @@ def main(argv: list[str] | None = None) -> int:
         ours = measure_seqpar(cfg, topo, args)
         (ours_tok, ours_mfu), (plain_tok, plain_mfu) = per_second(ours, tokens), per_second(plain, tokens)
         extra = []
-        for name, vcfgs in variants.items():
-            print(f"bench_train: seq_len {s}: seqpar Trainer, {name}", file=sys.stderr, flush=True)
-            v = measure_seqpar(vcfgs[s], topo, args, variant=name)
-            error = v if isinstance(v, str) else None
-            v = None if error else v
-            v_tok, v_mfu = per_second(v, tokens)
-            extra.append({"variant": name, "tok_s": v_tok, "mfu": v_mfu, "peak_gib": v and v[1],
-                          "vs_seqpar": v_tok / ours_tok if v_tok and ours_tok else None,
-                          "error": error or ("out of memory" if v is None else None)})
+        for name, more in args.variant:
+            print(f"bench_train: seq_len {s}: seqpar Trainer, {name} (own process)", file=sys.stderr, flush=True)
+            step_s, v_peak, why = measure_variant(args, overrides, more, s)
+            v_tok, v_mfu = per_second((step_s * args.steps, v_peak) if step_s else None, tokens)
+            extra.append({"variant": name, "tok_s": v_tok, "mfu": v_mfu, "peak_gib": v_peak,
+                          "vs_seqpar": v_tok / ours_tok if v_tok and ours_tok else None, "error": why or None})
         rows.append(Row(s, ours_tok, plain_tok, ours_tok / plain_tok if ours_tok and plain_tok else None,
                         ours_mfu, plain_mfu, ours and ours[1], plain and plain[1], ours and ours[0] / args.steps,
                         plain and plain[0] / args.steps, flops / args.steps, ours and ours[2], plain and plain[2],

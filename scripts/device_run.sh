@@ -49,13 +49,16 @@ step() {
     echo "device_run: skipped $name ($left s left of $BUDGET, needs $min)" | tee -a "$OUT/skipped.log"
     return 0
   fi
-  local t=$((cap < left ? cap : left))
+  local t=$((cap < left - 15 ? cap : left - 15))  # -k 15: SIGKILL 15 s after SIGTERM, inside the budget
   if [ "$DRY_RUN" = 1 ]; then
     printf 'DRY %s\t' "$name"; printf '%q ' "$@"; echo
     return 0
   fi
   echo "device_run: $name (timeout ${t}s, ${left}s left)" | tee -a "$OUT/$log"
-  timeout "$t" "$@" 2>&1 | grep -v -i -E "warn|^\[20" | tee -a "$OUT/$log"
+  # only DeepSpeed's [WARNING] lines and Python warnings are filtered (errors and seqpar's own
+  # "WARNING: ... does not fit" stay); line-buffered, so a kill loses no line
+  timeout -k 15 "$t" "$@" 2>&1 | grep --line-buffered -v -E "\] \[WARNING\] \[|Warning: |^  warnings\.warn" \
+    | tee -a "$OUT/$log"
   echo "device_run: $name exit ${PIPESTATUS[0]} at ${SECONDS}s" | tee -a "$OUT/$log"
 }
 

@@ -9,6 +9,16 @@ import numpy as np
 import torch
 
 
+def set_deterministic(enabled: bool) -> None:
+    """``train.deterministic``: repeatable kernels for the whole process. Call before any CUDA work:
+    cuBLAS reads its workspace setting when it initialises."""
+    if enabled:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
 def seed_everything(seed: int) -> None:
     """Same seed on every rank: model init and any sampling agree across ranks and layouts."""
     random.seed(seed)

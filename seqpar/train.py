@@ -77,12 +77,9 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
     from seqpar.engine.trainer import CheckpointIOError
     from seqpar.parallel import init_topology, pick_device
 
-    if cfg.train.deterministic:
-        # before any CUDA work: cuBLAS needs a fixed workspace to be repeatable
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        import torch
+    from seqpar.rng import set_deterministic
 
-        torch.use_deterministic_algorithms(True)
+    set_deterministic(cfg.train.deterministic)  # before any CUDA work
     device = pick_device(cfg.train.device)
     topo = init_topology(cfg.parallel.ulysses_degree, cfg.parallel.ring_degree, device, cfg.parallel.backend)
 

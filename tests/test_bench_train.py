@@ -152,3 +152,22 @@ def test_bench_train_longest_with_packed_documents(tmp_path: Path):
     (probe,) = json.loads((tmp_path / "p.json").read_text())["probes"]
     assert probe["fits"] and probe["docs_per_row"] == 4
     assert "rows packed with documents of 256 tokens" in r.stdout
+
+
+def test_bench_train_stops_on_sigterm(tmp_path: Path):
+    """The Trainer catches SIGTERM (to checkpoint a preempted run); the benchmark stops on it instead
+    of running to its end, so `timeout` in scripts/device_run.sh bounds every step."""
+    import signal
+    import time
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "err", "w") as err:
+        child = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--device", "cpu",
+                                  "--probe", "128", "--steps", "2500", "--warmup", "0"],
+                                 stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path, env=env)
+        time.sleep(12)  # built and training (alone, the run takes about a minute)
+        sent = time.monotonic()
+        child.send_signal(signal.SIGTERM)
+        code = child.wait(timeout=120)
+    waited = time.monotonic() - sent
+    assert code != 0 and waited < 20, (code, waited, (tmp_path / "err").read_text()[-2000:])

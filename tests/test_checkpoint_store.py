@@ -200,6 +200,12 @@ def test_explicit_resume_takes_run_and_checkpoints_dirs_and_says_what_a_path_is(
     (store.root / "latest").write_text(first.name)
     assert mgr.find_resume(str(store.root), log=lines.append) == first
     assert mgr.find_resume(str(store.root / "latest"), log=lines.append) == first
+    # a latest file naming a symbolic link is refused (a checkpoint is a plain directory of its root)
+    elsewhere = make_checkpoint(CheckpointStore(tmp_path / "elsewhere"), 9, 0)
+    (store.root / "step00000099-seq000000").symlink_to(elsewhere)
+    (store.root / "latest").write_text("step00000099-seq000000")
+    with pytest.raises(ResumeError, match="a symbolic link"):
+        mgr.find_resume(str(store.root / "latest"), log=lines.append)
     (tmp_path / "empty").mkdir()
     for bad, says in ((tmp_path / "empty", "no checkpoints in"), (tmp_path / "nowhere", "does not exist")):
         with pytest.raises(ResumeError) as e:

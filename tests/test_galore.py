@@ -79,8 +79,27 @@ def test_sharded_state_owners_and_union():
     assert sorted(mine["state"]) == [i for i in range(4) if opt.owner[i] == 1] and mine["param_groups"] == groups
     replicated = {"state": {i: {"x": torch.tensor(float(i))} for i in range(4)}, "param_groups": groups}
     assert sorted(opt.shard_of([replicated])["state"]) == sorted(mine["state"])
+    # the owners travel with the state: a same-layout resume trusts a share only from the same owners
+    assert opt.state_dict()["owner"].tolist() == opt.owner and opt.same_owners(opt.state_dict())
+    assert not opt.same_owners(replicated) and not opt.same_owners({**replicated, "owner": torch.tensor([0, 0, 0, 0])})
     opt.owner = None  # replicated now: the union of every saved share
-    assert sorted(opt.shard_of(saved)["state"]) == [0, 1, 2, 3]
+    assert sorted(opt.shard_of(saved)["state"]) == [0, 1, 2, 3] and "owner" not in opt.state_dict()
+
+
+def test_lazily_read_shares_are_loaded_whole(tmp_path):
+    """An elastic resume reads saved optimizer trees lazily and loads only this rank's entries:
+    large tensors come back as LazyTensor handles, read whole once selected."""
+    from seqpar.checkpoint.codec import LazyTensor, load_tree, save_tree
+    from seqpar.engine.resume import _loaded
+
+    big, small = torch.randn(300, 300), torch.randn(5)  # 90,000 elements: over the lazy threshold
+    save_tree({"optimizer": {"state": {0: {"exp_avg": big, "step": small}}, "param_groups": [{"lr": 1.0}]}},
+              tmp_path / "optimizer")
+    lazy = load_tree(tmp_path / "optimizer", lazy=True)
+    assert isinstance(lazy["optimizer"]["state"][0]["exp_avg"], LazyTensor)
+    back = _loaded(lazy)
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], big)
+    assert torch.equal(back["optimizer"]["state"][0]["step"], small) and back["optimizer"]["param_groups"] == [{"lr": 1.0}]
 
 
 def _sharded_worker(rank: int, port: int, out: str) -> None:

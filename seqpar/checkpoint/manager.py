@@ -289,7 +289,7 @@ class CheckpointManager:
             return [c.path for c in reversed(self.store.list())], None
         try:
             (path,) = resolve_checkpoints(Path(spec), newest=True)
-        except NotACheckpoint as e:
+        except (NotACheckpoint, OSError) as e:  # OSError: unreadable; said on every rank, not raised on rank 0 alone
             return [], (f"--checkpoint.resume {spec}: {e}; pass a checkpoint directory (.../checkpoints/step...), a run "
                         "or checkpoints directory, or auto (this run's newest that verifies)")
         if path != Path(spec):

@@ -327,6 +327,8 @@ def resolve_checkpoints(path: Path, newest: bool) -> list[Path]:
         tag = read_latest(path.parent)
         if tag is None:
             raise NotACheckpoint(f"{path} does not name a checkpoint", 2)
+        if (path.parent / tag).is_symlink():  # a checkpoint is a plain directory of its root
+            raise NotACheckpoint(f"{path} names {tag}, a symbolic link (a checkpoint is a plain directory)", 2)
         if not (path.parent / tag).is_dir():
             raise NotACheckpoint(f"{path} names {tag}, which does not exist in {path.parent}", 2)
         return [path.parent / tag]

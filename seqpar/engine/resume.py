@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from seqpar.checkpoint.codec import LazyTensor
 from seqpar.checkpoint.manager import TRAINER_STATE, check_resume_config
 from seqpar.checkpoint.writer import rank_dir
 from seqpar.config import ConfigError, validate_config
@@ -39,6 +40,17 @@ def _layout(t: dict[str, Any]) -> str:
     ep = f", experts split over {t['ep']} ranks" if t.get("ep", 1) > 1 else ""
     return (f"world {t['world_size']} = dp {t['dp']} x ulysses {t['ulysses']} x ring {t['ring']}{ep}, "
             f"ZeRO-{t['zero_stage']}, {t['grad_accum_steps']} micro-batches per step")
+
+
+def _loaded(tree: Any) -> Any:
+    """``tree`` with its lazily read tensors (``LazyTensor``) read whole."""
+    if isinstance(tree, LazyTensor):
+        return tree.flat(0, tree.numel()).reshape(tree.shape)
+    if isinstance(tree, dict):
+        return {k: _loaded(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_loaded(v) for v in tree]
+    return tree
 
 
 def _window_done(state: dict[str, Any], saved_cfg: dict[str, Any]) -> int:
@@ -194,14 +206,17 @@ class Resume:
         return self.tr.cfg.train.optimizer == "galore" and dss.optimizer_kind(self.tr.engine) == "torch"
 
     def _galore_tree(self, path: Path, old_world: int, own: bool) -> dict[str, Any]:
-        """This rank's optimizer tree: with ``own`` (same layout) and this run sharded, the share
-        this rank saved (the owners are a function of the shapes and the group size); otherwise the
-        union of every saved rank's state (a replicated save: rank 0's alone), this rank's share kept."""
+        """This rank's optimizer tree: with ``own`` (same layout), the share this rank saved when
+        it was saved with today's owners; otherwise the union of every saved rank's state (a
+        replicated save: rank 0's alone), this rank's share kept. Saved trees are read lazily and
+        only this rank's entries are loaded (a rank never holds the whole state on the way)."""
         opt, read = self.tr.small_state_optimizer, self.tr.ckpt.read_tree
-        mine = read(path, "optimizer", self.tr.topo.rank) if own and opt.owner is not None else None
-        trees = [mine] if mine is not None else [t for r in range(old_world)
-                                                 if (t := read(path, "optimizer", r)) is not None]
-        return {**trees[0], "optimizer": opt.shard_of([t["optimizer"] for t in trees])}
+        if own and opt.owner is not None:
+            mine = read(path, "optimizer", self.tr.topo.rank)
+            if mine is not None and opt.same_owners(mine["optimizer"]):
+                return {**mine, "optimizer": opt.shard_of([mine["optimizer"]])}
+        trees = [t for r in range(old_world) if (t := read(path, "optimizer", r, lazy=True)) is not None]
+        return _loaded({**trees[0], "optimizer": opt.shard_of([t["optimizer"] for t in trees])})
 
     def _load_weights(self, model, path: Path, ep=None) -> None:
         """The module weights a checkpoint holds: the whole model (``model/``, Hugging Face

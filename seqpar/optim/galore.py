@@ -179,6 +179,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p, value in zip(bucket, _unflatten_dense_tensors(flat, [p.data for p in bucket])):
                 p.data.copy_(value)
 
+    def state_dict(self) -> dict:
+        """torch's, plus ``owner`` when sharded: which rank held each parameter's state (a resume
+        on the same layout reads its own share only when today's owners are the same)."""
+        sd = super().state_dict()
+        if self.owner is not None:
+            sd["owner"] = torch.tensor(self.owner, dtype=torch.int32)
+        return sd
+
+    def same_owners(self, saved: dict) -> bool:
+        """Whether ``saved`` (a ``state_dict``) was written by a rank of this sharding, with these owners."""
+        own = saved.get("owner")
+        return self.owner is not None and own is not None and [int(k) for k in own] == self.owner
+
     def shard_of(self, trees: list[dict]) -> dict:
         """One state dict for this rank from saved ranks' ``state_dict()``s (sharded: each holds
         its owners' entries; replicated: each holds all): their union, this rank's share kept."""
