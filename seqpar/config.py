@@ -670,6 +670,18 @@ class CheckpointConfig(_Section):
         return f"{mode:04o}"
 
 
+class WandbConfig(_Section):
+    """Weights & Biases: the metrics records also go to a W&B run (rank 0; ``pip install wandb``)."""
+
+    project: str = Field(..., min_length=1, description="W&B project")
+    entity: str | None = Field(None, description="team or user; None = your default")
+    name: str | None = Field(None, description="run name; None = the run_dir's name")
+    group: str | None = Field(None, description="groups runs in the W&B UI")
+    tags: list[str] = Field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline: written under run_dir/wandb for a later `wandb sync`")
+
+
 class LoggingConfig(_Section):
     """Where metrics go and how progress is shown (rank 0 only)."""
 
@@ -679,6 +691,8 @@ class LoggingConfig(_Section):
         True, description="tqdm bar on rank 0 when stderr is a terminal; else (or false) a plain line per log_every steps"
     )
     tensorboard: Literal["auto", "on", "off"] = Field("auto", description="auto: when installed")
+    wandb: WandbConfig | None = Field(
+        None, description="a W&B run for the metrics (a resumed run continues the same W&B run); None = off")
     checkpoint_lines: Literal["auto", "every", "none"] | int = Field(  # an int >= 1: _lines_on_off
         "auto", description="a line per checkpoint save: every, none, N (every N-th save) or auto (every save "
         "when at most one per optimizer step, else the first; the progress line sums up the others); a stop's "

@@ -27,6 +27,8 @@ from typing import Any, TextIO
 
 import torch
 
+from seqpar.errors import UserError
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) for MFU; anything else: set
 # logging.peak_tflops. Keys are matched against torch.cuda.get_device_name().
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -110,6 +112,19 @@ class _AboveBar:
         return getattr(self._target, name)
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def import_wandb():
+    """The ``wandb`` module, or one line saying how to get it (logging.wandb is set)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("logging.wandb is set but wandb is not installed: pip install wandb, or remove "
+                        "logging.wandb") from None
+    return wandb
+
+
 class RunLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing.
 
@@ -126,6 +141,7 @@ class RunLogger:
         self.total_steps = total_steps
         self.bar = None  # the bar shown now: training's, then the final evaluation's
         self.tb = None
+        self.wandb = None  # the W&B run (open_wandb), rank 0
         self.jsonl = None
         self._stream = stream
         self._clock = clock
@@ -266,8 +282,27 @@ class RunLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         if progress:
             self._progress(step, metrics)
+
+    def open_wandb(self, cfg, run_dir: Path, resumed: bool, config: dict[str, Any]) -> None:
+        """Start (or, for a resumed run, continue) the W&B run of ``logging.wandb`` (``cfg``). The
+        run's id is kept in ``run_dir/wandb_run_id``: a run resumed from a checkpoint logs into the
+        same W&B run (W&B keeps the first record of a step: steps logged after the checkpoint and
+        before the stop keep their first values); a fresh start makes a new one."""
+        if not self.enabled or cfg is None:
+            return
+        wandb = import_wandb()
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+        if run_id is None:
+            run_id = wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+        self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
+                                group=cfg.group, tags=list(cfg.tags) or None, mode=cfg.mode, dir=str(run_dir),
+                                id=run_id, resume="allow", config=config)
 
     def _progress(self, step: int, metrics: dict[str, Any]) -> None:
         if self._start is None:
@@ -378,6 +413,9 @@ class RunLogger:
             self._uninstall()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.jsonl is not None:
             self.jsonl.close()
 

@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
 
     try:
         cfg.layout(topo.world_size)  # batch / layout consistency, before any data or model work
-    except ConfigError as e:
+        if cfg.logging.wandb is not None:  # on every rank (rank 0 logs): all stop together
+            from seqpar.metrics import import_wandb
+
+            import_wandb()
+    except UserError as e:
         if topo.is_main:
             print(f"seqpar: {e}", file=sys.stderr)
         return outcome("usage_error", EXIT_USAGE, str(e))

@@ -296,6 +296,9 @@ class Trainer:
         self._resumed_path: Path | None = None
         self._resumed_world = 0
         self.resume(cfg.checkpoint.resume)
+        # after the resume: a resumed run continues its W&B run, a fresh start opens a new one
+        self.logger.open_wandb(cfg.logging.wandb, self.run_dir, resumed=self._resumed_path is not None,
+                               config=cfg.model_dump(mode="json"))
 
     def _build_data(self, cache_dir: Path) -> None:
         """Training and held-out datasets, and the tokenizer the checkpoints carry for export."""
