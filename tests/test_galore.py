@@ -105,42 +105,81 @@ def test_lazily_read_shares_are_loaded_whole(tmp_path):
 def _sharded_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
+    from seqpar.optim.galore import SPLIT
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)  # the same weights and gradients on both ranks (as after an all-reduce)
-        shapes = ((40, 12), (12, 40), (16, 16), (300,), (7,), (150,))
-        sharded, replicated = ([torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i)))
-                                for i, s in enumerate(shapes)] for _ in range(2))
-        opts = [GaLoreAdamW([{"params": ps[:3], "galore": True, "rank": 4, "update_interval": 2},
-                             {"params": ps[3:], "weight_decay": 0.1}], lr=1e-2) for ps in (sharded, replicated)]
-        opts[0].SHARE_BUCKET = 100  # the 300- and 150-element vectors go alone, in place; the rest in buckets
-        opts[0].shard()
-        for step in range(4):
-            for ps in (sharded, replicated):
-                for i, q in enumerate(ps):
-                    q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(100 * step + i))
-            for o in opts:
-                o.step()
-        same = all(torch.equal(a, b) for a, b in zip(sharded, replicated))
-        held = sorted(opts[0].index[q] for q in opts[0].state)
-        torch.save({"same": same, "held": held}, f"{out}.{rank}")
+        result = {}
+        for dtype in (torch.float32, torch.bfloat16):  # bf16: stochastic rounding, split rows included
+            torch.manual_seed(0)  # the same weights and gradients on both ranks (as after an all-reduce)
+            shapes = ((40, 12), (12, 40), (16, 16), (300,), (7,), (150,), (64, 24))
+            sharded, replicated = ([torch.nn.Parameter(torch.randn(*s, generator=torch.Generator().manual_seed(i))
+                                                       .to(dtype)) for i, s in enumerate(shapes)] for _ in range(2))
+            opts = [GaLoreAdamW([{"params": ps[:3], "galore": True, "rank": 4, "update_interval": 2},
+                                 {"params": ps[3:], "weight_decay": 0.1}], lr=1e-2, seed=3)
+                    for ps in (sharded, replicated)]
+            opts[0].SHARE_BUCKET = 100  # the 300- and 150-element vectors go alone, in place; the rest in buckets
+            for step in range(4):
+                if step == 1:  # sharded after a replicated step: each rank keeps its share (rows cut)
+                    opts[0].shard()
+                for ps in (sharded, replicated):
+                    for i, q in enumerate(ps):
+                        q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(100 * step + i)).to(dtype)
+                for o in opts:
+                    o.step()
+            sd = opts[0].state_dict()
+            result[str(dtype)] = {
+                "same": all(torch.equal(a, b) for a, b in zip(sharded, replicated)),
+                "held": sorted(opts[0].index[q] for q in opts[0].state),
+                "split": [i for i, o in enumerate(opts[0].owner) if o == SPLIT],
+                "rows": {i: e["rows"].tolist() for i, e in sd["state"].items() if "rows" in e},
+                "state": sd, "full": opts[1].state_dict()}
+        torch.save(result, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 def test_sharded_step_broadcasts_every_parameter(tmp_path):
-    """Two gloo ranks: the sharded optimizer's parameters equal the replicated one's after every
-    step (large parameters broadcast alone in place, small ones in flat buckets), and each rank
-    holds the state of its own parameters only."""
+    """Two gloo ranks, fp32 and bf16: the sharded optimizer's parameters equal the replicated one's
+    after every step (large parameters broadcast alone in place, small ones in flat buckets, the
+    embedding-like one split by rows, each rank its rows of the random bits); each rank holds the
+    state of its own parameters and its rows of the split one; the saved shares joined (and cut
+    again for 1, 2 or 3 ranks) are the replicated state."""
     import torch.multiprocessing as mp
 
     from common import free_port
 
     mp.spawn(_sharded_worker, args=(free_port(), str(tmp_path / "r")), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"r.{r}") for r in (0, 1)]
-    assert all(r["same"] for r in results)
-    assert results[0]["held"] and results[1]["held"] and not set(results[0]["held"]) & set(results[1]["held"])
-    assert sorted(results[0]["held"] + results[1]["held"]) == list(range(6))
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        a, b = results[0][dtype], results[1][dtype]
+        assert a["same"] and b["same"], dtype
+        assert a["split"] == b["split"] == [6]  # (64, 24): AdamW state over half an even share
+        whole = lambda r: set(r["held"]) - set(r["split"])  # noqa: E731
+        assert whole(a) and whole(b) and not whole(a) & whole(b) and whole(a) | whole(b) == set(range(6))
+        assert a["rows"] == {6: [0, 32]} and b["rows"] == {6: [32, 64]}
+        full = a["full"]["state"]
+        for n in (1, 2, 3):  # the union of the two shares, as a resume onto n ranks reads it
+            for rank in range(n):
+                opt = GaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(*s)) for s in ((40, 12), (12, 40), (16, 16))],
+                                    "galore": True, "rank": 4},
+                                   {"params": [torch.nn.Parameter(torch.zeros(*s)) for s in ((300,), (7,), (150,), (64, 24))]}])
+                if n > 1:
+                    from seqpar.optim.galore import plan_shards
+
+                    pairs = [(q, g) for g in opt.param_groups for q in g["params"]]
+                    opt.owner, opt.rows = plan_shards([opt.state_numel(q, g) for q, g in pairs],
+                                                      [None if g["galore"] else q.shape[0] for q, g in pairs], n)
+                    opt.shard_rank = rank
+                got = opt.shard_of([a["state"], b["state"]])["state"]
+                assert set(got) == {i for i in range(7) if opt.owns_index(i)}
+                for i, entry in got.items():
+                    lo, hi = opt.rows[i][rank] if i in opt.rows and opt.owner is not None else (0, None)
+                    for k, v in entry.items():
+                        if k == "rows":
+                            assert v.tolist() == [lo, hi]
+                        else:
+                            assert torch.equal(v, full[i][k][lo:hi] if k in ("exp_avg", "exp_avg_sq") else full[i][k])
 
 
 @pytest.mark.slow
@@ -164,17 +203,22 @@ def test_sharded_state_trains_bitwise_like_replicated(tmp_path):
     shares = [load_tree(tag(runs[True]) / f"rank0000{r}" / "optimizer", False)["optimizer"]["state"] for r in (0, 1)]
     full = load_tree(tag(runs[False]) / "rank00000" / "optimizer", False)["optimizer"]["state"]
     assert not (tag(runs[False]) / "rank00001" / "optimizer.json").exists()  # replicated: rank 0 saves it
-    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
-    assert set(shares[0]) | set(shares[1]) == set(full)
+    split = set(shares[0]) & set(shares[1])  # the embedding and the head: AdamW state split by rows
+    assert len(split) == 2 and all("rows" in share[i] for share in shares for i in split)
+    assert set(shares[0]) - split and set(shares[1]) - split and set(shares[0]) | set(shares[1]) == set(full)
     for share in shares:
         for i, entry in share.items():
-            assert all(torch.equal(v, full[i][k]) for k, v in entry.items())
+            lo, hi = entry["rows"].tolist() if "rows" in entry else (0, None)
+            assert all(torch.equal(v, full[i][k][lo:hi] if k.startswith("exp_avg") else full[i][k])
+                       for k, v in entry.items() if k != "rows")
     # the planner's per-rank optimizer bytes: the most loaded of these shares, and less than the whole
     from seqpar.optim.sizes import checkpoint_bytes, galore_largest_share
 
     cfg = load_config(str(tag(runs[True]) / "config.yaml"), [])
-    held = [sum(v.numel() * v.element_size() for e in share.values() for v in e.values()) for share in shares]
-    assert galore_largest_share(cfg, 2) == max(held) < checkpoint_bytes(cfg)["optimizer"] == sum(held)
+    held = [sum(v.numel() * v.element_size() for e in share.values() for k, v in e.items() if k != "rows")
+            for share in shares]
+    steps_twice = 4 * len(split)  # a split parameter's step counter is on both ranks
+    assert galore_largest_share(cfg, 2) == max(held) < checkpoint_bytes(cfg)["optimizer"] == sum(held) - steps_twice
     # a sharded save resumed replicated (mid-window; the setting changes nothing computed): the union
     # of the shares, the same final weights
     cmd, run_dir = galore_run(tmp_path, "flip", "bf16", nproc=2,

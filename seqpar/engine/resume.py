@@ -216,7 +216,7 @@ class Resume:
             if mine is not None and opt.same_owners(mine["optimizer"]):
                 return {**mine, "optimizer": opt.shard_of([mine["optimizer"]])}
         trees = [t for r in range(old_world) if (t := read(path, "optimizer", r, lazy=True)) is not None]
-        return _loaded({**trees[0], "optimizer": opt.shard_of([t["optimizer"] for t in trees])})
+        return _loaded({**trees[0], "optimizer": opt.shard_of([t["optimizer"] for t in trees], load=_loaded)})
 
     def _load_weights(self, model, path: Path, ep=None) -> None:
         """The module weights a checkpoint holds: the whole model (``model/``, Hugging Face

@@ -24,9 +24,12 @@ Sharded state (``shard``, ``train.galore.shard_state``): ZeRO-1 for GaLore. ZeRO
 flat buffers, which would cut matrices apart (GaLore projects whole ones), so this shards by
 parameter instead: every rank that holds the same weights owns a share of the parameters (balanced
 by state size), keeps their state, runs their step (and their SVDs), and broadcasts their new values;
-the gradients are still all-reduced whole (ZeRO-0). The result is bitwise that of the replicated
-optimizer: the same arithmetic runs on one rank instead of all, and its stochastic rounding is keyed
-by parameter and step, not by rank.
+the gradients are still all-reduced whole (ZeRO-0). A parameter stepped by plain AdamW whose state
+is over half an even share (an embedding, an untied head) is split by rows over all the ranks
+instead: AdamW is elementwise, so each rank steps its rows. The result is bitwise that of the
+replicated optimizer: the same arithmetic runs on one rank instead of all, and its stochastic
+rounding is keyed by parameter and step, not by rank (a split parameter's rows take their rows of
+the whole parameter's random bits).
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.seed = seed
         # a parameter's place in the groups: part of its rounding key (stable from run to run)
         self.index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        self.owner: list[int] | None = None  # shard(): the group rank owning each parameter's state
+        self.owner: list[int] | None = None  # shard(): the group rank owning each parameter's state (SPLIT: all)
+        self.rows: dict[int, list[tuple[int, int]]] = {}  # split parameters: each rank's rows
         self.shard_rank, self.shard_group = 0, None
         for group in self.param_groups:
             if group["galore"]:
@@ -81,6 +85,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 grad = self._grad(p)
                 if grad is None:
                     continue
+                mine = self._my_rows(p)  # a split parameter: this rank's rows
+                if mine is not None:
+                    grad = grad[mine[0]:mine[1]]
                 grad = grad.float()
                 state = self.state[p]
                 if "step" not in state:
@@ -108,11 +115,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 update = (m / (1 - beta1 ** t)) / denom
                 if galore:
                     update = _project_back(update, self._projector(p, state, group, left), left) * group["scale"]
-                new = self._value(p)  # fp32 parameters: in place
+                new = self._value(p) if mine is None else p[mine[0]:mine[1]].float()  # fp32: in place
                 if group["weight_decay"]:
                     new.mul_(1 - group["lr"] * group["weight_decay"])
                 new.add_(update, alpha=-group["lr"])
-                self._write(p, state, group, new, t)
+                if mine is None:
+                    self._write(p, state, group, new, t)
+                elif p.dtype != torch.float32:  # this rank's rows of the whole parameter's random bits
+                    p[mine[0]:mine[1]].copy_(round_to(new, p.dtype, self._generator(p, t, "weight"),
+                                                      rows=(mine[0], p.shape[0])))
         if self.owner is not None:
             self._share_updates()
         return loss
@@ -123,20 +134,33 @@ class GaLoreAdamW(torch.optim.Optimizer):
         the same weights: DeepSpeed's data x sequence parallel group), before the first step or a
         resume. Owners: largest state first, each to the rank with the least so far (a function of
         the shapes and the group size alone, so every rank computes the same)."""
-        sizes = [self.state_numel(p, g) for g in self.param_groups for p in g["params"]]
-        self.owner = balance_owners(sizes, dist.get_world_size(group))
+        pairs = [(p, g) for g in self.param_groups for p in g["params"]]
+        self.owner, self.rows = plan_shards([self.state_numel(p, g) for p, g in pairs],
+                                            [None if g.get("galore") or p.dim() == 0 else p.shape[0] for p, g in pairs],
+                                            dist.get_world_size(group))
         self.shard_rank, self.shard_group = dist.get_rank(group), group
         # state loaded before (a resume into an optimizer built replicated): keep this rank's share
         for p in list(self.state):
-            if not self.owns(p):
+            i = self.index[p]
+            if not self.owns_index(i):
                 del self.state[p]
+            elif i in self.rows:  # split: this rank's rows of the whole moments
+                lo, hi = self.rows[i][self.shard_rank]
+                for k in _ROW_STATE:
+                    if k in self.state[p]:
+                        self.state[p][k] = self.state[p][k][lo:hi].clone()
 
     def owns(self, p: Tensor) -> bool:
-        return self.owner is None or self.owner[self.index[p]] == self.shard_rank
+        """This rank steps ``p`` (or, split, its rows of it)."""
+        return self.owns_index(self.index[p])
 
     def owns_index(self, i: int) -> bool:
         """By position in the groups, as in ``state_dict()['state']`` keys."""
-        return self.owner is None or self.owner[i] == self.shard_rank
+        return self.owner is None or self.owner[i] in (self.shard_rank, SPLIT)
+
+    def _my_rows(self, p: Tensor) -> tuple[int, int] | None:
+        rows = self.rows.get(self.index[p]) if self.owner is not None else None
+        return rows[self.shard_rank] if rows is not None else None
 
     @staticmethod
     def state_numel(p: Tensor, group: dict) -> int:
@@ -151,7 +175,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Every owner's new values to the other ranks: a parameter of a bucket's size or more
         alone and in place, smaller ones in flat buckets of one dtype (fewer collectives)."""
         params = [p for g in self.param_groups for p in g["params"]]
-        for k in range(dist.get_world_size(self.shard_group)):
+        world = dist.get_world_size(self.shard_group)
+        for i, rows in sorted(self.rows.items()):  # split parameters: each rank's rows, in place
+            p = params[i]
+            for k, (lo, hi) in enumerate(rows):
+                if hi > lo:
+                    src = dist.get_global_rank(self.shard_group, k) if self.shard_group is not None else k
+                    dist.broadcast(p.data[lo:hi], src=src, group=self.shard_group)
+        for k in range(world):
             src = dist.get_global_rank(self.shard_group, k) if self.shard_group is not None else k
             mine = [p for p in params if self.owner[self.index[p]] == k]
             for dtype in sorted({p.dtype for p in mine}, key=str):
@@ -185,6 +216,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         if self.owner is not None:
             sd["owner"] = torch.tensor(self.owner, dtype=torch.int32)
+            for i, rows in self.rows.items():  # a split parameter's entry: which rows it holds
+                if i in sd["state"]:
+                    lo, hi = rows[self.shard_rank]
+                    sd["state"][i] = {**sd["state"][i], "rows": torch.tensor([lo, hi], dtype=torch.int64)}
         return sd
 
     def same_owners(self, saved: dict) -> bool:
@@ -192,14 +227,41 @@ class GaLoreAdamW(torch.optim.Optimizer):
         own = saved.get("owner")
         return self.owner is not None and own is not None and [int(k) for k in own] == self.owner
 
-    def shard_of(self, trees: list[dict]) -> dict:
+    def shard_of(self, trees: list[dict], load=lambda entry: entry) -> dict:
         """One state dict for this rank from saved ranks' ``state_dict()``s (sharded: each holds
-        its owners' entries; replicated: each holds all): their union, this rank's share kept."""
-        state: dict = {}
+        its parameters' entries and its rows of split ones; replicated: each holds all): their
+        union, this rank's share kept, split parameters' rows joined and cut to this rank's rows.
+        ``load``: reads a lazily read entry (only the entries kept are read)."""
+        pieces: dict = {}
         for tree in trees:
             for i, entry in tree["state"].items():
-                if self.owns_index(int(i)) and i not in state:
-                    state[i] = entry
+                if self.owns_index(int(i)):
+                    pieces.setdefault(i, []).append(entry)
+        state: dict = {}
+        for i, entries in pieces.items():
+            whole = next((e for e in entries if "rows" not in e), None)
+            first = 0  # the first row the entry's row state holds
+            if whole is not None:
+                entry = load(whole)
+            else:  # saved split: the rows, in order (all of them, or this rank's own)
+                parts = sorted((load(e) for e in entries), key=lambda e: int(e["rows"][0]))
+                first = int(parts[0]["rows"][0])
+                if any(int(a["rows"][1]) != int(b["rows"][0]) for a, b in zip(parts, parts[1:])):
+                    raise ValueError(f"optimizer state of parameter {i}: the saved rows do not join up")
+                entry = {k: (torch.cat([e[k] for e in parts]) if k in _ROW_STATE else v)
+                         for k, v in parts[0].items() if k != "rows"}
+            rows = self.rows.get(int(i)) if self.owner is not None else None
+            if rows is not None:  # split now: this rank's rows
+                lo, hi = rows[self.shard_rank]
+                held = next(iter(entry[k].shape[0] for k in _ROW_STATE if k in entry), hi - first)
+                if lo < first or hi > first + held:
+                    raise ValueError(f"optimizer state of parameter {i}: rows {lo}..{hi} are not in the saved "
+                                     f"rows {first}..{first + held}")
+                entry = {**{k: (v[lo - first:hi - first] if k in _ROW_STATE else v) for k, v in entry.items()},
+                         "rows": torch.tensor([lo, hi], dtype=torch.int64)}
+            elif first:
+                raise ValueError(f"optimizer state of parameter {i}: saved from row {first} only, needed whole")
+            state[i] = entry
         return {"state": state, "param_groups": trees[0]["param_groups"]}
 
     # -- what a subclass changes (Q-GaLore: quantized projector, weights, moments) -------------------
@@ -238,8 +300,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """As torch's, but every state tensor keeps its saved dtype (torch casts them all to the
         parameter's dtype: bf16 parameters would round fp32 moments, INT codes, scales) and is a
         copy (torch keeps ``step`` shared with the given dict)."""
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
+        saved = {i: {k: v for k, v in e.items() if k != "rows"} for i, e in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": saved})
         ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
@@ -247,6 +309,26 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if isinstance(value, Tensor):  # copies: a live state dict's tensors are not shared
                     where = "cpu" if key == "step" or key in self.host_state else p.device
                     self.state[p][key] = value.to(device=where, copy=True)
+
+
+SPLIT = -1  # owner of a parameter split by rows over every rank
+_ROW_STATE = ("exp_avg", "exp_avg_sq")  # a split parameter's state cut by rows (its step is whole)
+
+
+def plan_shards(sizes: list[int], rows: list[int | None],
+                world: int) -> tuple[list[int], dict[int, list[tuple[int, int]]]]:
+    """Owners of each parameter's state among ``world`` ranks, and the row ranges of split ones.
+    ``rows[i]``: the row count of a parameter whose step is elementwise (plain AdamW), None for a
+    GaLore matrix (whole only). One of the former whose state is over half an even share is split
+    (``SPLIT``) into ``world`` row ranges; the rest are balanced whole (``balance_owners``)."""
+    fair = sum(sizes) / world
+    split = {i for i, n in enumerate(sizes) if rows[i] is not None and rows[i] >= world and 2 * n > fair}
+    owner = balance_owners([0 if i in split else n for i, n in enumerate(sizes)], world)
+    ranges = {}
+    for i in sorted(split):
+        owner[i] = SPLIT
+        ranges[i] = [(k * rows[i] // world, (k + 1) * rows[i] // world) for k in range(world)]
+    return owner, ranges
 
 
 def balance_owners(sizes: list[int], world: int) -> list[int]:
@@ -316,4 +398,4 @@ def build_galore(model: torch.nn.Module, train) -> GaLoreAdamW:
                        seed=train.seed)
 
 
-__all__ = ["GaLoreAdamW", "balance_owners", "build_galore", "galore_groups", "galore_state_bytes", "is_galore_target"]
+__all__ = ["SPLIT", "GaLoreAdamW", "balance_owners", "plan_shards", "build_galore", "galore_groups", "galore_state_bytes", "is_galore_target"]

@@ -29,10 +29,13 @@ def generator(device: torch.device, *key: int | str) -> torch.Generator:
     return g
 
 
-def round_to(x: Tensor, dtype: torch.dtype, gen: torch.Generator | None) -> Tensor:
+def round_to(x: Tensor, dtype: torch.dtype, gen: torch.Generator | None,
+             rows: tuple[int, int] | None = None) -> Tensor:
     """fp32 ``x`` in ``dtype``: fp32 as is; bf16 by stochastic rounding (``gen``) or, without a
     generator, to nearest. Each bf16 neighbour is chosen with probability proportional to
-    closeness: 16 random bits added below bf16's mantissa, then the low half cut off."""
+    closeness: 16 random bits added below bf16's mantissa, then the low half cut off. ``rows``
+    (first, total): ``x`` is rows ``first..`` of a tensor of ``total`` rows and takes those rows of
+    the whole tensor's random bits (a parameter split over ranks rounds as it would whole)."""
     x = x.float()
     if dtype == torch.float32:
         return x
@@ -40,7 +43,10 @@ def round_to(x: Tensor, dtype: torch.dtype, gen: torch.Generator | None) -> Tens
         raise ValueError(f"stochastic rounding to {dtype} is not supported (fp32 or bf16)")
     if gen is None:
         return x.to(torch.bfloat16)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=gen)
+    shape = x.shape if rows is None else (rows[1], *x.shape[1:])
+    noise = torch.randint(0, 1 << 16, shape, dtype=torch.int32, device=x.device, generator=gen)
+    if rows is not None:
+        noise = noise[rows[0]:rows[0] + x.shape[0]]
     bits = (x.contiguous().view(torch.int32) + noise) & -65536  # sign-magnitude: adds to the magnitude
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
 

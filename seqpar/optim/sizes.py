@@ -61,14 +61,20 @@ def galore_largest_share(cfg: Config, world_size: int) -> int:
     """Optimizer bytes of the most loaded rank when GaLore's state is sharded over ``world_size``
     ranks: the optimizer's own owners (``balance_owners`` over its parameter order) on a meta model."""
     from seqpar.models.transformer import Transformer
-    from seqpar.optim.galore import GaLoreAdamW, balance_owners, galore_groups, galore_state_bytes
+    from seqpar.optim.galore import SPLIT, GaLoreAdamW, galore_groups, galore_state_bytes, plan_shards
 
     with torch.device("meta"):
         model = Transformer(cfg.model)
     groups = galore_groups(model, cfg.train)
     params = [(p, g) for g in groups for p in g["params"]]
-    owner = balance_owners([GaLoreAdamW.state_numel(p, g) for p, g in params], world_size)
+    owner, rows = plan_shards([GaLoreAdamW.state_numel(p, g) for p, g in params],
+                              [None if g.get("galore") or p.dim() == 0 else p.shape[0] for p, g in params], world_size)
     load = [0] * world_size
-    for (p, g), k in zip(params, owner):  # projector + low-rank moments + step, or AdamW's moments + step
-        load[k] += galore_state_bytes(tuple(p.shape), g["rank"]) if g.get("galore") else 8 * p.numel() + 4
+    for i, ((p, g), k) in enumerate(zip(params, owner)):
+        if k == SPLIT:  # each rank: its rows' AdamW moments + the step
+            per_row = p.numel() // p.shape[0]
+            for r, (lo, hi) in enumerate(rows[i]):
+                load[r] += 8 * per_row * (hi - lo) + 4
+        else:  # projector + low-rank moments + step, or AdamW's moments + step
+            load[k] += galore_state_bytes(tuple(p.shape), g["rank"]) if g.get("galore") else 8 * p.numel() + 4
     return max(load)
