@@ -886,9 +886,6 @@ class Config(_Section):
         if self.memory.offload_optimizer:
             raise ValueError(f"train.optimizer={opt} with memory.offload_optimizer is not supported (ZeRO-Offload "
                              "needs a ZeRO stage): turn offload off")
-        if opt == "qgalore" and self.train.compile:
-            raise ValueError("train.optimizer=qgalore with train.compile is not supported (the INT8 layers' "
-                             "backward writes their gradients outside the graph): set train.compile false")
         if opt == "qgalore" and self.train.galore.master_weights:
             raise ValueError("train.galore.master_weights true with train.optimizer=qgalore: Q-GaLore keeps its "
                              "weights on an INT8 grid (an fp32 master copy would undo it): set it false")

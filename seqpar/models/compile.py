@@ -30,6 +30,9 @@ Under sequence parallelism the MoE aux loss all-reduces its routing statistics w
 differentiable ``torch.distributed.nn`` collective, which dynamo refuses (it fell back to eager,
 8 graphs for 2 layers); there, and only there, it runs as ``seqpar::moe_aux_loss``.
 
+Modules marked ``compile_opaque`` (Q-GaLore's ``Int8Linear``: its backward accumulates the weight's
+gradient outside autograd) run as ``seqpar::opaque_linear`` the same way.
+
 Compiled: ``DecoderLayer.forward`` except attention and the experts' matmuls. That is the norms,
 the q/k/v/o projections, RoPE, the router, the sort, gather and scatter of the dispatch, the
 shared expert and the residual adds. Not compiled: the embedding, the final norm, the LM head and
@@ -308,6 +311,50 @@ def _aux_backward(ctx, dout: Tensor, _dtoken: Tensor | None):
 moe_aux_loss_op.register_autograd(_aux_backward, setup_context=_aux_setup)
 
 
+# -- seqpar::opaque_linear (modules whose backward has side effects: Q-GaLore's INT8 layers) ---------------
+@torch.library.custom_op("seqpar::opaque_linear", mutates_args=(), tags=_TAGS)
+def opaque_linear_op(x: Tensor, handle: Tensor, out_features: int, needs_grad: bool) -> tuple[Tensor, Tensor]:
+    """The module under ``handle`` (a linear map of the last dimension) on ``x``, run eagerly. Its
+    backward, run from the kept graph, may write outside autograd (``Int8Linear`` accumulates its
+    weight's gradient in ``weight_grad``), which dynamo must not trace."""
+    module = _FUNCTIONS[int(handle)]
+    if not needs_grad:
+        with torch.no_grad():
+            return type(module).forward(module, x).contiguous(), _no_token()
+    leaf = _leaf(x)
+    with _autograd_recording():
+        out = type(module).forward(module, leaf).contiguous()
+    return out.detach(), _keep(out, (leaf,))
+
+
+@opaque_linear_op.register_fake
+def _(x, handle, out_features, needs_grad):
+    return x.new_empty(*x.shape[:-1], out_features), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("seqpar::opaque_linear_backward", mutates_args=(), tags=_TAGS)
+def opaque_linear_backward_op(dout: Tensor, token: Tensor, x: Tensor) -> Tensor:
+    """dx from the graph kept under ``token`` (running the module's own backward and its effects)."""
+    return _grads_of_kept(token, dout)[0]
+
+
+@opaque_linear_backward_op.register_fake
+def _(dout, token, x):
+    return x.new_empty(x.shape)
+
+
+def _opaque_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1], inputs[0])  # x: the module's own graph keeps it anyway
+
+
+def _opaque_backward(ctx, dout: Tensor, _dtoken: Tensor | None):
+    token, x = ctx.saved_tensors
+    return opaque_linear_backward_op(dout, token, x), None, None, None
+
+
+opaque_linear_op.register_autograd(_opaque_backward, setup_context=_opaque_setup)
+
+
 # -- what dynamo traces ---------------------------------------------------------------------------------
 def _needs_grad(*xs: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
@@ -336,6 +383,27 @@ def _moe_aux_loss(self: nn.Module, scores: Tensor, counts: Tensor) -> Tensor:
         return type(self)._aux_loss(self, scores, counts)
     aux, _ = moe_aux_loss_op(scores, counts, self._seqpar_handle, _needs_grad(scores))
     return aux
+
+
+def _opaque_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Bound to each module marked ``compile_opaque`` (``Int8Linear``): the call goes through the op.
+    Grad mode alone decides whether the graph is kept: the module's weight trains even when
+    nothing before it does (as its own forward ensures eagerly)."""
+    grad = torch.is_grad_enabled()
+    if grad and not x.requires_grad:
+        x = x.detach().requires_grad_()
+    out, _ = opaque_linear_op(x, self._seqpar_handle, self.out_features, grad)
+    return out
+
+
+def _bind_opaque(layer: nn.Module) -> None:
+    """Route the layer's ``compile_opaque`` modules through ``seqpar::opaque_linear`` (at the first
+    call: Q-GaLore swaps its INT8 layers in after the layers are compiled)."""
+    for m in layer.modules():
+        if getattr(m, "compile_opaque", False) and "forward" not in vars(m):
+            m._seqpar_handle = handle_tensor(m)
+            m.forward = types.MethodType(_opaque_forward, m)
+    layer._seqpar_opaque_bound = True
 
 
 def _layer_body(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, meta: Tensor, handle: Tensor):
@@ -390,6 +458,8 @@ def _compiled_forward(layer: nn.Module, compiled: Callable[..., Any], dynamic: b
     """``DecoderLayer.forward``'s signature, calling the compiled body."""
 
     def forward(x: Tensor, cos: Tensor, sin: Tensor, meta: Any, attn: Callable[..., Tensor]):
+        if not getattr(layer, "_seqpar_opaque_bound", False):
+            _bind_opaque(layer)
         if dynamic is None:
             for t in (x, cos, sin):
                 torch._dynamo.maybe_mark_dynamic(t, 0)

@@ -71,6 +71,9 @@ class Int8Linear(nn.Module):
     [groups] (symmetric per group). ``weight_int8`` is a frozen parameter (DeepSpeed moves and
     broadcasts it like any other; it gets no gradient of its own), the scales a buffer."""
 
+    # train.compile: runs as an opaque op in a compiled layer (its backward writes weight_grad)
+    compile_opaque = True
+
     def __init__(self, linear: nn.Linear, group: int):
         super().__init__()
         if linear.bias is not None:
@@ -80,6 +83,10 @@ class Int8Linear(nn.Module):
         self.weight_int8 = nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_int8_scale", scale)
         self.weight_grad: Tensor | None = None  # the weight's gradient (compute dtype), summed over micro-batches
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
 
     def dequantized(self, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_int8(self.weight_int8, self.weight_int8_scale, self.shape, dtype or self.dtype)
