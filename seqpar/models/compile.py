@@ -288,15 +288,17 @@ def _(scores, counts, handle, needs_grad):
     return scores.new_empty(()), torch.empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("seqpar::moe_aux_loss_backward", mutates_args=(), tags=_TAGS)
-def moe_aux_loss_backward_op(dout: Tensor, token: Tensor, scores: Tensor) -> Tensor:
-    """dscores from the aux-loss graph kept under ``token`` (runs its backward all-reduce)."""
+@torch.library.custom_op("seqpar::kept_grad", mutates_args=(), tags=_TAGS)
+def kept_grad_op(dout: Tensor, token: Tensor, x: Tensor) -> Tensor:
+    """The gradient of the one input ``x`` of the graph kept under ``token``: the backward of an op
+    with one differentiable input (the MoE aux loss's all-reduce, an opaque module's own backward
+    and its effects run here)."""
     return _grads_of_kept(token, dout)[0]
 
 
-@moe_aux_loss_backward_op.register_fake
-def _(dout, token, scores):
-    return scores.new_empty(scores.shape)
+@kept_grad_op.register_fake
+def _(dout, token, x):
+    return x.new_empty(x.shape)
 
 
 def _aux_setup(ctx, inputs, output) -> None:
@@ -305,7 +307,7 @@ def _aux_setup(ctx, inputs, output) -> None:
 
 def _aux_backward(ctx, dout: Tensor, _dtoken: Tensor | None):
     token, scores = ctx.saved_tensors
-    return moe_aux_loss_backward_op(dout, token, scores), None, None, None
+    return kept_grad_op(dout, token, scores), None, None, None
 
 
 moe_aux_loss_op.register_autograd(_aux_backward, setup_context=_aux_setup)
@@ -332,24 +334,13 @@ def _(x, handle, out_features, needs_grad):
     return x.new_empty(*x.shape[:-1], out_features), torch.empty((), dtype=torch.int64)
 
 
-@torch.library.custom_op("seqpar::opaque_linear_backward", mutates_args=(), tags=_TAGS)
-def opaque_linear_backward_op(dout: Tensor, token: Tensor, x: Tensor) -> Tensor:
-    """dx from the graph kept under ``token`` (running the module's own backward and its effects)."""
-    return _grads_of_kept(token, dout)[0]
-
-
-@opaque_linear_backward_op.register_fake
-def _(dout, token, x):
-    return x.new_empty(x.shape)
-
-
 def _opaque_setup(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1], inputs[0])  # x: the module's own graph keeps it anyway
 
 
 def _opaque_backward(ctx, dout: Tensor, _dtoken: Tensor | None):
     token, x = ctx.saved_tensors
-    return opaque_linear_backward_op(dout, token, x), None, None, None
+    return kept_grad_op(dout, token, x), None, None, None
 
 
 opaque_linear_op.register_autograd(_opaque_backward, setup_context=_opaque_setup)
