@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 import torch
 
+from seqpar.checkpoint.signals import EXIT_PREEMPTED
 from seqpar.errors import UserError
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) for MFU; anything else: set
@@ -142,6 +143,7 @@ class RunLogger:
         self.bar = None  # the bar shown now: training's, then the final evaluation's
         self.tb = None
         self.wandb = None  # the W&B run (open_wandb), rank 0
+        self._wandb_run_id: str | None = None
         self.jsonl = None
         self._stream = stream
         self._clock = clock
@@ -283,26 +285,50 @@ class RunLogger:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            self._wandb_call(self.wandb.log, {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                             step=step)
         if progress:
             self._progress(step, metrics)
 
-    def open_wandb(self, cfg, run_dir: Path, resumed: bool, config: dict[str, Any]) -> None:
-        """Start (or, for a resumed run, continue) the W&B run of ``logging.wandb`` (``cfg``). The
-        run's id is kept in ``run_dir/wandb_run_id``: a run resumed from a checkpoint logs into the
-        same W&B run (W&B keeps the first record of a step: steps logged after the checkpoint and
-        before the stop keep their first values); a fresh start makes a new one."""
+    def open_wandb(self, cfg, run_dir: Path, saved_id: str | None, newest: bool, config: dict[str, Any]) -> None:
+        """Start the W&B run of ``logging.wandb`` (``cfg``), or continue the one the resumed
+        checkpoint recorded (``saved_id``): only for ``--resume auto`` (``newest``: preemption,
+        extension) and when this run_dir's W&B run (``run_dir/wandb_run_id``) is that one. A
+        rollback to a chosen older checkpoint, another run's checkpoint, or a fresh start opens a
+        new W&B run (W&B keeps only increasing steps: continuing would drop the repeated ones; the
+        new run's config names the one it resumed from). W&B failing (at start or later) is a
+        warning: training goes on, metrics.jsonl keeps every record."""
         if not self.enabled or cfg is None:
             return
         wandb = import_wandb()
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
+        mine = id_file.read_text().strip() if id_file.is_file() else None
+        run_id = saved_id if saved_id and newest and mine in (None, saved_id) else None
         if run_id is None:
             run_id = wandb.util.generate_id()
-            id_file.write_text(run_id + "\n")
-        self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name,
-                                group=cfg.group, tags=list(cfg.tags) or None, mode=cfg.mode, dir=str(run_dir),
-                                id=run_id, resume="allow", config=config)
+            if saved_id:
+                config = {**config, "resumed_from_wandb_run": saved_id}
+        id_file.write_text(run_id + "\n")
+        self._wandb_run_id = run_id  # kept when the W&B client fails: a resume continues this run
+        self.wandb = self._wandb_call(wandb.init, project=cfg.project, entity=cfg.entity,
+                                      name=cfg.name or run_dir.name, group=cfg.group, tags=list(cfg.tags) or None,
+                                      mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow", config=config,
+                                      allow_val_change=True)
+
+    @property
+    def wandb_id(self) -> str | None:
+        """The W&B run's id (recorded in checkpoints), rank 0; None without one."""
+        return self._wandb_run_id
+
+    def _wandb_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A W&B call; on failure one warning line and no more W&B for this run (a preemption
+        also stops W&B's own service process: its failure must not cost the stop's checkpoint)."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of the W&B client
+            self.wandb = None
+            self.print(f"WARNING: W&B logging stopped ({type(e).__name__}: {e}); metrics.jsonl keeps every record")
+            return None
 
     def _progress(self, step: int, metrics: dict[str, Any]) -> None:
         if self._start is None:
@@ -400,7 +426,8 @@ class RunLogger:
 
         return call
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Flush and close every output; ``exit_code``: the run's (75: W&B marks it preempted)."""
         if self._closed:
             return
         self._closed = True
@@ -414,7 +441,10 @@ class RunLogger:
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            run = self.wandb
+            if exit_code == EXIT_PREEMPTED and hasattr(run, "mark_preempting"):
+                self._wandb_call(run.mark_preempting)
+            self._wandb_call(run.finish, exit_code=exit_code)
             self.wandb = None
         if self.jsonl is not None:
             self.jsonl.close()

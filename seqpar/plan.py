@@ -718,7 +718,8 @@ class _Sim:
             return
         self.mlp_fwd(f"{p}.sh", x, n, e.shared_expert_intermediate_size)
         if e.shared_expert_gate:
-            t.hold(x, 0)
+            if self.lora is None:  # the gate's linear keeps its input (frozen under LoRA: none)
+                t.hold(x, 0)
             t.hold(f"{p}.sg", w * n)
             t.hold(f"{p}.so", w * h * n)
 
@@ -804,7 +805,8 @@ class _Sim:
             def one_tile(nt: int, g: str) -> str:
                 self.mlp_fwd(f"{p}.sh", x, nt, inter)
                 if e.shared_expert_gate:
-                    t.hold(x, 0)
+                    if self.lora is None:
+                        t.hold(x, 0)
                     t.hold(f"{p}.sg", w * nt)
                     t.hold(f"{p}.so", w * h * nt)
                 self._shared_bwd(p, x, g, f"{p}.gsh", nt, inter)

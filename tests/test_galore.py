@@ -102,6 +102,29 @@ def test_lazily_read_shares_are_loaded_whole(tmp_path):
     assert torch.equal(back["optimizer"]["state"][0]["step"], small) and back["optimizer"]["param_groups"] == [{"lr": 1.0}]
 
 
+def test_split_rows_are_read_lazily_and_recut(tmp_path):
+    """A split parameter's moments saved by 2 ranks, resumed onto 3: each new rank reads only the
+    rows it keeps from the lazily opened files and gets exactly those rows of the whole state."""
+    from seqpar.checkpoint.codec import LazyTensor, load_tree, save_tree
+    from seqpar.optim.galore import plan_shards
+
+    full = {"exp_avg": torch.randn(700, 200), "exp_avg_sq": torch.rand(700, 200), "step": torch.tensor(3.0)}
+    for r, (lo, hi) in enumerate(((0, 350), (350, 700))):
+        entry = {k: (v[lo:hi].clone() if k != "step" else v) for k, v in full.items()}
+        save_tree({"state": {0: {**entry, "rows": torch.tensor([lo, hi])}}, "param_groups": [{"params": [0, 1]}]},
+                  tmp_path / f"opt{r}")
+    saved = [load_tree(tmp_path / f"opt{r}", lazy=True) for r in (0, 1)]
+    assert isinstance(saved[0]["state"][0]["exp_avg"], LazyTensor)  # 70,000 values: read on demand
+    for rank in range(3):
+        opt = GaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(700, 200)), torch.nn.Parameter(torch.zeros(4))]}])
+        opt.owner, opt.rows = plan_shards([280000, 8], [700, 4], 3)
+        opt.shard_rank = rank
+        lo, hi = opt.rows[0][rank]
+        got = opt.shard_of(saved)["state"][0]
+        assert got["rows"].tolist() == [lo, hi] and torch.equal(got["step"], full["step"])
+        assert torch.equal(got["exp_avg"], full["exp_avg"][lo:hi]) and torch.equal(got["exp_avg_sq"], full["exp_avg_sq"][lo:hi])
+
+
 def _sharded_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 

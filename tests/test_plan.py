@@ -239,7 +239,9 @@ def test_activation_peak_matches_the_meta_device(name):
     ("moe bf16 full lora", {**MOE, "lora": {"rank": 8}}, "bf16", {"activation_checkpointing": "full"}),
     ("moe fp32 none lora experts", {**MOE, "lora": {"rank": 8, "experts": True}}, "fp32", {}),
     ("moe bf16 none lora", {**MOE, "lora": {"rank": 8}}, "bf16", {}),
-], ids=["frozen-experts-full", "adapted-experts-none", "frozen-experts-none"])
+    # attention adapters only: nothing but the frozen router and shared-expert gate reads the MoE input
+    ("moe bf16 none lora qv", {**MOE, "lora": {"rank": 8, "targets": ["q_proj", "v_proj"]}}, "bf16", {}),
+], ids=["frozen-experts-full", "adapted-experts-none", "frozen-experts-none", "attention-adapters-none"])
 def test_lora_moe_layers(name, model, precision, memory):
     """MoE layers under LoRA: the router is frozen (its fp32 input is not kept), frozen experts keep
     neither their tokens nor their products, adapted experts keep those and three [tokens, r] middles."""

@@ -22,16 +22,24 @@ class util:
         return uuid.uuid4().hex[:8]
 
 class _Run:
+    def __init__(self, run_id):
+        self.id = run_id
+
     def log(self, data, step=None):
+        if os.environ.get("FAKE_WANDB_BROKEN"):  # W&B's service process gone (a preemption's SIGTERM)
+            raise BrokenPipeError("wandb-core is gone")
         _rec({"log": data, "step": step})
 
-    def finish(self):
-        _rec({"finish": True})
+    def mark_preempting(self):
+        _rec({"preempting": True})
+
+    def finish(self, exit_code=None):
+        _rec({"finish": exit_code})
 
 def init(**kw):
     config = kw.pop("config") or {}
-    _rec({"init": kw, "config_sections": sorted(config)})
-    return _Run()
+    _rec({"init": kw, "config_sections": sorted(config), "resumed_from": config.get("resumed_from_wandb_run")})
+    return _Run(kw["id"])
 '''
 
 
@@ -55,28 +63,51 @@ def test_metrics_go_to_one_wandb_run_across_a_resume(tmp_path):
     init = calls[0]["init"]
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     assert init == {"project": "seqpar-test", "entity": None, "name": "run", "group": None, "tags": ["ci"],
-                    "mode": "offline", "dir": str(run_dir), "id": run_id, "resume": "allow"}
+                    "mode": "offline", "dir": str(run_dir), "id": run_id, "resume": "allow", "allow_val_change": True}
     assert {"model", "data", "train", "logging"} <= set(calls[0]["config_sections"])
     steps = [c["step"] for c in calls if "log" in c and "loss" in c["log"]]
-    assert steps == [1, 2, 3] and calls[-1] == {"finish": True}
+    assert steps == [1, 2, 3] and calls[-1] == {"finish": 0}
     # the metrics records are the ones metrics.jsonl holds
     rows = {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "loss" in r}
     assert {c["step"]: c["log"]["loss"] for c in calls if "log" in c and "loss" in c["log"]} == rows
 
-    # a resumed (extended) run continues the same W&B run
+    # the checkpoints record the W&B run
+    ck = run_dir / "checkpoints"
+    newest = ck / (ck / "latest").read_text().strip()
+    assert json.loads((newest / "trainer_state.json").read_text())["wandb_run_id"] == run_id
+
+    # a stop (preemption): the stop's checkpoint is saved although W&B's service is gone, and the
+    # resumed run (--resume auto, extended) continues the same W&B run
     log.unlink()
-    more = run(cmd + ["--train.max_steps", "5", "--checkpoint.allow_changes", "[train.max_steps]"], env=env)
+    more_cmd = cmd + ["--train.max_steps", "6", "--checkpoint.allow_changes", "[train.max_steps]"]
+    stopped = run(more_cmd, env={**env, "SEQPAR_STOP_AFTER_MICRO_BATCHES": "3", "FAKE_WANDB_BROKEN": "1"})
+    assert stopped.returncode == 75 and "W&B logging stopped (BrokenPipeError" in stopped.stdout, stopped.stdout[-2000:]
+    assert _calls(log)[0]["init"]["id"] == run_id
+    log.unlink()
+    more = run(more_cmd, env=env)
     assert more.returncode == 0 and "resumed from" in more.stdout, more.stdout[-2000:] + more.stderr[-2000:]
     calls = _calls(log)
-    assert calls[0]["init"]["id"] == run_id
-    assert [c["step"] for c in calls if "log" in c and "loss" in c["log"]] == [4, 5]
+    assert calls[0]["init"]["id"] == run_id and calls[0]["resumed_from"] is None
+    assert [c["step"] for c in calls if "log" in c and "loss" in c["log"]] == [5, 6]
+    # a rollback to a chosen older checkpoint: a new W&B run (continuing would drop the repeated
+    # steps), its config naming the one it came from
+    log.unlink()
+    older = sorted(p for p in ck.iterdir() if p.name.startswith("step"))[0]
+    back = run(cmd + ["--train.max_steps", "6", "--checkpoint.allow_changes", "[train.max_steps]",
+                      "--resume", str(older)], env=env)
+    assert back.returncode == 0, back.stderr[-2000:]
+    first = _calls(log)[0]
+    assert first["init"]["id"] != run_id and first["resumed_from"] == run_id
     # a fresh start in the same run_dir is a new W&B run
     log.unlink()
-    fresh = run(cmd + ["--resume", "none"], env=env)
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
-    new_id = _calls(log)[0]["init"]["id"]
-    assert new_id != run_id and (run_dir / "wandb_run_id").read_text().strip() == new_id
+    fresh = run(cmd + ["--resume", "none"], env={**env, "SEQPAR_STOP_AFTER_MICRO_BATCHES": "3"})
+    assert fresh.returncode == 75, fresh.stderr[-2000:]
+    calls = _calls(log)
+    new_id = calls[0]["init"]["id"]
+    assert new_id not in (run_id, first["init"]["id"]) and (run_dir / "wandb_run_id").read_text().strip() == new_id
+    assert calls[0]["resumed_from"] is None
+    assert calls[-2:] == [{"preempting": True}, {"finish": 75}]  # W&B shows the run preempted
 
 
 def test_wandb_not_installed_is_one_line_before_any_work(tmp_path):

@@ -101,6 +101,7 @@ class Resume:
             self._restore_exact(path, state)
         self.tr.ckpt.resumed_from = path.name
         self.tr._resumed_path, self.tr._resumed_world = path, state["topology"]["world_size"]
+        self.tr._resumed_wandb_id = state.get("wandb_run_id")
         self.tr._last_tag = path.name
         if self.tr.topo.is_main:
             how = (f" onto a new layout ({_layout(state['topology'])} -> {_layout(self.tr._meta()['topology'])}; "
@@ -216,7 +217,7 @@ class Resume:
             if mine is not None and opt.same_owners(mine["optimizer"]):
                 return {**mine, "optimizer": opt.shard_of([mine["optimizer"]])}
         trees = [t for r in range(old_world) if (t := read(path, "optimizer", r, lazy=True)) is not None]
-        return _loaded({**trees[0], "optimizer": opt.shard_of([t["optimizer"] for t in trees], load=_loaded)})
+        return _loaded({**trees[0], "optimizer": opt.shard_of([t["optimizer"] for t in trees])})
 
     def _load_weights(self, model, path: Path, ep=None) -> None:
         """The module weights a checkpoint holds: the whole model (``model/``, Hugging Face

@@ -68,6 +68,8 @@ class Snapshot:
             meta["eval_loss"] = tr._last_eval[1]  # checkpoint.keep_best keeps the lowest
         trainer_state = {**meta, **st.state_dict(), "sampler": tr.sampler.state_dict(),
                          "special_tokens": self.special_ids()}  # for the export of ZeRO-3 shards
+        if tr.logger.wandb_id is not None:  # the W&B run a resume from this checkpoint continues
+            trainer_state["wandb_run_id"] = tr.logger.wandb_id
         raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),
                CONFIG_FILE: yaml.safe_dump(tr.cfg.model_dump(mode="json"), sort_keys=False).encode(),
                **self._tokenizer_files()}

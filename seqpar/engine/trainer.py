@@ -295,10 +295,12 @@ class Trainer:
         self._last_tag: str | None = None
         self._resumed_path: Path | None = None
         self._resumed_world = 0
+        self._resumed_wandb_id: str | None = None  # the W&B run the resumed checkpoint recorded
         self.resume(cfg.checkpoint.resume)
-        # after the resume: a resumed run continues its W&B run, a fresh start opens a new one
-        self.logger.open_wandb(cfg.logging.wandb, self.run_dir, resumed=self._resumed_path is not None,
-                               config=cfg.model_dump(mode="json"))
+        # after the resume: a run resumed from its newest checkpoint continues the W&B run that
+        # checkpoint recorded; anything else opens a new one (RunLogger.open_wandb)
+        self.logger.open_wandb(cfg.logging.wandb, self.run_dir, saved_id=self._resumed_wandb_id,
+                               newest=cfg.checkpoint.resume == "auto", config=cfg.model_dump(mode="json"))
 
     def _build_data(self, cache_dir: Path) -> None:
         """Training and held-out datasets, and the tokenizer the checkpoints carry for export."""
@@ -472,6 +474,7 @@ class Trainer:
         dist.barrier()  # the record is written before any rank exits
         self.stop.consume()
         self.exit_code = EXIT_PREEMPTED
+        self.logger.close(EXIT_PREEMPTED)  # flushed; W&B marks the run preempted
         return {"step": self.state.step, "preempted": True}
 
     def _settle(self) -> None:

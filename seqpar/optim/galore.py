@@ -136,7 +136,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         the shapes and the group size alone, so every rank computes the same)."""
         pairs = [(p, g) for g in self.param_groups for p in g["params"]]
         self.owner, self.rows = plan_shards([self.state_numel(p, g) for p, g in pairs],
-                                            [None if g.get("galore") or p.dim() == 0 else p.shape[0] for p, g in pairs],
+                                            [None if g.get("galore") or p.dim() == 0 or not p.is_contiguous()
+                                             else p.shape[0] for p, g in pairs],  # rows broadcast in place
                                             dist.get_world_size(group))
         self.shard_rank, self.shard_group = dist.get_rank(group), group
         # state loaded before (a resume into an optimizer built replicated): keep this rank's share
@@ -151,8 +152,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         self.state[p][k] = self.state[p][k][lo:hi].clone()
 
     def owns(self, p: Tensor) -> bool:
-        """This rank steps ``p`` (or, split, its rows of it)."""
-        return self.owns_index(self.index[p])
+        """This rank steps ``p`` (or, split, its rows of it). Unsharded: every parameter, also
+        ones the optimizer was not built with (DeepSpeed's fp32 master copies with master_weights)."""
+        return self.owner is None or self.owns_index(self.index[p])
 
     def owns_index(self, i: int) -> bool:
         """By position in the groups, as in ``state_dict()['state']`` keys."""
@@ -227,40 +229,42 @@ class GaLoreAdamW(torch.optim.Optimizer):
         own = saved.get("owner")
         return self.owner is not None and own is not None and [int(k) for k in own] == self.owner
 
-    def shard_of(self, trees: list[dict], load=lambda entry: entry) -> dict:
+    def shard_of(self, trees: list[dict]) -> dict:
         """One state dict for this rank from saved ranks' ``state_dict()``s (sharded: each holds
         its parameters' entries and its rows of split ones; replicated: each holds all): their
-        union, this rank's share kept, split parameters' rows joined and cut to this rank's rows.
-        ``load``: reads a lazily read entry (only the entries kept are read)."""
+        union, this rank's share kept; a split parameter's moments assembled from the saved
+        pieces that hold this rank's rows. Tensors read lazily from a checkpoint (``flat``) are
+        read here, and of a split parameter's moments only the rows this rank keeps."""
         pieces: dict = {}
         for tree in trees:
             for i, entry in tree["state"].items():
                 if self.owns_index(int(i)):
                     pieces.setdefault(i, []).append(entry)
+        params = [p for g in self.param_groups for p in g["params"]]
         state: dict = {}
         for i, entries in pieces.items():
-            whole = next((e for e in entries if "rows" not in e), None)
-            first = 0  # the first row the entry's row state holds
-            if whole is not None:
-                entry = load(whole)
-            else:  # saved split: the rows, in order (all of them, or this rank's own)
-                parts = sorted((load(e) for e in entries), key=lambda e: int(e["rows"][0]))
-                first = int(parts[0]["rows"][0])
-                if any(int(a["rows"][1]) != int(b["rows"][0]) for a, b in zip(parts, parts[1:])):
-                    raise ValueError(f"optimizer state of parameter {i}: the saved rows do not join up")
-                entry = {k: (torch.cat([e[k] for e in parts]) if k in _ROW_STATE else v)
-                         for k, v in parts[0].items() if k != "rows"}
-            rows = self.rows.get(int(i)) if self.owner is not None else None
-            if rows is not None:  # split now: this rank's rows
-                lo, hi = rows[self.shard_rank]
-                held = next(iter(entry[k].shape[0] for k in _ROW_STATE if k in entry), hi - first)
-                if lo < first or hi > first + held:
-                    raise ValueError(f"optimizer state of parameter {i}: rows {lo}..{hi} are not in the saved "
-                                     f"rows {first}..{first + held}")
-                entry = {**{k: (v[lo - first:hi - first] if k in _ROW_STATE else v) for k, v in entry.items()},
-                         "rows": torch.tensor([lo, hi], dtype=torch.int64)}
-            elif first:
-                raise ValueError(f"optimizer state of parameter {i}: saved from row {first} only, needed whole")
+            split_now = self.owner is not None and int(i) in self.rows
+            whole = [e for e in entries if "rows" not in e]
+            if not split_now and whole:  # saved whole, needed whole
+                state[i] = {k: _read(v) for k, v in whole[0].items()}
+                continue
+            total = params[int(i)].shape[0]
+            lo, hi = self.rows[int(i)][self.shard_rank] if split_now else (0, total)
+            spans = sorted(((0, total, e) if "rows" not in e else (*(int(r) for r in _read(e["rows"])), e)
+                            for e in (whole[:1] or entries)), key=lambda s: s[0])
+            entry = {}
+            for k, v in spans[0][2].items():
+                if k == "rows":
+                    continue
+                if k not in _ROW_STATE:
+                    entry[k] = _read(v)
+                    continue
+                parts = [_read_rows(e[k], max(a, lo) - a, min(b, hi) - a) for a, b, e in spans if min(b, hi) > max(a, lo)]
+                if sum(part.shape[0] for part in parts) != hi - lo:
+                    raise ValueError(f"optimizer state of parameter {i}: the saved rows do not cover rows {lo}..{hi}")
+                entry[k] = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if split_now:
+                entry["rows"] = torch.tensor([lo, hi], dtype=torch.int64)
             state[i] = entry
         return {"state": state, "param_groups": trees[0]["param_groups"]}
 
@@ -309,6 +313,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if isinstance(value, Tensor):  # copies: a live state dict's tensors are not shared
                     where = "cpu" if key == "step" or key in self.host_state else p.device
                     self.state[p][key] = value.to(device=where, copy=True)
+
+
+def _read(v):
+    """A state value; one read lazily from a checkpoint (it has ``flat``) is read whole."""
+    return v.flat(0, v.numel()).reshape(v.shape) if not isinstance(v, Tensor) and hasattr(v, "flat") else v
+
+
+def _read_rows(v, a: int, b: int) -> Tensor:
+    """Rows ``a..b`` of a state tensor; of a lazily read one, only those rows are read."""
+    if isinstance(v, Tensor):
+        return v[a:b]
+    per_row = v.numel() // v.shape[0]
+    return v.flat(a * per_row, b * per_row).reshape(b - a, *v.shape[1:])
 
 
 SPLIT = -1  # owner of a parameter split by rows over every rank
