@@ -629,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = measure_seqpar(cfg, topo, args)
         (ours_tok, ours_mfu), (plain_tok, plain_mfu) = per_second(ours, tokens), per_second(plain, tokens)
         extra = []
+        if args.variant:
+            _free(device)  # this process's cached GPU blocks back to the driver: the variants' processes need them
         for name, more in args.variant:
             print(f"bench_train: seq_len {s}: seqpar Trainer, {name} (own process)", file=sys.stderr, flush=True)
             step_s, v_peak, why = measure_variant(args, overrides, more, s)
