@@ -354,6 +354,15 @@ class LazyTensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def read(self) -> torch.Tensor:
+        """The whole tensor."""
+        return self.flat(0, self.numel()).reshape(self.shape)
+
+    def read_rows(self, a: int, b: int) -> torch.Tensor:
+        """Rows ``a..b`` of the first dimension, reading only those."""
+        per_row = self.numel() // self.shape[0]
+        return self.flat(a * per_row, b * per_row).reshape(b - a, *self.shape[1:])
+
     def flat(self, lo: int, hi: int) -> torch.Tensor:
         if len(self.shape) == 1:
             return self._slice[lo:hi]

@@ -45,7 +45,7 @@ def _layout(t: dict[str, Any]) -> str:
 def _loaded(tree: Any) -> Any:
     """``tree`` with its lazily read tensors (``LazyTensor``) read whole."""
     if isinstance(tree, LazyTensor):
-        return tree.flat(0, tree.numel()).reshape(tree.shape)
+        return tree.read()
     if isinstance(tree, dict):
         return {k: _loaded(v) for k, v in tree.items()}
     if isinstance(tree, list):

@@ -59,7 +59,7 @@ from seqpar.models.transformer import combine_routing_digest
 from seqpar.parallel import Topology
 from seqpar.parallel.attention import build_attention, prepare_local_kernel, shard_for
 from seqpar.optim import build_small_state_optimizer, describe_optimizer
-from seqpar.optim.sizes import checkpoint_bytes
+from seqpar.optim.sizes import checkpoint_bytes, galore_sharded
 from seqpar.parallel.experts import ExpertParallel, clip_grad_norm_
 from seqpar.parallel.sharding import owner_of
 from seqpar.rng import seed_everything
@@ -631,10 +631,10 @@ class Trainer:
 
     @property
     def galore_sharded(self) -> bool:
-        """GaLore's state sharded over the ranks holding the same weights (train.galore.shard_state)."""
-        t = self.cfg.train
-        return (t.optimizer == "galore" and t.galore.shard_state and self.topo.world_size > 1
-                and dss.optimizer_kind(self.engine) == "torch")
+        """GaLore's state sharded over the ranks holding the same weights (train.galore.shard_state;
+        the planner uses the same rule)."""
+        # the engine's own optimizer is GaLore (no DeepSpeed wrapper: a user's deepspeed.bf16 adds one)
+        return galore_sharded(self.cfg, self.topo.world_size) and dss.optimizer_kind(self.engine) == "torch"
 
     def _meta(self) -> dict[str, Any]:
         import deepspeed

@@ -136,9 +136,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         the shapes and the group size alone, so every rank computes the same)."""
         pairs = [(p, g) for g in self.param_groups for p in g["params"]]
         self.owner, self.rows = plan_shards([self.state_numel(p, g) for p, g in pairs],
-                                            [None if g.get("galore") or p.dim() == 0 or not p.is_contiguous()
-                                             else p.shape[0] for p, g in pairs],  # rows broadcast in place
-                                            dist.get_world_size(group))
+                                            [self.split_rows(p, g) for p, g in pairs], dist.get_world_size(group))
         self.shard_rank, self.shard_group = dist.get_rank(group), group
         # state loaded before (a resume into an optimizer built replicated): keep this rank's share
         for p in list(self.state):
@@ -165,6 +163,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return rows[self.shard_rank] if rows is not None else None
 
     @staticmethod
+    def split_rows(p: Tensor, group: dict) -> int | None:
+        """Rows ``p`` could be split into (``plan_shards``): a plain AdamW step is elementwise; None
+        for a GaLore matrix, a scalar, or a tensor whose rows are not contiguous (broadcast in place)."""
+        return None if group.get("galore") or p.dim() == 0 or not p.is_contiguous() else p.shape[0]
+
+    @staticmethod
     def state_numel(p: Tensor, group: dict) -> int:
         """Elements of ``p``'s state (the balance of the shards)."""
         if group.get("galore") and p.dim() == 2:
@@ -182,10 +186,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             p = params[i]
             for k, (lo, hi) in enumerate(rows):
                 if hi > lo:
-                    src = dist.get_global_rank(self.shard_group, k) if self.shard_group is not None else k
-                    dist.broadcast(p.data[lo:hi], src=src, group=self.shard_group)
+                    dist.broadcast(p.data[lo:hi], src=self._global(k), group=self.shard_group)
         for k in range(world):
-            src = dist.get_global_rank(self.shard_group, k) if self.shard_group is not None else k
+            src = self._global(k)
             mine = [p for p in params if self.owner[self.index[p]] == k]
             for dtype in sorted({p.dtype for p in mine}, key=str):
                 bucket: list[Tensor] = []
@@ -201,6 +204,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     size += p.numel()
                 if bucket:
                     self._broadcast(bucket, k, src)
+
+    def _global(self, k: int) -> int:
+        """Global rank of the shard group's rank ``k`` (broadcast sources are global ranks)."""
+        return dist.get_global_rank(self.shard_group, k) if self.shard_group is not None else k
 
     def _broadcast(self, bucket: list[Tensor], owner: int, src: int) -> None:
         if owner == self.shard_rank:
@@ -316,16 +323,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
 
 def _read(v):
-    """A state value; one read lazily from a checkpoint (it has ``flat``) is read whole."""
-    return v.flat(0, v.numel()).reshape(v.shape) if not isinstance(v, Tensor) and hasattr(v, "flat") else v
+    """A state value; one read lazily from a checkpoint (it has ``read``) is read whole."""
+    return v if isinstance(v, Tensor) or not hasattr(v, "read") else v.read()
 
 
 def _read_rows(v, a: int, b: int) -> Tensor:
     """Rows ``a..b`` of a state tensor; of a lazily read one, only those rows are read."""
-    if isinstance(v, Tensor):
-        return v[a:b]
-    per_row = v.numel() // v.shape[0]
-    return v.flat(a * per_row, b * per_row).reshape(b - a, *v.shape[1:])
+    return v[a:b] if isinstance(v, Tensor) else v.read_rows(a, b)
 
 
 SPLIT = -1  # owner of a parameter split by rows over every rank

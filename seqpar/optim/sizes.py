@@ -68,7 +68,7 @@ def galore_largest_share(cfg: Config, world_size: int) -> int:
     groups = galore_groups(model, cfg.train)
     params = [(p, g) for g in groups for p in g["params"]]
     owner, rows = plan_shards([GaLoreAdamW.state_numel(p, g) for p, g in params],
-                              [None if g.get("galore") or p.dim() == 0 else p.shape[0] for p, g in params], world_size)
+                              [GaLoreAdamW.split_rows(p, g) for p, g in params], world_size)
     load = [0] * world_size
     for i, ((p, g), k) in enumerate(zip(params, owner)):
         if k == SPLIT:  # each rank: its rows' AdamW moments + the step
