@@ -304,7 +304,11 @@ def test_cache_problems(tmp_path: Path):
     one_line_error(lambda: build_dataset(cfg, blocker / "cache"), "tokenized-data cache", "data.cache_dir")
     build_dataset(cfg, tmp_path / "cache")
     (entry,) = (tmp_path / "cache").iterdir()
-    (entry / "tokens.npy").unlink()
+    tokens = (entry / "tokens.bin").read_bytes()
+    (entry / "tokens.bin").write_bytes(tokens[:-2])  # cut short (a full disk, a copy interrupted)
+    one_line_error(lambda: build_dataset(cfg, tmp_path / "cache"), f"'{entry}' is unreadable",
+                   "delete that directory")
+    (entry / "tokens.bin").unlink()
     one_line_error(lambda: build_dataset(cfg, tmp_path / "cache"), f"'{entry}' is unreadable",
                    "delete that directory")
 
@@ -395,9 +399,9 @@ def test_save_hf_checkpoint_writes_special_token_ids(tmp_path: Path):
 # ----------------------------------------------------------------------------------------------
 # command line: one line on stderr, exit status 2, before the engine
 # ----------------------------------------------------------------------------------------------
-def run_train(tmp: Path, data: dict) -> subprocess.CompletedProcess:
+def run_train(tmp: Path, data: dict, vocab_size: int = 320) -> subprocess.CompletedProcess:
     cfg = {
-        "model": {"arch": "llama", "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64,
+        "model": {"arch": "llama", "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
                   "num_hidden_layers": 1, "num_attention_heads": 2},
         "data": {"seq_len": 16, **data},
         "train": {"max_steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "warmup_steps": 0,
@@ -429,6 +433,22 @@ def test_cli_broken_jsonl_line(tmp_path: Path):
     r = run_train(tmp_path, {"type": "text", "paths": [str(p)]})
     assert_usage_error(r, f"{p}:2: not valid JSON")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_cli_vocabulary_too_small(tmp_path: Path):
+    """A tokenizer whose eos lies outside the model's vocabulary is refused before any tokenizing;
+    ids outside it inside the text are found after (the line names where the largest id came from)."""
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES * 4])
+    r = run_train(tmp_path, {"type": "text", "paths": [str(p)]}, vocab_size=200)
+    assert_usage_error(r, "data.tokenizer: the eos token of the byte tokenizer (vocabulary of 259) has id 258",
+                       "model.vocab_size=200", "at least 259")
+    assert not (tmp_path / "run" / "cache").exists()  # refused before tokenizing
+    tok = make_hf_tokenizer(tmp_path / "tokenizer.json", ["<|endoftext|>"])  # eos is id 0
+    r = run_train(tmp_path, {"type": "text", "paths": [str(p)], "tokenizer": str(tok)}, vocab_size=100)
+    assert_usage_error(r, "data.paths: the data emits token ids up to", f"tokenizer '{tok}'",
+                       "model.vocab_size=100")
+    assert "tokenizing data.paths (1 file" in r.stdout  # the first rank reports the cache it builds
 
 
 @pytest.mark.slow

@@ -33,6 +33,14 @@ MOE = {
 
 def launch(tmp: Path, name: str, nproc: int, launcher: str, model: dict | None = None, **sections) -> list[dict]:
     """Run one training job; return its metrics.jsonl records."""
+    r, run_dir = run_job(tmp, name, nproc, launcher, model, **sections)
+    assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_job(tmp: Path, name: str, nproc: int, launcher: str, model: dict | None = None,
+            **sections) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run one training job (``TINY`` with ``model`` and ``sections`` over it); (result, run dir)."""
     path, run_dir = write_config(tmp, name, TINY, **({"model": model} if model else {}), **sections)
     port = free_port()
     if launcher == "python":
@@ -44,8 +52,7 @@ def launch(tmp: Path, name: str, nproc: int, launcher: str, model: dict | None =
         cmd = ["deepspeed", f"--num_gpus={nproc}", f"--master_port={port}", TRAIN]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run(cmd + ["--config", str(path)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp)
-    assert r.returncode == 0, f"{name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return r, run_dir
 
 
 def losses(records: list[dict]) -> list[float]:
@@ -100,3 +107,29 @@ def test_sequence_parallel_training_matches_sp1(tmp_path, model):
     ]:
         got = losses(launch(tmp_path, name, nproc, "torchrun", m, parallel=par, train=steps))
         assert_same_curve(ref, got, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_ranks_tokenize_once(tmp_path):
+    """torchrun, 2 ranks, jsonl text: rank 0 tokenizes into the cache and says so, rank 1 waits on
+    the gloo control group and reads the same entry; a bad record stops both ranks with its line."""
+    docs = [{"text": f"document {i}: " + "long context " * (i % 7 + 3)} for i in range(200)]
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + json.dumps({"txt": "no text field"}) + "\n")
+    cache = tmp_path / "cache"
+    text = {"type": "text", "seq_len": 64, "cache_dir": str(cache)}
+    train = {"max_steps": 1, "global_batch_size": 2, "warmup_steps": 0}
+    r, _ = run_job(tmp_path, "bad", 2, "torchrun", data={**text, "paths": [str(bad)]}, train=train)
+    assert r.returncode != 0 and f"{bad}:201: missing field 'text'" in r.stderr, r.stderr[-3000:]
+    assert not cache.exists() or not any(cache.iterdir())
+
+    r, run_dir = run_job(tmp_path, "good", 2, "torchrun", data={**text, "paths": [str(good)]}, train=train)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("seqpar: tokenizing data.paths (1 file") == 1, r.stdout  # the first rank's
+    assert r.stdout.count("seqpar: tokenized ") == 1 and "(200 documents)" in r.stdout
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1]
+    (entry,) = cache.iterdir()  # one entry, no temporary folder left by either rank
+    assert entry.name.startswith("text-") and (entry / "meta.json").is_file()

@@ -96,12 +96,12 @@ def _collect(value: Any) -> list[Any]:
     return out
 
 
-def from_rank0(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank (collective)."""
+def from_rank0(value: Any, group: Any = None) -> Any:
+    """Rank 0's ``value`` on every rank (collective over ``group``, default: all ranks)."""
     if not dist.is_initialized():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 

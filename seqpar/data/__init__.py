@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from seqpar.config import DataConfig
+from seqpar.data.cache import Say
 from seqpar.data.loader import Batch, MicroBatchLoader
 from seqpar.data.packing import IGNORE_INDEX, PackedDataset, Sample
 from seqpar.data.sampler import GlobalSampler
@@ -34,8 +35,9 @@ def build_tokenizer(cfg: DataConfig) -> Tokenizer:
     return HFTokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
 
 
-def build_dataset(cfg: DataConfig, cache_dir: Path) -> PackedDataset:
-    """The training dataset selected by ``cfg.type``. ``cache_dir`` holds tokenized text/SFT.
+def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key: str = "data.paths") -> PackedDataset:
+    """The training dataset selected by ``cfg.type``. ``cache_dir`` holds tokenized text/SFT;
+    ``say`` (the first rank's printer) reports tokenizing progress, naming the files ``key``.
 
     Every file is read (or its cache entry loaded) here, so a mistake in a data file or the
     tokenizer raises ``DataError`` (one line naming the file, line and fix) before any model or
@@ -46,9 +48,9 @@ def build_dataset(cfg: DataConfig, cache_dir: Path) -> PackedDataset:
     if cfg.type == "tokens":
         return TokenDataset(cfg)
     if cfg.type == "text":
-        return TextDataset(cfg, build_tokenizer(cfg), Path(cache_dir))
+        return TextDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key)
     if cfg.type == "sft":
-        return SFTDataset(cfg, build_tokenizer(cfg), Path(cache_dir))
+        return SFTDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key)
     raise ValueError(f"unknown data.type '{cfg.type}'")
 
 

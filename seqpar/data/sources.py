@@ -1,8 +1,9 @@
 """File-backed datasets: jsonl text, pre-tokenized token files, and supervised fine-tuning jsonl.
 
-Text and SFT files are tokenized once and cached as ``.npy`` under ``cache_dir`` (keyed by the
-sha256 of the files, the tokenizer file and the settings), then memory-mapped: a second run, and
-every data-parallel rank after the first, loads instantly. Token files are memory-mapped directly.
+Text and SFT files are tokenized once into ``cache_dir`` (``data/cache.py``: keyed by the sha256 of
+the files, the tokenizer and the settings; written a batch of records at a time, so a corpus larger
+than memory tokenizes), then memory-mapped: a second run, and every data-parallel rank after the
+first, loads instantly. Token files are memory-mapped directly.
 
 Every problem with a user's file raises ``DataError`` (one line: the file, the line or token
 position, and the fix) while the dataset is constructed: all of a text/SFT file is read then
@@ -15,13 +16,9 @@ Stream datasets (text, tokens) cut the concatenated token stream into back-to-ba
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import cached_property
 from itertools import chain
 from pathlib import Path
@@ -30,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from seqpar.config import DataConfig
+from seqpar.data.cache import ArrayWriter, Progress, Say, cache_key, cached
 from seqpar.data.packing import PackedDataset, Sample, greedy_pack, pack_documents, window_sample
-from seqpar.data.tokenizer import Tokenizer, _one_line
+from seqpar.data.tokenizer import Tokenizer, _one_line, tokenizer_name
 from seqpar.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "v1"  # bump when the cached layout or the document format changes
 _ENCODE_BATCH = 1024  # records per tokenizer call (HF tokenizers parallelise within a batch)
 # Chat roles a record may use (loss goes on "assistant"); anything else is most likely a dataset in
 # another convention (ShareGPT's human/gpt) that would otherwise train on nothing or the wrong turns.
@@ -47,8 +44,9 @@ _JSONL_HINT = "data.paths wants JSON Lines: one JSON object per line"
 # ----------------------------------------------------------------------------------------------
 # helpers: jsonl reading, caching
 # ----------------------------------------------------------------------------------------------
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line_number, record)`` for each non-blank line; errors name ``file:line``.
+def _iter_jsonl(path: Path, progress: Progress | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line_number, record)`` for each non-blank line; errors name ``file:line``. ``progress``
+    counts the bytes read.
 
     A file without a single record (empty, or only blank lines) is an error too, raised when the
     iteration reaches its end.
@@ -60,6 +58,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"data.paths: cannot read '{path}' ({e.strerror or e})") from None
     with f:
         for lineno, raw in enumerate(f, start=1):
+            if progress is not None:
+                progress.advance(len(raw))
             if not raw.strip():
                 continue
             try:
@@ -117,76 +117,6 @@ def _encode(tok: Tokenizer, texts: list[str], path: Path, lines: tuple[int, int]
     except DataError as e:
         where = f"{path}:{lines[0]}" + (f"-{lines[1]}" if lines[1] != lines[0] else "")
         raise DataError(f"{where}: {e}") from None
-
-
-def _tokenizer_name(tok: Tokenizer) -> str:
-    path = getattr(tok, "path", None)
-    name = f"tokenizer '{path}'" if path is not None else "the byte tokenizer"
-    return f"{name} (vocabulary of {tok.vocab_size})"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _cache_key(kind: str, paths: list[Path], tokenizer: Tokenizer, settings: dict[str, Any]) -> str:
-    """Content hash: renaming or moving a file keeps the cache, editing one invalidates it."""
-    blob = json.dumps(
-        {
-            "version": CACHE_VERSION,
-            "kind": kind,
-            "files": [_file_sha256(p) for p in paths],
-            "tokenizer": tokenizer.cache_key,
-            "settings": settings,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _cached(
-    cache_dir: Path, name: str, build: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Load ``cache_dir/name`` (arrays memory-mapped), building it first if absent.
-
-    The entry is written to a temporary folder and renamed into place, so a reader never sees a
-    half-written cache and concurrent builders (several ranks) are safe: the first rename wins.
-    """
-    final = Path(cache_dir) / name
-    if not (final / "meta.json").is_file():
-        arrays, meta = build()  # data errors first: they do not depend on the cache
-        tmp = None
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-            for key, arr in arrays.items():
-                np.save(tmp / f"{key}.npy", arr)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        except OSError as e:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(
-                f"cannot write the tokenized-data cache in '{final.parent}' ({e.strerror or e}): set "
-                f"data.cache_dir to a writable directory with free space"
-            ) from None
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; its entry is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        meta = json.loads((final / "meta.json").read_text())
-        arrays = {k: np.load(final / f"{k}.npy", mmap_mode="r") for k in meta["arrays"]}
-    except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
-        raise DataError(
-            f"tokenized-data cache entry '{final}' is unreadable ({_one_line(e)}): delete that "
-            f"directory and run again (it is rebuilt from data.paths)"
-        ) from None
-    return arrays, meta
 
 
 def _stream_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -259,60 +189,63 @@ class TextDataset(_StreamDataset):
     string inside a text cannot fake a boundary.
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, say: Say | None = None,
+                 key: str = "data.paths"):
         self.seq_len = cfg.seq_len
         self.paths = list(cfg.paths)
         self.pad_id = tokenizer.pad_id
         self.text_field = cfg.text_field
-        key = _cache_key("text", self.paths, tokenizer, {"text_field": cfg.text_field})
-        arrays, meta = _cached(cache_dir, f"text-{key[:24]}", lambda: self._tokenize(tokenizer))
+        name = "text-" + cache_key("text", self.paths, tokenizer.cache_key, {"text_field": cfg.text_field})[:24]
+        arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
+            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name)))
         self.tokens: np.ndarray = arrays["tokens"]
         self.doc_ends: np.ndarray = arrays["doc_ends"]  # stream index of each document's eos
         self.num_tokens = len(self.tokens)
         # the stream holds every id it can emit (eos/bos included; no padding in stream windows)
         self.vocab_size_needed = int(meta["max_id"]) + 1
-        self.vocab_source = _tokenizer_name(tokenizer)
+        self.vocab_source = tokenizer_name(tokenizer)
         if len(self) == 0:
             raise _too_small(self.paths, self.num_tokens, self.seq_len)
 
-    def _tokenize(self, tok: Tokenizer) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def _tokenize(self, tok: Tokenizer, out: ArrayWriter, progress: Progress) -> dict[str, Any]:
+        """Appends ``tokens`` and ``doc_ends`` a batch of documents at a time; returns the meta."""
         dtype = _stream_dtype(tok.vocab_size)
-        chunks: list[np.ndarray] = []
-        lengths: list[np.ndarray] = []
+        out.declare("tokens", dtype)
+        out.declare("doc_ends", np.int64)
+        total = all_docs = max_id = 0
         for path in self.paths:
-            log.info("tokenizing %s", path)
             batch: list[str] = []
             lines: list[int] = []
             content = docs = 0
-            for lineno, rec in _iter_jsonl(path):
+            for lineno, rec in _iter_jsonl(path, progress):
                 batch.append(_get_str(rec, self.text_field, f"{path}:{lineno}", "data.text_field"))
                 lines.append(lineno)
                 if len(batch) == _ENCODE_BATCH:
-                    content += self._add(tok, batch, (path, lines), dtype, chunks, lengths)
-                    docs, batch, lines = docs + len(batch), [], []
+                    n, total, max_id = self._add(tok, batch, (path, lines), dtype, out, total, max_id, progress)
+                    content, docs, batch, lines = content + n, docs + len(batch), [], []
             if batch:
-                content += self._add(tok, batch, (path, lines), dtype, chunks, lengths)
-                docs += len(batch)
+                n, total, max_id = self._add(tok, batch, (path, lines), dtype, out, total, max_id, progress)
+                content, docs = content + n, docs + len(batch)
             if content == 0:
                 raise DataError(
                     f"{path}: all {docs} records have an empty '{self.text_field}': nothing to train "
                     f"on; check data.text_field or remove the file from data.paths"
                 )
-        tokens = np.concatenate(chunks)
-        doc_ends = np.cumsum(np.concatenate(lengths)) - 1
-        meta = {"arrays": ["tokens", "doc_ends"], "max_id": int(tokens.max()), "docs": len(doc_ends)}
-        return {"tokens": tokens, "doc_ends": doc_ends}, meta
+            all_docs += docs
+        progress.finish(f"{all_docs:,} documents")
+        return {"max_id": max_id, "docs": all_docs}
 
     @staticmethod
-    def _add(
-        tok: Tokenizer, texts: list[str], where: tuple[Path, list[int]], dtype: type, chunks: list, lengths: list
-    ) -> int:
-        """Appends the batch's documents; returns its number of text tokens (bos/eos excluded)."""
+    def _add(tok: Tokenizer, texts: list[str], where: tuple[Path, list[int]], dtype: type, out: ArrayWriter,
+             total: int, max_id: int, progress: Progress) -> tuple[int, int, int]:
+        """Appends the batch's documents; returns (text tokens in it (bos/eos excluded), stream
+        length so far, largest id so far)."""
         encoded = _encode(tok, texts, where[0], (where[1][0], where[1][-1]))
         tokens, doc_len = _join_docs(encoded, tok.bos_id, tok.eos_id, dtype)
-        chunks.append(tokens)
-        lengths.append(doc_len)
-        return sum(len(d) for d in encoded)
+        out.append("tokens", tokens)
+        out.append("doc_ends", total + np.cumsum(doc_len) - 1)
+        progress.advance(ntokens=len(tokens))
+        return sum(len(d) for d in encoded), total + len(tokens), max(max_id, int(tokens.max()))
 
     def _window(self, lo: int, hi: int) -> np.ndarray:
         return self.tokens[lo:hi]
@@ -479,7 +412,8 @@ class SFTDataset(PackedDataset):
     longer than ``seq_len`` are cut to ``seq_len`` and counted in ``truncated``.
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path):
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, say: Say | None = None,
+                 key: str = "data.paths"):
         self.seq_len = cfg.seq_len
         self.paths = list(cfg.paths)
         self.pad_id = tokenizer.pad_id
@@ -491,15 +425,16 @@ class SFTDataset(PackedDataset):
             "chat_template": cfg.chat_template,
             "sft_separator": cfg.sft_separator,
         }
-        key = _cache_key("sft", self.paths, tokenizer, settings)
-        arrays, meta = _cached(cache_dir, f"sft-{key[:24]}", lambda: self._tokenize(tokenizer))
+        name = "sft-" + cache_key("sft", self.paths, tokenizer.cache_key, settings)[:24]
+        arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
+            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name)))
         self.tokens: np.ndarray = arrays["tokens"]
         self.loss_mask: np.ndarray = arrays["loss_mask"]  # 1 where the token is a target
         self.offsets: np.ndarray = arrays["offsets"]  # example k = tokens[offsets[k]:offsets[k+1]]
         self.num_examples = len(self.offsets) - 1
         self.bounds, self.truncated = greedy_pack(np.diff(self.offsets), self.seq_len)
         self.vocab_size_needed = max(int(meta["max_id"]), self.pad_id) + 1  # padding is emitted too
-        self.vocab_source = _tokenizer_name(tokenizer)
+        self.vocab_source = tokenizer_name(tokenizer)
         if self.truncated:
             log.warning(
                 "%d of %d SFT examples are longer than data.seq_len=%d and were truncated",
@@ -559,15 +494,20 @@ class SFTDataset(PackedDataset):
         # the separator belongs to the prompt (tokenized with it, as a prompt is at inference)
         return [(prompt + c.sft_separator, False), (response, True)]
 
-    def _tokenize(self, tok: Tokenizer) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def _tokenize(self, tok: Tokenizer, out: ArrayWriter, progress: Progress) -> dict[str, Any]:
+        """Appends ``tokens``, ``loss_mask`` and ``offsets`` a batch of records at a time."""
         dtype = _stream_dtype(tok.vocab_size)
-        ids: list[int] = []
-        mask: list[int] = []
-        lengths: list[int] = []
+        out.declare("tokens", dtype)
+        out.declare("loss_mask", np.uint8)
+        out.append("offsets", np.zeros(1, np.int64))
+        state = {"total": 0, "examples": 0, "max_id": 0}
 
         def flush(records: list[list[tuple[str, bool]]], path: Path, lines: list[int]) -> None:
             texts = [text for segs in records for text, _ in segs]
             encoded = iter(_encode(tok, texts, path, (lines[0], lines[-1])))
+            ids: list[int] = []
+            mask: list[int] = []
+            lengths: list[int] = []
             for segs in records:
                 start = len(ids)
                 if tok.bos_id is not None:
@@ -580,12 +520,19 @@ class SFTDataset(PackedDataset):
                 ids.append(tok.eos_id)
                 mask.append(1)  # the model learns to stop
                 lengths.append(len(ids) - start)
+            tokens = np.asarray(ids, dtype=dtype)
+            out.append("tokens", tokens)
+            out.append("loss_mask", np.asarray(mask, dtype=np.uint8))
+            out.append("offsets", state["total"] + np.cumsum(lengths, dtype=np.int64))
+            state["total"] += len(tokens)
+            state["examples"] += len(lengths)
+            state["max_id"] = max(state["max_id"], int(tokens.max()))
+            progress.advance(ntokens=len(tokens))
 
         for path in self.paths:
-            log.info("tokenizing %s", path)
             records: list[list[tuple[str, bool]]] = []
             lines: list[int] = []
-            for lineno, rec in _iter_jsonl(path):
+            for lineno, rec in _iter_jsonl(path, progress):
                 records.append(self._segments(rec, f"{path}:{lineno}"))
                 lines.append(lineno)
                 if len(records) == _ENCODE_BATCH:
@@ -593,14 +540,8 @@ class SFTDataset(PackedDataset):
                     records, lines = [], []
             if records:
                 flush(records, path, lines)
-        tokens = np.asarray(ids, dtype=dtype)
-        arrays = {
-            "tokens": tokens,
-            "loss_mask": np.asarray(mask, dtype=np.uint8),
-            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        }
-        meta = {"arrays": list(arrays), "max_id": int(tokens.max()), "examples": len(lengths)}
-        return arrays, meta
+        progress.finish(f"{state['examples']:,} examples")
+        return {"max_id": state["max_id"], "examples": state["examples"]}
 
     # -- packing --------------------------------------------------------------------------------
     def _sample(self, i: int) -> Sample:

@@ -151,6 +151,13 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def tokenizer_name(tok: Tokenizer) -> str:
+    """How errors name a tokenizer: its file (or the byte tokenizer) and its vocabulary size."""
+    path = getattr(tok, "path", None)
+    name = f"tokenizer '{path}'" if path is not None else "the byte tokenizer"
+    return f"{name} (vocabulary of {tok.vocab_size})"
+
+
 def _one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split())
 

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from seqpar.engine.snapshot import Snapshot
 from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data.loader import to_device
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset, build_tokenizer
+from seqpar.data.tokenizer import tokenizer_name
 from seqpar.errors import DataError, UserError
 from seqpar.evaluate import passkey_results
 from seqpar.flops import step_flops
@@ -72,6 +74,10 @@ RUN_STATE_EXIT = {"running": 1, "preempted": EXIT_PREEMPTED, "finished": 0}
 
 class CheckpointIOError(RuntimeError):
     """A checkpoint could not be written and checkpoint.on_write_error is stop (exit ``EXIT_IO``)."""
+
+
+def _say(message: str) -> None:
+    print(f"seqpar: {message}", flush=True)
 
 
 def _size(n: float) -> str:
@@ -177,20 +183,23 @@ class Trainer:
         self.state = TrainState()
         self.extensions = Extensions(extra_state)
         self.run_dir = Path(cfg.logging.run_dir)
+        # start-up progress the first rank prints before the logger exists (tokenizing the data)
+        self.data_say: Callable[[str], None] | None = _say if topo.is_main else None
         seed_everything(cfg.train.seed)
 
         # data: rank 0 tokenizes into the cache first (a mistake it finds stops every rank with its
-        # one line, instead of leaving the others at the barrier), the others then read it
+        # one line, instead of leaving the others at the barrier), the others then read it. They
+        # wait on the gloo control group, whose timeout allows hours of tokenizing (NCCL's does not)
         cache_dir = cfg.data.cache_dir or self.run_dir / "cache"
         if topo.is_main:
             try:
                 self._build_data(cache_dir)
             except UserError as e:
-                from_rank0(str(e))
+                from_rank0(str(e), group=topo.control_group)
                 raise
-            from_rank0(None)
+            from_rank0(None, group=topo.control_group)
         else:
-            if (error := from_rank0(None)) is not None:
+            if (error := from_rank0(None, group=topo.control_group)) is not None:
                 raise DataError(error)
             self._build_data(cache_dir)
         self._last_eval: tuple[int, float] | None = None
@@ -305,7 +314,15 @@ class Trainer:
     def _build_data(self, cache_dir: Path) -> None:
         """Training and held-out datasets, and the tokenizer the checkpoints carry for export."""
         cfg = self.cfg
-        self.dataset = build_dataset(cfg.data, cache_dir)
+        if cfg.data.type in ("text", "sft"):  # before tokenizing a corpus for nothing
+            tok = build_tokenizer(cfg.data)
+            for name, i in (("eos", tok.eos_id), ("bos", tok.bos_id)):
+                if i is not None and i >= cfg.model.vocab_size:
+                    raise DataError(
+                        f"data.tokenizer: the {name} token of {tokenizer_name(tok)} has id {i} (every document "
+                        f"has one), outside model.vocab_size={cfg.model.vocab_size}: raise model.vocab_size to "
+                        f"at least {tok.vocab_size} or use a tokenizer that fits")
+        self.dataset = build_dataset(cfg.data, cache_dir, self.data_say)
         self.eval_set = build_eval_dataset(self)  # held-out data for train.eval_every (None: off)
         for ds, key in ((self.dataset, "data.paths"), (self.eval_set, "data.eval_paths")):
             if ds is not None and ds.vocab_size_needed > cfg.model.vocab_size:

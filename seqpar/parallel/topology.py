@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,8 +61,9 @@ class Topology:
     ulysses_group: object = field(repr=False, default=None)
     ring_group: object = field(repr=False, default=None)
     ring_ranks: list[int] = field(repr=False, default_factory=list)  # global ranks of my ring
-    # Small host-side agreements (stop flags) go over gloo on CPU tensors: on an NCCL job a GPU
-    # tensor there would make the host wait for the GPU after every micro-batch. None = WORLD.
+    # Small host-side agreements (stop flags, start-up waits) go over gloo on CPU tensors: on an
+    # NCCL job a GPU tensor there would make the host wait for the GPU after every micro-batch.
+    # None = WORLD (a Topology made by hand, without make_topology).
     control_group: object = field(repr=False, default=None)
 
     @property
@@ -120,6 +122,12 @@ def init_topology(ulysses: int, ring: int, device: torch.device, backend: str = 
     return make_topology(ulysses, ring, device)
 
 
+# The control group's collectives may wait for hours at start-up (rank 0 tokenizing a corpus, hashing
+# a LoRA base) where NCCL's and DeepSpeed's default 30 minutes would kill the job. A rank that dies
+# meanwhile is noticed anyway: its peers' gloo connections close, and launchers stop the rest.
+CONTROL_TIMEOUT = timedelta(hours=24)
+
+
 def make_topology(ulysses: int, ring: int, device: torch.device) -> Topology:
     """Create this layout's process groups (collective: every rank calls it with the same args)."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -137,6 +145,6 @@ def make_topology(ulysses: int, ring: int, device: torch.device) -> Topology:
                 setattr(topo, f"{kind}_group", g)
                 if kind == "ring":
                     topo.ring_ranks = ranks
-    if dist.get_backend() != "gloo":
-        topo.control_group = dist.new_group(backend="gloo")  # collective, like the groups above
+    # collective, like the groups above; its own group (also on gloo jobs) for its long timeout
+    topo.control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return topo

@@ -1,0 +1,236 @@
+"""The tokenized-data cache: text and SFT files are tokenized once, then memory-mapped.
+
+An entry is a folder named by a content hash (the files' sha256, the tokenizer's vocabulary, the
+settings): renaming or moving a file keeps the cache, editing one invalidates it. It holds one raw
+array file per key plus ``meta.json`` (dtype and length of each array, and what the dataset
+records). The builder appends arrays chunk by chunk, so tokenizing a corpus larger than memory
+holds one batch of records at a time, never the whole stream.
+
+Entries are written in a temporary folder and renamed into place: a reader never sees a
+half-written entry, and concurrent builders (ranks on nodes that do not share the cache) are
+safe, the first rename wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seqpar.data.tokenizer import _one_line
+from seqpar.errors import DataError
+
+CACHE_VERSION = "v2"  # bump when the entry layout or the document format changes (v2: raw arrays)
+
+Say = Callable[[str], None]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(kind: str, paths: list[Path], tokenizer_key: str, settings: dict[str, Any]) -> str:
+    """Content hash of what an entry is made from."""
+    blob = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "kind": kind,
+            "files": [file_sha256(p) for p in paths],
+            "tokenizer": tokenizer_key,
+            "settings": settings,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class CacheWriteError(OSError):
+    """Writing the entry failed (disk full, permissions): told apart from reading the data."""
+
+
+class ArrayWriter:
+    """Appends 1-D arrays, key by key, to raw files in an entry folder being built."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.dtypes: dict[str, str] = {}
+        self.lengths: dict[str, int] = {}
+        self._files: dict[str, Any] = {}
+
+    def declare(self, key: str, dtype: Any) -> None:
+        """A key that may stay empty still gets its (empty) file and dtype."""
+        if key not in self._files:
+            self.dtypes[key] = np.dtype(dtype).str
+            self.lengths[key] = 0
+            try:
+                self._files[key] = open(self.folder / f"{key}.bin", "wb")  # noqa: SIM115 - closed in close()
+            except OSError as e:
+                raise CacheWriteError(e.errno, e.strerror) from e
+
+    def append(self, key: str, arr: np.ndarray) -> None:
+        self.declare(key, arr.dtype)
+        if np.dtype(self.dtypes[key]) != arr.dtype:
+            raise TypeError(f"cache array '{key}' is {self.dtypes[key]}, got {arr.dtype}")
+        try:
+            np.ascontiguousarray(arr).tofile(self._files[key])
+        except OSError as e:
+            raise CacheWriteError(e.errno, e.strerror) from e
+        self.lengths[key] += len(arr)
+
+    def abandon(self) -> None:
+        """Close the files of an entry that will be deleted (errors do not matter then)."""
+        for f in self._files.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        error = None
+        for f in self._files.values():
+            try:
+                f.close()  # flushes: a full disk shows here too
+            except OSError as e:
+                error = error or CacheWriteError(e.errno, e.strerror)
+        if error is not None:
+            raise error
+        return {k: {"dtype": self.dtypes[k], "length": self.lengths[k]} for k in self._files}
+
+
+def _open(final: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
+    arrays = {}
+    for key, spec in meta["arrays"].items():
+        if not key.isidentifier():  # a file name inside the entry, nothing else
+            raise ValueError(f"array name {key!r}")
+        dtype, n = np.dtype(spec["dtype"]), int(spec["length"])
+        path = final / f"{key}.bin"
+        if path.stat().st_size != n * dtype.itemsize:
+            raise ValueError(f"{path.name} holds {path.stat().st_size} bytes, meta.json says {n} x {dtype}")
+        # np.memmap refuses an empty file
+        arrays[key] = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
+    return arrays
+
+
+def cached(
+    cache_dir: Path, name: str, build: Callable[[ArrayWriter], dict[str, Any]]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays (memory-mapped) and metadata of entry ``cache_dir/name``, built first if absent.
+
+    ``build(writer)`` appends the arrays and returns the metadata to record; a ``DataError`` it
+    raises (a bad record) leaves nothing behind.
+    """
+    final = Path(cache_dir) / name
+    if not (final / "meta.json").is_file():
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        except OSError as e:
+            raise _unwritable(final, e) from None
+        try:
+            writer = ArrayWriter(tmp)
+            try:
+                meta = build(writer)
+            except BaseException:
+                writer.abandon()
+                raise
+            meta = {**meta, "arrays": writer.close()}
+            try:
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            except OSError as e:
+                raise CacheWriteError(e.errno, e.strerror) from e
+        except CacheWriteError as e:  # reading the data is build's business (its own errors)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _unwritable(final, e) from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first; its entry is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+        arrays = _open(final, meta)
+    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(
+            f"tokenized-data cache entry '{final}' is unreadable ({_one_line(e)}): delete that "
+            f"directory and run again (it is rebuilt from data.paths)"
+        ) from None
+    return arrays, meta
+
+
+def _unwritable(final: Path, e: OSError) -> DataError:
+    return DataError(
+        f"cannot write the tokenized-data cache in '{final.parent}' ({e.strerror or e}): set "
+        f"data.cache_dir to a writable directory with free space"
+    )
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Progress:
+    """Tokenizing progress for a person waiting on it: a line when it starts, one every
+    ``every_s`` seconds (bytes read of the total, tokens, rate, time left), one when done.
+    ``say`` None: silent (ranks other than the first)."""
+
+    def __init__(self, say: Say | None, key: str, paths: list[Path], entry: Path, every_s: float = 30.0,
+                 clock: Callable[[], float] | None = None):
+        self.say, self.every_s, self.clock = say, every_s, clock or time.monotonic
+        self.total = sum(p.stat().st_size for p in paths)
+        self.done_bytes = 0
+        self.tokens = 0
+        self.start = self.last = self.clock()
+        if say is not None:
+            files = f"{len(paths)} file{'s' if len(paths) != 1 else ''}"
+            say(f"tokenizing {key} ({files}, {_size(self.total)}) into {entry} (once: later runs reuse it)")
+
+    def advance(self, nbytes: int = 0, ntokens: int = 0) -> None:
+        self.done_bytes += nbytes
+        self.tokens += ntokens
+        if self.say is None:
+            return
+        now = self.clock()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.start
+        frac = min(self.done_bytes / self.total, 1.0) if self.total else 1.0
+        left = elapsed * (1 - frac) / frac if frac > 0 else float("nan")
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        eta = f", about {_duration(left)} left" if left == left else ""
+        self.say(f"tokenizing: {_size(self.done_bytes)} of {_size(self.total)} ({100 * frac:.0f}%), "
+                 f"{_count(self.tokens)} tokens, {_count(rate)} tokens/s{eta}")
+
+    def finish(self, what: str) -> None:
+        if self.say is not None:
+            self.say(f"tokenized {_count(self.tokens)} tokens ({what}) in {_duration(self.clock() - self.start)}")

@@ -1,0 +1,159 @@
+"""The tokenized-data cache at corpus scale: the builder holds one batch of records, never the whole
+stream; a batch boundary changes nothing in what is built; progress is reported to the first rank;
+a failed or interrupted build leaves nothing behind; a damaged entry is one clear line."""
+
+from __future__ import annotations
+
+import errno
+import random
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data import make_hf_tokenizer, write_jsonl
+from test_data_errors import one_line_error
+
+import seqpar.data.cache as cache_mod
+import seqpar.data.sources as sources
+from seqpar.config import DataConfig
+from seqpar.data import build_dataset, build_tokenizer
+
+
+def _docs(n: int, seed: int = 0, lo: int = 20, hi: int = 300) -> list[str]:
+    rng = random.Random(seed)
+    words = ["long", "context", "ring", "token", "shard", "rank", "zero", "loss", "window", "é", "日本"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(lo, hi) // 5)) for _ in range(n)]
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(cache.iterdir()) if cache.exists() else []
+
+
+def _arrays(ds) -> dict[str, np.ndarray]:
+    keys = ("tokens", "doc_ends", "loss_mask", "offsets")
+    return {k: np.asarray(getattr(ds, k)) for k in keys if hasattr(ds, k)}
+
+
+@pytest.mark.parametrize("kind", ["text", "sft"])
+@pytest.mark.parametrize("hf", [False, True])
+def test_batches_change_nothing(tmp_path: Path, monkeypatch, kind: str, hf: bool):
+    """Built a few records at a time (many appends) or in one batch: the same arrays and samples."""
+    docs = _docs(23)
+    if kind == "text":
+        recs = [{"text": d} for d in docs]
+    else:  # both record shapes, so offsets and masks cross batch ends in each
+        recs = [{"prompt": d[:30], "response": d[30:]} if i % 2 else
+                {"messages": [{"role": "user", "content": d[:20]}, {"role": "assistant", "content": d[20:]}]}
+                for i, d in enumerate(docs)]
+    path = write_jsonl(tmp_path / "d.jsonl", recs)
+    tok = make_hf_tokenizer(tmp_path / "tokenizer.json", ["<|endoftext|>", "<s>"]) if hf else None
+    cfg = DataConfig(type=kind, paths=[path, path], seq_len=64, tokenizer=tok)
+    whole = build_dataset(cfg, tmp_path / "one")
+    monkeypatch.setattr(sources, "_ENCODE_BATCH", 3)
+    pieces = build_dataset(cfg, tmp_path / "many")
+    a, b = _arrays(whole), _arrays(pieces)
+    assert a.keys() == b.keys() and len(a) >= 2
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    assert len(whole) == len(pieces) > 3
+    for i in range(len(whole)):
+        for k, v in whole[i].items():
+            assert np.array_equal(v, pieces[i][k]), (i, k)
+    if kind == "text":  # every document's eos is where doc_ends says, and only there
+        eos = build_tokenizer(cfg).eos_id
+        assert len(a["doc_ends"]) == 46 and np.array_equal(np.flatnonzero(a["tokens"] == eos), a["doc_ends"])
+    else:
+        assert a["offsets"][0] == 0 and a["offsets"][-1] == len(a["tokens"]) == len(a["loss_mask"])
+
+
+def test_builder_holds_one_batch_not_the_stream(tmp_path: Path, monkeypatch):
+    """Peak Python/numpy allocation while tokenizing is bounded by a batch, not the corpus: a
+    corpus larger than memory tokenizes."""
+    docs = _docs(20000, lo=200, hi=400)
+    path = write_jsonl(tmp_path / "big.jsonl", [{"text": d} for d in docs])
+    monkeypatch.setattr(sources, "_ENCODE_BATCH", 64)
+    cfg = DataConfig(type="text", paths=[path], seq_len=256)
+    tracemalloc.start()
+    try:
+        ds = build_dataset(cfg, tmp_path / "cache")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    stream = ds.tokens.nbytes + ds.doc_ends.nbytes
+    assert stream > 12_000_000  # the fixed costs (a 1 MiB read buffer for the content hash) are ~2 MB
+    assert peak < stream / 4, (peak, stream)  # holding the stream (or its pieces) would be >= 1x
+
+
+def test_progress_lines(tmp_path: Path, monkeypatch):
+    """Start, periodic (bytes of the total, tokens, rate, time left) and end lines through ``say``;
+    silent without one (every rank but the first)."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in _docs(300)])
+    ticks = iter(range(0, 10**6, 7))  # every clock reading is 7 s after the last
+    monkeypatch.setattr(cache_mod.time, "monotonic", lambda: float(next(ticks)))
+    monkeypatch.setattr(sources, "_ENCODE_BATCH", 50)
+    cfg = DataConfig(type="text", paths=[path], seq_len=64)
+    lines: list[str] = []
+    ds = build_dataset(cfg, tmp_path / "cache", lines.append, "data.eval_paths")
+    entry = _entries(tmp_path / "cache")[0]
+    assert lines[0] == f"tokenizing data.eval_paths (1 file, {cache_mod._size(path.stat().st_size)}) into {entry} " \
+                       "(once: later runs reuse it)"
+    periodic = lines[1:-1]
+    assert periodic and all(line.startswith("tokenizing: ") and " of " in line and "tokens/s" in line
+                            for line in periodic), lines
+    assert "(100%)" not in periodic[0] and "left" in periodic[0]
+    assert lines[-1].startswith(f"tokenized {cache_mod._count(len(ds.tokens))} tokens (300 documents) in ")
+    # a second build reads the entry: nothing to report; another rank's build says nothing
+    again: list[str] = []
+    build_dataset(cfg, tmp_path / "cache", again.append)
+    assert again == []
+    build_dataset(cfg, tmp_path / "other", None)  # no printer: must not fail
+
+
+def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch):
+    """A bad record after several written batches: the error names it; no entry, no temporary
+    folder remains; the fixed file then builds."""
+    recs = [{"text": d} for d in _docs(40)]
+    path = write_jsonl(tmp_path / "d.jsonl", recs + [{"txt": "oops"}])
+    monkeypatch.setattr(sources, "_ENCODE_BATCH", 4)
+    cfg = DataConfig(type="text", paths=[path], seq_len=32)
+    one_line_error(lambda: build_dataset(cfg, tmp_path / "cache"), f"{path}:41", "missing field 'text'")
+    assert _entries(tmp_path / "cache") == []
+    write_jsonl(path, recs)
+    assert len(build_dataset(cfg, tmp_path / "cache")) > 0 and len(_entries(tmp_path / "cache")) == 1
+
+
+def test_full_disk_is_one_line(tmp_path: Path, monkeypatch):
+    """Writing the entry fails mid-way (ENOSPC): one line naming data.cache_dir; nothing left."""
+    monkeypatch.setattr(sources, "_ENCODE_BATCH", 4)
+    real = cache_mod.np.ascontiguousarray
+    calls = {"n": 0}
+
+    class Full:
+        def __init__(self, arr):
+            self.arr = arr
+
+        def tofile(self, f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def contiguous(arr):
+        calls["n"] += 1
+        return Full(arr) if calls["n"] > 5 else real(arr)
+
+    monkeypatch.setattr(cache_mod.np, "ascontiguousarray", contiguous)
+    cfg = DataConfig(type="sft", paths=[write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "response": d}
+                                                                          for d in _docs(40)])], seq_len=64)
+    one_line_error(lambda: build_dataset(cfg, tmp_path / "cache"), "cannot write the tokenized-data cache",
+                   "No space left on device", "data.cache_dir")
+    assert _entries(tmp_path / "cache") == [] and calls["n"] > 5
+
+
+def test_entry_names_stay_inside(tmp_path: Path):
+    """meta.json is read back as data: an array name that is not a plain name is refused."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in _docs(10)])
+    cfg = DataConfig(type="text", paths=[path], seq_len=16)
+    build_dataset(cfg, tmp_path / "cache")
+    (entry,) = _entries(tmp_path / "cache")
+    meta = (entry / "meta.json").read_text().replace('"doc_ends"', '"../doc_ends"')
+    (entry / "meta.json").write_text(meta)
+    one_line_error(lambda: build_dataset(cfg, tmp_path / "cache"), "is unreadable", "delete that directory")
