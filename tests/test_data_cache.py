@@ -157,3 +157,27 @@ def test_entry_names_stay_inside(tmp_path: Path):
     meta = (entry / "meta.json").read_text().replace('"doc_ends"', '"../doc_ends"')
     (entry / "meta.json").write_text(meta)
     one_line_error(lambda: build_dataset(cfg, tmp_path / "cache"), "is unreadable", "delete that directory")
+
+
+def test_large_files_are_hashed_once(tmp_path: Path, monkeypatch):
+    """A large file's content hash is remembered by path, size, mtime and inode: a restart reads
+    nothing; an edit (new mtime) is hashed again and builds a new entry; a damaged memo is ignored."""
+    monkeypatch.setattr(cache_mod, "MEMO_MIN_BYTES", 1)
+    reads: list[Path] = []
+    real = cache_mod._sha256
+    monkeypatch.setattr(cache_mod, "_sha256", lambda p: reads.append(Path(p)) or real(p))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in _docs(30)])
+    cfg = DataConfig(type="text", paths=[path], seq_len=32)
+    first = build_dataset(cfg, tmp_path / "cache")
+    assert reads == [path]
+    second = build_dataset(cfg, tmp_path / "cache")
+    assert reads == [path] and np.array_equal(first.tokens, second.tokens)  # remembered
+    (memo,) = (tmp_path / "cache" / "hashes").iterdir()
+    assert memo.read_text().strip() == real(path)
+    memo.write_text("not a hash\n")
+    build_dataset(cfg, tmp_path / "cache")
+    assert reads == [path, path] and memo.read_text().strip() == real(path)  # rehashed, rewritten
+    write_jsonl(path, [{"text": d} for d in _docs(31)])  # edited: a new mtime (and content)
+    edited = build_dataset(cfg, tmp_path / "cache")
+    assert reads == [path] * 3 and len(edited.doc_ends) == 31
+    assert len([e for e in _entries(tmp_path / "cache") if e.name.startswith("text-")]) == 2

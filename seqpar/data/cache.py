@@ -33,7 +33,10 @@ CACHE_VERSION = "v2"  # bump when the entry layout or the document format change
 Say = Callable[[str], None]
 
 
-def file_sha256(path: Path) -> str:
+MEMO_MIN_BYTES = 64 << 20  # files at least this large have their hash remembered (see file_sha256)
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -41,13 +44,48 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(kind: str, paths: list[Path], tokenizer_key: str, settings: dict[str, Any]) -> str:
-    """Content hash of what an entry is made from."""
+def _stat_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}"
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """The file's sha256. A large file's hash is remembered in ``memo_dir`` under its path, size,
+    modification time and inode, so a restart (every rank, every preemption) does not read a
+    corpus of many GB again; any write to the file changes its modification time. Small files
+    are always hashed (cheap, and immune to coarse file-system clocks)."""
+    path = Path(path)
+    if memo_dir is None or path.stat().st_size < MEMO_MIN_BYTES:
+        return _sha256(path)
+    ident = _stat_id(path)
+    memo = Path(memo_dir) / "hashes" / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.sha256"
+    try:
+        known = memo.read_text().strip()
+        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            return known
+    except OSError:
+        pass
+    digest = _sha256(path)
+    if _stat_id(path) == ident:  # unchanged while it was read: worth remembering
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+            tmp.write_text(digest + "\n")
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only cache: hash again next time
+    return digest
+
+
+def cache_key(kind: str, paths: list[Path], tokenizer_key: str, settings: dict[str, Any],
+              memo_dir: Path | None = None) -> str:
+    """Content hash of what an entry is made from (``memo_dir``: where large files' hashes are
+    remembered, see ``file_sha256``)."""
     blob = json.dumps(
         {
             "version": CACHE_VERSION,
             "kind": kind,
-            "files": [file_sha256(p) for p in paths],
+            "files": [file_sha256(p, memo_dir) for p in paths],
             "tokenizer": tokenizer_key,
             "settings": settings,
         },

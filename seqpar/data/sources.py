@@ -195,7 +195,8 @@ class TextDataset(_StreamDataset):
         self.paths = list(cfg.paths)
         self.pad_id = tokenizer.pad_id
         self.text_field = cfg.text_field
-        name = "text-" + cache_key("text", self.paths, tokenizer.cache_key, {"text_field": cfg.text_field})[:24]
+        name = "text-" + cache_key("text", self.paths, tokenizer.cache_key, {"text_field": cfg.text_field},
+                                   cache_dir)[:24]
         arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
             tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name)))
         self.tokens: np.ndarray = arrays["tokens"]
@@ -425,7 +426,7 @@ class SFTDataset(PackedDataset):
             "chat_template": cfg.chat_template,
             "sft_separator": cfg.sft_separator,
         }
-        name = "sft-" + cache_key("sft", self.paths, tokenizer.cache_key, settings)[:24]
+        name = "sft-" + cache_key("sft", self.paths, tokenizer.cache_key, settings, cache_dir)[:24]
         arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
             tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name)))
         self.tokens: np.ndarray = arrays["tokens"]
