@@ -12,6 +12,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -387,6 +388,10 @@ class DataConfig(_Section):
     eval_paths: list[Path] = Field(
         default_factory=list, description="held-out files for train.eval_every (same format as paths)"
     )
+    weights: list[float] | None = Field(
+        None, description="one per data.paths file: each file its own source, sampled in these proportions "
+        "(sources above their natural share repeat); None = the files form one dataset"
+    )
     tokenizer: Path | None = Field(None, description="tokenizer.json (text/sft); None = bytes")
     eos_token: str | None = Field(
         None, description="with tokenizer: token ending each document; None = <|endoftext|>, </s>, ... found in it"
@@ -430,7 +435,18 @@ class DataConfig(_Section):
                 raise ValueError(
                     f"data.passkey.curriculum_start_len={self.passkey.curriculum_start_len} leaves no room "
                     f"for two documents in data.seq_len={self.seq_len}: set it to at most {self.seq_len // 2}")
-        # Existence only (before any work, --print-config included): how a relative path was resolved
+        if self.weights is not None:
+            if self.type == "passkey":
+                raise ValueError("data.weights mixes data.paths files, but data.type is 'passkey' (no files): "
+                                 "remove data.weights")
+            if len(self.weights) != len(self.paths):
+                raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} data.paths "
+                                 f"files: give one weight per file, in the same order")
+            bad = [w for w in self.weights if not (math.isfinite(w) and w > 0)]
+            if bad:
+                raise ValueError(f"data.weights must all be positive numbers, got {bad[0]}: remove a file "
+                                 f"from data.paths to leave it out")
+                # Existence only (before any work, --print-config included): how a relative path was resolved
         # is part of each message. Contents are read by seqpar.data.
         origins = _origins(info)
         problems = [_path_problem(origins, key, i, p) for key, paths in
@@ -1187,6 +1203,8 @@ _alias("seq_length max_seq_len max_seq_length sequence_length max_sequence_lengt
        "ctx_len block_size max_length model_max_length cutoff_len n_ctx encoder_seq_length", "data.seq_len")
 _alias("dataset dataset_path data_path data_paths train_file train_files data_files train_data training_data "
        "dataset_files files", "data.paths")
+_alias("mixture_weights data_weights dataset_weights sampling_weights blend_weights data_mix mixture blend "
+       "dataset_ratio", "data.weights")
 _alias("eval_file eval_files eval_data validation_file validation_files validation_data valid_data val_data "
        "eval_dataset", "data.eval_paths")
 _alias("eval_steps eval_interval eval_freq evaluation_steps", "train.eval_every")

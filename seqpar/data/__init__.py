@@ -17,6 +17,7 @@ from pathlib import Path
 from seqpar.config import DataConfig
 from seqpar.data.cache import Say
 from seqpar.data.loader import Batch, MicroBatchLoader
+from seqpar.data.mixture import MixtureDataset
 from seqpar.data.packing import IGNORE_INDEX, PackedDataset, Sample
 from seqpar.data.sampler import GlobalSampler
 from seqpar.data.sources import SFTDataset, TextDataset, TokenDataset
@@ -45,6 +46,11 @@ def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key:
     """
     if cfg.type == "passkey":
         return PasskeyDataset(cfg)
+    if cfg.weights is not None:  # each file its own source, mixed in proportion
+        parts = [build_dataset(cfg.model_copy(update={"paths": [p], "weights": None}), cache_dir, say,
+                               f"{key}[{i}]") for i, p in enumerate(cfg.paths)]
+        names = [Path(p).name for p in cfg.paths]
+        return MixtureDataset(parts, cfg.weights, names if len(set(names)) == len(names) else [str(p) for p in cfg.paths])
     if cfg.type == "tokens":
         return TokenDataset(cfg)
     if cfg.type == "text":
@@ -63,6 +69,7 @@ __all__ = [
     "GlobalSampler",
     "HFTokenizer",
     "MicroBatchLoader",
+    "MixtureDataset",
     "PackedDataset",
     "PasskeyDataset",
     "SFTDataset",

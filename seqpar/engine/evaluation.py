@@ -28,7 +28,7 @@ def build_eval_dataset(trainer: "Trainer") -> PackedDataset | None:
     if cfg.data.type == "passkey":
         return PasskeyDataset(cfg.data.model_copy(update={"passkey": cfg.data.passkey.model_copy(
             update={"eval_samples": max(cfg.train.eval_samples, cfg.data.passkey.eval_samples)})}), split="eval")
-    held_out = cfg.data.model_copy(update={"paths": list(cfg.data.eval_paths)})
+    held_out = cfg.data.model_copy(update={"paths": list(cfg.data.eval_paths), "weights": None})
     return build_dataset(held_out, Path(cfg.data.cache_dir or trainer.run_dir / "cache"), trainer.data_say,
                          "data.eval_paths")
 
