@@ -181,3 +181,44 @@ def test_large_files_are_hashed_once(tmp_path: Path, monkeypatch):
     edited = build_dataset(cfg, tmp_path / "cache")
     assert reads == [path] * 3 and len(edited.doc_ends) == 31
     assert len([e for e in _entries(tmp_path / "cache") if e.name.startswith("text-")]) == 2
+
+
+def test_dead_builds_are_removed(tmp_path: Path):
+    """A job killed while tokenizing leaves a hidden half-built folder (as large as what it had
+    written); the next build on the same host removes it once its process is gone and nothing has
+    written to it for a while. Live, recent, foreign or unexplained folders are left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in _docs(10)])
+    cfg = DataConfig(type="text", paths=[path], seq_len=16)
+    cache = tmp_path / "cache"
+    build_dataset(cfg, cache)
+    (entry,) = _entries(cache)
+    assert not (entry / cache_mod.BUILDER).exists()
+    name = entry.name
+    import shutil
+    shutil.rmtree(entry)  # as if never built
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host, old = socket.gethostname(), 1_000_000_000  # 2001: long quiet
+
+    def half_built(tag: str, owner: str, recent: bool = False) -> Path:
+        d = cache / f".{name}.{tag}"
+        d.mkdir()
+        (d / "tokens.bin").write_bytes(b"\0" * 64)
+        if owner:
+            (d / cache_mod.BUILDER).write_text(owner + "\n")
+        if not recent:
+            for f in [*d.iterdir(), d]:
+                os.utime(f, (old, old))
+        return d
+
+    gone = half_built("dead", f"{host} {dead}")
+    kept = [half_built("live", f"{host} {os.getpid()}"), half_built("other", f"elsewhere {dead}"),
+            half_built("fresh", f"{host} {dead}", recent=True), half_built("unknown", "")]
+    build_dataset(cfg, cache)
+    assert not gone.exists() and all(d.exists() for d in kept)
+    assert (cache / name / "meta.json").is_file()

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -173,8 +174,10 @@ def cached(
     if not (final / "meta.json").is_file():
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
+            _remove_dead_builds(final)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+            (tmp / BUILDER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         except OSError as e:
             raise _unwritable(final, e) from None
         try:
@@ -196,6 +199,7 @@ def cached(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         try:
+            (tmp / BUILDER).unlink()
             os.rename(tmp, final)
         except OSError:  # another process finished first; its entry is identical
             shutil.rmtree(tmp, ignore_errors=True)
@@ -208,6 +212,38 @@ def cached(
             f"directory and run again (it is rebuilt from data.paths)"
         ) from None
     return arrays, meta
+
+
+BUILDER = "builder"  # in a folder being built: "<host> <pid>" of the process building it
+STALE_S = 600.0  # a live builder appends every batch of records, far more often than this
+
+
+def _remove_dead_builds(final: Path) -> None:
+    """Delete this entry's half-built folders left by processes on this host that no longer run
+    and that nothing has written to for ``STALE_S`` (a job killed while tokenizing: they can be as
+    large as the corpus; the quiet time guards against another machine of the same host name).
+    Builds on other hosts, or of unknown origin, are left alone."""
+    host, now = socket.gethostname(), time.time()
+    for tmp in final.parent.glob(f".{final.name}.*"):
+        try:
+            owner, pid = (tmp / BUILDER).read_text().split()
+            if owner != host or _alive(int(pid)):
+                continue
+            if max(f.stat().st_mtime for f in [tmp, *tmp.iterdir()]) > now - STALE_S:
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _unwritable(final: Path, e: OSError) -> DataError:
