@@ -400,6 +400,16 @@ def test_save_hf_checkpoint_writes_special_token_ids(tmp_path: Path):
 # command line: one line on stderr, exit status 2, before the engine
 # ----------------------------------------------------------------------------------------------
 def run_train(tmp: Path, data: dict, vocab_size: int = 320) -> subprocess.CompletedProcess:
+    path = write_train_config(tmp, data, vocab_size)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "seqpar" / "train.py"), "--config", str(path)],
+        check=False, capture_output=True, text=True, timeout=300, cwd=tmp,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+    )
+
+
+def write_train_config(tmp: Path, data: dict, vocab_size: int = 320) -> Path:
+    """A one-step tiny config over ``data``, run dir ``tmp/run``, written to ``tmp/tmp.yaml``."""
     cfg = {
         "model": {"arch": "llama", "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
                   "num_hidden_layers": 1, "num_attention_heads": 2},
@@ -410,11 +420,7 @@ def run_train(tmp: Path, data: dict, vocab_size: int = 320) -> subprocess.Comple
     }
     path = tmp / "tmp.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return subprocess.run(
-        [sys.executable, str(ROOT / "seqpar" / "train.py"), "--config", str(path)],
-        check=False, capture_output=True, text=True, timeout=300, cwd=tmp,
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-    )
+    return path
 
 
 def assert_usage_error(r: subprocess.CompletedProcess, *match: str) -> None:

@@ -8,29 +8,15 @@ shards, and the loss is the sum of token cross-entropies over all labelled token
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from seqpar.data import Batch, PackedDataset, PasskeyDataset, build_dataset
+from seqpar.data import Batch, PackedDataset
 
 if TYPE_CHECKING:
     from seqpar.engine.trainer import Trainer
-
-
-def build_eval_dataset(trainer: "Trainer") -> PackedDataset | None:
-    """The held-out dataset, or None when ``train.eval_every`` is off."""
-    cfg = trainer.cfg
-    if not cfg.train.eval_every:
-        return None
-    if cfg.data.type == "passkey":
-        return PasskeyDataset(cfg.data.model_copy(update={"passkey": cfg.data.passkey.model_copy(
-            update={"eval_samples": max(cfg.train.eval_samples, cfg.data.passkey.eval_samples)})}), split="eval")
-    held_out = cfg.data.model_copy(update={"paths": list(cfg.data.eval_paths), "weights": None})
-    return build_dataset(held_out, Path(cfg.data.cache_dir or trainer.run_dir / "cache"), trainer.data_say,
-                         "data.eval_paths")
 
 
 @torch.no_grad()

@@ -39,15 +39,15 @@ from seqpar.checkpoint.store import FORMAT_VERSION, Position
 from seqpar.checkpoint.writer import WriteFailed
 from seqpar.config import Config, ConfigError, Layout
 from seqpar.engine import deepspeed_state as dss
-from seqpar.engine.evaluation import build_eval_dataset, held_out_loss
+from seqpar.engine.evaluation import held_out_loss
 from seqpar.engine.extensions import Extensions
 from seqpar.engine.memory import apply_memory_policy
 from seqpar.engine.resume import Resume
 from seqpar.engine.snapshot import Snapshot
 from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data.loader import to_device
-from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_dataset, build_tokenizer
-from seqpar.data.tokenizer import tokenizer_name
+from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_tokenizer
+from seqpar.data.prepare import prepare_data
 from seqpar.errors import DataError, UserError
 from seqpar.evaluate import passkey_results
 from seqpar.flops import step_flops
@@ -190,10 +190,9 @@ class Trainer:
         # data: rank 0 tokenizes into the cache first (a mistake it finds stops every rank with its
         # one line, instead of leaving the others at the barrier), the others then read it. They
         # wait on the gloo control group, whose timeout allows hours of tokenizing (NCCL's does not)
-        cache_dir = cfg.data.cache_dir or self.run_dir / "cache"
         if topo.is_main:
             try:
-                self._build_data(cache_dir)
+                self._build_data()
             except UserError as e:
                 from_rank0(str(e), group=topo.control_group)
                 raise
@@ -201,7 +200,7 @@ class Trainer:
         else:
             if (error := from_rank0(None, group=topo.control_group)) is not None:
                 raise DataError(error)
-            self._build_data(cache_dir)
+            self._build_data()
         self._last_eval: tuple[int, float] | None = None
         self.sampler = GlobalSampler(len(self.dataset), cfg.data.seed, cfg.data.shuffle)
         self.loader = MicroBatchLoader(
@@ -311,27 +310,10 @@ class Trainer:
         self.logger.open_wandb(cfg.logging.wandb, self.run_dir, saved_id=self._resumed_wandb_id,
                                newest=cfg.checkpoint.resume == "auto", config=cfg.model_dump(mode="json"))
 
-    def _build_data(self, cache_dir: Path) -> None:
+    def _build_data(self) -> None:
         """Training and held-out datasets, and the tokenizer the checkpoints carry for export."""
-        cfg = self.cfg
-        if cfg.data.type in ("text", "sft"):  # before tokenizing a corpus for nothing
-            tok = build_tokenizer(cfg.data)
-            for name, i in (("eos", tok.eos_id), ("bos", tok.bos_id)):
-                if i is not None and i >= cfg.model.vocab_size:
-                    raise DataError(
-                        f"data.tokenizer: the {name} token of {tokenizer_name(tok)} has id {i} (every document "
-                        f"has one), outside model.vocab_size={cfg.model.vocab_size}: raise model.vocab_size to "
-                        f"at least {tok.vocab_size} or use a tokenizer that fits")
-        self.dataset = build_dataset(cfg.data, cache_dir, self.data_say)
-        self.eval_set = build_eval_dataset(self)  # held-out data for train.eval_every (None: off)
-        for ds, key in ((self.dataset, "data.paths"), (self.eval_set, "data.eval_paths")):
-            if ds is not None and ds.vocab_size_needed > cfg.model.vocab_size:
-                source = getattr(ds, "vocab_source", "")
-                raise DataError(
-                    f"{key}: the data emits token ids up to {ds.vocab_size_needed - 1}"
-                    + (f" ({source})" if source else "") + f" but model.vocab_size={cfg.model.vocab_size}: raise "
-                    f"model.vocab_size to at least {ds.vocab_size_needed} or use a tokenizer that fits")
-        self.tokenizer = build_tokenizer(cfg.data) if cfg.data.type != "tokens" else None
+        self.dataset, self.eval_set = prepare_data(self.cfg, self.data_say)
+        self.tokenizer = build_tokenizer(self.cfg.data) if self.cfg.data.type != "tokens" else None
 
     # -- summary ----------------------------------------------------------------------------------
     def _fused_optimizer(self) -> bool:

@@ -1,0 +1,61 @@
+"""A run's data, ready to train: its datasets built (text and SFT tokenized into the cache) and
+checked against the model's vocabulary. The trainer calls ``prepare_data`` at start-up; so does
+``python -m seqpar.data``, which does it ahead of a job (on a CPU node, say), so the job starts
+without tokenizing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seqpar.config import Config
+from seqpar.data import PackedDataset, PasskeyDataset, build_dataset, build_tokenizer
+from seqpar.data.cache import Say
+from seqpar.data.tokenizer import tokenizer_name
+from seqpar.errors import DataError
+
+
+def cache_dir_of(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.logging.run_dir) / "cache")
+
+
+def check_tokenizer_fits(cfg: Config) -> None:
+    """A tokenizer whose eos or bos (in every document) lies outside the model's vocabulary is
+    refused before a corpus is tokenized for nothing."""
+    if cfg.data.type not in ("text", "sft"):
+        return
+    tok = build_tokenizer(cfg.data)
+    for name, i in (("eos", tok.eos_id), ("bos", tok.bos_id)):
+        if i is not None and i >= cfg.model.vocab_size:
+            raise DataError(
+                f"data.tokenizer: the {name} token of {tokenizer_name(tok)} has id {i} (every document "
+                f"has one), outside model.vocab_size={cfg.model.vocab_size}: raise model.vocab_size to "
+                f"at least {tok.vocab_size} or use a tokenizer that fits")
+
+
+def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None) -> PackedDataset | None:
+    """The held-out dataset, or None when ``train.eval_every`` is off: the passkey task's eval
+    split, or ``data.eval_paths`` read as one set (``data.weights`` apply to training files only)."""
+    if not cfg.train.eval_every:
+        return None
+    if cfg.data.type == "passkey":
+        return PasskeyDataset(cfg.data.model_copy(update={"passkey": cfg.data.passkey.model_copy(
+            update={"eval_samples": max(cfg.train.eval_samples, cfg.data.passkey.eval_samples)})}), split="eval")
+    held_out = cfg.data.model_copy(update={"paths": list(cfg.data.eval_paths), "weights": None})
+    return build_dataset(held_out, cache_dir, say, "data.eval_paths")
+
+
+def prepare_data(cfg: Config, say: Say | None = None) -> tuple[PackedDataset, PackedDataset | None]:
+    """(training set, held-out set or None), built and checked; ``say``: progress printer."""
+    check_tokenizer_fits(cfg)
+    cache_dir = cache_dir_of(cfg)
+    train = build_dataset(cfg.data, cache_dir, say)
+    held_out = build_eval_dataset(cfg, cache_dir, say)
+    for ds, key in ((train, "data.paths"), (held_out, "data.eval_paths")):
+        if ds is not None and ds.vocab_size_needed > cfg.model.vocab_size:
+            source = getattr(ds, "vocab_source", "")
+            raise DataError(
+                f"{key}: the data emits token ids up to {ds.vocab_size_needed - 1}"
+                + (f" ({source})" if source else "") + f" but model.vocab_size={cfg.model.vocab_size}: raise "
+                f"model.vocab_size to at least {ds.vocab_size_needed} or use a tokenizer that fits")
+    return train, held_out
