@@ -536,7 +536,13 @@ class TrainConfig(_Section):
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr = lr * min_lr_ratio")
     warmup_steps: int = Field(10, ge=0, description="linear warmup to lr over this many steps")
-    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="after warmup, to lr*min_lr_ratio")
+    decay: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="after warmup, to lr*min_lr_ratio; wsd: constant, then a linear cooldown "
+        "over the last train.cooldown_ratio of the steps"
+    )
+    cooldown_ratio: float = Field(
+        0.2, gt=0, le=1, description="decay wsd: fraction of the steps after warmup spent cooling down"
+    )
     weight_decay: float = Field(0.1, ge=0, description="AdamW decay on matrices (not on norms/biases)")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")

@@ -1,4 +1,6 @@
-"""Learning-rate schedule: linear warmup, then cosine / linear decay (or constant) to a floor."""
+"""Learning-rate schedule: linear warmup, then cosine / linear decay (or constant) to a floor, or
+warmup-stable-decay (constant at the peak, then a linear cooldown over the last steps: a run can be
+extended during the stable phase without changing any learning rate it has used)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min((step - cfg.warmup_steps) / span, 1.0)
     if cfg.decay == "constant":
         return cfg.lr
+    if cfg.decay == "wsd":
+        cooldown = max(math.ceil(cfg.cooldown_ratio * span), 1)
+        start = cfg.max_steps - cooldown
+        return cfg.lr if step < start else cfg.lr - (cfg.lr - floor) * min((step - start) / cooldown, 1.0)
     if cfg.decay == "linear":
         return cfg.lr - (cfg.lr - floor) * progress
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

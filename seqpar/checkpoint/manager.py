@@ -32,7 +32,8 @@ NEUTRAL_CHANGES = ("logging.*", "checkpoint.*", "data.passkey.eval_samples", "da
                    "parallel.zero3_init", "train.galore.shard_state")
 # Deliberate changes a resumed run may make, each only when named in checkpoint.allow_changes
 # (e.g. extending a run: train.max_steps also stretches the LR decay). Anything else is refused.
-SAFE_CHANGES = ("train.max_steps", "train.lr", "train.min_lr_ratio", "train.decay", "train.warmup_steps")
+SAFE_CHANGES = ("train.max_steps", "train.lr", "train.min_lr_ratio", "train.decay", "train.warmup_steps",
+                "train.cooldown_ratio")
 # How the computation is laid out on ranks. Accepted here: the trainer compares the saved and
 # current layouts themselves and allows a change only as an elastic resume (the same global
 # batch, checkpoint.elastic on; mid-window: a window position the new micro-steps can continue).

@@ -350,7 +350,8 @@ class Trainer:
                 + (describe_optimizer(c.train, self.topo.world_size if self.galore_sharded else 1)
                    or f"AdamW{' (fused)' if self._fused_optimizer() else ''} ") +
                 f"lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
-                f"{c.train.decay} to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
+                + (f"stable, then the last {c.train.cooldown_ratio:.0%} of steps linear" if c.train.decay == "wsd"
+                   else c.train.decay) + f" to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"memory  {self._memory_line()}",
                 f"output  {self.run_dir}",
                 f"ckpt    {self._disk_line()}",
