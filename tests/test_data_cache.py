@@ -172,7 +172,7 @@ def test_large_files_are_hashed_once(tmp_path: Path, monkeypatch):
     assert reads == [path]
     second = build_dataset(cfg, tmp_path / "cache")
     assert reads == [path] and np.array_equal(first.tokens, second.tokens)  # remembered
-    (memo,) = (tmp_path / "cache" / "hashes").iterdir()
+    (memo,) = (tmp_path / "cache" / "memo").iterdir()
     assert memo.read_text().strip() == real(path)
     memo.write_text("not a hash\n")
     build_dataset(cfg, tmp_path / "cache")
@@ -253,3 +253,29 @@ def test_prepare_ahead_then_train(tmp_path: Path):
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "the eos token of the byte tokenizer (vocabulary of 259) has id 258" in bad.stderr
+
+
+def test_token_file_scan_is_remembered(tmp_path: Path, monkeypatch):
+    """The one full pass over a large token file (its largest id, before the model is built) runs
+    once; restarts read the remembered result; an edited file is scanned again; a file with a
+    negative id is refused every time (nothing remembered)."""
+    monkeypatch.setattr(cache_mod, "MEMO_MIN_BYTES", 1)
+    scans: list[str] = []
+    real = sources.TokenDataset._scan_file
+    monkeypatch.setattr(sources.TokenDataset, "_scan_file", staticmethod(lambda p, f: scans.append(str(p)) or real(p, f)))
+    tok = tmp_path / "t.npy"
+    np.save(tok, (np.arange(5000, dtype=np.int32) * 3) % 1001)
+    cfg = DataConfig(type="tokens", paths=[tok], seq_len=64)
+    first = build_dataset(cfg, tmp_path / "cache")
+    assert first.vocab_size_needed == 1001 and first.vocab_source == f"token file '{tok}' (id 1000 at token 667)"
+    again = build_dataset(cfg, tmp_path / "cache")
+    assert (again.vocab_size_needed, again.vocab_source) == (first.vocab_size_needed, first.vocab_source)
+    assert scans == [str(tok)]
+    np.save(tok, np.arange(5000, dtype=np.int32) % 1500)  # edited
+    assert build_dataset(cfg, tmp_path / "cache").vocab_size_needed == 1500 and len(scans) == 2
+    neg = tmp_path / "neg.npy"
+    np.save(neg, np.array([3, -1] * 100, dtype=np.int32))
+    bad = DataConfig(type="tokens", paths=[neg], seq_len=16)
+    for _ in range(2):
+        one_line_error(lambda: build_dataset(bad, tmp_path / "cache").vocab_size_needed, "token 1 is -1")
+    assert scans.count(str(neg)) == 2

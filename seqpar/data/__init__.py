@@ -52,7 +52,7 @@ def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key:
         names = [Path(p).name for p in cfg.paths]
         return MixtureDataset(parts, cfg.weights, names if len(set(names)) == len(names) else [str(p) for p in cfg.paths])
     if cfg.type == "tokens":
-        return TokenDataset(cfg)
+        return TokenDataset(cfg, Path(cache_dir))
     if cfg.type == "text":
         return TextDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key)
     if cfg.type == "sft":

@@ -34,7 +34,7 @@ CACHE_VERSION = "v2"  # bump when the entry layout or the document format change
 Say = Callable[[str], None]
 
 
-MEMO_MIN_BYTES = 64 << 20  # files at least this large have their hash remembered (see file_sha256)
+MEMO_MIN_BYTES = 64 << 20  # files at least this large have what was read from them remembered
 
 
 def _sha256(path: Path) -> str:
@@ -50,32 +50,40 @@ def _stat_id(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}"
 
 
-def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
-    """The file's sha256. A large file's hash is remembered in ``memo_dir`` under its path, size,
-    modification time and inode, so a restart (every rank, every preemption) does not read a
-    corpus of many GB again; any write to the file changes its modification time. Small files
-    are always hashed (cheap, and immune to coarse file-system clocks)."""
+def remembered(path: Path, tag: str, compute: Callable[[], str], memo_dir: Path | None,
+               valid: Callable[[str], bool] = lambda v: True) -> str:
+    """``compute()`` (a one-line string read from the whole file), remembered in ``memo_dir/memo``
+    under the file's path, size, modification time and inode for files of ``MEMO_MIN_BYTES`` or
+    more, so a restart (every rank, every preemption) does not read a corpus of many GB again; any
+    write to the file changes its modification time. Small files are always read (cheap, and
+    immune to coarse file-system clocks). A memo that fails ``valid`` is computed again."""
     path = Path(path)
     if memo_dir is None or path.stat().st_size < MEMO_MIN_BYTES:
-        return _sha256(path)
+        return compute()
     ident = _stat_id(path)
-    memo = Path(memo_dir) / "hashes" / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.sha256"
+    memo = Path(memo_dir) / "memo" / f"{hashlib.sha256(f'{tag}|{ident}'.encode()).hexdigest()[:32]}.{tag}"
     try:
         known = memo.read_text().strip()
-        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+        if known and valid(known):
             return known
     except OSError:
         pass
-    digest = _sha256(path)
+    value = compute()
     if _stat_id(path) == ident:  # unchanged while it was read: worth remembering
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
             tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
-            tmp.write_text(digest + "\n")
+            tmp.write_text(value + "\n")
             os.replace(tmp, memo)
         except OSError:
-            pass  # a read-only cache: hash again next time
-    return digest
+            pass  # a read-only cache: read the file again next time
+    return value
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """The file's sha256 (remembered for large files, see ``remembered``)."""
+    return remembered(path, "sha256", lambda: _sha256(path), memo_dir,
+                      valid=lambda v: len(v) == 64 and all(c in "0123456789abcdef" for c in v))
 
 
 def cache_key(kind: str, paths: list[Path], tokenizer_key: str, settings: dict[str, Any],

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from seqpar.config import DataConfig
-from seqpar.data.cache import ArrayWriter, Progress, Say, cache_key, cached
+from seqpar.data.cache import ArrayWriter, Progress, Say, cache_key, cached, remembered
 from seqpar.data.packing import PackedDataset, Sample, greedy_pack, pack_documents, window_sample
 from seqpar.data.tokenizer import Tokenizer, _one_line, tokenizer_name
 from seqpar.errors import DataError
@@ -342,9 +342,10 @@ class TokenDataset(_StreamDataset):
     is also a document end, so no label ever links the last token of one file to the next.
     """
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, memo_dir: Path | None = None):
         self.seq_len = cfg.seq_len
         self.paths = list(cfg.paths)
+        self.memo_dir = memo_dir  # where a large file's scan result is remembered (the data cache)
         self.eos_id = cfg.eos_id
         self.pad_id = cfg.eos_id if cfg.eos_id is not None else 0  # never emitted: no padding
         self.files = [_open_token_file(Path(p), cfg.token_dtype) for p in self.paths]
@@ -356,22 +357,33 @@ class TokenDataset(_StreamDataset):
     @cached_property
     def _scan(self) -> tuple[int, str]:
         """One pass over every file (at memory-map speed), only when someone asks: the largest id
-        and where it is. Negative ids (a signed .npy) raise ``DataError`` naming file and token."""
+        and where it is. Negative ids (a signed .npy) raise ``DataError`` naming file and token.
+        A large file's result is remembered in the cache (``cache.remembered``): restarts skip it."""
         best, where = -1, ""
         for path, f in zip(self.paths, self.files):
-            signed = np.issubdtype(f.dtype, np.signedinteger)
-            for lo in range(0, len(f), _SCAN_CHUNK):
-                chunk = np.asarray(f[lo : lo + _SCAN_CHUNK])
-                j = int(chunk.argmax())
-                if int(chunk[j]) > best:
-                    best, where = int(chunk[j]), f"token file '{path}' (id {int(chunk[j])} at token {lo + j})"
-                k = int(chunk.argmin()) if signed else 0
-                if chunk[k] < 0:
-                    raise DataError(
-                        f"token file '{path}': token {lo + k} is {int(chunk[k])}; token ids must be "
-                        f">= 0 (is the array's dtype right?): fix the file"
-                    )
+            top, at = map(int, remembered(Path(path), "maxid", lambda: self._scan_file(path, f), self.memo_dir,
+                                          valid=lambda v: len(v.split()) == 2).split())
+            if top > best:
+                best, where = top, f"token file '{path}' (id {top} at token {at})"
         return best, where
+
+    @staticmethod
+    def _scan_file(path: Path, f: np.ndarray) -> str:
+        """"<largest id> <its position>" of one file."""
+        best, pos = -1, 0
+        signed = np.issubdtype(f.dtype, np.signedinteger)
+        for lo in range(0, len(f), _SCAN_CHUNK):
+            chunk = np.asarray(f[lo : lo + _SCAN_CHUNK])
+            j = int(chunk.argmax())
+            if int(chunk[j]) > best:
+                best, pos = int(chunk[j]), lo + j
+            k = int(chunk.argmin()) if signed else 0
+            if chunk[k] < 0:
+                raise DataError(
+                    f"token file '{path}': token {lo + k} is {int(chunk[k])}; token ids must be "
+                    f">= 0 (is the array's dtype right?): fix the file"
+                )
+        return f"{best} {pos}"
 
     @property
     def vocab_size_needed(self) -> int:  # type: ignore[override]
