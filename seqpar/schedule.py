@@ -24,7 +24,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.decay == "wsd":
         cooldown = max(math.ceil(cfg.cooldown_ratio * span), 1)
         start = cfg.max_steps - cooldown
-        return cfg.lr if step < start else cfg.lr - (cfg.lr - floor) * min((step - start) / cooldown, 1.0)
+        # each of the last ``cooldown`` steps is lower than the one before; the last one is at the floor
+        return cfg.lr if step < start else cfg.lr - (cfg.lr - floor) * min((step - start + 1) / cooldown, 1.0)
     if cfg.decay == "linear":
         return cfg.lr - (cfg.lr - floor) * progress
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
     # First of all: a preemption signal during start-up is kept (the run exits 75 before its first
     # micro-batch), and a restart wrapper can signal this process (scripts/auto_restart.sh).
     from seqpar.checkpoint.runstate import register_pid, write_run_state
-    from seqpar.checkpoint.signals import EXIT_IO, EXIT_USAGE, SIGNALS, StopSignal
+    from seqpar.checkpoint.signals import EXIT_IO, EXIT_PREEMPTED, EXIT_USAGE, SIGNALS, StopSignal
 
     StopSignal.install()
     register_pid()
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
     from seqpar.metrics import quiet_deepspeed
 
     quiet_deepspeed()  # before DeepSpeed starts: no INFO lines, no "op built successfully" on every start
+    from seqpar.data.cache import Stopped
     from seqpar.engine import Trainer
     from seqpar.engine.trainer import CheckpointIOError
     from seqpar.parallel import init_topology, pick_device
@@ -110,6 +111,11 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
         if topo.is_main:
             print(f"seqpar: {e}", file=sys.stderr)
         return outcome("io_error", EXIT_IO, str(e))
+    except Stopped:  # asked to stop while tokenizing: nothing trained, nothing to save
+        reason = "stop requested while tokenizing the data (nothing to save; the next run tokenizes again)"
+        if topo.is_main:
+            print(f"seqpar: {reason}", file=sys.stderr)
+        return outcome("preempted", EXIT_PREEMPTED, reason)
     except BaseException as e:
         outcome("failed", 1, f"{type(e).__name__}: {e}")
         raise

@@ -279,3 +279,81 @@ def test_token_file_scan_is_remembered(tmp_path: Path, monkeypatch):
     for _ in range(2):
         one_line_error(lambda: build_dataset(bad, tmp_path / "cache").vocab_size_needed, "token 1 is -1")
     assert scans.count(str(neg)) == 2
+
+
+def test_memo_keys_and_damaged_entries(tmp_path: Path, monkeypatch):
+    """A same-size edit is hashed again (its mtime moved); the token scan's memo is per dtype (the
+    same bytes read as uint16 and as uint32 hold other ids); an entry folder without meta.json is
+    refused at once, before anything is tokenized; a live build's heartbeat file is touched."""
+    import os
+
+    monkeypatch.setattr(cache_mod, "MEMO_MIN_BYTES", 1)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "aaaa"}] * 20)
+    cfg = DataConfig(type="text", paths=[path], seq_len=16)
+    first = build_dataset(cfg, tmp_path / "cache")
+    write_jsonl(path, [{"text": "bbbb"}] * 20)  # same size, other bytes
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a clock that did move
+    second = build_dataset(cfg, tmp_path / "cache")
+    assert not np.array_equal(first.tokens, second.tokens) and int(second.tokens[1]) == ord("b")
+
+    raw = tmp_path / "t.bin"
+    arr = np.arange(70_000, 70_400, dtype=np.uint32)  # ids above 65535: read as uint16, other ids
+    arr.tofile(raw)
+    ids = {}
+    for dtype in ("uint16", "uint32"):
+        ds = build_dataset(DataConfig(type="tokens", paths=[raw], seq_len=16, token_dtype=dtype), tmp_path / "cache")
+        ids[dtype] = ds.vocab_size_needed
+    assert ids == {"uint16": int(arr.view(np.uint16).max()) + 1, "uint32": 70_400}
+
+    (entry,) = [e for e in _entries(tmp_path / "cache") if e.name.startswith("text-") and
+                np.array_equal(np.fromfile(e / "tokens.bin", dtype=np.uint16), np.asarray(second.tokens))]
+    (entry / "meta.json").unlink()
+    lines: list[str] = []
+    one_line_error(lambda: build_dataset(cfg, tmp_path / "cache", lines.append), f"'{entry}' is unreadable",
+                   "no meta.json", "delete that directory")
+    assert lines == []  # refused before tokenizing again
+
+    beat = tmp_path / "builder"
+    beat.write_text("host 1\n")
+    os.utime(beat, (1_000_000_000, 1_000_000_000))
+    ticks = iter(range(0, 1000, 40))
+    prog = cache_mod.Progress(None, "data.paths", [path], tmp_path / "e", clock=lambda: float(next(ticks)),
+                              heartbeat=beat)
+    prog.advance(10)
+    assert beat.stat().st_mtime > 1_000_000_000  # touched although nothing is printed
+
+
+@pytest.mark.slow
+def test_preempted_while_tokenizing(tmp_path: Path):
+    """SIGTERM while the first rank tokenizes: it stops at the next record, deletes the half-built
+    folder, says so in one line and exits 75 (preempted) with run_state.json saying the same."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_data_errors import ROOT, write_train_config
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:  # ~2 x 10^5 records: tens of seconds of tokenizing, far more than the test waits
+        for i in range(200_000):
+            f.write(json.dumps({"text": f"record {i} " + "long context training " * 12}) + "\n")
+    config = write_train_config(tmp_path, {"type": "text", "paths": [str(big)]})
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "seqpar" / "train.py"), "--config", str(config)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    assert p.stdout is not None
+    for line in p.stdout:
+        if line.startswith("seqpar: tokenizing data.paths"):
+            break
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 75, (out[-2000:], err[-2000:])
+    assert "seqpar: stop requested while tokenizing the data (nothing to save" in err and "Traceback" not in err
+    assert "tokenized " not in out  # it did not finish
+    cache = tmp_path / "run" / "cache"
+    assert not cache.exists() or [e.name for e in cache.iterdir() if e.name != "memo"] == []
+    state = json.loads((tmp_path / "run" / "run_state.json").read_text())
+    assert state["state"] == "preempted" and state["exit_code"] == 75

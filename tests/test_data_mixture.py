@@ -140,3 +140,24 @@ def test_cli_trains_a_mixture(tmp_path: Path):
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("data "))
     assert "mixture of 2: long.jsonl 80% (" in line and "short.jsonl 20% (" in line and "per epoch" in line, line
     assert "done: 1 steps" in r.stdout
+
+
+@pytest.mark.parametrize("sizes,weights", [([7, 300, 50], [0.5, 0.2, 0.3]), ([1000, 13, 1], [1, 1, 1])])
+def test_built_in_pieces_equals_built_at_once(sizes, weights, monkeypatch):
+    """The epoch is built a bounded number of slots at a time: cut exactly, the same order as one
+    sort over the whole epoch (and the same prefix counts)."""
+    srcs = [Numbered(k, n) for k, n in enumerate(sizes)]
+    names = [f"s{k}" for k in range(len(sizes))]
+    whole = MixtureDataset(srcs, weights, names)
+    assert len(whole) < mixture._BUILD
+    monkeypatch.setattr(mixture, "_BUILD", 37)
+    monkeypatch.setattr(mixture, "_BLOCK", 16)
+    pieces = MixtureDataset(srcs, weights, names)
+    assert np.array_equal(whole.source_of, pieces.source_of)
+    assert [pieces.locate(i) for i in range(len(pieces))] == _brute(pieces)
+
+
+def test_extreme_repeat_is_reported(caplog):
+    with caplog.at_level("WARNING"):
+        MixtureDataset([Numbered(0, 3), Numbered(1, 5000)], [0.5, 0.5], ["tiny.jsonl", "big.jsonl"])
+    assert "data.weights: tiny.jsonl repeats x1667 in each epoch of 10,000 sequences" in caplog.text

@@ -377,16 +377,16 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     lin = TrainConfig(max_steps=10, warmup_steps=0, lr=1.0, min_lr_ratio=0.0, decay="linear")
     assert [round(lr_at(s, lin), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
-    # warmup-stable-decay: 2 warmup, stable, then 0.25 x 8 = 2 cooldown steps (steps 8 and 9)
+    # warmup-stable-decay: 2 warmup, stable, then ceil(0.25 x 8) = 2 cooldown steps (8 and 9), the
+    # last one at the floor
     wsd = TrainConfig(max_steps=10, warmup_steps=2, lr=1.0, min_lr_ratio=0.2, decay="wsd", cooldown_ratio=0.25)
-    assert [round(lr_at(s, wsd), 6) for s in range(11)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.6, 0.2]
+    assert [round(lr_at(s, wsd), 6) for s in range(10)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.6, 0.2]
     # extending the run during the stable phase changes no rate already used, only moves the cooldown
     longer = wsd.model_copy(update={"max_steps": 20})
     assert [lr_at(s, longer) for s in range(8)] == [lr_at(s, wsd) for s in range(8)]
-    assert lr_at(15, longer) == 1.0 and lr_at(16, longer) < 1.0  # ceil(0.25 x 18) = 5 cooldown steps
+    assert lr_at(14, longer) == 1.0 and lr_at(15, longer) < 1.0  # ceil(0.25 x 18) = 5 cooldown steps
     one = TrainConfig(max_steps=3, warmup_steps=0, lr=1.0, min_lr_ratio=0.0, decay="wsd", cooldown_ratio=0.01)
-    assert [lr_at(s, one) for s in range(3)] == [1.0, 1.0, 1.0]  # at least one cooldown step: the last
-    assert lr_at(3, one) == 0.0
+    assert [lr_at(s, one) for s in range(3)] == [1.0, 1.0, 0.0]  # at least one cooldown step: the last
 
 
 def test_flops_per_token_formula():

@@ -12,6 +12,7 @@ Typical use (every DP rank)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from seqpar.config import DataConfig
@@ -36,9 +37,11 @@ def build_tokenizer(cfg: DataConfig) -> Tokenizer:
     return HFTokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
 
 
-def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key: str = "data.paths") -> PackedDataset:
+def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key: str = "data.paths",
+                  stop: Callable[[], bool] | None = None) -> PackedDataset:
     """The training dataset selected by ``cfg.type``. ``cache_dir`` holds tokenized text/SFT;
-    ``say`` (the first rank's printer) reports tokenizing progress, naming the files ``key``.
+    ``say`` (the first rank's printer) reports tokenizing progress, naming the files ``key``;
+    ``stop`` true ends tokenizing with ``cache.Stopped`` (a preemption).
 
     Every file is read (or its cache entry loaded) here, so a mistake in a data file or the
     tokenizer raises ``DataError`` (one line naming the file, line and fix) before any model or
@@ -48,15 +51,15 @@ def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key:
         return PasskeyDataset(cfg)
     if cfg.weights is not None:  # each file its own source, mixed in proportion
         parts = [build_dataset(cfg.model_copy(update={"paths": [p], "weights": None}), cache_dir, say,
-                               f"{key}[{i}]") for i, p in enumerate(cfg.paths)]
+                               f"{key}[{i}]", stop) for i, p in enumerate(cfg.paths)]
         names = [Path(p).name for p in cfg.paths]
         return MixtureDataset(parts, cfg.weights, names if len(set(names)) == len(names) else [str(p) for p in cfg.paths])
     if cfg.type == "tokens":
         return TokenDataset(cfg, Path(cache_dir))
     if cfg.type == "text":
-        return TextDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key)
+        return TextDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key, stop)
     if cfg.type == "sft":
-        return SFTDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key)
+        return SFTDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key, stop)
     raise ValueError(f"unknown data.type '{cfg.type}'")
 
 

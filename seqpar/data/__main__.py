@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if held_out is not None:
         say(f"held-out: {held_out.describe()}")
     if cfg.data.type in ("text", "sft"):
-        say(f"ready in {time.monotonic() - start:.1f} s: cache {cache_dir_of(cfg)} (the job reads it while "
-            f"data.paths, data.tokenizer and the data settings stay the same)")
+        say(f"ready in {time.monotonic() - start:.1f} s: cache {cache_dir_of(cfg).resolve()} (the job reads it "
+            f"while its data.cache_dir, or logging.run_dir, resolves there and data.paths, data.tokenizer and "
+            f"the data settings stay the same)")
     else:
         say(f"ready: data.type '{cfg.data.type}' needs no tokenizing (nothing cached)")
     return 0

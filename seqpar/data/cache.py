@@ -47,16 +47,19 @@ def _sha256(path: Path) -> str:
 
 def _stat_id(path: Path) -> str:
     st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}"
+    # no st_dev: it can differ between the NFS clients of one file
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
 
 def remembered(path: Path, tag: str, compute: Callable[[], str], memo_dir: Path | None,
                valid: Callable[[str], bool] = lambda v: True) -> str:
     """``compute()`` (a one-line string read from the whole file), remembered in ``memo_dir/memo``
     under the file's path, size, modification time and inode for files of ``MEMO_MIN_BYTES`` or
-    more, so a restart (every rank, every preemption) does not read a corpus of many GB again; any
-    write to the file changes its modification time. Small files are always read (cheap, and
-    immune to coarse file-system clocks). A memo that fails ``valid`` is computed again."""
+    more, so a restart (every rank, every preemption) does not read a corpus of many GB again;
+    writing to a file changes its modification time (copying another file over it while keeping its
+    time and size, as ``cp -p`` or ``rsync -t`` can, does not: delete the memo then). Small files
+    are always read (cheap, and immune to coarse file-system clocks). A memo that fails ``valid``
+    is computed again."""
     path = Path(path)
     if memo_dir is None or path.stat().st_size < MEMO_MIN_BYTES:
         return compute()
@@ -112,6 +115,7 @@ class ArrayWriter:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.heartbeat = folder / BUILDER  # a live build touches it (Progress)
         self.dtypes: dict[str, str] = {}
         self.lengths: dict[str, int] = {}
         self._files: dict[str, Any] = {}
@@ -179,6 +183,8 @@ def cached(
     raises (a bad record) leaves nothing behind.
     """
     final = Path(cache_dir) / name
+    if final.exists() and not (final / "meta.json").is_file():
+        raise _damaged(final, "no meta.json")  # at once, not after tokenizing it all again
     if not (final / "meta.json").is_file():
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -215,11 +221,13 @@ def cached(
         meta = json.loads((final / "meta.json").read_text())
         arrays = _open(final, meta)
     except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(
-            f"tokenized-data cache entry '{final}' is unreadable ({_one_line(e)}): delete that "
-            f"directory and run again (it is rebuilt from data.paths)"
-        ) from None
+        raise _damaged(final, _one_line(e)) from None
     return arrays, meta
+
+
+def _damaged(final: Path, why: str) -> DataError:
+    return DataError(f"tokenized-data cache entry '{final}' is unreadable ({why}): delete that directory and run "
+                     f"again (it is rebuilt from data.paths)")
 
 
 BUILDER = "builder"  # in a folder being built: "<host> <pid>" of the process building it
@@ -280,14 +288,21 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+class Stopped(Exception):
+    """A stop (preemption) was asked for while tokenizing: the half-built entry is deleted."""
+
+
 class Progress:
     """Tokenizing progress for a person waiting on it: a line when it starts, one every
     ``every_s`` seconds (bytes read of the total, tokens, rate, time left), one when done.
     ``say`` None: silent (ranks other than the first)."""
 
     def __init__(self, say: Say | None, key: str, paths: list[Path], entry: Path, every_s: float = 30.0,
-                 clock: Callable[[], float] | None = None):
+                 clock: Callable[[], float] | None = None, heartbeat: Path | None = None,
+                 stop: Callable[[], bool] | None = None):
         self.say, self.every_s, self.clock = say, every_s, clock or time.monotonic
+        self.stop = stop  # true once the process was asked to stop: tokenizing ends at the next record
+        self.heartbeat = heartbeat  # touched every every_s: the folder being built is alive
         self.total = sum(p.stat().st_size for p in paths)
         self.done_bytes = 0
         self.tokens = 0
@@ -299,12 +314,19 @@ class Progress:
     def advance(self, nbytes: int = 0, ntokens: int = 0) -> None:
         self.done_bytes += nbytes
         self.tokens += ntokens
-        if self.say is None:
-            return
+        if self.stop is not None and self.stop():
+            raise Stopped()
         now = self.clock()
         if now - self.last < self.every_s:
             return
         self.last = now
+        if self.heartbeat is not None:
+            try:
+                self.heartbeat.touch()
+            except OSError:
+                pass
+        if self.say is None:
+            return
         elapsed = now - self.start
         frac = min(self.done_bytes / self.total, 1.0) if self.total else 1.0
         left = elapsed * (1 - frac) / frac if frac > 0 else float("nan")

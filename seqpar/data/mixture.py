@@ -9,11 +9,15 @@ source ``k`` reads its sample ``m mod n_k``; ``GlobalSampler`` then permutes the
 dataset. Like every dataset here, ``self[i]`` is a pure function of ``i``: O(1) seek, the same
 global batches on any number of ranks.
 
-Memory is one byte (two above 255 sources) per slot plus a count per 4096 slots and source.
+Memory: one byte (two above 256 sources) per slot of the epoch plus a count per 4096 slots and
+source, built a million slots at a time; the sampler's permutation of the epoch takes 8 bytes per
+slot on top. A weight far below a large source's natural share makes the epoch long (the epoch must
+show all of that source): the summary says so.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -21,6 +25,47 @@ import numpy as np
 from seqpar.data.packing import PackedDataset, Sample
 
 _BLOCK = 4096  # slots per stored prefix count: a lookup scans at most this many bytes
+log = logging.getLogger(__name__)
+
+
+LARGE_REPEAT = 1000  # a repeat factor above this is most likely a mistake in data.weights
+_BUILD = 1 << 20  # slots interleaved at a time (bounded temporaries)
+
+
+def _interleave(counts: list[int]) -> np.ndarray:
+    """Source of each slot: the ``m``-th slot of source ``k`` has the key ``(m + 1/2) / c_k``; slots
+    in key order, ties in source order. Built in key ranges ``[b/B, (b+1)/B)`` cut exactly (integer
+    arithmetic), so temporaries stay ~``_BUILD`` slots whatever the epoch length."""
+    n, k = sum(counts), len(counts)
+    blocks = n // _BUILD + 1
+    out = np.empty(n, dtype=np.uint8 if k <= 256 else np.uint16)
+
+    def below(b: int, c: int) -> int:  # slots of a source of c with key < b / blocks: 2m + 1 < 2 b c / blocks
+        num = 2 * b * c - blocks
+        return 0 if num <= 0 else min(c, -(-num // (2 * blocks)))
+
+    done, lo = 0, [0] * k
+    for b in range(1, blocks + 1):
+        hi = [below(b, c) if b < blocks else c for c in counts]
+        keys = np.concatenate([(np.arange(a, z, dtype=np.float64) + 0.5) / c for a, z, c in zip(lo, hi, counts)])
+        owner = np.repeat(np.arange(k), [z - a for a, z in zip(lo, hi)])
+        out[done:done + len(keys)] = owner[np.argsort(keys, kind="stable")]
+        done, lo = done + len(keys), hi
+    assert done == n
+    return out
+
+
+def _prefix_counts(source_of: np.ndarray, k: int) -> np.ndarray:
+    """Slots of each source before every ``_BLOCK`` boundary: [blocks + 1, k] (int64)."""
+    n = len(source_of)
+    rows = -(-n // _BLOCK)
+    counts = np.zeros((rows + 1, k), dtype=np.int64)
+    for r0 in range(0, rows, _BUILD // _BLOCK or 1):
+        r1 = min(rows, r0 + (_BUILD // _BLOCK or 1))
+        seg = source_of[r0 * _BLOCK:r1 * _BLOCK].astype(np.int64)
+        row = np.arange(len(seg)) // _BLOCK
+        counts[r0 + 1:r1 + 1] = np.bincount(row * k + seg, minlength=(r1 - r0) * k).reshape(r1 - r0, k)
+    return np.cumsum(counts, axis=0)
 
 
 def mixture_counts(sizes: list[int], weights: list[float]) -> list[int]:
@@ -46,18 +91,13 @@ class MixtureDataset(PackedDataset):
         self.weights = [float(w) for w in weights]
         self.counts = mixture_counts(self.sizes, self.weights)
         self.n = sum(self.counts)
-        # even interleave: slot order by (m + 1/2) / c_k, ties in source order (stable sort)
-        keys = np.concatenate([(np.arange(c, dtype=np.float64) + 0.5) / c for c in self.counts])
-        owner = np.repeat(np.arange(len(sources)), self.counts)
-        dtype = np.uint8 if len(sources) <= 256 else np.uint16
-        self.source_of = owner[np.argsort(keys, kind="stable")].astype(dtype)
-        del keys, owner
-        # counts of each source before every block start: [blocks + 1, sources]
-        blocks = np.zeros((-(-self.n // _BLOCK) + 1, len(sources)), dtype=np.int64)
-        for b in range(blocks.shape[0] - 1):
-            seg = self.source_of[b * _BLOCK:(b + 1) * _BLOCK]
-            blocks[b + 1] = blocks[b] + np.bincount(seg, minlength=len(sources))
-        self.before = blocks
+        self.source_of = _interleave(self.counts)
+        self.before = _prefix_counts(self.source_of, len(sources))
+        worst = max(range(len(sources)), key=lambda k: self.counts[k] / self.sizes[k])
+        if self.counts[worst] / self.sizes[worst] > LARGE_REPEAT:
+            log.warning("data.weights: %s repeats x%.0f in each epoch of %s sequences (an epoch shows every "
+                        "sequence of every source, so a large source with a small weight makes it long): check "
+                        "the weights", names[worst], self.counts[worst] / self.sizes[worst], f"{self.n:,}")
 
     def __len__(self) -> int:
         return self.n

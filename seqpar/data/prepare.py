@@ -6,6 +6,7 @@ without tokenizing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from seqpar.config import Config
@@ -33,7 +34,8 @@ def check_tokenizer_fits(cfg: Config) -> None:
                 f"at least {tok.vocab_size} or use a tokenizer that fits")
 
 
-def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None) -> PackedDataset | None:
+def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None,
+                       stop: Callable[[], bool] | None = None) -> PackedDataset | None:
     """The held-out dataset, or None when ``train.eval_every`` is off: the passkey task's eval
     split, or ``data.eval_paths`` read as one set (``data.weights`` apply to training files only)."""
     if not cfg.train.eval_every:
@@ -42,15 +44,17 @@ def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None) -> 
         return PasskeyDataset(cfg.data.model_copy(update={"passkey": cfg.data.passkey.model_copy(
             update={"eval_samples": max(cfg.train.eval_samples, cfg.data.passkey.eval_samples)})}), split="eval")
     held_out = cfg.data.model_copy(update={"paths": list(cfg.data.eval_paths), "weights": None})
-    return build_dataset(held_out, cache_dir, say, "data.eval_paths")
+    return build_dataset(held_out, cache_dir, say, "data.eval_paths", stop)
 
 
-def prepare_data(cfg: Config, say: Say | None = None) -> tuple[PackedDataset, PackedDataset | None]:
-    """(training set, held-out set or None), built and checked; ``say``: progress printer."""
+def prepare_data(cfg: Config, say: Say | None = None,
+                 stop: Callable[[], bool] | None = None) -> tuple[PackedDataset, PackedDataset | None]:
+    """(training set, held-out set or None), built and checked; ``say``: progress printer;
+    ``stop``: true when the process is asked to stop (tokenizing then raises ``cache.Stopped``)."""
     check_tokenizer_fits(cfg)
     cache_dir = cache_dir_of(cfg)
-    train = build_dataset(cfg.data, cache_dir, say)
-    held_out = build_eval_dataset(cfg, cache_dir, say)
+    train = build_dataset(cfg.data, cache_dir, say, stop=stop)
+    held_out = build_eval_dataset(cfg, cache_dir, say, stop)
     for ds, key in ((train, "data.paths"), (held_out, "data.eval_paths")):
         if ds is not None and ds.vocab_size_needed > cfg.model.vocab_size:
             source = getattr(ds, "vocab_source", "")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from itertools import chain
 from pathlib import Path
@@ -190,7 +190,7 @@ class TextDataset(_StreamDataset):
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, say: Say | None = None,
-                 key: str = "data.paths"):
+                 key: str = "data.paths", stop: Callable[[], bool] | None = None):
         self.seq_len = cfg.seq_len
         self.paths = list(cfg.paths)
         self.pad_id = tokenizer.pad_id
@@ -198,7 +198,7 @@ class TextDataset(_StreamDataset):
         name = "text-" + cache_key("text", self.paths, tokenizer.cache_key, {"text_field": cfg.text_field},
                                    cache_dir)[:24]
         arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
-            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name)))
+            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name, heartbeat=w.heartbeat, stop=stop)))
         self.tokens: np.ndarray = arrays["tokens"]
         self.doc_ends: np.ndarray = arrays["doc_ends"]  # stream index of each document's eos
         self.num_tokens = len(self.tokens)
@@ -361,8 +361,9 @@ class TokenDataset(_StreamDataset):
         A large file's result is remembered in the cache (``cache.remembered``): restarts skip it."""
         best, where = -1, ""
         for path, f in zip(self.paths, self.files):
-            top, at = map(int, remembered(Path(path), "maxid", lambda: self._scan_file(path, f), self.memo_dir,
-                                          valid=lambda v: len(v.split()) == 2).split())
+            # the dtype is part of the key: the same bytes read as another data.token_dtype differ
+            top, at = map(int, remembered(Path(path), f"maxid-{f.dtype.name}", lambda: self._scan_file(path, f),
+                                          self.memo_dir, valid=lambda v: len(v.split()) == 2).split())
             if top > best:
                 best, where = top, f"token file '{path}' (id {top} at token {at})"
         return best, where
@@ -426,7 +427,7 @@ class SFTDataset(PackedDataset):
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, say: Say | None = None,
-                 key: str = "data.paths"):
+                 key: str = "data.paths", stop: Callable[[], bool] | None = None):
         self.seq_len = cfg.seq_len
         self.paths = list(cfg.paths)
         self.pad_id = tokenizer.pad_id
@@ -440,7 +441,7 @@ class SFTDataset(PackedDataset):
         }
         name = "sft-" + cache_key("sft", self.paths, tokenizer.cache_key, settings, cache_dir)[:24]
         arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
-            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name)))
+            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name, heartbeat=w.heartbeat, stop=stop)))
         self.tokens: np.ndarray = arrays["tokens"]
         self.loss_mask: np.ndarray = arrays["loss_mask"]  # 1 where the token is a target
         self.offsets: np.ndarray = arrays["offsets"]  # example k = tokens[offsets[k]:offsets[k+1]]

@@ -47,6 +47,7 @@ from seqpar.engine.snapshot import Snapshot
 from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data.loader import to_device
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_tokenizer
+from seqpar.data.cache import Stopped
 from seqpar.data.prepare import prepare_data
 from seqpar.errors import DataError, UserError
 from seqpar.evaluate import passkey_results
@@ -74,6 +75,9 @@ RUN_STATE_EXIT = {"running": 1, "preempted": EXIT_PREEMPTED, "finished": 0}
 
 class CheckpointIOError(RuntimeError):
     """A checkpoint could not be written and checkpoint.on_write_error is stop (exit ``EXIT_IO``)."""
+
+
+STOPPED = "\x00stopped"  # rank 0 tells the others that a stop ended its tokenizing
 
 
 def _say(message: str) -> None:
@@ -188,19 +192,23 @@ class Trainer:
         seed_everything(cfg.train.seed)
 
         # data: rank 0 tokenizes into the cache first (a mistake it finds stops every rank with its
-        # one line, instead of leaving the others at the barrier), the others then read it. They
-        # wait on the gloo control group, whose timeout allows hours of tokenizing (NCCL's does not)
+        # one line, instead of leaving the others at the barrier), the others then read it. Every
+        # wait is on the gloo start-up group, whose timeout allows hours of tokenizing (NCCL's
+        # does not), and all ranks leave together, however long a rank that cannot see rank 0's
+        # cache (node-local data.cache_dir) tokenizes again.
         if topo.is_main:
             try:
                 self._build_data()
-            except UserError as e:
-                from_rank0(str(e), group=topo.control_group)
+            except (UserError, Stopped) as e:
+                from_rank0(STOPPED if isinstance(e, Stopped) else str(e), group=topo.startup_group)
                 raise
-            from_rank0(None, group=topo.control_group)
+            from_rank0(None, group=topo.startup_group)
         else:
-            if (error := from_rank0(None, group=topo.control_group)) is not None:
-                raise DataError(error)
+            if (error := from_rank0(None, group=topo.startup_group)) is not None:
+                raise Stopped() if error == STOPPED else DataError(error)
             self._build_data()
+        if dist.is_initialized():
+            dist.barrier(group=topo.startup_group)
         self._last_eval: tuple[int, float] | None = None
         self.sampler = GlobalSampler(len(self.dataset), cfg.data.seed, cfg.data.shuffle)
         self.loader = MicroBatchLoader(
@@ -244,8 +252,8 @@ class Trainer:
         self.base_identity = None
         if cfg.model.lora is not None:  # hashed once (rank 0 reads the base files), shared
             ident = [base_identity(cfg.model, cfg.train.seed) if topo.is_main else None]
-            # over the gloo control group: hashing a large base can outlast NCCL's timeout
-            dist.broadcast_object_list(ident, src=0, group=topo.control_group)
+            # over the gloo start-up group: hashing a large base can outlast NCCL's timeout
+            dist.broadcast_object_list(ident, src=0, group=topo.startup_group)
             self.base_identity = ident[0]
         if cfg.parallel.zero_stage == 3 and cfg.model.tie_word_embeddings:
             # the tied head reads the embedding matrix outside the embedding's forward
@@ -311,8 +319,10 @@ class Trainer:
                                newest=cfg.checkpoint.resume == "auto", config=cfg.model_dump(mode="json"))
 
     def _build_data(self) -> None:
-        """Training and held-out datasets, and the tokenizer the checkpoints carry for export."""
-        self.dataset, self.eval_set = prepare_data(self.cfg, self.data_say)
+        """Training and held-out datasets, and the tokenizer the checkpoints carry for export.
+        A preemption while tokenizing ends it (``Stopped``; train.py exits 75, nothing to save)."""
+        signals = StopSignal.install()
+        self.dataset, self.eval_set = prepare_data(self.cfg, self.data_say, lambda: signals.received is not None)
         self.tokenizer = build_tokenizer(self.cfg.data) if self.cfg.data.type != "tokens" else None
 
     # -- summary ----------------------------------------------------------------------------------

@@ -61,10 +61,12 @@ class Topology:
     ulysses_group: object = field(repr=False, default=None)
     ring_group: object = field(repr=False, default=None)
     ring_ranks: list[int] = field(repr=False, default_factory=list)  # global ranks of my ring
-    # Small host-side agreements (stop flags, start-up waits) go over gloo on CPU tensors: on an
-    # NCCL job a GPU tensor there would make the host wait for the GPU after every micro-batch.
-    # None = WORLD (a Topology made by hand, without make_topology).
+    # Small host-side agreements (stop flags) go over gloo on CPU tensors: on an NCCL job a GPU
+    # tensor there would make the host wait for the GPU after every micro-batch. None = WORLD.
     control_group: object = field(repr=False, default=None)
+    # Start-up waits that may last hours (rank 0 tokenizing a corpus): gloo, STARTUP_TIMEOUT.
+    # None = WORLD (a Topology made by hand, without make_topology).
+    startup_group: object = field(repr=False, default=None)
 
     @property
     def sp(self) -> int:
@@ -122,10 +124,11 @@ def init_topology(ulysses: int, ring: int, device: torch.device, backend: str = 
     return make_topology(ulysses, ring, device)
 
 
-# The control group's collectives may wait for hours at start-up (rank 0 tokenizing a corpus, hashing
-# a LoRA base) where NCCL's and DeepSpeed's default 30 minutes would kill the job. A rank that dies
-# meanwhile is noticed anyway: its peers' gloo connections close, and launchers stop the rest.
-CONTROL_TIMEOUT = timedelta(hours=24)
+# The start-up group's collectives may wait for hours (rank 0 tokenizing a corpus, hashing a LoRA
+# base) where NCCL's and DeepSpeed's default 30 minutes would kill the job. A rank that dies
+# meanwhile is noticed anyway: its peers' gloo connections close, and launchers stop the rest. The
+# control group, used every step, keeps the default timeout, so a hung rank is still found in minutes.
+STARTUP_TIMEOUT = timedelta(hours=24)
 
 
 def make_topology(ulysses: int, ring: int, device: torch.device) -> Topology:
@@ -145,6 +148,8 @@ def make_topology(ulysses: int, ring: int, device: torch.device) -> Topology:
                 setattr(topo, f"{kind}_group", g)
                 if kind == "ring":
                     topo.ring_ranks = ranks
-    # collective, like the groups above; its own group (also on gloo jobs) for its long timeout
-    topo.control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    # collective, like the groups above
+    if dist.get_backend() != "gloo":
+        topo.control_group = dist.new_group(backend="gloo")
+    topo.startup_group = dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT)
     return topo
