@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
         if topo.is_main:
             print(f"seqpar: {reason}", file=sys.stderr)
         return outcome("preempted", EXIT_PREEMPTED, reason)
+    except KeyboardInterrupt:  # Ctrl-C twice: aborted on the spot, nothing saved since the newest checkpoint
+        reason = "interrupted twice (Ctrl-C): aborted without saving; --resume auto continues from the newest checkpoint"
+        if topo.is_main:
+            print(f"\nseqpar: {reason}", file=sys.stderr)
+        return outcome("failed", EXIT_INTERRUPTED, reason)
     except BaseException as e:
         outcome("failed", 1, f"{type(e).__name__}: {e}")
         raise
@@ -129,6 +134,9 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
     if dist.is_initialized():  # its background threads must not be torn down by interpreter exit
         dist.destroy_process_group()
     return trainer.exit_code
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report an interrupted command
 
 
 def _cuda_available() -> bool:

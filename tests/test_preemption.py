@@ -200,3 +200,40 @@ def test_sigterm_to_the_deepspeed_runner_alone(tmp_path):
     out = proc.stdout.read()
     assert "its launcher deepspeed" in out, out[-3000:]
     check_stopped_at_a_committed_checkpoint(run_dir, t0, proc.returncode)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_twice_aborts(tmp_path):
+    """Ctrl-C (SIGINT) in a plain `python seqpar/train.py`: stops like SIGTERM (a checkpoint after
+    this micro-batch, exit 75, recorded as preempted) and says so at once; pressed twice, the run
+    aborts on the spot: exit 130, one line, recorded as failed with that status, nothing new saved."""
+    # micro-batches long enough (~1 s) that a second press lands before the stop is done
+    slow = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4}
+    cmd, run_dir = command(tmp_path, "ctrlc", 1, checkpoint={"every_micro_batches": 0},
+                           train={"max_steps": 200, "global_batch_size": 2},
+                           data={"seq_len": 4096}, model=slow)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    wait_for_steps(run_dir, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert "seqpar: interrupted: stopping after this micro-batch with a checkpoint" in err
+    assert "stop requested (SIGINT): saved step" in out and "Traceback" not in err
+    record = read_run_state(run_dir / "run_state.json")
+    assert record["state"] == "preempted" and CheckpointStore(run_dir / "checkpoints").list()[-1].tag == record["checkpoint"]
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    wait_for_steps(run_dir, proc)
+    saved = [c.tag for c in CheckpointStore(run_dir / "checkpoints").list()]
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    first = proc.stderr.readline() + proc.stderr.readline()  # the handler ran (two signals at once would be one)
+    assert "interrupted: stopping after this micro-batch" in first, first
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("seqpar: interrupted twice (Ctrl-C): aborted without saving")
+    assert "Traceback" not in err
+    record = read_run_state(run_dir / "run_state.json")
+    assert record["state"] == "failed" and record["exit_code"] == 130
+    assert [c.tag for c in CheckpointStore(run_dir / "checkpoints").list()] == saved

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM / SIGUSR1 set a flag; ranks agree at a micro-batch boundary.
+"""Preemption: SIGTERM / SIGUSR1 / SIGINT set a flag; ranks agree at a micro-batch boundary.
 
 A signal handler only records the signal (no I/O, no collectives). The trainer calls
 ``StopSignal.agree()`` after each micro-batch: one all-reduce (MAX) tells every rank whether any
@@ -20,7 +20,9 @@ from types import FrameType
 EXIT_PREEMPTED = 75  # a checkpoint was committed at the stop: run again with --resume auto (EX_TEMPFAIL)
 EXIT_USAGE = 2  # config, data or resume mistake, or the checkpoint dir is in use: retrying cannot help
 EXIT_IO = 74  # a checkpoint could not be written, even after a retry (EX_IOERR)
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT (Ctrl-C) too: the first one stops like SIGTERM (a checkpoint after this micro-batch),
+# a second one aborts at once (KeyboardInterrupt), without saving.
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 DRILL = -1  # SEQPAR_STOP_AFTER_MICRO_BATCHES
 LAUNCHER_GONE = -2
 
@@ -38,6 +40,7 @@ class StopSignal:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
         self.received: int | None = None
+        self.interrupts = 0  # SIGINTs seen: the second one aborts
         self.gone: str | None = None  # which launcher disappeared
         self._previous = {}
         for s in signals:
@@ -62,7 +65,7 @@ class StopSignal:
 
     def consume(self) -> None:
         """The stop was acted on (saved and returned): a later trainer in this process starts clean."""
-        self.received, self.gone = None, None
+        self.received, self.gone, self.interrupts = None, None, 0
 
     def tick(self) -> None:
         """Called after each micro-batch: drills, and whether a launcher has gone."""
@@ -74,6 +77,13 @@ class StopSignal:
             self.gone, self.received = gone, LAUNCHER_GONE
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:  # pressed again: abort now, nothing saved
+                raise KeyboardInterrupt
+            # one write(2), no buffered I/O in a handler: a micro-batch can take minutes to end
+            os.write(2, b"\nseqpar: interrupted: stopping after this micro-batch with a checkpoint "
+                        b"(Ctrl-C again to abort without one)\n")
         if self.received is None or self.received < 0:
             self.received = signum
 
