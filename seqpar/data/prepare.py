@@ -21,17 +21,15 @@ def cache_dir_of(cfg: Config) -> Path:
 
 
 def check_tokenizer_fits(cfg: Config) -> None:
-    """A tokenizer whose eos or bos (in every document) lies outside the model's vocabulary is
-    refused before a corpus is tokenized for nothing."""
+    """A tokenizer with more ids than the model's vocabulary is refused before a corpus is
+    tokenized for nothing (a model's embedding always has a row for every id of its tokenizer)."""
     if cfg.data.type not in ("text", "sft"):
         return
     tok = build_tokenizer(cfg.data)
-    for name, i in (("eos", tok.eos_id), ("bos", tok.bos_id)):
-        if i is not None and i >= cfg.model.vocab_size:
-            raise DataError(
-                f"data.tokenizer: the {name} token of {tokenizer_name(tok)} has id {i} (every document "
-                f"has one), outside model.vocab_size={cfg.model.vocab_size}: raise model.vocab_size to "
-                f"at least {tok.vocab_size} or use a tokenizer that fits")
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(
+            f"data.tokenizer: {tokenizer_name(tok)} has more ids than model.vocab_size={cfg.model.vocab_size}: "
+            f"raise model.vocab_size to at least {tok.vocab_size} or use the model's own tokenizer")
 
 
 def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None,
