@@ -440,8 +440,9 @@ class DataConfig(_Section):
                 raise ValueError("data.weights mixes data.paths files, but data.type is 'passkey' (no files): "
                                  "remove data.weights")
             if len(self.weights) != len(self.paths):
-                raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.paths)} data.paths "
-                                 f"files: give one weight per file, in the same order")
+                raise ValueError(f"data.weights has {len(self.weights)} "
+                                 f"entr{'y' if len(self.weights) == 1 else 'ies'} for {len(self.paths)} data.paths "
+                                 f"file{'' if len(self.paths) == 1 else 's'}: give one weight per file, in the same order")
             bad = [w for w in self.weights if not (math.isfinite(w) and w > 0)]
             if bad:
                 raise ValueError(f"data.weights must all be positive numbers, got {bad[0]}: remove a file "
@@ -454,7 +455,7 @@ class DataConfig(_Section):
         if self.tokenizer is not None:
             problems.append(_path_problem(origins, "data.tokenizer", None, self.tokenizer))
         if any(problems):
-            raise ValueError("; ".join(p for p in problems if p))
+            raise ValueError("\n".join(p for p in problems if p))  # one list item each (_format_errors)
         if self.eos_token is not None and self.tokenizer is None:
             raise ValueError(
                 "data.eos_token needs data.tokenizer (the byte tokenizer's eos is fixed; token files "
@@ -872,6 +873,9 @@ class Config(_Section):
         if self.train.eval_every and self.data.type != "passkey" and not self.data.eval_paths:
             raise ValueError(f"train.eval_every={self.train.eval_every} needs held-out data: set data.eval_paths "
                              "(files like data.paths, not trained on), or set train.eval_every to 0")
+        if self.data.eval_paths and not self.train.eval_every:
+            raise ValueError("data.eval_paths is set but train.eval_every is 0 (no held-out loss is computed): set "
+                             "train.eval_every to N (a held-out loss every N steps), or remove data.eval_paths")
         if self.checkpoint.keep_best and not self.train.eval_every:
             raise ValueError("checkpoint.keep_best keeps the checkpoint with the lowest held-out loss: it needs "
                              "train.eval_every > 0")
@@ -1347,13 +1351,14 @@ def _format_errors(err: ValidationError, source: str | _Origins) -> str:
         if e["type"] == "list_type" and not isinstance(got, (list, tuple, dict)):
             extra += f"; write a list: [{got}]"
         if e["type"] == "value_error" and (not key or msg.startswith((f"{key}.", f"{key} "))):
-            # the message names its keys itself; say which of them the command line set
-            named = set(re.findall(r"\b([a-z_]+(?:\.[a-z_0-9]+)+)", msg))
-            flags = sorted(k for k in origins.cli_keys if any(k == n or k.startswith(f"{n}.") for n in named)
-                           and not any(o.startswith(f"{k}.") for o in origins.cli_keys))
-            if flags:
-                extra += " (set by " + ", ".join(f"--{k}" for k in flags) + " on the command line)"
-            lines.append(f"{msg}{extra}")
+            # the message names its keys itself; say which of them the command line set. Several
+            # problems of one check come as lines: one item each
+            for part in msg.split("\n"):
+                named = set(re.findall(r"\b([a-z_]+(?:\.[a-z_0-9]+)+)", part))
+                flags = sorted(k for k in origins.cli_keys if any(k == n or k.startswith(f"{n}.") for n in named)
+                               and not any(o.startswith(f"{k}.") for o in origins.cli_keys))
+                by = " (set by " + ", ".join(f"--{k}" for k in flags) + " on the command line)" if flags else ""
+                lines.append(f"{part}{extra}{by}")
         else:
             lines.append(f"{shown}: {msg}{extra}")
     head = f"invalid configuration ({origins.source})"

@@ -257,6 +257,7 @@ def test_relative_input_paths_follow_the_config_file(tmp_path, monkeypatch):
         "model": {"hf_path": "hf", "load_weights": False},
         "data": {"type": "text", "paths": ["data/train.jsonl"], "eval_paths": ["data/eval.jsonl"],
                  "tokenizer": "tok/tokenizer.json", "cache_dir": "cache"},
+        "train": {"eval_every": 10},
         "logging": {"run_dir": "runs/x"},
     })
     elsewhere = tmp_path / "somewhere"
@@ -287,6 +288,10 @@ def test_missing_file_says_how_the_path_was_resolved(tmp_path, monkeypatch):
     # on the command line: relative to the working directory
     msg = error(None, ["--data.type", "text", "--data.paths", "nope.jsonl"])
     assert f"data.paths[0] 'nope.jsonl' (relative to the current directory {tmp_path}) does not exist" in msg
+    # several missing files: one list item each, not one long line
+    msg = error(None, ["--data.type", "text", "--data.paths", "[a.jsonl, b.jsonl]", "--data.tokenizer", "t.json"])
+    items = [line for line in msg.splitlines() if line.startswith("  - ")]
+    assert [i.split("'")[0] for i in items] == ["  - data.paths[0] ", "  - data.paths[1] ", "  - data.tokenizer "], msg
 
 
 @pytest.mark.parametrize(

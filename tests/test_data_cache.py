@@ -232,22 +232,23 @@ def test_prepare_ahead_then_train(tmp_path: Path):
     import subprocess
     import sys
 
-    from test_data_errors import ROOT, run_train, write_train_config
+    from test_data_errors import ROOT, write_train_config
 
     train_f = write_jsonl(tmp_path / "train.jsonl", [{"text": d} for d in _docs(40)])
     eval_f = write_jsonl(tmp_path / "eval.jsonl", [{"text": d} for d in _docs(8, seed=1)])
     data = {"type": "text", "paths": [str(train_f)], "eval_paths": [str(eval_f)]}
-    config = write_train_config(tmp_path, data)
+    config = write_train_config(tmp_path, data, eval_every=1)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cli = [sys.executable, "-m", "seqpar.data", "--config", str(config), "--train.eval_every", "1"]
+    cli = [sys.executable, "-m", "seqpar.data", "--config", str(config)]
     r = subprocess.run(cli, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "seqpar.data: tokenizing data.paths (1 file" in r.stdout and "tokenizing data.eval_paths" in r.stdout
     assert "seqpar.data: train: TextDataset" in r.stdout and "seqpar.data: held-out: TextDataset" in r.stdout
     entries = sorted(p.name for p in (tmp_path / "run" / "cache").iterdir())
     assert len(entries) == 2
-    r = run_train(tmp_path, data)  # the job (no eval): its training data is there already
-    assert r.returncode == 0 and "tokenizing" not in r.stdout, r.stdout[-2000:]
+    r = subprocess.run([sys.executable, str(ROOT / "seqpar" / "train.py"), "--config", str(config)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # the job: data ready
+    assert r.returncode == 0 and "tokenizing" not in r.stdout and "held-out loss" in r.stdout, r.stdout[-2000:]
     assert sorted(p.name for p in (tmp_path / "run" / "cache").iterdir()) == entries
     bad = subprocess.run(cli + ["--model.vocab_size", "100"], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=300)

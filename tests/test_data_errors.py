@@ -408,14 +408,14 @@ def run_train(tmp: Path, data: dict, vocab_size: int = 320) -> subprocess.Comple
     )
 
 
-def write_train_config(tmp: Path, data: dict, vocab_size: int = 320) -> Path:
+def write_train_config(tmp: Path, data: dict, vocab_size: int = 320, **train) -> Path:
     """A one-step tiny config over ``data``, run dir ``tmp/run``, written to ``tmp/tmp.yaml``."""
     cfg = {
         "model": {"arch": "llama", "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
                   "num_hidden_layers": 1, "num_attention_heads": 2},
         "data": {"seq_len": 16, **data},
         "train": {"max_steps": 1, "micro_batch_size": 1, "global_batch_size": 1, "warmup_steps": 0,
-                  "device": "cpu"},
+                  "device": "cpu", **train},
         "logging": {"run_dir": str(tmp / "run"), "progress_bar": False, "tensorboard": "off"},
     }
     path = tmp / "tmp.yaml"

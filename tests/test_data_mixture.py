@@ -108,7 +108,7 @@ def test_build_from_files_text_and_tokens(tmp_path: Path):
 
 def test_config_errors_and_resume_refuses_new_weights(tmp_path: Path):
     f = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
-    for weights, match in (([1.0], "data.weights has 1 entries for 2 data.paths files"),
+    for weights, match in (([1.0], "data.weights has 1 entry for 2 data.paths files"),
                            ([1.0, 0.0], "must all be positive numbers, got 0.0"),
                            ([1.0, float("inf")], "must all be positive numbers, got inf")):
         with pytest.raises(ValidationError, match=match):

@@ -21,6 +21,9 @@ def test_eval_every_logs_held_out_loss_and_keep_best_keeps_the_lowest(tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = {rec["step"]: rec["eval_loss"] for rec in records if "eval_loss" in rec}
     assert sorted(evals) == [1, 2, 3, 4] and all(0 < v < 10 for v in evals.values()), evals
+    for step, loss in evals.items():  # shown as they happen, and the last one at the end
+        assert f"eval step {step}/4 | held-out loss {loss:.4f} (4 sequences)" in r.stdout, r.stdout[-2000:]
+    assert f"held-out loss {evals[4]:.4f} at step 4" in done, done
     ck = run_dir / "checkpoints"
     kept = {p.name: json.loads((p / "manifest.json").read_text()) for p in ck.glob("step*")}
     best_step = min(evals, key=evals.get)

@@ -430,3 +430,25 @@ def test_rmsnorm_saves_only_its_input_and_matches_eager(dtype):
         tol = 1e-6 if dtype == torch.float32 else 1e-2
         for a, b in ((x.grad, x2.grad), (norm.weight.grad, w.grad)):
             assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+
+
+def test_extending_a_decayed_run_warns_of_the_lr_jump():
+    """A resume whose changed schedule raises the learning rate of a run that had already decayed
+    says so (with, for wsd, the step to resume from to continue the stable phase); an extension
+    in the stable phase, or one that keeps the rate, says nothing."""
+    from seqpar.config import validate_config
+    from seqpar.engine.resume import lr_jump
+
+    def cfg(**train):
+        return validate_config({"train": {"warmup_steps": 2, "lr": 1.0, "min_lr_ratio": 0.2, **train}})
+
+    wsd = cfg(max_steps=10, decay="wsd", cooldown_ratio=0.25).model_dump(mode="json")
+    longer = cfg(max_steps=20, decay="wsd", cooldown_ratio=0.25)
+    msg = lr_jump(wsd, longer, 10)
+    assert msg and "raises the learning rate from 2.00e-01 (step 10, the last one used) to 1.00e+00" in msg, msg
+    assert "resume a checkpoint from step 8 or before" in msg and "seqpar.ckpt list runs/default/checkpoints" in msg
+    assert lr_jump(wsd, longer, 6) is None  # stable phase: nothing changes
+    cos = cfg(max_steps=10).model_dump(mode="json")
+    msg = lr_jump(cos, cfg(max_steps=20), 10)
+    assert msg and "the run had already decayed" in msg and "stable phase" not in msg
+    assert lr_jump(cos, cfg(max_steps=10, lr=0.5), 10) is None  # lower: no warning

@@ -8,6 +8,8 @@ trainer's components and the checkpoint manager, and sets the trainer's loop sta
 from __future__ import annotations
 
 import json
+import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +20,7 @@ import torch.distributed as dist
 from seqpar.checkpoint.codec import LazyTensor
 from seqpar.checkpoint.manager import TRAINER_STATE, check_resume_config
 from seqpar.checkpoint.writer import rank_dir
-from seqpar.config import ConfigError, validate_config
+from seqpar.config import Config, ConfigError, TrainConfig, validate_config
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import (
     ELASTIC_KINDS,
@@ -31,6 +33,7 @@ from seqpar.models import build_model
 from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, check_base_identity, load_trainable_state_dict
 from seqpar.optim.qgalore import QWEIGHTS_DIR, QWEIGHTS_FILE
 from seqpar.rng import load_rng_state_dict
+from seqpar.schedule import lr_at
 
 if TYPE_CHECKING:
     from seqpar.engine.trainer import Trainer
@@ -65,6 +68,29 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
         return validate_config(saved).model_dump(mode="json")
     except (ConfigError, ValueError, OSError):
         return saved
+
+
+def lr_jump(saved: dict[str, Any], cfg: Config, step: int) -> str | None:
+    """What a resume with a changed schedule (an extended run) does to the learning rate, when it
+    raises it above the last one used: a cooled-down run warmed up again is rarely what was meant."""
+    try:
+        old = TrainConfig.model_validate(saved.get("train", {}))
+    except ValueError:
+        return None
+    if step < 1 or old.decay == "constant":
+        return None
+    last, nxt = lr_at(step - 1, old), lr_at(step, cfg.train)
+    if nxt <= last * (1 + 1e-6) or last >= old.lr * (1 - 1e-6):
+        return None
+    hint = ""
+    if old.decay == "wsd":
+        span = max(old.max_steps - old.warmup_steps, 1)
+        cooldown_at = old.max_steps - max(math.ceil(old.cooldown_ratio * span), 1)
+        hint = (f"; to continue from the stable phase instead, resume a checkpoint from step {cooldown_at} or "
+                f"before (python -m seqpar.ckpt list {cfg.checkpoint.dir or Path(cfg.logging.run_dir) / 'checkpoints'}; "
+                f"--resume <it>)")
+    return (f"the changed schedule raises the learning rate from {last:.2e} (step {step}, the last one used) to "
+            f"{nxt:.2e}: the run had already decayed" + hint)
 
 
 class Resume:
@@ -108,6 +134,8 @@ class Resume:
                    "state restored exactly, the trajectory now differs by reduction order)") if elastic else ""
             print(f"resumed from {path} (step {self.tr.state.step}, micro-step {self.tr.state.micro_step}){how}"
                   + (f"; allowed config changes: {accepted}" if accepted else ""), flush=True)
+            if accepted and (warning := lr_jump(_with_defaults(saved_cfg), self.tr.cfg, state["step"])):
+                print(f"seqpar: warning: {warning}", file=sys.stderr, flush=True)
 
     def _files_read(self, path: Path) -> Callable[[str], bool]:
         """Which files of checkpoint ``path`` this rank reads when resuming it (it verifies those):

@@ -363,7 +363,7 @@ class Trainer:
                 + (f"stable, then the last {c.train.cooldown_ratio:.0%} of steps linear" if c.train.decay == "wsd"
                    else c.train.decay) + f" to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"memory  {self._memory_line()}",
-                f"output  {self.run_dir}",
+                f"output  {self.run_dir}" + ("" if self.run_dir.is_absolute() else f" (in {Path.cwd()})"),
                 f"ckpt    {self._disk_line()}",
             ]
         )
@@ -452,6 +452,7 @@ class Trainer:
             pk = self.cfg.data.passkey
             print(
                 f"done: {self.state.step} steps, loss {self.state.first_loss:.4f} -> {result['final_loss']:.4f}"
+                + (f", held-out loss {self._last_eval[1]:.4f} at step {self._last_eval[0]}" if self._last_eval else "")
                 + (f", {passkey_summary(result['passkey_accuracy'], pk.eval_samples, pk.key_digits)}"
                    if "passkey_accuracy" in result else "")
                 + (f", {percent(result['passkey_accuracy_other_shard'])} with the key in another rank's shard"
@@ -471,6 +472,8 @@ class Trainer:
         loss = held_out_loss(self, self.eval_set)
         self._last_eval = (st.step, loss)
         self.logger.log(st.step, {"eval_loss": loss})
+        n = min(self.cfg.train.eval_samples, len(self.eval_set))
+        self.logger.print(f"eval step {st.step}/{self.cfg.train.max_steps} | held-out loss {loss:.4f} ({n} sequences)")
         return True
 
     def _preempted(self, tag: str | None) -> dict[str, Any]:
