@@ -463,3 +463,20 @@ def test_cli_tokenizer_without_eos(tmp_path: Path):
     p = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Q", "response": "A"}])
     r = run_train(tmp_path, {"type": "sft", "paths": [str(p)], "tokenizer": str(tok)})
     assert_usage_error(r, f"tokenizer '{tok}' has no end-of-sequence token", "data.eos_token")
+
+
+@pytest.mark.slow
+def test_cli_resume_on_edited_data_is_refused(tmp_path: Path):
+    """A data file edited under the same name (same number of sequences) between runs: the resume
+    is refused with one line naming it; checkpoint.allow_changes [data.content] accepts it."""
+    p = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES * 4])
+    assert run_train(tmp_path, {"type": "text", "paths": [str(p)]}).returncode == 0
+    write_jsonl(p, [{"text": s.upper()} for s in SENTENCES * 4])
+    r = run_train(tmp_path, {"type": "text", "paths": [str(p)]})
+    assert_usage_error(r, f"the data changed since the checkpoint ('{p}': other content under the same names)",
+                       "--checkpoint.allow_changes '[data.content]'")
+    config = write_train_config(tmp_path, {"type": "text", "paths": [str(p)]})
+    r = subprocess.run([sys.executable, str(ROOT / "seqpar" / "train.py"), "--config", str(config),
+                        "--checkpoint.allow_changes", "[data.content]"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0 and "already complete at step 1" in r.stdout, r.stderr[-2000:]

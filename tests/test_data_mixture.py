@@ -161,3 +161,39 @@ def test_extreme_repeat_is_reported(caplog):
     with caplog.at_level("WARNING"):
         MixtureDataset([Numbered(0, 3), Numbered(1, 5000)], [0.5, 0.5], ["tiny.jsonl", "big.jsonl"])
     assert "data.weights: tiny.jsonl repeats x1667 in each epoch of 10,000 sequences" in caplog.text
+
+
+def test_resume_refuses_changed_data_content():
+    """The checkpoint's data fingerprint against today's: an edit under the same name is refused,
+    naming the file; data.content in checkpoint.allow_changes accepts it; old checkpoints (no
+    fingerprint) are not checked."""
+    from seqpar.config import ConfigError
+    from seqpar.engine.resume import check_data_unchanged
+
+    saved = {"/d/a.jsonl": "1" * 64, "/d/b.jsonl": "2" * 64, "tokenizer": "bytes-v1"}
+    check_data_unchanged(saved, dict(saved), [])
+    check_data_unchanged(None, saved, [])
+    edited = {**saved, "/d/b.jsonl": "3" * 64}
+    with pytest.raises(ConfigError, match=r"the data changed since the checkpoint \('/d/b.jsonl': other content"):
+        check_data_unchanged(saved, edited, [])
+    with pytest.raises(ConfigError, match=r"\(the tokenizer file: .*--checkpoint.allow_changes '\[data.content\]'"):
+        check_data_unchanged(saved, {**saved, "tokenizer": "hf-abc"}, [])
+    check_data_unchanged(saved, edited, ["data.content"])
+
+
+def test_fingerprints_follow_content(tmp_path: Path):
+    """Text files by sha256 (the tokenizer too), token files by size and first/last MiB, mixtures
+    by all their files; passkey data (the config alone) by nothing."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": s} for s in SENTENCES])
+    cfg = DataConfig(type="text", paths=[a], seq_len=16)
+    fp = build_dataset(cfg, tmp_path / "c").content_fingerprint()
+    assert set(fp) == {str(a), "tokenizer"} and fp["tokenizer"] == "bytes-v1"
+    write_jsonl(a, [{"text": s} for s in reversed(SENTENCES)])  # same size, other content
+    assert build_dataset(cfg, tmp_path / "c").content_fingerprint()[str(a)] != fp[str(a)]
+    t = tmp_path / "t.npy"
+    np.save(t, np.arange(3000, dtype=np.uint16))
+    tcfg = DataConfig(type="tokens", paths=[t, t], weights=[1, 1], seq_len=16)
+    tfp = build_dataset(tcfg, tmp_path / "c").content_fingerprint()
+    np.save(t, np.arange(3000, dtype=np.uint16)[::-1].copy())
+    assert list(tfp) == [str(t)] and build_dataset(tcfg, tmp_path / "c").content_fingerprint() != tfp
+    assert build_dataset(DataConfig(), tmp_path / "c").content_fingerprint() == {}

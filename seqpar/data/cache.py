@@ -89,15 +89,13 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
                       valid=lambda v: len(v) == 64 and all(c in "0123456789abcdef" for c in v))
 
 
-def cache_key(kind: str, paths: list[Path], tokenizer_key: str, settings: dict[str, Any],
-              memo_dir: Path | None = None) -> str:
-    """Content hash of what an entry is made from (``memo_dir``: where large files' hashes are
-    remembered, see ``file_sha256``)."""
+def cache_key(kind: str, file_hashes: list[str], tokenizer_key: str, settings: dict[str, Any]) -> str:
+    """Content hash of what an entry is made from (``file_hashes``: ``file_sha256`` of each file)."""
     blob = json.dumps(
         {
             "version": CACHE_VERSION,
             "kind": kind,
-            "files": [file_sha256(p, memo_dir) for p in paths],
+            "files": list(file_hashes),
             "tokenizer": tokenizer_key,
             "settings": settings,
         },

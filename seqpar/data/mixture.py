@@ -123,6 +123,12 @@ class MixtureDataset(PackedDataset):
         k = max(range(len(self.sources)), key=lambda j: self.sources[j].vocab_size_needed)
         return getattr(self.sources[k], "vocab_source", self.names[k])
 
+    def content_fingerprint(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for src in self.sources:
+            out.update(src.content_fingerprint())
+        return out
+
     def describe(self) -> str:
         total = sum(self.weights)
         parts = [f"{name} {100 * w / total:.0f}% ({size:,} sequences, x{c / size:.2f})"

@@ -46,6 +46,11 @@ class PackedDataset(ABC):
         """One line for the run log."""
         return f"{type(self).__name__}: {len(self):,} sequences of {self.seq_len} tokens"
 
+    def content_fingerprint(self) -> dict[str, str]:
+        """What identifies the data's content, by file (recorded in checkpoints: a resume on
+        changed data is refused unless allowed); empty for data the config alone determines."""
+        return {}
+
 
 def positions_from_starts(starts: np.ndarray, n: int) -> np.ndarray:
     """Position ids for ``n`` tokens whose documents begin at ``starts`` (index 0 always does)."""

@@ -16,6 +16,7 @@ Stream datasets (text, tokens) cut the concatenated token stream into back-to-ba
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from seqpar.config import DataConfig
-from seqpar.data.cache import ArrayWriter, Progress, Say, cache_key, cached, remembered
+from seqpar.data.cache import ArrayWriter, Progress, Say, cache_key, cached, file_sha256, remembered
 from seqpar.data.packing import PackedDataset, Sample, greedy_pack, pack_documents, window_sample
 from seqpar.data.tokenizer import Tokenizer, _one_line, tokenizer_name
 from seqpar.errors import DataError
@@ -195,8 +196,9 @@ class TextDataset(_StreamDataset):
         self.paths = list(cfg.paths)
         self.pad_id = tokenizer.pad_id
         self.text_field = cfg.text_field
-        name = "text-" + cache_key("text", self.paths, tokenizer.cache_key, {"text_field": cfg.text_field},
-                                   cache_dir)[:24]
+        self.file_hashes = [file_sha256(p, cache_dir) for p in self.paths]  # large files' remembered
+        self.tokenizer_key = tokenizer.cache_key
+        name = "text-" + cache_key("text", self.file_hashes, tokenizer.cache_key, {"text_field": cfg.text_field})[:24]
         arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
             tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name, heartbeat=w.heartbeat, stop=stop)))
         self.tokens: np.ndarray = arrays["tokens"]
@@ -247,6 +249,9 @@ class TextDataset(_StreamDataset):
         out.append("doc_ends", total + np.cumsum(doc_len) - 1)
         progress.advance(ntokens=len(tokens))
         return sum(len(d) for d in encoded), total + len(tokens), max(max_id, int(tokens.max()))
+
+    def content_fingerprint(self) -> dict[str, str]:
+        return {**{str(p): h for p, h in zip(self.paths, self.file_hashes)}, "tokenizer": self.tokenizer_key}
 
     def _window(self, lo: int, hi: int) -> np.ndarray:
         return self.tokens[lo:hi]
@@ -386,6 +391,19 @@ class TokenDataset(_StreamDataset):
                 )
         return f"{best} {pos}"
 
+    def content_fingerprint(self) -> dict[str, str]:
+        """Size and the sha256 of the first and last MiB of each file: cheap at any size (token
+        files are written whole by a pipeline; an edit inside that keeps the size goes unseen)."""
+        out = {}
+        for p in self.paths:
+            size = Path(p).stat().st_size
+            with open(p, "rb") as f:
+                head = f.read(1 << 20)
+                f.seek(max(size - (1 << 20), 0))
+                tail = f.read()
+            out[str(p)] = f"{size}:{hashlib.sha256(head).hexdigest()[:16]}:{hashlib.sha256(tail).hexdigest()[:16]}"
+        return out
+
     @property
     def vocab_size_needed(self) -> int:  # type: ignore[override]
         return self._scan[0] + 1
@@ -439,7 +457,9 @@ class SFTDataset(PackedDataset):
             "chat_template": cfg.chat_template,
             "sft_separator": cfg.sft_separator,
         }
-        name = "sft-" + cache_key("sft", self.paths, tokenizer.cache_key, settings, cache_dir)[:24]
+        self.file_hashes = [file_sha256(p, cache_dir) for p in self.paths]
+        self.tokenizer_key = tokenizer.cache_key
+        name = "sft-" + cache_key("sft", self.file_hashes, tokenizer.cache_key, settings)[:24]
         arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
             tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name, heartbeat=w.heartbeat, stop=stop)))
         self.tokens: np.ndarray = arrays["tokens"]
@@ -457,6 +477,9 @@ class SFTDataset(PackedDataset):
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
+
+    def content_fingerprint(self) -> dict[str, str]:
+        return {**{str(p): h for p, h in zip(self.paths, self.file_hashes)}, "tokenizer": self.tokenizer_key}
 
     def describe(self) -> str:
         return (

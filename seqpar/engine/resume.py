@@ -70,6 +70,24 @@ def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
+DATA_CONTENT = "data.content"  # the checkpoint.allow_changes entry that accepts changed data files
+
+
+def check_data_unchanged(saved: dict[str, str] | None, now: dict[str, str], allowed: list[str]) -> None:
+    """Refuse a resume on data whose content changed since the checkpoint (same paths, other
+    bytes: the same sample positions would now hold other tokens), unless ``allowed`` names
+    ``data.content``. Checkpoints from before fingerprints were recorded are not checked."""
+    if saved is None or saved == now or DATA_CONTENT in allowed:
+        return
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    what = ", ".join("the tokenizer file" if k == "tokenizer" else f"'{k}'" for k in changed)
+    raise ConfigError(
+        f"the data changed since the checkpoint ({what}: other content under the same names): restore it, "
+        f"or continue on the changed data with --checkpoint.allow_changes '[{DATA_CONTENT}]' (training goes "
+        f"on from the same sample position; if the number of sequences changed, the sample order cannot "
+        f"continue and the resume is refused anyway), or start a new run")
+
+
 def lr_jump(saved: dict[str, Any], cfg: Config, step: int) -> str | None:
     """What a resume with a changed schedule (an extended run) does to the learning rate, when it
     raises it above the last one used: a cooled-down run warmed up again is rarely what was meant."""
@@ -114,6 +132,8 @@ class Resume:
         elastic = state["topology"] != self.tr._meta()["topology"]
         accepted = check_resume_config(_with_defaults(saved_cfg), self.tr.cfg.model_dump(mode="json"),
                                        self.tr.cfg.checkpoint.allow_changes, saved_step=state["step"])
+        check_data_unchanged(state.get("data_fingerprint"), self.tr.data_fingerprint,
+                             self.tr.cfg.checkpoint.allow_changes)
         if self.tr.cfg.model.lora is not None:  # before anything is moved aside
             saved_base = json.loads((path / ADAPTER_DIR / BASE_FILE).read_text())
             try:

@@ -67,7 +67,8 @@ class Snapshot:
         if tr._last_eval and tr._last_eval[0] == st.step and not st.micro_step:
             meta["eval_loss"] = tr._last_eval[1]  # checkpoint.keep_best keeps the lowest
         trainer_state = {**meta, **st.state_dict(), "sampler": tr.sampler.state_dict(),
-                         "special_tokens": self.special_ids()}  # for the export of ZeRO-3 shards
+                         "special_tokens": self.special_ids(),  # for the export of ZeRO-3 shards
+                         "data_fingerprint": tr.data_fingerprint}  # a resume on other data is refused
         if tr.logger.wandb_id is not None:  # the W&B run a resume from this checkpoint continues
             trainer_state["wandb_run_id"] = tr.logger.wandb_id
         raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),

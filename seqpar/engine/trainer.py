@@ -323,6 +323,7 @@ class Trainer:
         A preemption while tokenizing ends it (``Stopped``; train.py exits 75, nothing to save)."""
         signals = StopSignal.install()
         self.dataset, self.eval_set = prepare_data(self.cfg, self.data_say, lambda: signals.received is not None)
+        self.data_fingerprint = self.dataset.content_fingerprint()
         self.tokenizer = build_tokenizer(self.cfg.data) if self.cfg.data.type != "tokens" else None
 
     # -- summary ----------------------------------------------------------------------------------
