@@ -385,3 +385,26 @@ def test_moved_key_is_read_in_its_new_section(tmp_path):
         load_config(None, ["--memory.offload_activations", "true"])
     with pytest.raises(ConfigError, match="memory.mlp_tile_tokens"):
         load_config(None, ["--memory.mlp_tile_tokens", "512"])
+
+
+def test_readme_own_data_config_validates(tmp_path):
+    """The README's "Your own data" config is valid as written (its paths replaced by stand-ins:
+    a model directory, a tokenizer, data files), and its layout fits 8 ranks."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Your own data.*?```yaml\n(.*?)```", text, re.S).group(1)
+    stand_in = {"/models/Llama-3.2-1B": str(hf_dir(tmp_path / "model", weights=True, vocab_size=400)),
+                "/data/": str(tmp_path) + "/", "/runs/": str(tmp_path / "runs") + "/"}
+    for a, b in stand_in.items():
+        block = block.replace(a, b)
+    for name in ("books.jsonl", "web.jsonl", "heldout.jsonl"):
+        write(tmp_path / name, '{"text": "x"}\n')
+    from test_data import make_hf_tokenizer
+
+    make_hf_tokenizer(tmp_path / "model" / "tokenizer.json", ["<|endoftext|>"])
+    path = write(tmp_path / "my-run.yaml", block)
+    cfg = load_config(path)
+    assert cfg.data.weights == [0.3, 0.7] and cfg.train.decay == "wsd" and cfg.model.arch == "qwen2"
+    lay = cfg.layout(8)
+    assert lay.dp == 2 and lay.global_batch_size == 32
