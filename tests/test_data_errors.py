@@ -94,7 +94,9 @@ def test_not_utf8_and_not_an_object(tmp_path: Path):
 def test_missing_or_wrong_text_field_names_the_key(tmp_path: Path):
     p = write_jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, {"content": "x", "id": 3}])
     one_line_error(lambda: text_ds(tmp_path, p), f"{p}:2: missing field 'text'", "content, id",
-                   "set data.text_field")
+                   "set data.text_field: content if that field holds it")  # the one string field
+    r = write_jsonl(tmp_path / "r.jsonl", [{"body": "x", "title": "y"}])
+    one_line_error(lambda: text_ds(tmp_path, r), "set data.text_field to the field that holds it")
     one_line_error(lambda: text_ds(tmp_path, p, text_field="content"), f"{p}:1: missing field 'content'")
     q = write_jsonl(tmp_path / "b.jsonl", [{"text": ["not", "a", "string"]}])
     one_line_error(lambda: text_ds(tmp_path, q), f"{q}:1: field 'text' must be a string, got list")

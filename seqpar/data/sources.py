@@ -103,7 +103,9 @@ def _keys(rec: dict[str, Any]) -> str:
 def _get_str(rec: dict[str, Any], field: str, where: str, key: str | None = None) -> str:
     """``rec[field]`` as a string; ``key`` is the config key naming ``field`` (for the hint)."""
     if field not in rec:
-        hint = f": set {key} to the field that holds it" if key else ""
+        texts = [k for k, v in rec.items() if isinstance(v, str)]
+        hint = (f": set {key}: {texts[0]} if that field holds it" if key and len(texts) == 1 else
+                f": set {key} to the field that holds it" if key else "")
         raise DataError(f"{where}: missing field '{field}' (record has keys: {_keys(rec)}){hint}")
     value = rec[field]
     if not isinstance(value, str):
