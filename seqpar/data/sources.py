@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from itertools import chain
@@ -103,7 +104,7 @@ def _keys(rec: dict[str, Any]) -> str:
 def _get_str(rec: dict[str, Any], field: str, where: str, key: str | None = None) -> str:
     """``rec[field]`` as a string; ``key`` is the config key naming ``field`` (for the hint)."""
     if field not in rec:
-        texts = [k for k, v in rec.items() if isinstance(v, str)]
+        texts = [k for k, v in rec.items() if isinstance(v, str) and re.fullmatch(r"[\w.-]+", str(k))]
         hint = (f": set {key}: {texts[0]} if that field holds it" if key and len(texts) == 1 else
                 f": set {key} to the field that holds it" if key else "")
         raise DataError(f"{where}: missing field '{field}' (record has keys: {_keys(rec)}){hint}")
