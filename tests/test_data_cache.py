@@ -358,3 +358,15 @@ def test_preempted_while_tokenizing(tmp_path: Path):
     assert not cache.exists() or [e.name for e in cache.iterdir() if e.name != "memo"] == []
     state = json.loads((tmp_path / "run" / "run_state.json").read_text())
     assert state["state"] == "preempted" and state["exit_code"] == 75
+
+
+def test_another_rank_says_why_it_tokenizes(tmp_path: Path, capsys):
+    """A rank other than the first tokenizes only when rank 0's entry is not in its cache
+    (node-local storage): its lines carry its rank, the first one the reason."""
+    from seqpar.engine.trainer import _OtherRankSay
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in _docs(20)])
+    build_dataset(DataConfig(type="text", paths=[path], seq_len=16), tmp_path / "local", _OtherRankSay(3))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("seqpar: rank 3: tokenizing data.paths (1 file") and "node-local storage" in lines[0]
+    assert lines[-1].startswith("seqpar: rank 3: tokenized ") and "node-local" not in lines[-1]

@@ -113,7 +113,8 @@ def test_sequence_parallel_training_matches_sp1(tmp_path, model):
 def test_two_ranks_tokenize_once(tmp_path):
     """torchrun, 2 ranks, jsonl text: rank 0 tokenizes into the cache and says so, rank 1 waits on
     the gloo control group and reads the same entry; a bad record stops both ranks with its line."""
-    docs = [{"text": f"document {i}: " + "long context " * (i % 7 + 3)} for i in range(200)]
+    # enough that rank 0 is still tokenizing when rank 1 arrives (a rank that did not wait would tokenize too)
+    docs = [{"text": f"document {i}: " + "long context " * (i % 7 + 3)} for i in range(60_000)]
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps(d) + "\n" for d in docs))
     bad = tmp_path / "bad.jsonl"
@@ -122,13 +123,14 @@ def test_two_ranks_tokenize_once(tmp_path):
     text = {"type": "text", "seq_len": 64, "cache_dir": str(cache)}
     train = {"max_steps": 1, "global_batch_size": 2, "warmup_steps": 0}
     r, _ = run_job(tmp_path, "bad", 2, "torchrun", data={**text, "paths": [str(bad)]}, train=train)
-    assert r.returncode != 0 and f"{bad}:201: missing field 'text'" in r.stderr, r.stderr[-3000:]
+    assert r.returncode != 0 and f"{bad}:60001: missing field 'text'" in r.stderr, r.stderr[-3000:]
     assert not cache.exists() or not any(cache.iterdir())
 
     r, run_dir = run_job(tmp_path, "good", 2, "torchrun", data={**text, "paths": [str(good)]}, train=train)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("seqpar: tokenizing data.paths (1 file") == 1, r.stdout  # the first rank's
-    assert r.stdout.count("seqpar: tokenized ") == 1 and "(200 documents)" in r.stdout
+    assert "seqpar: rank 1:" not in r.stdout, r.stdout  # rank 1 waited, then read rank 0's entry
+    assert r.stdout.count("seqpar: tokenized ") == 1 and "(60,000 documents)" in r.stdout
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [1]
     (entry,) = cache.iterdir()  # one entry, no temporary folder left by either rank

@@ -84,6 +84,20 @@ def _say(message: str) -> None:
     print(f"seqpar: {message}", flush=True)
 
 
+class _OtherRankSay:
+    """Tokenizing progress of a rank other than the first: it tokenizes only when rank 0's cache
+    entry is not in its data.cache_dir (node-local storage), which its first line says."""
+
+    def __init__(self, rank: int):
+        self.rank, self.first = rank, True
+
+    def __call__(self, message: str) -> None:
+        note = (" (rank 0's entry is not in this rank's data.cache_dir: on node-local storage every rank of a node "
+                "tokenizes again; put data.cache_dir where all nodes see it)") if self.first else ""
+        self.first = False
+        print(f"seqpar: rank {self.rank}: {message}{note}", flush=True)
+
+
 def _size(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
@@ -188,7 +202,8 @@ class Trainer:
         self.extensions = Extensions(extra_state)
         self.run_dir = Path(cfg.logging.run_dir)
         # start-up progress the first rank prints before the logger exists (tokenizing the data)
-        self.data_say: Callable[[str], None] | None = _say if topo.is_main else None
+        # (another rank only speaks when it has to tokenize too: rank 0's entry is not in its cache)
+        self.data_say: Callable[[str], None] = _say if topo.is_main else _OtherRankSay(topo.rank)
         seed_everything(cfg.train.seed)
 
         # data: rank 0 tokenizes into the cache first (a mistake it finds stops every rank with its
