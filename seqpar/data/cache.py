@@ -35,6 +35,8 @@ Say = Callable[[str], None]
 
 
 MEMO_MIN_BYTES = 64 << 20  # files at least this large have what was read from them remembered
+BUILDER = "builder"  # in a folder being built: "<host> <pid>" of the process building it
+STALE_S = 600.0  # a live builder touches BUILDER every 30 s (Progress), far more often than this
 
 
 def _sha256(path: Path) -> str:
@@ -228,10 +230,6 @@ def _damaged(final: Path, why: str) -> DataError:
                      f"again (it is rebuilt from data.paths)")
 
 
-BUILDER = "builder"  # in a folder being built: "<host> <pid>" of the process building it
-STALE_S = 600.0  # a live builder appends every batch of records, far more often than this
-
-
 def _remove_dead_builds(final: Path) -> None:
     """Delete this entry's half-built folders left by processes on this host that no longer run
     and that nothing has written to for ``STALE_S`` (a job killed while tokenizing: they can be as
@@ -292,8 +290,8 @@ class Stopped(Exception):
 
 class Progress:
     """Tokenizing progress for a person waiting on it: a line when it starts, one every
-    ``every_s`` seconds (bytes read of the total, tokens, rate, time left), one when done.
-    ``say`` None: silent (ranks other than the first)."""
+    ``every_s`` seconds (bytes read of the total, tokens, rate, time left), one when done
+    (``say`` None: silent). It also keeps the build's heartbeat and ends it on a stop.
 
     def __init__(self, say: Say | None, key: str, paths: list[Path], entry: Path, every_s: float = 30.0,
                  clock: Callable[[], float] | None = None, heartbeat: Path | None = None,

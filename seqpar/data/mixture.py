@@ -12,7 +12,7 @@ global batches on any number of ranks.
 Memory: one byte (two above 256 sources) per slot of the epoch plus a count per 4096 slots and
 source, built a million slots at a time; the sampler's permutation of the epoch takes 8 bytes per
 slot on top. A weight far below a large source's natural share makes the epoch long (the epoch must
-show all of that source): the summary says so.
+show all of that source): a warning says so above x1000, and the summary shows every repeat factor.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import numpy as np
 
 from seqpar.data.packing import PackedDataset, Sample
 
-_BLOCK = 4096  # slots per stored prefix count: a lookup scans at most this many bytes
 log = logging.getLogger(__name__)
 
-
+_BLOCK = 4096  # slots per stored prefix count: a lookup scans at most this many bytes
 LARGE_REPEAT = 1000  # a repeat factor above this is most likely a mistake in data.weights
 _BUILD = 1 << 20  # slots interleaved at a time (bounded temporaries)
 
