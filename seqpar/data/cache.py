@@ -291,7 +291,7 @@ class Stopped(Exception):
 class Progress:
     """Tokenizing progress for a person waiting on it: a line when it starts, one every
     ``every_s`` seconds (bytes read of the total, tokens, rate, time left), one when done
-    (``say`` None: silent). It also keeps the build's heartbeat and ends it on a stop.
+    (``say`` None: silent). It also keeps the build's heartbeat and ends it on a stop."""
 
     def __init__(self, say: Say | None, key: str, paths: list[Path], entry: Path, every_s: float = 30.0,
                  clock: Callable[[], float] | None = None, heartbeat: Path | None = None,
