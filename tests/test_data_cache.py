@@ -363,10 +363,10 @@ def test_preempted_while_tokenizing(tmp_path: Path):
 def test_another_rank_says_why_it_tokenizes(tmp_path: Path, capsys):
     """A rank other than the first tokenizes only when rank 0's entry is not in its cache
     (node-local storage): its lines carry its rank, the first one the reason."""
-    from seqpar.engine.trainer import _OtherRankSay
+    from seqpar.data.prepare import progress_printer
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in _docs(20)])
-    build_dataset(DataConfig(type="text", paths=[path], seq_len=16), tmp_path / "local", _OtherRankSay(3))
+    build_dataset(DataConfig(type="text", paths=[path], seq_len=16), tmp_path / "local", progress_printer(3))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("seqpar: rank 3: tokenizing data.paths (1 file") and "node-local storage" in lines[0]
     assert lines[-1].startswith("seqpar: rank 3: tokenized ") and "node-local" not in lines[-1]

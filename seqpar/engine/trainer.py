@@ -23,8 +23,8 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data.loader import to_device
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_tokenizer
 from seqpar.data.cache import Stopped
-from seqpar.data.prepare import prepare_data
+from seqpar.data.prepare import prepare_data, progress_printer
 from seqpar.errors import DataError, UserError
 from seqpar.evaluate import passkey_results
 from seqpar.flops import step_flops
@@ -78,24 +78,6 @@ class CheckpointIOError(RuntimeError):
 
 
 STOPPED = "\x00stopped"  # rank 0 tells the others that a stop ended its tokenizing
-
-
-def _say(message: str) -> None:
-    print(f"seqpar: {message}", flush=True)
-
-
-class _OtherRankSay:
-    """Tokenizing progress of a rank other than the first: it tokenizes only when rank 0's cache
-    entry is not in its data.cache_dir (node-local storage), which its first line says."""
-
-    def __init__(self, rank: int):
-        self.rank, self.first = rank, True
-
-    def __call__(self, message: str) -> None:
-        note = (" (rank 0's entry is not in this rank's data.cache_dir: on node-local storage every rank of a node "
-                "tokenizes again; put data.cache_dir where all nodes see it)") if self.first else ""
-        self.first = False
-        print(f"seqpar: rank {self.rank}: {message}{note}", flush=True)
 
 
 def _size(n: float) -> str:
@@ -203,7 +185,7 @@ class Trainer:
         self.run_dir = Path(cfg.logging.run_dir)
         # start-up progress the first rank prints before the logger exists (tokenizing the data)
         # (another rank only speaks when it has to tokenize too: rank 0's entry is not in its cache)
-        self.data_say: Callable[[str], None] = _say if topo.is_main else _OtherRankSay(topo.rank)
+        self.data_say: Callable[[str], None] = progress_printer(topo.rank)
         seed_everything(cfg.train.seed)
 
         # data: rank 0 tokenizes into the cache first (a mistake it finds stops every rank with its
