@@ -370,3 +370,16 @@ def test_another_rank_says_why_it_tokenizes(tmp_path: Path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("seqpar: rank 3: tokenizing data.paths (1 file") and "node-local storage" in lines[0]
     assert lines[-1].startswith("seqpar: rank 3: tokenized ") and "node-local" not in lines[-1]
+
+
+def test_bench_data_script_prints_its_table():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench_data.py"), "--docs", "300"], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| 300 |")]
+    assert len(rows) == 1 and "MB" in rows[0], r.stdout
