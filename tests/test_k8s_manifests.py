@@ -116,6 +116,9 @@ def check(docs: list[dict], doc_text: str, tmp: Path) -> list[str]:
     need(len(cmd) > 2 and cmd[2] == "torchrun", "command: the wrapper must launch torchrun")
     if "torchrun" not in cmd:
         return problems
+    need(not any(a.startswith(("--shutdown_timeout", "--shutdown-timeout")) for a in cmd),
+         "command: no --shutdown_timeout (torch 2.11's torchrun rejects it): set "
+         "TORCH_ELASTIC_SHUTDOWN_TIMEOUT in env")
     try:
         tr = get_args_parser().parse_args([a.replace(INDEX_VAR, "0") for a in cmd[cmd.index("torchrun") + 1:]])
     except SystemExit:
@@ -129,11 +132,14 @@ def check(docs: list[dict], doc_text: str, tmp: Path) -> list[str]:
          any(a in ("--node_rank", "--node-rank") and b == INDEX_VAR for a, b in zip(cmd, cmd[1:])),
          f"command: --node_rank must be {INDEX_VAR}")
     need(tr.max_restarts == 0, "command: --max_restarts must be 0 (the wrapper restarts)")
-    need(any(a.startswith(("--shutdown_timeout", "--shutdown-timeout")) for a in cmd),
-         "command: set --shutdown_timeout explicitly (default 30 s is too short for a save)")
+    env = {e.get("name"): e.get("value") for e in c.get("env") or []}
+    shutdown = env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    shutdown = int(shutdown) if isinstance(shutdown, str) and shutdown.isdigit() else None
+    need(shutdown is not None, "env: set TORCH_ELASTIC_SHUTDOWN_TIMEOUT explicitly (torchrun's default 30 s is "
+                               "too short for a save)")
     grace = pod.get("terminationGracePeriodSeconds")
-    need(isinstance(grace, int) and isinstance(tr.shutdown_timeout, int) and grace > tr.shutdown_timeout > 0,
-         f"terminationGracePeriodSeconds ({grace}) must exceed --shutdown_timeout ({tr.shutdown_timeout}) > 0")
+    need(isinstance(grace, int) and isinstance(shutdown, int) and grace > shutdown > 0,
+         f"terminationGracePeriodSeconds ({grace}) must exceed TORCH_ELASTIC_SHUTDOWN_TIMEOUT ({shutdown}) > 0")
 
     # -- nodes, GPUs ---------------------------------------------------------------------------------
     nnodes = int(tr.nnodes) if str(tr.nnodes).isdigit() else None
@@ -197,7 +203,7 @@ def check(docs: list[dict], doc_text: str, tmp: Path) -> list[str]:
              f"docs/kubernetes.md: row {key} says {table.get(key)!r}, manifest {value!r}")
 
     doc_says("`terminationGracePeriodSeconds`", grace)
-    doc_says("`--shutdown_timeout`", tr.shutdown_timeout)
+    doc_says("`TORCH_ELASTIC_SHUTDOWN_TIMEOUT`", shutdown)
     doc_says("`backoffLimit`", spec.get("backoffLimit"))
     doc_says("`completions` = `parallelism` = `--nnodes`", spec.get("completions"))
     doc_says("`--nproc_per_node` = `nvidia.com/gpu`", tr.nproc_per_node)
@@ -206,8 +212,8 @@ def check(docs: list[dict], doc_text: str, tmp: Path) -> list[str]:
     doc_says("`--logging.run_dir`", f"`{run_dir}`")
     doc_says("PVC `storage`", pvc["spec"]["resources"]["requests"]["storage"])
     est = table.get("estimated stop path (s)", "")
-    need(est.isdigit() and int(est) < (tr.shutdown_timeout or 0),
-         f"docs/kubernetes.md: the estimated stop path ({est!r} s) must fit in --shutdown_timeout")
+    need(est.isdigit() and int(est) < (shutdown or 0),
+         f"docs/kubernetes.md: the estimated stop path ({est!r} s) must fit in TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
     blocks = re.findall(r"```\n(bash scripts/auto_restart\.sh .*?)```", doc_text, re.S)
     need(any(b.split() == cmd + ["--resume", "auto"] for b in blocks),
          "docs/kubernetes.md: the command block must be the manifest's command + --resume auto")
@@ -243,6 +249,12 @@ def _set(d, prefix: str, new: str | None):
     cmd[i:i + 1] = [] if new is None else [new]
 
 
+def _set_env(d, name: str, value: str | None):
+    """Set (or drop, when ``value`` is None) the trainer's environment variable ``name``."""
+    env = trainer(_job(d))["env"]
+    env[:] = [e for e in env if e["name"] != name] + ([{"name": name, "value": value}] if value is not None else [])
+
+
 def _rules(d):
     return _job(d)["spec"]["podFailurePolicy"]["rules"]
 
@@ -276,7 +288,9 @@ MUTATIONS: dict[str, tuple[Callable[[list], Any], str]] = {
     "grace < shutdown_timeout": (lambda d: _pod(d).update(terminationGracePeriodSeconds=200),
                                  "terminationGracePeriodSeconds"),
     "no grace": (lambda d: _pod(d).pop("terminationGracePeriodSeconds"), "terminationGracePeriodSeconds"),
-    "no --shutdown_timeout": (lambda d: _set(d, "--shutdown_timeout", None), "--shutdown_timeout explicitly"),
+    "no shutdown timeout": (lambda d: _set_env(d, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None),
+                            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT explicitly"),
+    "--shutdown_timeout flag": (lambda d: _cmd(d).insert(4, "--shutdown_timeout=240"), "no --shutdown_timeout"),
     "args, not command": (lambda d: trainer(_job(d)).update(args=trainer(_job(d)).pop("command")), "`command`"),
     "torchrun is PID 1": (lambda d: _cmd(d).__delitem__(slice(0, 2)), "PID 1"),
     "deepspeed launcher": (lambda d: _cmd(d).__setitem__(2, "deepspeed"), "launch torchrun"),
@@ -304,7 +318,7 @@ MUTATIONS: dict[str, tuple[Callable[[list], Any], str]] = {
                                      trainer(_job(d))["resources"]["limits"].update({"nvidia.com/gpu": 3})),
                           "config:"),
     "doc out of date": (lambda d: (_pod(d).update(terminationGracePeriodSeconds=900),
-                                   _set(d, "--shutdown_timeout", "--shutdown_timeout=800")), "docs/kubernetes.md"),
+                                   _set_env(d, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "800")), "docs/kubernetes.md"),
 }
 
 
@@ -321,7 +335,7 @@ DOC_MUTATIONS = {
     "grace row": ("| `terminationGracePeriodSeconds` | 300 |", "| `terminationGracePeriodSeconds` | 120 |"),
     "estimate over the timeout": ("| estimated stop path (s) | 145 |", "| estimated stop path (s) | 280 |"),
     "PVC size row": ("| PVC `storage` | 1Ti |", "| PVC `storage` | 500Gi |"),
-    "command block": ("--max_restarts=0 --shutdown_timeout=240\n", "--shutdown_timeout=240\n"),
+    "command block": ("--max_restarts=0\n", "--max_restarts=1\n"),
 }
 
 
