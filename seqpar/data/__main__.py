@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError) as e:
         print(f"seqpar.data: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the half-built entry was deleted on the way out (cache.cached)
+        print("\nseqpar.data: interrupted: nothing was cached for the data being tokenized", file=sys.stderr)
+        return 130
     say(f"train: {train.describe()}")
     if held_out is not None:
         say(f"held-out: {held_out.describe()}")
