@@ -1,7 +1,7 @@
 """Periodic evaluation: the loss on held-out data every ``train.eval_every`` steps.
 
-Held-out data: the passkey task's own eval split, or ``data.eval_paths`` (same format as
-``data.paths``). The first ``train.eval_samples`` sequences are scored each time (the same ones,
+Held-out data (built by ``data/prepare.py``): the passkey task's own eval split, or
+``data.eval_paths`` (same format as ``data.paths``). The first ``train.eval_samples`` sequences are scored each time (the same ones,
 so evaluations are comparable); every DP rank scores its share, sequence-parallel ranks their
 shards, and the loss is the sum of token cross-entropies over all labelled tokens, like training's.
 """
