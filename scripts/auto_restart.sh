@@ -13,7 +13,7 @@
 #   74 checkpoint I/O error, 1 other  -> restart after BACKOFF_S; after MAX_RESTARTS such failures,
 #                                        exit with that status (preemptions do not count)
 # SIGTERM / SIGUSR1 / SIGINT to this script go to the registered ranks (INT as TERM: the ranks save
-# on TERM and USR1, and background jobs of a script start with INT ignored); they save at the next
+# on TERM and USR1, and background jobs of a script start with INT ignored, which seqpar keeps); they save at the next
 # micro-batch and exit 75, and the script exits 75 (Kubernetes podFailurePolicy / Slurm requeue:
 # "preempted, run me again"). Not to the launcher: the deepspeed runner leaves its ranks running
 # as orphans and torchrun stops its workers on its own schedule. Nor to every leaf of the process

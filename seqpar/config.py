@@ -873,9 +873,6 @@ class Config(_Section):
         if self.train.eval_every and self.data.type != "passkey" and not self.data.eval_paths:
             raise ValueError(f"train.eval_every={self.train.eval_every} needs held-out data: set data.eval_paths "
                              "(files like data.paths, not trained on), or set train.eval_every to 0")
-        if self.data.eval_paths and not self.train.eval_every:
-            raise ValueError("data.eval_paths is set but train.eval_every is 0 (no held-out loss is computed): set "
-                             "train.eval_every to N (a held-out loss every N steps), or remove data.eval_paths")
         if self.checkpoint.keep_best and not self.train.eval_every:
             raise ValueError("checkpoint.keep_best keeps the checkpoint with the lowest held-out loss: it needs "
                              "train.eval_every > 0")

@@ -128,7 +128,12 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
     # the other ranks when one exits) must not turn this rank's status into "killed by SIGTERM"
     # while the interpreter shuts down (it restores the default action of signals it handles).
     for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        if s == signal.SIGINT:  # Ctrl-C gets its old meaning back (a script of yours may go on after main())
+            previous = StopSignal.install().previous(s)
+            if previous is not None:
+                signal.signal(s, previous)
+        else:
+            signal.signal(s, signal.SIG_IGN)
     import torch.distributed as dist
 
     if dist.is_initialized():  # its background threads must not be torn down by interpreter exit

@@ -62,8 +62,6 @@ ERROR_CASES = {
     "missing data file": ({"data": {"type": "tokens", "paths": ["/nonexistent/x.bin"]}}, ["/nonexistent/x.bin", "does not exist"]),
     "tokenizer not file": ({"data": {"type": "sft", "paths": ["/"], "tokenizer": "/nonexistent.json"}}, ["data.tokenizer", "not a file"]),
     "tokenizer with passkey": ({"data": {"tokenizer": __file__}}, ["data.tokenizer", "passkey"]),
-    "eval paths never used": ({"data": {"type": "text", "paths": [__file__], "eval_paths": [__file__]}},
-                              ["data.eval_paths is set but train.eval_every is 0", "set train.eval_every"]),
     "chat template": ({"data": {"chat_template": "{content}"}}, ["chat_template", "{role}"]),
     "negative seed": ({"data": {"seed": -1}}, ["data.seed", "greater than or equal to 0"]),
     "vocab too small": ({"model": {"vocab_size": 100}}, ["model.vocab_size=100", "259"]),

@@ -250,6 +250,9 @@ def test_prepare_ahead_then_train(tmp_path: Path):
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # the job: data ready
     assert r.returncode == 0 and "tokenizing" not in r.stdout and "held-out loss" in r.stdout, r.stdout[-2000:]
     assert sorted(p.name for p in (tmp_path / "run" / "cache").iterdir()) == entries
+    quiet = subprocess.run(cli + ["--train.eval_every", "0"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                           timeout=300)
+    assert quiet.returncode == 0 and "warning: data.eval_paths is not read: train.eval_every is 0" in quiet.stdout
     bad = subprocess.run(cli + ["--model.vocab_size", "100"], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0

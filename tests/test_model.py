@@ -452,3 +452,5 @@ def test_extending_a_decayed_run_warns_of_the_lr_jump():
     msg = lr_jump(cos, cfg(max_steps=20), 10)
     assert msg and "the run had already decayed" in msg and "stable phase" not in msg
     assert lr_jump(cos, cfg(max_steps=10, lr=0.5), 10) is None  # lower: no warning
+    assert lr_jump(cos, cfg(max_steps=20), 1) is None  # still warming up: rising is the plan
+    assert lr_jump(cfg(max_steps=10, warmup_steps=5).model_dump(mode="json"), cfg(max_steps=10, warmup_steps=5), 4) is None

@@ -237,3 +237,28 @@ def test_ctrl_c_saves_and_twice_aborts(tmp_path):
     record = read_run_state(run_dir / "run_state.json")
     assert record["state"] == "failed" and record["exit_code"] == 130
     assert [c.tag for c in CheckpointStore(run_dir / "checkpoints").list()] == saved
+
+
+def test_sigint_handling_rules(monkeypatch):
+    """Ctrl-C ignored at start (a background job of a script) stays ignored; the handler sets the
+    stop flag before its message, so a failing write (stderr a pipe the same Ctrl-C closed) loses
+    nothing; a second press raises KeyboardInterrupt; the old handler is known for restoring."""
+    from seqpar.checkpoint import signals as sig
+
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        s = sig.StopSignal()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and s.previous(signal.SIGINT) is None
+        s.restore()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        s = sig.StopSignal()
+        assert s.previous(signal.SIGINT) is signal.default_int_handler
+        monkeypatch.setattr(sig.os, "write", lambda fd, b: (_ for _ in ()).throw(BrokenPipeError()))
+        s._handle(signal.SIGINT, None)
+        assert s.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            s._handle(signal.SIGINT, None)
+        s.restore()
+    finally:
+        signal.signal(signal.SIGINT, old)

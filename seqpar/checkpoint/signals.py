@@ -44,6 +44,8 @@ class StopSignal:
         self.gone: str | None = None  # which launcher disappeared
         self._previous = {}
         for s in signals:
+            if s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN:
+                continue  # started with Ctrl-C ignored (a background job of a script): keep it so
             self._previous[s] = signal.signal(s, self._handle)
         self._countdown: int | None = None
         self._launchers: list[tuple[int, float, str]] = []
@@ -81,11 +83,14 @@ class StopSignal:
             self.interrupts += 1
             if self.interrupts > 1:  # pressed again: abort now, nothing saved
                 raise KeyboardInterrupt
-            # one write(2), no buffered I/O in a handler: a micro-batch can take minutes to end
-            os.write(2, b"\nseqpar: interrupted: stopping after this micro-batch with a checkpoint "
-                        b"(Ctrl-C again to abort without one)\n")
         if self.received is None or self.received < 0:
             self.received = signum
+        if signum == signal.SIGINT:
+            try:  # one write(2), no buffered I/O in a handler: a micro-batch can take minutes to end
+                os.write(2, b"\nseqpar: interrupted: stopping after this micro-batch with a checkpoint "
+                            b"(Ctrl-C again to abort without one)\n")
+            except OSError:  # stderr gone (a pipe whose reader the same Ctrl-C ended): the flag is set
+                pass
 
     def describe(self) -> str:
         """What asked this rank to stop, for the log."""
@@ -114,6 +119,10 @@ class StopSignal:
             if not _alive(pid, created):
                 return f"{name} (pid {pid})"
         return None
+
+    def previous(self, sig: signal.Signals):
+        """The handler ``sig`` had before this one (None: this one never took it)."""
+        return self._previous.get(sig)
 
     def restore(self) -> None:
         for s, h in self._previous.items():

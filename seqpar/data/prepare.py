@@ -68,6 +68,10 @@ def prepare_data(cfg: Config, say: Say | None = None,
     """(training set, held-out set or None), built and checked; ``say``: progress printer;
     ``stop``: true when the process is asked to stop (tokenizing then raises ``cache.Stopped``)."""
     check_tokenizer_fits(cfg)
+    if cfg.data.eval_paths and not cfg.train.eval_every and say is not None:
+        # a warning, not an error: runs (and checkpoints) with this setting existed before the check
+        say("warning: data.eval_paths is not read: train.eval_every is 0 (set it to N for a held-out loss every "
+            "N steps)")
     cache_dir = cache_dir_of(cfg)
     train = build_dataset(cfg.data, cache_dir, say, stop=stop)
     held_out = build_eval_dataset(cfg, cache_dir, say, stop)

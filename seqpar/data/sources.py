@@ -395,14 +395,15 @@ class TokenDataset(_StreamDataset):
         return f"{best} {pos}"
 
     def content_fingerprint(self) -> dict[str, str]:
-        """Size and the sha256 of the first and last MiB of each file: cheap at any size (token
-        files are written whole by a pipeline; an edit inside that keeps the size goes unseen)."""
+        """Size and the sha256 of the first and last 64 KiB of each file: cheap at any size and
+        shard count (token files are written whole by a pipeline; an edit inside that keeps the
+        size goes unseen)."""
         out = {}
         for p in self.paths:
             size = Path(p).stat().st_size
             with open(p, "rb") as f:
-                head = f.read(1 << 20)
-                f.seek(max(size - (1 << 20), 0))
+                head = f.read(1 << 16)
+                f.seek(max(size - (1 << 16), 0))
                 tail = f.read()
             out[str(p)] = f"{size}:{hashlib.sha256(head).hexdigest()[:16]}:{hashlib.sha256(tail).hexdigest()[:16]}"
         return out

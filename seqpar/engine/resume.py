@@ -7,6 +7,7 @@ trainer's components and the checkpoint manager, and sets the trainer's loop sta
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import sys
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.checkpoint.codec import LazyTensor
-from seqpar.checkpoint.manager import TRAINER_STATE, check_resume_config
+from seqpar.checkpoint.manager import SAFE_CHANGES, TRAINER_STATE, check_resume_config
 from seqpar.checkpoint.writer import rank_dir
 from seqpar.config import Config, ConfigError, TrainConfig, validate_config
 from seqpar.engine import deepspeed_state as dss
@@ -77,7 +78,7 @@ def check_data_unchanged(saved: dict[str, str] | None, now: dict[str, str], allo
     """Refuse a resume on data whose content changed since the checkpoint (same paths, other
     bytes: the same sample positions would now hold other tokens), unless ``allowed`` names
     ``data.content``. Checkpoints from before fingerprints were recorded are not checked."""
-    if saved is None or saved == now or DATA_CONTENT in allowed:
+    if saved is None or saved == now or any(fnmatch.fnmatch(DATA_CONTENT, pat) for pat in allowed):
         return
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     what = ", ".join("the tokenizer file" if k == "tokenizer" else f"'{k}'" for k in changed)
@@ -95,7 +96,7 @@ def lr_jump(saved: dict[str, Any], cfg: Config, step: int) -> str | None:
         old = TrainConfig.model_validate(saved.get("train", {}))
     except ValueError:
         return None
-    if step < 1 or old.decay == "constant":
+    if step <= old.warmup_steps or old.decay == "constant":  # still warming up: rising is the plan
         return None
     last, nxt = lr_at(step - 1, old), lr_at(step, cfg.train)
     if nxt <= last * (1 + 1e-6) or last >= old.lr * (1 - 1e-6):
@@ -154,7 +155,8 @@ class Resume:
                    "state restored exactly, the trajectory now differs by reduction order)") if elastic else ""
             print(f"resumed from {path} (step {self.tr.state.step}, micro-step {self.tr.state.micro_step}){how}"
                   + (f"; allowed config changes: {accepted}" if accepted else ""), flush=True)
-            if accepted and (warning := lr_jump(_with_defaults(saved_cfg), self.tr.cfg, state["step"])):
+            schedule = [a for a in accepted if any(a.startswith(f"{k}:") for k in SAFE_CHANGES)]
+            if schedule and (warning := lr_jump(_with_defaults(saved_cfg), self.tr.cfg, state["step"])):
                 print(f"seqpar: warning: {warning}", file=sys.stderr, flush=True)
 
     def _files_read(self, path: Path) -> Callable[[str], bool]:

@@ -436,8 +436,11 @@ class Trainer:
                 self.save_checkpoint()
             self._settle()
         finally:
-            # never exit with a write in flight; an upload to the mirror may not hold up a stop
-            self.ckpt.finish(mirror_wait_s=0 if self.exit_code == EXIT_PREEMPTED else None)
+            # never exit with a write in flight; an upload to the mirror may not hold up a stop. A
+            # second Ctrl-C (KeyboardInterrupt) aborts at once: a write it cuts stays a .partial-
+            # folder, which never counts as a checkpoint
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                self.ckpt.finish(mirror_wait_s=0 if self.exit_code == EXIT_PREEMPTED else None)
         result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.last_loss}
         if isinstance(self.dataset, PasskeyDataset) and self.cfg.data.passkey.eval_samples:
             result.update(self.evaluate_passkey())
