@@ -197,3 +197,24 @@ def test_fingerprints_follow_content(tmp_path: Path):
     np.save(t, np.arange(3000, dtype=np.uint16)[::-1].copy())
     assert list(tfp) == [str(t)] and build_dataset(tcfg, tmp_path / "c").content_fingerprint() != tfp
     assert build_dataset(DataConfig(), tmp_path / "c").content_fingerprint() == {}
+
+
+def test_tokenizer_loaded_once_per_run(tmp_path: Path, monkeypatch):
+    """prepare_data loads the tokenizer file once for every source of a mixture and the held-out set."""
+    from test_data import make_hf_tokenizer
+
+    from seqpar.config import validate_config
+    from seqpar.data.prepare import prepare_data
+    from seqpar.data.tokenizer import HFTokenizer
+
+    loads = []
+    real = HFTokenizer.__init__
+    monkeypatch.setattr(HFTokenizer, "__init__", lambda self, *a, **k: loads.append(a) or real(self, *a, **k))
+    tok = make_hf_tokenizer(tmp_path / "tokenizer.json", ["<|endoftext|>"])
+    files = [str(write_jsonl(tmp_path / f"{n}.jsonl", [{"text": s} for s in SENTENCES * 2])) for n in "abc"]
+    cfg = validate_config({"model": {"vocab_size": 512}, "train": {"eval_every": 5},
+                           "data": {"type": "text", "tokenizer": str(tok), "paths": files, "weights": [1, 2, 3],
+                                    "eval_paths": files[:1], "seq_len": 16},
+                           "logging": {"run_dir": str(tmp_path / "run")}})
+    train, held_out = prepare_data(cfg)
+    assert isinstance(train, MixtureDataset) and held_out is not None and len(loads) == 1

@@ -38,10 +38,11 @@ def build_tokenizer(cfg: DataConfig) -> Tokenizer:
 
 
 def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key: str = "data.paths",
-                  stop: Callable[[], bool] | None = None) -> PackedDataset:
+                  stop: Callable[[], bool] | None = None, tokenizer: Tokenizer | None = None) -> PackedDataset:
     """The training dataset selected by ``cfg.type``. ``cache_dir`` holds tokenized text/SFT;
     ``say`` (the first rank's printer) reports tokenizing progress, naming the files ``key``;
-    ``stop`` true ends tokenizing with ``cache.Stopped`` (a preemption).
+    ``stop`` true ends tokenizing with ``cache.Stopped`` (a preemption); ``tokenizer``: the one
+    ``build_tokenizer(cfg)`` gives, when the caller has it already (loaded once per run).
 
     Every file is read (or its cache entry loaded) here, so a mistake in a data file or the
     tokenizer raises ``DataError`` (one line naming the file, line and fix) before any model or
@@ -49,17 +50,19 @@ def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key:
     """
     if cfg.type == "passkey":
         return PasskeyDataset(cfg)
+    if cfg.type in ("text", "sft") and tokenizer is None:
+        tokenizer = build_tokenizer(cfg)
     if cfg.weights is not None:  # each file its own source, mixed in proportion
         parts = [build_dataset(cfg.model_copy(update={"paths": [p], "weights": None}), cache_dir, say,
-                               f"{key}[{i}]", stop) for i, p in enumerate(cfg.paths)]
+                               f"{key}[{i}]", stop, tokenizer) for i, p in enumerate(cfg.paths)]
         names = [Path(p).name for p in cfg.paths]
         return MixtureDataset(parts, cfg.weights, names if len(set(names)) == len(names) else [str(p) for p in cfg.paths])
     if cfg.type == "tokens":
         return TokenDataset(cfg, Path(cache_dir))
     if cfg.type == "text":
-        return TextDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key, stop)
+        return TextDataset(cfg, tokenizer, Path(cache_dir), say, key, stop)
     if cfg.type == "sft":
-        return SFTDataset(cfg, build_tokenizer(cfg), Path(cache_dir), say, key, stop)
+        return SFTDataset(cfg, tokenizer, Path(cache_dir), say, key, stop)
     raise ValueError(f"unknown data.type '{cfg.type}'")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from seqpar.config import Config
 from seqpar.data import PackedDataset, PasskeyDataset, build_dataset, build_tokenizer
 from seqpar.data.cache import Say
-from seqpar.data.tokenizer import tokenizer_name
+from seqpar.data.tokenizer import Tokenizer, tokenizer_name
 from seqpar.errors import DataError
 
 
@@ -38,12 +38,9 @@ def cache_dir_of(cfg: Config) -> Path:
     return Path(cfg.data.cache_dir or Path(cfg.logging.run_dir) / "cache")
 
 
-def check_tokenizer_fits(cfg: Config) -> None:
+def check_tokenizer_fits(cfg: Config, tok: Tokenizer) -> None:
     """A tokenizer with more ids than the model's vocabulary is refused before a corpus is
     tokenized for nothing (a model's embedding always has a row for every id of its tokenizer)."""
-    if cfg.data.type not in ("text", "sft"):
-        return
-    tok = build_tokenizer(cfg.data)
     if tok.vocab_size > cfg.model.vocab_size:
         raise DataError(
             f"data.tokenizer: {tokenizer_name(tok)} has more ids than model.vocab_size={cfg.model.vocab_size}: "
@@ -51,7 +48,8 @@ def check_tokenizer_fits(cfg: Config) -> None:
 
 
 def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None,
-                       stop: Callable[[], bool] | None = None) -> PackedDataset | None:
+                       stop: Callable[[], bool] | None = None,
+                       tokenizer: Tokenizer | None = None) -> PackedDataset | None:
     """The held-out dataset, or None when ``train.eval_every`` is off: the passkey task's eval
     split, or ``data.eval_paths`` read as one set (``data.weights`` apply to training files only)."""
     if not cfg.train.eval_every:
@@ -60,21 +58,23 @@ def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None,
         return PasskeyDataset(cfg.data.model_copy(update={"passkey": cfg.data.passkey.model_copy(
             update={"eval_samples": max(cfg.train.eval_samples, cfg.data.passkey.eval_samples)})}), split="eval")
     held_out = cfg.data.model_copy(update={"paths": list(cfg.data.eval_paths), "weights": None})
-    return build_dataset(held_out, cache_dir, say, "data.eval_paths", stop)
+    return build_dataset(held_out, cache_dir, say, "data.eval_paths", stop, tokenizer)
 
 
 def prepare_data(cfg: Config, say: Say | None = None,
                  stop: Callable[[], bool] | None = None) -> tuple[PackedDataset, PackedDataset | None]:
     """(training set, held-out set or None), built and checked; ``say``: progress printer;
     ``stop``: true when the process is asked to stop (tokenizing then raises ``cache.Stopped``)."""
-    check_tokenizer_fits(cfg)
+    tok = build_tokenizer(cfg.data) if cfg.data.type in ("text", "sft") else None  # loaded once
+    if tok is not None:
+        check_tokenizer_fits(cfg, tok)
     if cfg.data.eval_paths and not cfg.train.eval_every and say is not None:
         # a warning, not an error: runs (and checkpoints) with this setting existed before the check
         say("warning: data.eval_paths is not read: train.eval_every is 0 (set it to N for a held-out loss every "
             "N steps)")
     cache_dir = cache_dir_of(cfg)
-    train = build_dataset(cfg.data, cache_dir, say, stop=stop)
-    held_out = build_eval_dataset(cfg, cache_dir, say, stop)
+    train = build_dataset(cfg.data, cache_dir, say, stop=stop, tokenizer=tok)
+    held_out = build_eval_dataset(cfg, cache_dir, say, stop, tok)
     for ds, key in ((train, "data.paths"), (held_out, "data.eval_paths")):
         if ds is not None and ds.vocab_size_needed > cfg.model.vocab_size:
             source = getattr(ds, "vocab_source", "")
