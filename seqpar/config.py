@@ -406,7 +406,14 @@ class DataConfig(_Section):
     )
     messages_field: str = Field("messages", description="sft: chat list of {role, content}; loss on assistant")
     chat_template: str = Field(
-        DEFAULT_CHAT_TEMPLATE, description="per-message format with {role} and {content}"
+        DEFAULT_CHAT_TEMPLATE,
+        description="per-message format with {role} and {content}; 'hf' = the tokenizer's own Jinja template",
+    )
+    chat_template_file: Path | None = Field(
+        None, description="with chat_template hf: a Jinja template file to use instead of the tokenizer's"
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="with chat_template hf: extra template variables (enable_thinking: false)"
     )
     cache_dir: Path | None = Field(None, description="tokenized-text cache; None = <run_dir>/cache")
     passkey: PasskeyConfig = Field(default_factory=PasskeyConfig)
@@ -454,6 +461,8 @@ class DataConfig(_Section):
                     (("data.paths", self.paths), ("data.eval_paths", self.eval_paths)) for i, p in enumerate(paths)]
         if self.tokenizer is not None:
             problems.append(_path_problem(origins, "data.tokenizer", None, self.tokenizer))
+        if self.chat_template_file is not None:
+            problems.append(_path_problem(origins, "data.chat_template_file", None, self.chat_template_file))
         if any(problems):
             raise ValueError("\n".join(p for p in problems if p))  # one list item each (_format_errors)
         if self.eos_token is not None and self.tokenizer is None:
@@ -461,8 +470,18 @@ class DataConfig(_Section):
                 "data.eos_token needs data.tokenizer (the byte tokenizer's eos is fixed; token files "
                 "use data.eos_id): set data.tokenizer or remove data.eos_token"
             )
+        if self.chat_template == "hf":
+            if self.tokenizer is None:
+                raise ValueError("data.chat_template hf renders with the Jinja template of a Hugging Face "
+                                 "tokenizer: set data.tokenizer to its tokenizer.json")
+            return self
+        if self.chat_template_file is not None or self.chat_template_kwargs:
+            key = "data.chat_template_file" if self.chat_template_file is not None else "data.chat_template_kwargs"
+            raise ValueError(f"{key} is used with data.chat_template hf (the Jinja template): set "
+                             f"data.chat_template: hf, or remove {key}")
         if "{role}" not in self.chat_template or "{content}" not in self.chat_template:
-            raise ValueError("data.chat_template must contain '{role}' and '{content}'")
+            raise ValueError("data.chat_template must contain '{role}' and '{content}' (a per-message "
+                             "format), or be hf (the tokenizer's own Jinja template)")
         try:
             self.chat_template.format(role="user", content="")
         except (KeyError, IndexError, ValueError) as e:

@@ -21,6 +21,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from seqpar.config import DataConfig
+from seqpar.data.chat import ChatTemplate, load_chat_template, token_mask, tokenizer_has_template
 from seqpar.data.cache import ArrayWriter, Progress, Say, cache_key, cached, file_sha256, remembered
 from seqpar.data.packing import PackedDataset, Sample, greedy_pack, pack_documents, window_sample
 from seqpar.data.tokenizer import Tokenizer, _one_line, tokenizer_name
@@ -438,6 +440,14 @@ class TokenDataset(_StreamDataset):
 # ----------------------------------------------------------------------------------------------
 # sft: prompt/response or chat messages, packed whole
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class _Rendered:
+    """A record rendered by the model's chat template: its text and the trained character spans."""
+
+    text: str
+    spans: list[tuple[int, int]]
+
+
 class SFTDataset(PackedDataset):
     """Supervised examples packed whole, in file order, into ``seq_len`` sequences.
 
@@ -461,6 +471,14 @@ class SFTDataset(PackedDataset):
             "chat_template": cfg.chat_template,
             "sft_separator": cfg.sft_separator,
         }
+        self.chat: ChatTemplate | None = None
+        if cfg.chat_template == "hf":
+            path = getattr(tokenizer, "path", None)
+            if path is None:
+                raise DataError("data.chat_template hf needs a Hugging Face tokenizer: set data.tokenizer")
+            self.chat = load_chat_template(Path(path), cfg.chat_template_file, cfg.chat_template_kwargs, {
+                f"{k}_token": getattr(tokenizer, f"{k}_token", None) for k in ("bos", "eos", "pad")})
+            settings["jinja"] = self.chat.digest  # the template text and its variables
         self.file_hashes = [file_sha256(p, cache_dir) for p in self.paths]
         self.tokenizer_key = tokenizer.cache_key
         name = "sft-" + cache_key("sft", self.file_hashes, tokenizer.cache_key, settings)[:24]
@@ -473,6 +491,12 @@ class SFTDataset(PackedDataset):
         self.bounds, self.truncated = greedy_pack(np.diff(self.offsets), self.seq_len)
         self.vocab_size_needed = max(int(meta["max_id"]), self.pad_id) + 1  # padding is emitted too
         self.vocab_source = tokenizer_name(tokenizer)
+        path = getattr(tokenizer, "path", None)
+        if meta.get("chat_records") and self.chat is None and path is not None and tokenizer_has_template(Path(path)):
+            log.warning(
+                "%d SFT records are chat messages rendered in data.chat_template's per-message format, but "
+                "tokenizer '%s' ships the model's own chat template: set data.chat_template: hf to fine-tune "
+                "in the format the model was tuned (and is prompted) in", meta["chat_records"], path)
         if self.truncated:
             log.warning(
                 "%d of %d SFT examples are longer than data.seq_len=%d and were truncated",
@@ -483,26 +507,27 @@ class SFTDataset(PackedDataset):
         return len(self.bounds) - 1
 
     def content_fingerprint(self) -> dict[str, str]:
-        return {**{str(p): h for p, h in zip(self.paths, self.file_hashes)}, "tokenizer": self.tokenizer_key}
+        out = {**{str(p): h for p, h in zip(self.paths, self.file_hashes)}, "tokenizer": self.tokenizer_key}
+        if self.chat is not None:  # an edited template changes the tokens as much as edited data
+            out["chat_template"] = self.chat.digest
+        return out
 
     def describe(self) -> str:
+        chat = f", chat template {self.chat.origin}" if self.chat is not None else ""
         return (
             f"SFTDataset: {self.num_examples:,} examples in {len(self):,} sequences of "
-            f"{self.seq_len} ({self.truncated} truncated)"
+            f"{self.seq_len} ({self.truncated} truncated{chat})"
         )
 
     # -- tokenization ---------------------------------------------------------------------------
-    def _segments(self, rec: dict[str, Any], where: str) -> list[tuple[str, bool]]:
-        """``(text, trained_on)`` pieces of one record, in order."""
+    def _segments(self, rec: dict[str, Any], where: str) -> list[tuple[str, bool]] | _Rendered:
+        """``(text, trained_on)`` pieces of one record, in order; with the model's own template
+        (``self.chat``) the whole rendered record and its trained character spans."""
         c = self.cfg
+        if self.chat is not None:
+            return self._rendered(rec, where)
         if c.messages_field in rec:
-            messages = rec[c.messages_field]
-            if not isinstance(messages, list) or not messages:
-                got = "an empty list" if isinstance(messages, list) else type(messages).__name__
-                raise DataError(
-                    f"{where}: field '{c.messages_field}' must be a non-empty list of "
-                    f"{{role, content}} objects, got {got}"
-                )
+            messages = self._messages(rec, where)
             out = []
             for j, m in enumerate(messages):
                 at = f"{where}: {c.messages_field}[{j}]"
@@ -524,16 +549,53 @@ class SFTDataset(PackedDataset):
             if not any(trained for _, trained in out):
                 raise DataError(f"{where}: '{c.messages_field}' has no 'assistant' message to train on")
             return out
+        prompt, response = self._pair(rec, where)
+        # the separator belongs to the prompt (tokenized with it, as a prompt is at inference)
+        return [(prompt + c.sft_separator, False), (response, True)]
+
+    def _messages(self, rec: dict[str, Any], where: str) -> list[Any]:
+        messages = rec[self.cfg.messages_field]
+        if not isinstance(messages, list) or not messages:
+            got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+            raise DataError(
+                f"{where}: field '{self.cfg.messages_field}' must be a non-empty list of "
+                f"{{role, content}} objects, got {got}"
+            )
+        return messages
+
+    def _pair(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
+        c = self.cfg
         if c.prompt_field not in rec and c.response_field not in rec:
             raise DataError(
                 f"{where}: missing field '{c.messages_field}' or '{c.prompt_field}'/"
                 f"'{c.response_field}' (record has keys: {_keys(rec)}): set data.messages_field or "
                 f"data.prompt_field/data.response_field to the fields your records use"
             )
-        prompt = _get_str(rec, c.prompt_field, where, "data.prompt_field")
-        response = _get_str(rec, c.response_field, where, "data.response_field")
-        # the separator belongs to the prompt (tokenized with it, as a prompt is at inference)
-        return [(prompt + c.sft_separator, False), (response, True)]
+        return (_get_str(rec, c.prompt_field, where, "data.prompt_field"),
+                _get_str(rec, c.response_field, where, "data.response_field"))
+
+    def _rendered(self, rec: dict[str, Any], where: str) -> _Rendered:
+        """A record through the model's template: messages as given (extra keys such as
+        ``reasoning_content`` or ``tool_calls`` reach the template; a record's ``tools`` too), a
+        prompt/response pair as one user and one assistant message."""
+        assert self.chat is not None
+        c = self.cfg
+        if c.messages_field in rec:
+            messages = self._messages(rec, where)
+            for j, m in enumerate(messages):
+                at = f"{where}: {c.messages_field}[{j}]"
+                if not isinstance(m, dict):
+                    raise DataError(f"{at} must be a {{role, content}} object, got {type(m).__name__}")
+                if "role" not in m and "from" in m:
+                    raise DataError(f"{at} has ShareGPT keys (from/value): convert messages to {{role, content}}")
+                _get_str(m, "role", at)
+            if not any(m["role"] == "assistant" for m in messages):
+                raise DataError(f"{where}: '{c.messages_field}' has no 'assistant' message to train on")
+        else:
+            prompt, response = self._pair(rec, where)
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text, spans = self.chat.trained_spans(messages, where, tools=rec.get("tools"))
+        return _Rendered(text, spans)
 
     def _tokenize(self, tok: Tokenizer, out: ArrayWriter, progress: Progress) -> dict[str, Any]:
         """Appends ``tokens``, ``loss_mask`` and ``offsets`` a batch of records at a time."""
@@ -541,9 +603,11 @@ class SFTDataset(PackedDataset):
         out.declare("tokens", dtype)
         out.declare("loss_mask", np.uint8)
         out.append("offsets", np.zeros(1, np.int64))
-        state = {"total": 0, "examples": 0, "max_id": 0}
+        state = {"total": 0, "examples": 0, "max_id": 0, "chat_records": 0}
 
-        def flush(records: list[list[tuple[str, bool]]], path: Path, lines: list[int]) -> None:
+        def flush(records: list[Any], path: Path, lines: list[int]) -> None:
+            if self.chat is not None:
+                return flush_rendered(records, path, lines)
             texts = [text for segs in records for text, _ in segs]
             encoded = iter(_encode(tok, texts, path, (lines[0], lines[-1])))
             ids: list[int] = []
@@ -562,8 +626,27 @@ class SFTDataset(PackedDataset):
                 mask.append(1)  # the model learns to stop
                 lengths.append(len(ids) - start)
             tokens = np.asarray(ids, dtype=dtype)
+            write(tokens, np.asarray(mask, dtype=np.uint8), lengths)
+
+        def flush_rendered(records: list[_Rendered], path: Path, lines: list[int]) -> None:
+            # the whole rendering tokenized as one string (as apply_chat_template does; the template
+            # writes bos and end-of-turn tokens itself), loss where tokens overlap a trained span
+            try:
+                encoded = tok.encode_with_offsets([r.text for r in records])  # type: ignore[attr-defined]
+            except DataError as e:
+                raise DataError(f"{path}:{lines[0]}-{lines[-1]}: {e}") from None
+            ids = [np.asarray(i, dtype=np.int64) for i, _ in encoded]
+            mask = [token_mask(np.asarray(o, dtype=np.int64).reshape(-1, 2), r.spans)
+                    for (_, o), r in zip(encoded, records)]
+            for r, m, line in zip(records, mask, lines):
+                if not m.any():
+                    raise DataError(f"{path}:{line}: no token of this record's assistant text survived "
+                                    f"tokenization: it has nothing to train on")
+            write(np.concatenate(ids).astype(dtype), np.concatenate(mask), [len(i) for i in ids])
+
+        def write(tokens: np.ndarray, mask: np.ndarray, lengths: list[int]) -> None:
             out.append("tokens", tokens)
-            out.append("loss_mask", np.asarray(mask, dtype=np.uint8))
+            out.append("loss_mask", mask)
             out.append("offsets", state["total"] + np.cumsum(lengths, dtype=np.int64))
             state["total"] += len(tokens)
             state["examples"] += len(lengths)
@@ -571,10 +654,11 @@ class SFTDataset(PackedDataset):
             progress.advance(ntokens=len(tokens))
 
         for path in self.paths:
-            records: list[list[tuple[str, bool]]] = []
+            records: list[Any] = []
             lines: list[int] = []
             for lineno, rec in _iter_jsonl(path, progress):
                 records.append(self._segments(rec, f"{path}:{lineno}"))
+                state["chat_records"] += self.cfg.messages_field in rec
                 lines.append(lineno)
                 if len(records) == _ENCODE_BATCH:
                     flush(records, path, lines)
@@ -582,7 +666,7 @@ class SFTDataset(PackedDataset):
             if records:
                 flush(records, path, lines)
         progress.finish(f"{state['examples']:,} examples")
-        return {"max_id": state["max_id"], "examples": state["examples"]}
+        return {"max_id": state["max_id"], "examples": state["examples"], "chat_records": state["chat_records"]}
 
     # -- packing --------------------------------------------------------------------------------
     def _sample(self, i: int) -> Sample:

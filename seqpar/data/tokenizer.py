@@ -147,6 +147,17 @@ class HFTokenizer:
                 f"that covers it (byte-level BPE covers any text)"
             ) from None
 
+    def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """``(ids, offsets)`` per text: ``offsets[k]`` is token k's ``[start, end)`` in characters.
+        Special tokens written in the text (a chat template's ``<|im_start|>``) become their ids."""
+        try:
+            return [(e.ids, e.offsets) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        except Exception as e:
+            raise DataError(
+                f"tokenizer '{self.path}' cannot encode this text ({_one_line(e)}): use a tokenizer "
+                f"that covers it (byte-level BPE covers any text)"
+            ) from None
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 

@@ -81,7 +81,8 @@ def check_data_unchanged(saved: dict[str, str] | None, now: dict[str, str], allo
     if saved is None or saved == now or any(fnmatch.fnmatch(DATA_CONTENT, pat) for pat in allowed):
         return
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    what = ", ".join("the tokenizer file" if k == "tokenizer" else f"'{k}'" for k in changed)
+    names = {"tokenizer": "the tokenizer file", "chat_template": "the chat template"}
+    what = ", ".join(names.get(k, f"'{k}'") for k in changed)
     raise ConfigError(
         f"the data changed since the checkpoint ({what}: other content under the same names): restore it, "
         f"or continue on the changed data with --checkpoint.allow_changes '[{DATA_CONTENT}]' (training goes "

@@ -1,0 +1,323 @@
+"""data.chat_template: hf (seqpar/data/chat.py): conversations rendered by the model's own Jinja
+template, token for token as ``transformers``' ``apply_chat_template``, the loss on exactly the
+assistant text ``transformers``' assistant mask marks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from test_data import check_invariants, make_hf_tokenizer, split_docs, write_jsonl
+
+from seqpar.config import ConfigError, DataConfig
+from seqpar.data import build_dataset
+from seqpar.data.chat import load_chat_template, token_mask
+from seqpar.data.packing import IGNORE_INDEX
+from seqpar.data.sources import SFTDataset
+from seqpar.data.tokenizer import HFTokenizer
+from seqpar.engine.resume import check_data_unchanged
+from seqpar.errors import DataError
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>"]
+
+# Qwen2.5's ChatML layout (default system message), without tools.
+CHATML = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{- message.content + '<|im_end|>\\n' }}{% endgeneration %}\n"
+    "{%- elif not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n"
+)
+# Llama 3.1's layout: bos, a dated system header (strftime_now when defined), trimmed contents.
+LLAMA3 = (
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '1 Jan 1999' %}{%- endif %}{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}\n"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + 'Today Date: ' + date_string + '\\n\\n' + system_message + '<|eot_id|>' }}\n"
+    "{%- for message in messages %}\n"
+    "{%- if message.role not in ['user', 'assistant'] %}{{- raise_exception('roles are user and assistant') }}{%- endif %}\n"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message.role == 'assistant' %}{% generation %}{{- message['content']|trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{%- else %}{{- message['content']|trim + '<|eot_id|>' }}{%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}\n"
+)
+# Qwen3's layout: the assistant turns after the last user message carry a <think> block, earlier
+# ones lose theirs (so prefixes cannot find the trained text of a multi-turn conversation).
+QWEN3 = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}\n"
+    "{%- for message in messages %}\n"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}"
+    "{%- if loop.index0 > ns.last_query %}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- content + '<|im_end|>\\n' }}{% endgeneration %}\n"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}\n"
+)
+
+
+def unmarked(template: str) -> str:
+    """The same template without generation blocks (as most shipped templates are)."""
+    return template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hello world"},
+     {"role": "assistant", "content": " Hello tokens! "}, {"role": "user", "content": "And labels?"},
+     {"role": "assistant", "content": "Hello labels."}],
+    [{"role": "user", "content": "Quick?"}, {"role": "assistant", "content": "The quick brown fox."},
+     {"role": "user", "content": "Lazy?"}, {"role": "assistant", "content": "The lazy dog, é ü 日本."},
+     {"role": "user", "content": "Done?"}, {"role": "assistant", "content": "Done."}],
+]
+
+
+def model_dir(tmp_path: Path, template: str | None, name: str = "model", **config) -> Path:
+    """A HF tokenizer folder: tokenizer.json and a tokenizer_config.json holding ``template``."""
+    d = tmp_path / name
+    d.mkdir()
+    make_hf_tokenizer(d / "tokenizer.json", SPECIALS)
+    side = {"bos_token": "<|begin_of_text|>", "eos_token": "<|endoftext|>", **config}
+    if template is not None:
+        side["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(side))
+    return d
+
+
+def hf_reference(d: Path, template: str, messages: list[dict], **kwargs) -> tuple[list[int], list[int]]:
+    """transformers' ids and assistant mask for ``messages``."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), bos_token="<|begin_of_text|>",
+                                  eos_token="<|endoftext|>")
+    out = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                  return_assistant_tokens_mask=True, **kwargs)
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def examples(ds: SFTDataset) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, target-mask) of every packed example, in file order."""
+    out = []
+    for i in range(len(ds)):
+        s = ds[i]
+        check_invariants(s, ds.seq_len)
+        for d in split_docs(s):
+            ids, labels = s["input_ids"][d], s["labels"][d]
+            if np.all(ids == ds.pad_id) and np.all(labels == IGNORE_INDEX):
+                continue  # padding
+            # labels[k] is the target of position k, i.e. token k+1: shift back into a per-token mask
+            mask = np.concatenate([[0], labels[:-1] != IGNORE_INDEX]).astype(int)
+            out.append((ids, mask))
+    return out
+
+
+@pytest.mark.parametrize("template,kwargs", [(CHATML, {}), (LLAMA3, {"date_string": "3 Mar 2025"}),
+                                             (QWEN3, {})])
+@pytest.mark.parametrize("marked", [True, False])
+def test_equals_transformers(tmp_path: Path, template: str, kwargs: dict, marked: bool):
+    """Ids equal apply_chat_template's; the loss mask equals transformers' assistant mask (computed
+    from generation blocks), whether seqpar reads the blocks or finds the turns by prefixes."""
+    shipped = template if marked else unmarked(template)
+    d = model_dir(tmp_path, shipped)
+    convs = CONVERSATIONS if template is not QWEN3 or marked else CONVERSATIONS[:1]  # see test_qwen3
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in convs])
+    cfg = DataConfig(type="sft", paths=[path], seq_len=512, tokenizer=d / "tokenizer.json",
+                     chat_template="hf", chat_template_kwargs=kwargs)
+    ds = build_dataset(cfg, tmp_path / "cache")
+    assert isinstance(ds, SFTDataset) and ds.truncated == 0
+    got = examples(ds)
+    assert len(got) == len(convs)
+    for messages, (ids, mask) in zip(convs, got):
+        ref_ids, ref_mask = hf_reference(d, template, messages, **kwargs)
+        assert ids.tolist() == ref_ids
+        assert sum(ref_mask) > 0
+        # a document's first token is never a target (nothing precedes it); it is never assistant text
+        assert mask.tolist() == [0] + ref_mask[1:] and ref_mask[0] == 0
+
+
+def test_trained_text(tmp_path: Path):
+    """What is trained, in words: each assistant reply and its end-of-turn token, never a header,
+    a user turn or the system prompt; bos written by the template once; no eos appended."""
+    d = model_dir(tmp_path, unmarked(LLAMA3))
+    tok = HFTokenizer(d / "tokenizer.json")
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[1]}])
+    cfg = DataConfig(type="sft", paths=[path], seq_len=512, tokenizer=d / "tokenizer.json", chat_template="hf")
+    (ids, mask), = examples(SFTDataset(cfg, tok, tmp_path / "cache"))
+    assert tok.decode(ids[mask == 1].tolist()) == "Hello tokens!<|eot_id|>Hello labels.<|eot_id|>"
+    text = tok.decode(ids.tolist())
+    # strftime_now renders a fixed date: a cache built on any day (or rank) has the same tokens
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                           "Today Date: 26 Jul 2024\n\nBe brief.<|eot_id|>")
+    assert text.count("<|begin_of_text|>") == 1 and ids[-1] == tok._tok.token_to_id("<|eot_id|>")
+
+
+def test_pairs_become_user_assistant(tmp_path: Path):
+    d = model_dir(tmp_path, unmarked(CHATML))
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello world", "response": "Hello tokens."}])
+    cfg = DataConfig(type="sft", paths=[path], seq_len=128, tokenizer=d / "tokenizer.json", chat_template="hf")
+    tok = HFTokenizer(d / "tokenizer.json")
+    (ids, mask), = examples(SFTDataset(cfg, tok, tmp_path / "cache"))
+    ref, _ = hf_reference(d, CHATML, [{"role": "user", "content": "Hello world"},
+                                      {"role": "assistant", "content": "Hello tokens."}])
+    assert ids.tolist() == ref and tok.decode(ids[mask == 1].tolist()) == "Hello tokens.<|im_end|>\n"
+
+
+def test_qwen3_multi_turn_needs_generation_blocks(tmp_path: Path):
+    """Qwen3's template renders an earlier reply without its think block once a later user turn
+    follows: prefixes cannot find it, so the record is refused with the way out; a template with
+    generation blocks (data.chat_template_file) trains it, on both replies as the full rendering
+    shows them."""
+    d = model_dir(tmp_path, unmarked(QWEN3))
+    path = write_jsonl(tmp_path / "q.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": CONVERSATIONS[2]}])
+    cfg = dict(type="sft", paths=[path], seq_len=512, tokenizer=d / "tokenizer.json", chat_template="hf")
+    with pytest.raises(DataError, match=r"q\.jsonl:2: the chat template \(.*tokenizer_config\.json\) renders "
+                                        r"messages\[1\] \(assistant\) differently .*data\.chat_template_file"):
+        build_dataset(DataConfig(**cfg), tmp_path / "cache")
+    marked = tmp_path / "qwen3_training.jinja"
+    marked.write_text(QWEN3)
+    ds = build_dataset(DataConfig(**cfg, chat_template_file=marked), tmp_path / "cache")
+    tok = HFTokenizer(d / "tokenizer.json")
+    got = examples(ds)
+    ids, mask = got[1]
+    assert ids.tolist() == hf_reference(d, QWEN3, CONVERSATIONS[2])[0]
+    assert tok.decode(ids[mask == 1].tolist()) == (
+        "The quick brown fox.<|im_end|>\nThe lazy dog, é ü 日本.<|im_end|>\n"
+        "<think>\n\n</think>\n\nDone.<|im_end|>\n")
+    # data.chat_template_kwargs reach the template: with thinking off the generation prompt holds the
+    # empty think block, so the reply alone is trained (found by prefixes)
+    one = write_jsonl(tmp_path / "one.jsonl", [{"messages": CONVERSATIONS[0]}])
+    ds = build_dataset(DataConfig(**{**cfg, "paths": [one]}, chat_template_kwargs={"enable_thinking": False}),
+                       tmp_path / "cache")
+    (ids, mask), = examples(ds)
+    assert tok.decode(ids[mask == 1].tolist()) == "Paris.<|im_end|>\n"
+    assert tok.decode(ids.tolist()).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nParis.<|im_end|>\n")
+
+
+def test_template_sources_and_cache(tmp_path: Path, caplog):
+    """chat_template.jinja beside the tokenizer wins over tokenizer_config.json (as in transformers);
+    named templates use 'default'; the template keys the cache (an edited template re-tokenizes);
+    the generic format warns when the tokenizer ships a template of its own."""
+    d = model_dir(tmp_path, unmarked(CHATML))
+    tok = HFTokenizer(d / "tokenizer.json")
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0]}])
+    cfg = DataConfig(type="sft", paths=[path], seq_len=256, tokenizer=d / "tokenizer.json", chat_template="hf")
+    first = examples(SFTDataset(cfg, tok, tmp_path / "cache"))[0][0]
+    assert tok.decode(first.tolist()).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    (d / "chat_template.jinja").write_text(unmarked(CHATML).replace("a helpful", "an exact"))
+    second = examples(SFTDataset(cfg, tok, tmp_path / "cache"))[0][0]
+    assert tok.decode(second.tolist()).startswith("<|im_start|>system\nYou are an exact assistant.")
+    assert len(list((tmp_path / "cache").glob("sft-*"))) == 2
+    # the checkpoint's data fingerprint holds the template: a resume on an edited one is refused
+    fp_first = SFTDataset(cfg, tok, tmp_path / "cache").content_fingerprint()
+    (d / "chat_template.jinja").write_text(unmarked(CHATML))
+    fp_edited = SFTDataset(cfg, tok, tmp_path / "cache").content_fingerprint()
+    assert fp_first["chat_template"] != fp_edited["chat_template"]
+    with pytest.raises(ConfigError, match=r"the data changed since the checkpoint \(the chat template: "):
+        check_data_unchanged(fp_first, fp_edited, [])
+    (d / "chat_template.jinja").unlink()
+    side = json.loads((d / "tokenizer_config.json").read_text())
+    side["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": unmarked(CHATML)}]
+    (d / "tokenizer_config.json").write_text(json.dumps(side))
+    assert examples(SFTDataset(cfg, tok, tmp_path / "cache"))[0][0].tolist() == first.tolist()
+
+    caplog.set_level(logging.WARNING)
+    SFTDataset(DataConfig(type="sft", paths=[path], seq_len=256, tokenizer=d / "tokenizer.json"), tok,
+               tmp_path / "cache")
+    assert "ships the model's own chat template: set data.chat_template: hf" in caplog.text
+    caplog.clear()
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "response": "b"}])
+    SFTDataset(DataConfig(type="sft", paths=[pairs], seq_len=64, tokenizer=d / "tokenizer.json"), tok,
+               tmp_path / "cache")
+    assert "chat template" not in caplog.text  # pairs were never in a chat format
+
+
+def test_errors(tmp_path: Path):
+    d = model_dir(tmp_path, None)
+    tok = HFTokenizer(d / "tokenizer.json")
+    good = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0]}])
+    hf = dict(type="sft", paths=[good], seq_len=256, tokenizer=d / "tokenizer.json", chat_template="hf")
+    with pytest.raises(DataError, match=r"no chat template beside data\.tokenizer .*chat_template\.jinja.*"
+                                        r"set data\.chat_template_file"):
+        SFTDataset(DataConfig(**hf), tok, tmp_path / "cache")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(DataError, match=r"chat template .*bad\.jinja: Jinja syntax error on line 1"):
+        SFTDataset(DataConfig(**hf, chat_template_file=bad), tok, tmp_path / "cache")
+    llama = tmp_path / "llama.jinja"
+    llama.write_text(unmarked(LLAMA3))
+    tool = write_jsonl(tmp_path / "t.jsonl", [{"messages": CONVERSATIONS[0]},
+                                              {"messages": [{"role": "tool", "content": "{}"},
+                                                            {"role": "assistant", "content": "ok"}]}])
+    with pytest.raises(DataError, match=r"t\.jsonl:2: the chat template \(.*llama\.jinja\) refused this record: "
+                                        r"roles are user and assistant"):
+        SFTDataset(DataConfig(**{**hf, "paths": [tool]}, chat_template_file=llama), tok, tmp_path / "cache")
+    odd = write_jsonl(tmp_path / "o.jsonl", [{"messages": [{"role": "user", "content": "a\ufdd0"},
+                                                           {"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"o\.jsonl:1: the record holds U\+FDD0"):
+        SFTDataset(DataConfig(**{**hf, "paths": [odd]}, chat_template_file=llama), tok, tmp_path / "cache")
+    none = write_jsonl(tmp_path / "n.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
+    with pytest.raises(DataError, match=r"n\.jsonl:1: 'messages' has no 'assistant' message"):
+        SFTDataset(DataConfig(**{**hf, "paths": [none]}, chat_template_file=llama), tok, tmp_path / "cache")
+
+    # config: hf needs a tokenizer; the file and kwargs need hf; the file must exist
+    with pytest.raises(ValidationError, match=r"data\.chat_template hf .*set data\.tokenizer"):
+        DataConfig(type="sft", paths=[good], chat_template="hf")
+    with pytest.raises(ValidationError, match=r"data\.chat_template_file is used with data\.chat_template hf"):
+        DataConfig(type="sft", paths=[good], tokenizer=d / "tokenizer.json", chat_template_file=llama)
+    with pytest.raises(ValidationError, match=r"data\.chat_template_kwargs is used with"):
+        DataConfig(type="sft", paths=[good], chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(ValidationError, match=r"data\.chat_template_file"):
+        DataConfig(**hf, chat_template_file=tmp_path / "missing.jinja")
+
+
+def test_token_mask_overlap():
+    offsets = np.array([[0, 3], [3, 5], [5, 9], [9, 10]])
+    assert token_mask(offsets, [(4, 9)]).tolist() == [0, 1, 1, 0]  # straddling the start counts
+    assert token_mask(offsets, [(0, 3), (9, 10)]).tolist() == [1, 0, 0, 1]
+    assert token_mask(np.zeros((0, 2), dtype=np.int64), [(0, 1)]).tolist() == []
+
+
+def test_sandboxed(tmp_path: Path):
+    """A template is untrusted input: Jinja's immutable sandbox refuses attribute escapes."""
+    d = model_dir(tmp_path, "{{ messages.__class__.__mro__ }}{% generation %}x{% endgeneration %}")
+    chat = load_chat_template(d / "tokenizer.json", None, {}, {})
+    with pytest.raises(DataError, match="refused this record"):
+        chat.trained_spans([{"role": "assistant", "content": "x"}], "r:1")
+    d2 = model_dir(tmp_path, "{{ messages.append(1) }}", name="m2")
+    with pytest.raises(DataError, match="refused this record"):
+        load_chat_template(d2 / "tokenizer.json", None, {}, {}).trained_spans(
+            [{"role": "assistant", "content": "x"}], "r:1")
+    shutil.rmtree(d2)
+
+
+def test_tools_reach_the_template(tmp_path: Path):
+    """A record's ``tools`` list is given to the template, and ``tojson`` writes plain JSON (Jinja's
+    own filter would HTML-escape '<' and '&'), as transformers renders it."""
+    template = ("{%- if tools %}{{- '<|im_start|>system\\n' + (tools | tojson) + '<|im_end|>\\n' }}{%- endif %}"
+                + unmarked(CHATML).split("\n", 1)[1])
+    d = model_dir(tmp_path, template)
+    tools = [{"type": "function", "function": {"name": "lt", "description": "a < b & c", "parameters": {}}}]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"messages": CONVERSATIONS[0], "tools": tools}])
+    cfg = DataConfig(type="sft", paths=[path], seq_len=256, tokenizer=d / "tokenizer.json", chat_template="hf")
+    tok = HFTokenizer(d / "tokenizer.json")
+    (ids, mask), = examples(SFTDataset(cfg, tok, tmp_path / "cache"))
+    assert '"description": "a < b & c"' in tok.decode(ids.tolist())
+    assert ids.tolist() == hf_reference(d, template, CONVERSATIONS[0], tools=tools)[0]
