@@ -386,3 +386,105 @@ def test_bench_data_script_prints_its_table():
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 300 |")]
     assert len(rows) == 1 and "MB" in rows[0], r.stdout
+
+
+_LOCK_WORKER = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+from seqpar.data.cache import cached
+from seqpar.errors import DataError
+cache, mode, log = sys.argv[1:4]
+
+def build(w):
+    with open(log, "a") as f:
+        f.write(f"start {os.getpid()}\\n")
+    w.declare("x", np.int64)
+    for i in range(30):
+        w.append("x", np.arange(5) + i)
+        time.sleep(0.05)
+    if mode == "fail":
+        raise DataError("bad record")
+    return {"built_by": os.getpid()}
+
+try:
+    arrays, meta = cached(Path(cache), "text-0123", build, say=lambda m: print(m, flush=True))
+except DataError as e:
+    print("error", e, flush=True)
+    sys.exit(2)
+print("sum", int(arrays["x"].sum()), "by", meta["built_by"], flush=True)
+"""
+
+
+def _lock_workers(tmp_path: Path, first_mode: str):
+    """Starts a builder, waits until it is tokenizing, starts a second process on the same entry."""
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "log"
+    log.touch()
+    script = tmp_path / "worker.py"
+    script.write_text(_LOCK_WORKER)
+    cmd = [sys.executable, str(script), str(tmp_path / "cache")]
+    first = subprocess.Popen([*cmd, first_mode, str(log)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while "start" not in log.read_text():
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.02)
+    second = subprocess.Popen([*cmd, "ok", str(log)], stdout=subprocess.PIPE, text=True)
+    return first, second, log
+
+
+def test_one_build_per_cache_directory(tmp_path: Path):
+    """Two processes needing the same entry in one directory (the ranks of a node with a node-local
+    data.cache_dir): the second waits for the first, says so once, and reads what it built."""
+    first, second, log = _lock_workers(tmp_path, "ok")
+    out1, _ = first.communicate(timeout=120)
+    out2, _ = second.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, (out1, out2)
+    assert log.read_text().count("start") == 1, log.read_text()  # tokenized once
+    assert out2.count("waiting for another process tokenizing into") == 1, out2
+    assert f"pid {first.pid}" in out2  # names the builder
+    assert out1.splitlines()[-1] == out2.splitlines()[-1] == f"sum {sum(range(5)) * 30 + 5 * sum(range(30))} by {first.pid}"
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["text-0123"]  # no lock file or temp folder left
+
+
+@pytest.mark.parametrize("how", ["killed", "failed"])
+def test_waiter_builds_when_the_builder_ends(tmp_path: Path, how: str):
+    """A builder killed outright (the kernel drops its lock) or failing on a bad record: the process
+    waiting for it builds the entry itself."""
+    import signal
+
+    first, second, log = _lock_workers(tmp_path, "slow" if how == "killed" else "fail")
+    if how == "killed":
+        import time
+        time.sleep(0.3)  # the second is waiting by now
+        first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=120)
+    out2, _ = second.communicate(timeout=120)
+    assert second.returncode == 0, out2
+    assert log.read_text().count("start") == 2
+    assert out2.splitlines()[-1].endswith(f"by {second.pid}")
+    assert (tmp_path / "cache" / "text-0123" / "meta.json").is_file()
+
+
+def test_stop_while_waiting(tmp_path: Path):
+    """A preemption while waiting for another builder ends the wait (Stopped), holding nothing."""
+    import fcntl
+    import os
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = cache / ".text-0123.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process is building
+    said, polls = [], []
+    try:
+        with pytest.raises(cache_mod.Stopped):
+            cache_mod.cached(cache, "text-0123", lambda w: pytest.fail("built while another held the lock"),
+                             say=said.append, stop=lambda: polls.append(1) or len(polls) > 2)
+    finally:
+        os.close(fd)
+    assert len(said) == 1 and said[0].startswith(f"waiting for another process tokenizing into {cache / 'text-0123'}")
+    assert not (cache / "text-0123").exists()

@@ -7,8 +7,11 @@ records). The builder appends arrays chunk by chunk, so tokenizing a corpus larg
 holds one batch of records at a time, never the whole stream.
 
 Entries are written in a temporary folder and renamed into place: a reader never sees a
-half-written entry, and concurrent builders (ranks on nodes that do not share the cache) are
-safe, the first rename wins.
+half-written entry. One process builds an entry per cache directory at a time: the others that
+need it (the ranks of a node whose data.cache_dir is node-local, or a second job on the same
+corpus) wait on a lock file beside it and then read what the first one wrote; a builder that dies
+releases the lock with its process, and the next in line builds. Where the file system has no
+working locks, concurrent builders are still safe: the first rename wins.
 """
 
 from __future__ import annotations
@@ -175,12 +178,15 @@ def _open(final: Path, meta: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def cached(
-    cache_dir: Path, name: str, build: Callable[[ArrayWriter], dict[str, Any]]
+    cache_dir: Path, name: str, build: Callable[[ArrayWriter], dict[str, Any]],
+    say: Say | None = None, stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The arrays (memory-mapped) and metadata of entry ``cache_dir/name``, built first if absent.
 
     ``build(writer)`` appends the arrays and returns the metadata to record; a ``DataError`` it
-    raises (a bad record) leaves nothing behind.
+    raises (a bad record) leaves nothing behind. While another process builds the same entry in
+    this directory, this one waits for it (``say``: one line when it starts waiting; ``stop``: true
+    when the process is asked to stop, which ends the wait with ``Stopped``).
     """
     final = Path(cache_dir) / name
     if final.exists() and not (final / "meta.json").is_file():
@@ -188,41 +194,116 @@ def cached(
     if not (final / "meta.json").is_file():
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            _remove_dead_builds(final)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-            (tmp / BUILDER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         except OSError as e:
             raise _unwritable(final, e) from None
-        try:
-            writer = ArrayWriter(tmp)
-            try:
-                meta = build(writer)
-            except BaseException:
-                writer.abandon()
-                raise
-            meta = {**meta, "arrays": writer.close()}
-            try:
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            except OSError as e:
-                raise CacheWriteError(e.errno, e.strerror) from e
-        except CacheWriteError as e:  # reading the data is build's business (its own errors)
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _unwritable(final, e) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        try:
-            (tmp / BUILDER).unlink()
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; its entry is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        with _BuildLock(final, say, stop):
+            if not (final / "meta.json").is_file():  # not written while this process waited
+                _build(final, name, build)
     try:
         meta = json.loads((final / "meta.json").read_text())
         arrays = _open(final, meta)
     except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as e:
         raise _damaged(final, _one_line(e)) from None
     return arrays, meta
+
+
+class _BuildLock:
+    """An exclusive ``flock`` on ``.<entry>.lock`` beside the entry, held while building it (or
+    while finding that a process it waited for has built it).
+
+    The kernel releases it when the holder's process ends, however it ends, so a killed builder
+    never blocks the next one. Without working locks (some network file systems) it degrades to
+    no lock: builders then run side by side and the first rename wins, as before locks existed."""
+
+    POLL_S = 0.5
+
+    def __init__(self, final: Path, say: Say | None, stop: Callable[[], bool] | None):
+        self.path = final.parent / f".{final.name}.lock"
+        self.final, self.say, self.stop = final, say, stop
+        self.fd: int | None = None
+
+    def __enter__(self) -> _BuildLock:
+        import fcntl
+
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise _unwritable(self.final, e) from None
+        told = False
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:  # another process holds it: it is building this entry
+                pass
+            except OSError:  # no locks on this file system
+                return self
+            if self.stop is not None and self.stop():
+                self.__exit__()
+                raise Stopped()
+            if not told and self.say is not None:
+                self.say(f"waiting for another process tokenizing into {self.final} ({_builders(self.final)}); "
+                         f"its entry is read when it is done")
+                told = True
+            time.sleep(self.POLL_S)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            # Removed while held, so no lock files pile up. A process that opened it before may then
+            # lock the removed file while a newcomer locks a new one: both re-check for the entry
+            # first, and at worst two build side by side, which is safe (the first rename wins).
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
+def _builders(final: Path) -> str:
+    """Who is building ``final``, from the folders being built (for the waiting line)."""
+    who = []
+    for tmp in final.parent.glob(f".{final.name}.*"):
+        try:
+            host, pid = (tmp / BUILDER).read_text().split()[:2]
+            who.append(f"{host} pid {pid}")
+        except (OSError, ValueError):
+            continue
+    return ", ".join(who) or "a process sharing this cache directory"
+
+
+def _build(final: Path, name: str, build: Callable[[ArrayWriter], dict[str, Any]]) -> None:
+    """Builds entry ``final`` in a temporary folder beside it and renames it into place."""
+    try:
+        _remove_dead_builds(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        (tmp / BUILDER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as e:
+        raise _unwritable(final, e) from None
+    try:
+        writer = ArrayWriter(tmp)
+        try:
+            meta = build(writer)
+        except BaseException:
+            writer.abandon()
+            raise
+        meta = {**meta, "arrays": writer.close()}
+        try:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        except OSError as e:
+            raise CacheWriteError(e.errno, e.strerror) from e
+    except CacheWriteError as e:  # reading the data is build's business (its own errors)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(final, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        (tmp / BUILDER).unlink()
+        os.rename(tmp, final)
+    except OSError:  # another process finished first; its entry is identical
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _damaged(final: Path, why: str) -> DataError:

@@ -18,16 +18,17 @@ from seqpar.errors import DataError
 
 def progress_printer(rank: int) -> Say:
     """How a rank reports tokenizing: the first rank always (it builds the cache); another rank
-    only when it has to tokenize too, because rank 0's entry is not in its data.cache_dir
-    (node-local storage), which its first line says."""
+    only when it has to tokenize (or wait for a rank of its node tokenizing) too, because rank 0's
+    entry is not in its data.cache_dir (node-local storage), which its first line says."""
     first = [True]
 
     def say(message: str) -> None:
         if rank == 0:
             print(f"seqpar: {message}", flush=True)
             return
-        note = (" (rank 0's entry is not in this rank's data.cache_dir: on node-local storage every rank of a "
-                "node tokenizes again; put data.cache_dir where all nodes see it)") if first[0] else ""
+        note = (" (rank 0's entry is not in this rank's data.cache_dir: on node-local storage one rank per "
+                "node tokenizes again while the others wait for it; put data.cache_dir where all nodes see "
+                "it)") if first[0] else ""
         first[0] = False
         print(f"seqpar: rank {rank}: {message}{note}", flush=True)
 

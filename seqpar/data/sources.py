@@ -205,7 +205,8 @@ class TextDataset(_StreamDataset):
         self.tokenizer_key = tokenizer.cache_key
         name = "text-" + cache_key("text", self.file_hashes, tokenizer.cache_key, {"text_field": cfg.text_field})[:24]
         arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
-            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name, heartbeat=w.heartbeat, stop=stop)))
+            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name, heartbeat=w.heartbeat, stop=stop)),
+            say, stop)
         self.tokens: np.ndarray = arrays["tokens"]
         self.doc_ends: np.ndarray = arrays["doc_ends"]  # stream index of each document's eos
         self.num_tokens = len(self.tokens)
@@ -483,7 +484,8 @@ class SFTDataset(PackedDataset):
         self.tokenizer_key = tokenizer.cache_key
         name = "sft-" + cache_key("sft", self.file_hashes, tokenizer.cache_key, settings)[:24]
         arrays, meta = cached(cache_dir, name, lambda w: self._tokenize(
-            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name, heartbeat=w.heartbeat, stop=stop)))
+            tokenizer, w, Progress(say, key, self.paths, Path(cache_dir) / name, heartbeat=w.heartbeat, stop=stop)),
+            say, stop)
         self.tokens: np.ndarray = arrays["tokens"]
         self.loss_mask: np.ndarray = arrays["loss_mask"]  # 1 where the token is a target
         self.offsets: np.ndarray = arrays["offsets"]  # example k = tokens[offsets[k]:offsets[k+1]]

@@ -191,8 +191,8 @@ class Trainer:
         # data: rank 0 tokenizes into the cache first (a mistake it finds stops every rank with its
         # one line, instead of leaving the others at the barrier), the others then read it. Every
         # wait is on the gloo start-up group, whose timeout allows hours of tokenizing (NCCL's
-        # does not), and all ranks leave together, however long a rank that cannot see rank 0's
-        # cache (node-local data.cache_dir) tokenizes again.
+        # does not), and all ranks leave together, however long a node that cannot see rank 0's
+        # cache (node-local data.cache_dir) tokenizes again (one rank per node: data/cache.py).
         if topo.is_main:
             try:
                 self._build_data()
