@@ -373,6 +373,21 @@ class PasskeyConfig(_Section):
 
 
 DEFAULT_CHAT_TEMPLATE = "<|{role}|>\n{content}\n"
+# Jinja chat-template variables seqpar sets from each record: data.chat_template_kwargs may not name them.
+CHAT_TEMPLATE_RESERVED = ("messages", "tools", "documents", "add_generation_prompt")
+
+
+def _check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    """``data.chat_template_kwargs``: no variable seqpar sets, JSON values only (a YAML date is not)."""
+    for key, value in kwargs.items():
+        if key in CHAT_TEMPLATE_RESERVED:
+            raise ValueError(f"data.chat_template_kwargs.{key}: seqpar sets '{key}' itself (from each record); "
+                             f"remove it")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"data.chat_template_kwargs.{key}: {value!r} is a {type(value).__name__}, not a JSON "
+                             f"value: quote it in the YAML (e.g. {key}: '{value}')") from None
 
 
 class DataConfig(_Section):
@@ -471,6 +486,7 @@ class DataConfig(_Section):
                 "use data.eos_id): set data.tokenizer or remove data.eos_token"
             )
         if self.chat_template == "hf":
+            _check_template_kwargs(self.chat_template_kwargs)
             if self.tokenizer is None:
                 raise ValueError("data.chat_template hf renders with the Jinja template of a Hugging Face "
                                  "tokenizer: set data.tokenizer to its tokenizer.json")

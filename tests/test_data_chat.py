@@ -102,15 +102,15 @@ def model_dir(tmp_path: Path, template: str | None, name: str = "model", **confi
     return d
 
 
-def hf_reference(d: Path, template: str, messages: list[dict], **kwargs) -> tuple[list[int], list[int]]:
-    """transformers' ids and assistant mask for ``messages``."""
-    from transformers import PreTrainedTokenizerFast
+def hf_reference(d: Path, template: str | None, messages: list[dict], **kwargs) -> tuple[list[int], list[int]]:
+    """transformers' ids and assistant mask for ``messages``, with the tokenizer folder loaded as
+    transformers loads it (its special tokens and, for ``template`` None, its own template)."""
+    from transformers import AutoTokenizer
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), bos_token="<|begin_of_text|>",
-                                  eos_token="<|endoftext|>")
+    tok = AutoTokenizer.from_pretrained(d)
     out = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                  return_assistant_tokens_mask=True, **kwargs)
-    return list(out["input_ids"]), list(out["assistant_masks"])
+                                  return_assistant_tokens_mask=template is not None, **kwargs)
+    return list(out["input_ids"]), list(out.get("assistant_masks", []))
 
 
 def examples(ds: SFTDataset) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -188,8 +188,9 @@ def test_qwen3_multi_turn_needs_generation_blocks(tmp_path: Path):
     d = model_dir(tmp_path, unmarked(QWEN3))
     path = write_jsonl(tmp_path / "q.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": CONVERSATIONS[2]}])
     cfg = dict(type="sft", paths=[path], seq_len=512, tokenizer=d / "tokenizer.json", chat_template="hf")
-    with pytest.raises(DataError, match=r"q\.jsonl:2: the chat template \(.*tokenizer_config\.json\) renders "
-                                        r"messages\[1\] \(assistant\) differently .*data\.chat_template_file"):
+    with pytest.raises(DataError, match=r"q\.jsonl:2: messages\[1\] \(assistant\): the chat template \(.*"
+                                        r"tokenizer_config\.json\) renders this reply differently once later messages "
+                                        r"follow \(it differs at character 56: '<think>.*data\.chat_template_file"):
         build_dataset(DataConfig(**cfg), tmp_path / "cache")
     marked = tmp_path / "qwen3_training.jinja"
     marked.write_text(QWEN3)
@@ -298,12 +299,12 @@ def test_token_mask_overlap():
 def test_sandboxed(tmp_path: Path):
     """A template is untrusted input: Jinja's immutable sandbox refuses attribute escapes."""
     d = model_dir(tmp_path, "{{ messages.__class__.__mro__ }}{% generation %}x{% endgeneration %}")
-    chat = load_chat_template(d / "tokenizer.json", None, {}, {})
+    chat = load_chat_template(d / "tokenizer.json", None, {})
     with pytest.raises(DataError, match="refused this record"):
         chat.trained_spans([{"role": "assistant", "content": "x"}], "r:1")
     d2 = model_dir(tmp_path, "{{ messages.append(1) }}", name="m2")
     with pytest.raises(DataError, match="refused this record"):
-        load_chat_template(d2 / "tokenizer.json", None, {}, {}).trained_spans(
+        load_chat_template(d2 / "tokenizer.json", None, {}).trained_spans(
             [{"role": "assistant", "content": "x"}], "r:1")
     shutil.rmtree(d2)
 
@@ -321,3 +322,187 @@ def test_tools_reach_the_template(tmp_path: Path):
     (ids, mask), = examples(SFTDataset(cfg, tok, tmp_path / "cache"))
     assert '"description": "a < b & c"' in tok.decode(ids.tolist())
     assert ids.tolist() == hf_reference(d, template, CONVERSATIONS[0], tools=tools)[0]
+
+
+def render_ids(d: Path, tmp_path: Path, records: list[dict], **cfg) -> list[tuple[np.ndarray, np.ndarray]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = write_jsonl(tmp_path / "r.jsonl", records)
+    conf = DataConfig(type="sft", paths=[path], seq_len=1024, tokenizer=d / "tokenizer.json", chat_template="hf", **cfg)
+    return examples(SFTDataset(conf, HFTokenizer(d / "tokenizer.json"), tmp_path / "cache"))
+
+
+# Hermes / Llama-style tool calls and Qwen3-style reasoning in one template: content may be null,
+# tool_calls null (OpenAI exports), reasoning under any of its names.
+TOOLS_AND_REASONING = (
+    "{{- bos_token }}{%- if documents %}{{- '<|im_start|>system\\n' + (documents | tojson) + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.reasoning_content is defined %}{{- '<think>' + m.reasoning_content + '</think>' }}{%- endif %}"
+    "{%- if m.content is defined %}{{- m.content }}{%- endif %}"
+    "{%- if m.tool_calls is defined %}{%- for c in m.tool_calls %}{{- '<tool_call>' + (c | tojson) + '</tool_call>' }}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_records_normalised_as_transformers_does(tmp_path: Path):
+    """Keys holding null are dropped (no literal 'None', no template failing on a null), reasoning
+    under 'reasoning' or 'thinking' reaches reasoning_content, documents reach the template."""
+    d = model_dir(tmp_path, TOOLS_AND_REASONING)
+    call = {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}
+    messages = [
+        {"role": "user", "content": "Hello world", "tool_calls": None},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "42"},
+        {"role": "assistant", "content": "Hello tokens.", "reasoning": "think hard", "tool_calls": None},
+    ]
+    documents = [{"title": "t", "text": "a < b"}]
+    (ids, mask), = render_ids(d, tmp_path, [{"messages": messages, "documents": documents}])
+    ref, _ = hf_reference(d, None, messages, documents=documents)
+    assert ids.tolist() == ref
+    tok = HFTokenizer(d / "tokenizer.json")
+    text = tok.decode(ids.tolist())
+    assert "None" not in text and "<think>think hard</think>Hello tokens." in text and '"a < b"' in text
+    assert tok.decode(ids[mask == 1].tolist()) == (
+        '<tool_call>{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}</tool_call><|im_end|>\n'
+        "<think>think hard</think>Hello tokens.<|im_end|>\n")
+
+
+def test_special_tokens_as_transformers_loads_them(tmp_path: Path):
+    """The template's bos_token/eos_token/... are what transformers loads from the folder: a null is
+    unset (no bos rendered), a legacy special_tokens_map.json overrides; a template using a token
+    nobody sets is refused naming data.chat_template_kwargs."""
+    records = [{"messages": CONVERSATIONS[0]}]
+    d = model_dir(tmp_path, unmarked(LLAMA3), name="nobos", bos_token=None)
+    (ids, _), = render_ids(d, tmp_path / "a", records, chat_template_kwargs={"date_string": "1 May 2025"})
+    assert ids.tolist() == hf_reference(d, None, CONVERSATIONS[0], date_string="1 May 2025")[0]
+    assert "<|begin_of_text|>" not in HFTokenizer(d / "tokenizer.json").decode(ids.tolist())
+
+    d = model_dir(tmp_path, unmarked(LLAMA3), name="legacy")
+    (d / "special_tokens_map.json").write_text(json.dumps({"bos_token": {"content": "<|im_start|>"}}))
+    (ids, _), = render_ids(d, tmp_path / "b", records)
+    assert ids.tolist() == hf_reference(d, None, CONVERSATIONS[0], date_string="26 Jul 2024")[0]
+    assert HFTokenizer(d / "tokenizer.json").decode(ids[:1].tolist()) == "<|im_start|>"
+
+    d = model_dir(tmp_path, unmarked(LLAMA3), name="bare")
+    (d / "tokenizer_config.json").unlink()
+    template = tmp_path / "llama.jinja"
+    template.write_text(unmarked(LLAMA3))
+    with pytest.raises(DataError, match=r"uses bos_token, but there is no tokenizer_config\.json .* set "
+                                        r"data\.chat_template_kwargs: \{bos_token: '<the token>'\}"):
+        render_ids(d, tmp_path / "c", records, chat_template_file=template)
+    (ids, _), = render_ids(d, tmp_path / "d", records, chat_template_file=template,
+                           chat_template_kwargs={"bos_token": "<|begin_of_text|>"})
+    assert HFTokenizer(d / "tokenizer.json").decode(ids[:1].tolist()) == "<|begin_of_text|>"
+
+
+def test_named_tool_use_template(tmp_path: Path):
+    """Named templates: records with tools use 'tool_use' (as transformers picks), others 'default';
+    chat_template.jinja's sibling additional_chat_templates/tool_use.jinja likewise."""
+    tool_tpl = "{{- 'TOOLS ' + (tools | tojson) + '\\n' }}" + unmarked(CHATML)
+    d = model_dir(tmp_path, None)
+    side = json.loads((d / "tokenizer_config.json").read_text())
+    side["chat_template"] = [{"name": "default", "template": unmarked(CHATML)}, {"name": "tool_use", "template": tool_tpl}]
+    (d / "tokenizer_config.json").write_text(json.dumps(side))
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    records = [{"messages": CONVERSATIONS[0], "tools": tools}, {"messages": CONVERSATIONS[0]}]
+    got = render_ids(d, tmp_path / "a", records)
+    assert got[0][0].tolist() == hf_reference(d, None, CONVERSATIONS[0], tools=tools)[0]
+    assert got[1][0].tolist() == hf_reference(d, None, CONVERSATIONS[0])[0]
+    tok = HFTokenizer(d / "tokenizer.json")
+    assert tok.decode(got[0][0].tolist()).startswith("TOOLS ") and not tok.decode(got[1][0].tolist()).startswith("TOOLS")
+
+    (d / "chat_template.jinja").write_text(unmarked(CHATML))
+    (d / "additional_chat_templates").mkdir()
+    (d / "additional_chat_templates" / "tool_use.jinja").write_text(tool_tpl.replace("TOOLS", "TOOLSET"))
+    got = render_ids(d, tmp_path / "b", records)
+    assert tok.decode(got[0][0].tolist()).startswith("TOOLSET ")
+
+
+def test_record_and_config_mistakes(tmp_path: Path):
+    d = model_dir(tmp_path, unmarked(CHATML))
+    with pytest.raises(DataError, match=r"r\.jsonl:1: field 'tools' must be a list of objects .*got str"):
+        render_ids(d, tmp_path / "a", [{"messages": CONVERSATIONS[0], "tools": "[{}]"}])
+    with pytest.raises(DataError, match=r"r\.jsonl:1: the record holds U\+FDD0"):
+        render_ids(d, tmp_path / "b", [{"messages": CONVERSATIONS[0], "tools": [{"description": "a\ufdd0b"}]}])
+    # a reply first: most templates read messages[0] to render its generation prompt
+    first = [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Hello"},
+             {"role": "assistant", "content": "Hello tokens."}]
+    with pytest.raises(DataError, match=r"r\.jsonl:1: messages\[0\] \(assistant\): the chat template .* cannot "
+                                        r"render the generation prompt of a conversation that starts with the assistant"):
+        render_ids(d, tmp_path / "c", [{"messages": first}])
+    # DeepSeek-R1-like: the generation prompt opens <think>, replies are rendered without it
+    r1 = unmarked(CHATML).replace("{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+                                  "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
+    d1 = model_dir(tmp_path, r1, name="r1")
+    with pytest.raises(DataError, match=r"messages\[1\] \(assistant\): .* renders this reply without the generation "
+                                        r"prompt it prompts with \(it differs at character \d+: '<think>"):
+        render_ids(d1, tmp_path / "d", [{"messages": CONVERSATIONS[0]}])
+    for kwargs, match in [({"tools": []}, r"chat_template_kwargs\.tools: seqpar sets 'tools' itself"),
+                          ({"date_string": __import__("datetime").date(2025, 3, 1)},
+                           r"chat_template_kwargs\.date_string: .* is a date, not a JSON value: quote it")]:
+        with pytest.raises(ValidationError, match=match):
+            DataConfig(type="sft", paths=[tmp_path / "a" / "r.jsonl"], tokenizer=d / "tokenizer.json", chat_template="hf",
+                       chat_template_kwargs=kwargs)
+
+
+def test_sandbox_hardening(tmp_path: Path, monkeypatch):
+    """transformers' hardening: namespace() refuses underscore names, dict is only a constructor, and
+    jinja2 older than 3.1.6 (known sandbox escapes) is refused."""
+    import jinja2
+
+    ok = "{%- set ns = namespace(n=dict(a=1)) %}{% generation %}{{ ns.n.a }}{% endgeneration %}"
+    d = model_dir(tmp_path, ok)
+    assert load_chat_template(d / "tokenizer.json", None, {}).trained_spans(
+        [{"role": "assistant", "content": "x"}], "r:1") == ("1", [(0, 1)])
+    d2 = model_dir(tmp_path, "{%- set ns = namespace(_x=1) %}{% generation %}x{% endgeneration %}", name="m2")
+    with pytest.raises(DataError, match=r"r:1: the chat template .* refused this record: .*may not set '_x'"):
+        load_chat_template(d2 / "tokenizer.json", None, {}).trained_spans([{"role": "assistant", "content": "x"}], "r:1")
+    monkeypatch.setattr(jinja2, "__version__", "3.1.5")
+    with pytest.raises(DataError, match=r"needs jinja2 >= 3\.1\.6 .* this has 3\.1\.5"):
+        load_chat_template(d / "tokenizer.json", None, {})
+
+
+@pytest.mark.slow
+def test_export_carries_the_chat_template(tmp_path: Path):
+    """A run trained in the model's chat template exports a tokenizer that renders chats the same
+    way (transformers' apply_chat_template on the exported folder gives the tokens trained on)."""
+    import subprocess
+    import sys
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    d = model_dir(tmp_path, unmarked(CHATML))
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS * 4])
+    cfg = {"model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "vocab_size": 512},
+           "data": {"type": "sft", "paths": [str(path)], "tokenizer": str(d / "tokenizer.json"), "seq_len": 256,
+                    "chat_template": "hf"},
+           "train": {"max_steps": 1, "global_batch_size": 1, "warmup_steps": 0},
+           "logging": {"run_dir": str(tmp_path / "run")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "seqpar" / "train.py"), "--config", str(tmp_path / "run.yaml")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "seqpar.ckpt", "export", str(tmp_path / "run"), str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    exported = AutoTokenizer.from_pretrained(out)
+    (ids, _), *_ = render_ids(d, tmp_path / "x", [{"messages": CONVERSATIONS[1]}])
+    assert exported.apply_chat_template(CONVERSATIONS[1], tokenize=True, return_dict=True)["input_ids"] == ids.tolist()
+
+
+def test_render_version_keys_the_cache(tmp_path: Path, monkeypatch):
+    """A change to how seqpar renders (RENDER_VERSION) re-tokenizes old hf caches and refuses
+    resuming their checkpoints, like an edited template."""
+    import seqpar.data.chat as chat_mod
+
+    d = model_dir(tmp_path, unmarked(CHATML))
+    before = load_chat_template(d / "tokenizer.json", None, {}).digest
+    assert load_chat_template(d / "tokenizer.json", None, {}).digest == before
+    monkeypatch.setattr(chat_mod, "RENDER_VERSION", chat_mod.RENDER_VERSION + 1)
+    assert load_chat_template(d / "tokenizer.json", None, {}).digest != before

@@ -2,23 +2,27 @@
 template a Hugging Face tokenizer ships, and find which characters of it are trained on.
 
 An instruct model was tuned in one exact chat format; fine-tuning it in another (seqpar's generic
-per-message format) teaches it a second one. With ``hf`` a record's ``messages`` are rendered the way
-``transformers``' ``apply_chat_template`` renders them (same sandboxed Jinja environment and
-helpers), tokenized as one string, and the loss goes on what the model generates for each assistant
+per-message format) teaches it a second one. With ``hf`` a record is rendered the way
+``transformers``' ``apply_chat_template`` renders it (the same sandboxed Jinja environment and
+helpers, the same special-token variables, messages normalised the same way: keys holding null
+dropped, reasoning under ``reasoning_content`` / ``thinking`` / ``reasoning`` given under all
+three), tokenized as one string, and the loss goes on what the model generates for each assistant
 turn: from the end of the generation prompt through its end-of-turn token. Two ways to find that
 text, in order:
 
 - ``{% generation %}`` ... ``{% endgeneration %}`` blocks in the template (the convention of
   ``transformers``' ``return_assistant_tokens_mask`` and TRL's training templates): exactly those;
+  one rendering per record;
 - otherwise by prefixes: assistant turn ``i`` is what ``render(messages[:i+1])`` adds to
   ``render(messages[:i], add_generation_prompt=True)``; both must be prefixes of the whole
   rendering, or the record is refused (templates that render earlier turns differently once later
-  ones follow, e.g. Qwen3 dropping earlier reasoning, need a template with generation blocks).
+  ones follow, e.g. Qwen3 dropping earlier reasoning, need a template with generation blocks). Two
+  renderings per assistant turn: quadratic in the turns of a record.
 
-A template is untrusted input like any file: it runs in Jinja's immutable sandbox. Rendering is a
-pure function of the record: ``strftime_now`` renders a fixed date (so every rank and every rebuild
-of the cache produce the same tokens); set it through ``data.chat_template_kwargs`` where the template
-takes one (Llama 3's ``date_string``).
+A template is untrusted input like any file: it runs in Jinja's immutable sandbox, with
+``transformers``' hardening (jinja2 >= 3.1.6, no underscore names on a ``namespace``, a ``dict``
+that is only a constructor). Rendering is a pure function of the record: ``strftime_now`` renders
+a fixed date, so every rank and every rebuild of the cache produce the same tokens.
 """
 
 from __future__ import annotations
@@ -36,60 +40,91 @@ import numpy as np
 
 from seqpar.errors import DataError
 
+# Bump when rendering changes for the same template and record (keys the tokenized-data cache).
+RENDER_VERSION = 2
 # Unicode noncharacters: never assigned, so no real text holds them; they bracket generation blocks.
 _MARK_START, _MARK_END = "\ufdd0", "\ufdd1"
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # What strftime_now renders: the date Llama 3's own template falls back to (a fixed date keeps
 # tokenization a pure function of the data; today's date would differ between ranks and rebuilds).
 FIXED_DATE = datetime.datetime(2024, 7, 26)
-_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# The special-token variables transformers gives a template (its special_tokens_map; v5).
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# A message's reasoning, by the names datasets use; templates read the first (gpt-oss: "thinking").
+_REASONING = ("reasoning_content", "thinking", "reasoning")
+_MIN_JINJA = (3, 1, 6)  # older versions have known sandbox escapes
 
 
 @dataclass
 class ChatTemplate:
-    """A compiled Jinja chat template and the variables it is rendered with."""
+    """A compiled Jinja chat template (and a ``tool_use`` one for records with tools, when the
+    tokenizer names one), and the variables it is rendered with."""
 
     source: str  # the template text
     origin: str  # where it came from, for messages ("<dir>/tokenizer_config.json")
     context: dict[str, Any] = field(default_factory=dict)  # special tokens + data.chat_template_kwargs
+    tool_source: str | None = None  # transformers' choice for records with tools, when present
 
     def __post_init__(self) -> None:
-        self.marked = bool(_GENERATION_TAG.search(self.source))
-        self._template = _compile(self.source, self.origin)
+        self._compiled = {False: _compile(self.source, self.origin)}
+        if self.tool_source is not None:
+            self._compiled[True] = _compile(self.tool_source, f"{self.origin} (tool_use)")
 
     @property
     def digest(self) -> str:
-        """Identifies what rendering depends on (keys the tokenized-data cache)."""
-        blob = json.dumps({"source": self.source, "context": self.context}, sort_keys=True, default=str)
+        """Identifies what rendering depends on (keys the tokenized-data cache and the data fingerprint)."""
+        blob = json.dumps({"version": RENDER_VERSION, "source": self.source, "tool_source": self.tool_source,
+                           "context": self.context}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-               tools: Any = None) -> str:
-        """The template's text for ``messages`` (generation blocks still marked)."""
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     tools=tools, **self.context)
+               tools: list[dict[str, Any]] | None = None, documents: list[dict[str, Any]] | None = None) -> str:
+        """The template's text for ``messages`` (normalised; generation blocks still marked)."""
+        template = self._compiled[tools is not None and self.tool_source is not None]
+        return template.render(messages=normalise(messages), add_generation_prompt=add_generation_prompt,
+                               tools=tools, documents=documents, **self.context)
 
-    def trained_spans(self, messages: list[dict[str, Any]], where: str,
-                      tools: Any = None) -> tuple[str, list[tuple[int, int]]]:
+    def marked(self, tools: list[dict[str, Any]] | None) -> bool:
+        source = self.tool_source if tools is not None and self.tool_source is not None else self.source
+        return bool(_GENERATION_TAG.search(source))
+
+    def trained_spans(self, messages: list[dict[str, Any]], where: str, tools: list[dict[str, Any]] | None = None,
+                      documents: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
         """``(text, spans)``: the rendered conversation and the ``[start, end)`` character ranges the
         loss goes on. Template errors and inconsistent renderings raise ``DataError`` naming ``where``."""
-        _refuse_marks(messages, where)
-        if self.marked:
-            return _unmark(self._checked_render(where, messages, tools=tools), where, self.origin)
-        full = self._checked_render(where, messages, tools=tools)
+        _refuse_marks([messages, tools, documents], where)
+        kw = {"tools": tools, "documents": documents}
+        if self.marked(tools):
+            return _unmark(self._checked_render(where, messages, **kw), where, self.origin)
+        full = self._checked_render(where, messages, **kw)
         spans = []
         for i, m in enumerate(messages):
             if m.get("role") != "assistant":
                 continue
-            before = self._checked_render(where, messages[:i], add_generation_prompt=True, tools=tools)
-            upto = self._checked_render(where, messages[: i + 1], tools=tools)
-            if not (upto.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
-                raise DataError(
-                    f"{where}: the chat template ({self.origin}) renders messages[{i}] (assistant) "
-                    f"differently once later messages follow (Qwen3's drops earlier reasoning, for one), "
-                    f"so its trained text cannot be found by prefixes: set data.chat_template_file to a "
-                    f"template whose assistant text is in {{% generation %}} blocks (TRL ships such "
-                    f"templates), or give each assistant turn a record of its own")
+            at = f"{where}: messages[{i}] (assistant)"
+            fix = (f"set data.chat_template_file to a template whose assistant text is in {{% generation %}} "
+                   f"blocks (TRL ships such templates)")
+            try:
+                before = self.render(messages[:i], add_generation_prompt=True, **kw)
+            except _template_errors() as e:
+                if i == 0:  # most templates read messages[0]
+                    raise DataError(f"{at}: the chat template ({self.origin}) cannot render the generation prompt "
+                                    f"of a conversation that starts with the assistant ({_one_line(e)}): start "
+                                    f"the record with a user (or system) message, or {fix}") from None
+                raise self._refused(where, e) from None
+            upto = self._checked_render(where, messages[: i + 1], **kw)
+            if not upto.startswith(before):
+                raise DataError(f"{at}: the chat template ({self.origin}) renders this reply without the "
+                                f"generation prompt it prompts with (it differs at {_differ(before, upto)}; "
+                                f"templates that strip reasoning from replies do this): {fix}")
+            if not full.startswith(upto):
+                raise DataError(f"{at}: the chat template ({self.origin}) renders this reply differently once "
+                                f"later messages follow (it differs at {_differ(upto, full)}; Qwen3's drops "
+                                f"earlier reasoning, for one), so its trained text cannot be found by "
+                                f"prefixes: {fix}, or give each assistant turn a record of its own")
+            if len(upto) == len(before):
+                raise DataError(f"{at}: the chat template ({self.origin}) renders nothing for this reply after "
+                                f"the generation prompt: there is nothing to train on in it")
             spans.append((len(before), len(upto)))
         return full, spans
 
@@ -97,11 +132,25 @@ class ChatTemplate:
         """``render``; the template's own refusals (``raise_exception``, a missing field) name ``where``."""
         try:
             return self.render(messages, **kw)
-        except DataError:
-            raise
         except _template_errors() as e:
-            raise DataError(f"{where}: the chat template ({self.origin}) refused this record: "
-                            f"{' '.join(str(e).split())}") from None
+            raise self._refused(where, e) from None
+
+    def _refused(self, where: str, e: BaseException) -> DataError:
+        return DataError(f"{where}: the chat template ({self.origin}) refused this record: {_one_line(e)}")
+
+
+def normalise(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as ``transformers`` hands them to a template: keys holding null dropped (OpenAI
+    exports write ``"tool_calls": null``, which templates would render as "None" or fail on), and
+    a reasoning text given under each of its names (``thinking`` first, ``reasoning_content``)."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in _REASONING if k in m), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
 
 
 def token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
@@ -116,35 +165,66 @@ def token_mask(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     return mask
 
 
-def load_chat_template(tokenizer_path: Path, template_file: Path | None,
-                       kwargs: dict[str, Any], found_specials: dict[str, str | None]) -> ChatTemplate:
+def load_chat_template(tokenizer_path: Path, template_file: Path | None, kwargs: dict[str, Any]) -> ChatTemplate:
     """The template of ``data.chat_template_file``, else the one beside ``data.tokenizer``
-    (``chat_template.jinja``, then ``tokenizer_config.json``'s ``chat_template``), with the special
-    tokens of ``tokenizer_config.json`` (falling back to ``found_specials``) and ``kwargs``."""
-    side = _read_side_config(tokenizer_path.with_name("tokenizer_config.json"))
+    (``chat_template.jinja``, then ``tokenizer_config.json``'s ``chat_template``), rendered with the
+    special tokens ``transformers`` would load from that folder and ``kwargs``."""
     if template_file is not None:
-        source, origin = _read_text(template_file, "data.chat_template_file"), str(template_file)
+        source, origin, tool_source = _read_text(template_file, "data.chat_template_file"), str(template_file), None
     else:
-        source, origin = _template_beside(tokenizer_path, side)
-    context: dict[str, Any] = {}
-    for key in _SPECIAL_KEYS:
-        value = side.get(key)
+        source, origin, tool_source = _template_beside(tokenizer_path)
+    context: dict[str, Any] = {**special_tokens(tokenizer_path), **kwargs}
+    chat = ChatTemplate(source, origin, context, tool_source)
+    # A folder without any tokenizer config says nothing of its special tokens (one that leaves a
+    # token unset means it: the template then renders it as empty, as in transformers).
+    told = any(tokenizer_path.with_name(n).is_file() for n in ("tokenizer_config.json", "special_tokens_map.json"))
+    missing = [] if told else [v for v in _variables(source) if v in SPECIAL_TOKENS and v not in context]
+    if missing:
+        raise DataError(f"chat template {origin} uses {', '.join(missing)}, but there is no tokenizer_config.json "
+                        f"(or special_tokens_map.json) beside data.tokenizer '{tokenizer_path}' to set it: set "
+                        f"data.chat_template_kwargs: {{{missing[0]}: '<the token>'}}")
+    return chat
+
+
+def special_tokens(tokenizer_path: Path) -> dict[str, str]:
+    """The special-token strings ``transformers`` loads from the tokenizer's folder: those of
+    ``tokenizer_config.json``, overridden by a legacy ``special_tokens_map.json`` (read only when the
+    config has no ``added_tokens_decoder``, as there); null means unset."""
+    config = _read_json(tokenizer_path.with_name("tokenizer_config.json"))
+    found: dict[str, Any] = {k: config.get(k) for k in SPECIAL_TOKENS}
+    legacy = tokenizer_path.with_name("special_tokens_map.json")
+    if "added_tokens_decoder" not in config and legacy.is_file():
+        found.update({k: v for k, v in _read_json(legacy).items() if k in SPECIAL_TOKENS})
+    out = {}
+    for key, value in found.items():
         if isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...}
             value = value.get("content")
-        if not isinstance(value, str):
-            value = found_specials.get(key)
-        if value is not None:
-            context[key] = value
-    context.update(kwargs)
-    return ChatTemplate(source, origin, context)
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def template_for_export(tokenizer_path: Path, chat_template: str, template_file: Path | None,
+                        sft: bool) -> str | list[dict[str, str]] | None:
+    """The chat template a checkpoint's tokenizer carries (so an exported model still renders
+    chats): the one an ``hf`` run trained with (with its ``tool_use`` sibling, as named templates);
+    else, for runs that do not train on chats, the tokenizer's own (the model's format, untouched).
+    None for the per-message format, which a Jinja template of the tokenizer would misdescribe."""
+    if chat_template != "hf" and (sft or not tokenizer_has_template(tokenizer_path)):
+        return None
+    if template_file is not None and chat_template == "hf":
+        return _read_text(template_file, "data.chat_template_file")
+    source, _, tool_source = _template_beside(tokenizer_path)
+    if tool_source is None:
+        return source
+    return [{"name": "default", "template": source}, {"name": "tool_use", "template": tool_source}]
 
 
 def tokenizer_has_template(tokenizer_path: Path) -> bool:
     """Whether ``data.chat_template: hf`` would find a template beside this tokenizer file."""
     if tokenizer_path.with_name("chat_template.jinja").is_file():
         return True
-    side = _read_side_config(tokenizer_path.with_name("tokenizer_config.json"))
-    return bool(side.get("chat_template"))
+    return bool(_read_json(tokenizer_path.with_name("tokenizer_config.json")).get("chat_template"))
 
 
 # -- internals -------------------------------------------------------------------------------------
@@ -154,15 +234,27 @@ def _template_errors() -> tuple[type[BaseException], ...]:
     return (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 
-def _compile(source: str, origin: str) -> Any:
-    """The template compiled in the sandboxed environment ``transformers`` renders chat templates in."""
-    try:
-        import jinja2
-        import jinja2.ext
-        from jinja2 import nodes
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:  # torch depends on jinja2, so this is a broken environment
-        raise DataError("data.chat_template hf needs the jinja2 package: pip install jinja2") from None
+def _one_line(e: BaseException | str) -> str:
+    return " ".join(str(e).split())
+
+
+def _differ(a: str, b: str) -> str:
+    """Where two renderings part: the character offset and a few characters of each."""
+    k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"character {k}: {a[k:k + 24]!r} vs {b[k:k + 24]!r}"
+
+
+def _variables(source: str) -> set[str]:
+    import jinja2.meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(extensions=[_generation_extension(), "jinja2.ext.loopcontrols"])
+    return set(jinja2.meta.find_undeclared_variables(env.parse(source)))
+
+
+def _generation_extension() -> type:
+    import jinja2.ext
+    from jinja2 import nodes
 
     class GenerationMarks(jinja2.ext.Extension):
         """``{% generation %}...{% endgeneration %}``: brackets the block's output with marks."""
@@ -177,6 +269,23 @@ def _compile(source: str, origin: str) -> Any:
         def _mark(self, caller: Any) -> str:
             return _MARK_START + caller() + _MARK_END
 
+    return GenerationMarks
+
+
+def _compile(source: str, origin: str) -> Any:
+    """The template compiled in the sandboxed environment ``transformers`` renders chat templates in."""
+    try:
+        import jinja2
+        import jinja2.ext
+        import jinja2.utils
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:  # torch depends on jinja2, so this is a broken environment
+        raise DataError("data.chat_template hf needs the jinja2 package: pip install 'jinja2>=3.1.6'") from None
+    version = tuple(int(p) for p in re.findall(r"\d+", jinja2.__version__)[:3])
+    if version < _MIN_JINJA:
+        raise DataError(f"data.chat_template hf needs jinja2 >= 3.1.6 (older versions have known sandbox escapes, "
+                        f"and a template is untrusted input); this has {jinja2.__version__}: pip install -U jinja2")
+
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
@@ -185,15 +294,46 @@ def _compile(source: str, origin: str) -> Any:
         # Jinja's own tojson HTML-escapes (<, >, &, '): chat templates expect plain JSON
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    class Namespace(jinja2.utils.Namespace):
+        """``namespace()`` that refuses underscore names (no path to Python internals)."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, rest = args[0], args[1:]
+            attrs = dict(*rest, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a chat template may not set {name!r} on a namespace")
+
+    class Dict:
+        """``dict(...)`` and ``dict.fromkeys(...)`` and nothing else of the type."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict.fromkeys(*args, **kwargs)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationMarks, jinja2.ext.loopcontrols])
+                                        extensions=[_generation_extension(), jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = FIXED_DATE.strftime
+    env.globals["namespace"] = Namespace
+    env.globals["dict"] = Dict()
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise DataError(f"chat template {origin}: Jinja syntax error on line {e.lineno}: {e.message}") from None
+        raise DataError(f"chat template {origin}: Jinja syntax error on line {e.lineno}: {e.message} (fix the "
+                        f"template, or set data.chat_template_file to a corrected copy)") from None
 
 
 def _unmark(text: str, where: str, origin: str) -> tuple[str, list[tuple[int, int]]]:
@@ -221,13 +361,14 @@ def _unmark(text: str, where: str, origin: str) -> tuple[str, list[tuple[int, in
 
 
 def _refuse_marks(value: Any, where: str) -> None:
-    """The two mark characters may not occur in the data (they would fake a trained span)."""
+    """The two mark characters may not occur in a record (they would fake a trained span)."""
     if isinstance(value, str):
         if _MARK_START in value or _MARK_END in value:
             raise DataError(f"{where}: the record holds U+FDD0 or U+FDD1 (Unicode noncharacters, reserved "
                             f"by seqpar to mark trained text): remove them from the data")
     elif isinstance(value, dict):
-        for v in value.values():
+        for k, v in value.items():
+            _refuse_marks(k, where)
             _refuse_marks(v, where)
     elif isinstance(value, list):
         for v in value:
@@ -241,33 +382,39 @@ def _read_text(path: Path, key: str) -> str:
         raise DataError(f"{key}: cannot read '{path}' ({getattr(e, 'strerror', None) or e})") from None
 
 
-def _read_side_config(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DataError(f"data.chat_template hf: cannot read '{path}' ({' '.join(str(e).split())}): "
-                        f"it must be the tokenizer's JSON config") from None
+        raise DataError(f"data.chat_template hf: cannot read '{path}' ({_one_line(e)}): it must be the "
+                        f"tokenizer's JSON config") from None
     return data if isinstance(data, dict) else {}
 
 
-def _template_beside(tokenizer_path: Path, side: dict[str, Any]) -> tuple[str, str]:
-    jinja_file = tokenizer_path.with_name("chat_template.jinja")
-    if jinja_file.is_file():  # newer transformers save it on its own; it wins, as there
-        return _read_text(jinja_file, "data.chat_template hf"), str(jinja_file)
-    config = tokenizer_path.with_name("tokenizer_config.json")
-    template = side.get("chat_template")
+def _template_beside(tokenizer_path: Path) -> tuple[str, str, str | None]:
+    """(default template, where it is, tool_use template or None) from the tokenizer's folder, found
+    as ``transformers`` finds them: ``chat_template.jinja`` (+ ``additional_chat_templates/``)
+    first, then ``tokenizer_config.json``'s ``chat_template`` (a string, or named templates)."""
+    folder = tokenizer_path.parent
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        tool = folder / "additional_chat_templates" / "tool_use.jinja"
+        return (_read_text(jinja_file, "data.chat_template hf"), str(jinja_file),
+                _read_text(tool, "data.chat_template hf") if tool.is_file() else None)
+    config = folder / "tokenizer_config.json"
+    template = _read_json(config).get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         if "default" not in named:
             raise DataError(f"data.chat_template hf: {config} has named chat templates "
                             f"({', '.join(map(str, named))}) but no 'default': save the one to train with "
                             f"as a file and set data.chat_template_file to it")
-        template = named["default"]
+        return named["default"], str(config), named.get("tool_use")
     if not isinstance(template, str) or not template:
         raise DataError(f"data.chat_template hf: no chat template beside data.tokenizer '{tokenizer_path}' "
                         f"(looked for chat_template.jinja and 'chat_template' in tokenizer_config.json): "
                         f"set data.chat_template_file to the model's Jinja template, or set "
                         f"data.chat_template to a per-message format")
-    return template, str(config)
+    return template, str(config), None

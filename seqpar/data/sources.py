@@ -477,8 +477,7 @@ class SFTDataset(PackedDataset):
             path = getattr(tokenizer, "path", None)
             if path is None:
                 raise DataError("data.chat_template hf needs a Hugging Face tokenizer: set data.tokenizer")
-            self.chat = load_chat_template(Path(path), cfg.chat_template_file, cfg.chat_template_kwargs, {
-                f"{k}_token": getattr(tokenizer, f"{k}_token", None) for k in ("bos", "eos", "pad")})
+            self.chat = load_chat_template(Path(path), cfg.chat_template_file, cfg.chat_template_kwargs)
             settings["jinja"] = self.chat.digest  # the template text and its variables
         self.file_hashes = [file_sha256(p, cache_dir) for p in self.paths]
         self.tokenizer_key = tokenizer.cache_key
@@ -578,8 +577,8 @@ class SFTDataset(PackedDataset):
 
     def _rendered(self, rec: dict[str, Any], where: str) -> _Rendered:
         """A record through the model's template: messages as given (extra keys such as
-        ``reasoning_content`` or ``tool_calls`` reach the template; a record's ``tools`` too), a
-        prompt/response pair as one user and one assistant message."""
+        ``reasoning_content`` or ``tool_calls`` reach the template; a record's ``tools`` and
+        ``documents`` too), a prompt/response pair as one user and one assistant message."""
         assert self.chat is not None
         c = self.cfg
         if c.messages_field in rec:
@@ -596,7 +595,14 @@ class SFTDataset(PackedDataset):
         else:
             prompt, response = self._pair(rec, where)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        text, spans = self.chat.trained_spans(messages, where, tools=rec.get("tools"))
+        extra = {}
+        for key in ("tools", "documents"):  # given to the template as transformers gives them
+            value = rec.get(key)
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+                raise DataError(f"{where}: field '{key}' must be a list of objects (JSON schemas for tools, "
+                                f"{{title, text}} for documents), got {type(value).__name__}")
+            extra[key] = value
+        text, spans = self.chat.trained_spans(messages, where, **extra)
         return _Rendered(text, spans)
 
     def _tokenize(self, tok: Tokenizer, out: ArrayWriter, progress: Progress) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import yaml
 
 from seqpar.checkpoint import hashio
 from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
+from seqpar.data.chat import template_for_export
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import fragment_map
 from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, trainable_state_dict
@@ -125,6 +126,10 @@ class Snapshot:
             return {}
         conf = {"tokenizer_class": "PreTrainedTokenizerFast", **{
             k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k, None)}}
+        d = tr.cfg.data  # so an exported model still renders chats (read each time, as tokenizer.json is)
+        template = template_for_export(Path(d.tokenizer), d.chat_template, d.chat_template_file, d.type == "sft")
+        if template:
+            conf["chat_template"] = template
         return {"tokenizer/tokenizer.json": Path(tr.cfg.data.tokenizer).read_bytes(),
                 "tokenizer/tokenizer_config.json": (json.dumps(conf, indent=1) + "\n").encode()}
 
