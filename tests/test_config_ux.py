@@ -408,3 +408,30 @@ def test_readme_own_data_config_validates(tmp_path):
     assert cfg.data.weights == [0.3, 0.7] and cfg.train.decay == "wsd" and cfg.model.arch == "qwen2"
     lay = cfg.layout(8)
     assert lay.dp == 2 and lay.global_batch_size == 32
+
+
+def test_readme_chat_sft_config_validates(tmp_path):
+    """The README's chat fine-tuning config is valid as written (stand-ins for the model folder and
+    the data), fits 8 ranks, and its data builds: a chat record rendered in the model's template."""
+    import re
+
+    from test_data_chat import CHATML, CONVERSATIONS, SPECIALS, examples, unmarked
+
+    from seqpar.data import build_dataset
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"# chat-sft\.yaml\n(.*?)```", text, re.S).group(1)
+    model = hf_dir(tmp_path / "model", weights=True, vocab_size=400)
+    from test_data import make_hf_tokenizer
+
+    make_hf_tokenizer(model / "tokenizer.json", SPECIALS)
+    (model / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                             "chat_template": unmarked(CHATML)}))
+    for a, b in {"/models/Qwen2.5-7B-Instruct": str(model), "/data/": str(tmp_path) + "/",
+                 "/runs/": str(tmp_path / "runs") + "/"}.items():
+        block = block.replace(a, b)
+    write(tmp_path / "chats.jsonl", "".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    cfg = load_config(write(tmp_path / "chat-sft.yaml", block))
+    assert cfg.data.chat_template == "hf" and cfg.layout(8).dp == 2
+    ds = build_dataset(cfg.data.model_copy(update={"seq_len": 256}), tmp_path / "cache")
+    assert len(examples(ds)) == len(CONVERSATIONS)
