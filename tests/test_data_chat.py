@@ -487,6 +487,11 @@ def test_export_carries_the_chat_template(tmp_path: Path):
     r = subprocess.run([sys.executable, str(root / "seqpar" / "train.py"), "--config", str(tmp_path / "run.yaml")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # the summary says how many passes over the data max_steps makes (1 step of 1 sequence here)
+    import re
+
+    n = len(build_dataset(DataConfig(**cfg["data"]), tmp_path / "run" / "cache"))
+    assert re.search(rf"optim   1 steps \({1 / n:.2f} epochs of {n} sequences\)", r.stdout), r.stdout
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, "-m", "seqpar.ckpt", "export", str(tmp_path / "run"), str(out)],
                        capture_output=True, text=True, timeout=600)

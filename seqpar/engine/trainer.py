@@ -354,7 +354,7 @@ class Trainer:
                 f"data    {self.dataset.describe()}",
                 f"batch   micro {lay.micro_batch_size} x dp {lay.dp} x grad-accum {lay.grad_accum_steps} "
                 f"= {lay.global_batch_size} sequences x {c.data.seq_len} = {tokens:,} tokens per step",
-                f"optim   {c.train.max_steps} steps, "
+                f"optim   {c.train.max_steps} steps ({self._epochs()}), "
                 + (describe_optimizer(c.train, self.topo.world_size if self.galore_sharded else 1)
                    or f"AdamW{' (fused)' if self._fused_optimizer() else ''} ") +
                 f"lr {c.train.lr:g}, warmup {c.train.warmup_steps}, "
@@ -365,6 +365,14 @@ class Trainer:
                 f"ckpt    {self._disk_line()}",
             ]
         )
+
+    def _epochs(self) -> str:
+        """How many passes over the training data max_steps makes (seqpar counts steps; a fine-tuning
+        run is usually planned in epochs)."""
+        n = len(self.dataset)
+        epochs = self.cfg.train.max_steps * self.layout.global_batch_size / max(n, 1)
+        shown = f"{epochs:.2f}" if epochs < 10 else f"{epochs:,.0f}"
+        return f"{shown} epoch{'' if shown == '1.00' else 's'} of {n:,} sequences"
 
     def _memory_line(self) -> str:
         """The planner's prediction (seqpar.plan) for this config and world; on CUDA, a warning when
