@@ -1519,6 +1519,20 @@ def _check_hf_weights(cfg: Config, origins: _Origins) -> None:
         ) from None
 
 
+def _check_positions(cfg: Config, origins: _Origins) -> None:
+    """A sequence longer than the context the model declares is context extension: a note on what
+    usually goes with it (training on, and exporting, positions the config does not claim)."""
+    m, n = cfg.model, cfg.data.seq_len
+    if n <= m.max_position_embeddings:
+        return
+    scaled = m.rope_scaling is not None
+    origins.notices.append(
+        f"data.seq_len={n} is longer than model.max_position_embeddings={m.max_position_embeddings} (the context "
+        f"the model declares): for context extension " + ("" if scaled else "raise model.rope_theta or set "
+        "model.rope_scaling (e.g. YaRN), and ") + f"set model.max_position_embeddings to at least {n}, which an "
+        f"exported config.json then declares (setting it alone silences this note)")
+
+
 def _announce(notices: list[str]) -> None:
     if os.environ.get("RANK", "0") == "0":  # one copy per job, not per rank
         for n in notices:
@@ -1559,6 +1573,7 @@ def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] |
     _move_keys(merged, origins)
     cfg = validate_config(merged, _origins=origins)
     _check_hf_weights(cfg, origins)
+    _check_positions(cfg, origins)
     cfg._notices = list(origins.notices)
     _announce(cfg.notices)
     return cfg

@@ -435,3 +435,19 @@ def test_readme_chat_sft_config_validates(tmp_path):
     assert cfg.data.chat_template == "hf" and cfg.layout(8).dp == 2
     ds = build_dataset(cfg.data.model_copy(update={"seq_len": 256}), tmp_path / "cache")
     assert len(examples(ds)) == len(CONVERSATIONS)
+
+
+def test_sequence_longer_than_declared_context_is_noted(tmp_path, capsys):
+    """data.seq_len beyond model.max_position_embeddings: a note names what context extension
+    usually sets; raising max_position_embeddings silences it."""
+    path = write(tmp_path / "c.yaml", "data: {seq_len: 8192}\nmodel: {max_position_embeddings: 4096}\n")
+    cfg = load_config(path)
+    (note,) = [n for n in cfg.notices if "data.seq_len" in n]
+    assert note.startswith("data.seq_len=8192 is longer than model.max_position_embeddings=4096") and \
+        "raise model.rope_theta or set model.rope_scaling" in note and "at least 8192" in note
+    assert "seqpar: note: data.seq_len=8192" in capsys.readouterr().err
+    cfg = load_config(path, ["--model.max_position_embeddings", "8192"])
+    assert not [n for n in cfg.notices if "data.seq_len" in n]
+    cfg = load_config(path, ["--model.rope_scaling", "{rope_type: linear, factor: 2.0}"])
+    (note,) = [n for n in cfg.notices if "data.seq_len" in n]
+    assert "rope_theta" not in note and "at least 8192" in note
