@@ -511,3 +511,37 @@ def test_render_version_keys_the_cache(tmp_path: Path, monkeypatch):
     assert load_chat_template(d / "tokenizer.json", None, {}).digest == before
     monkeypatch.setattr(chat_mod, "RENDER_VERSION", chat_mod.RENDER_VERSION + 1)
     assert load_chat_template(d / "tokenizer.json", None, {}).digest != before
+
+
+def test_show_marks_the_trained_text(tmp_path: Path):
+    """python -m seqpar.data --show N: the first documents as text, the trained tokens marked (what a
+    newcomer checks before a long job); long stretches are clipped in the middle."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from seqpar.data.preview import preview
+
+    d = model_dir(tmp_path, unmarked(CHATML))
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[1]}, {"messages": CONVERSATIONS[0]}])
+    data = {"type": "sft", "paths": [str(path)], "tokenizer": str(d / "tokenizer.json"), "seq_len": 512,
+            "chat_template": "hf"}
+    cfg = {"model": {"vocab_size": 512}, "data": data, "logging": {"run_dir": str(tmp_path / "run")}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "seqpar.data", "--config", str(tmp_path / "run.yaml"), "--show", "2"],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "trained-on tokens between ⟦ and ⟧" in out
+    assert "--- document 0 (in sequence 0): " in out and "--- document 1 (in sequence 0): " in out
+    assert "<|im_start|>assistant\n⟦ Hello tokens! <|im_end|>\n⟧<|im_start|>user\nAnd labels?" in out
+    assert "<|im_start|>assistant\n⟦Paris.<|im_end|>\n⟧" in out
+    assert "⟦" not in out.split("--- document 1")[1].split("<|im_start|>assistant")[0]  # system/user untrained
+
+    ds = SFTDataset(DataConfig(**data), HFTokenizer(d / "tokenizer.json"), tmp_path / "cache")
+    tok = HFTokenizer(d / "tokenizer.json")
+    colored = preview(ds, tok, 1, color=True)
+    assert "\033[32m Hello tokens! <|im_end|>\n\033[0m" in colored and "⟦" not in colored
+    clipped = preview(ds, tok, 1, max_chars=20)
+    assert "characters ...]" in clipped and len(clipped) < len(preview(ds, tok, 1))

@@ -1,10 +1,12 @@
-"""``python -m seqpar.data --config X.yaml [--section.key value ...]``: prepare a run's data ahead of
-the job.
+"""``python -m seqpar.data --config X.yaml [--show N] [--section.key value ...]``: prepare a run's data
+ahead of the job, and see what it trains on.
 
 Tokenizes ``data.paths`` (and ``data.eval_paths`` when ``train.eval_every`` is on) into the run's
 cache exactly as the training job would at start-up, checks the ids against ``model.vocab_size``
 and prints what the job will train on. Run it on a CPU node (or while the GPU job waits in the
-queue): the job then finds the entries and starts without tokenizing. Exit status 2 on a mistake in
+queue): the job then finds the entries and starts without tokenizing. ``--show N`` prints the first
+N training documents as text with the trained-on tokens marked (a chat template or a loss mask
+checked before a long job). Exit status 2 on a mistake in
 the config or the data (one line naming the key or file and the fix).
 """
 
@@ -21,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Tokenize a config's data into its cache ahead of training (the job then starts without "
                     "tokenizing). Other arguments are --section.key value overrides.")
     ap.add_argument("--config", help="config YAML (default: the embedded tiny-cpu config)")
+    ap.add_argument("--show", type=int, default=0, metavar="N",
+                    help="print the first N training documents as text, the trained-on tokens marked")
+    ap.add_argument("--show-chars", type=int, default=2000, metavar="C",
+                    help="with --show: longer stretches of text show their first and last C/2 characters")
     args, rest = ap.parse_known_args(argv)
 
     from seqpar.config import ConfigError, load_config
@@ -41,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nseqpar.data: interrupted: nothing was cached for the data being tokenized", file=sys.stderr)
         return 130
     say(f"train: {train.describe()}")
+    if args.show > 0:
+        show(cfg, train, args.show, args.show_chars)
     if held_out is not None:
         say(f"held-out: {held_out.describe()}")
     if cfg.data.type in ("text", "sft"):
@@ -50,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         say(f"ready: data.type '{cfg.data.type}' needs no tokenizing (nothing cached)")
     return 0
+
+
+def show(cfg, train, n: int, max_chars: int) -> None:
+    """The first documents of the training set as the model gets them (``seqpar.data.preview``)."""
+    from seqpar.data import build_tokenizer
+    from seqpar.data.preview import TRAINED_CLOSE, TRAINED_OPEN, preview
+
+    # token files have no text unless a tokenizer is named; their ids are shown then
+    tok = build_tokenizer(cfg.data) if cfg.data.type != "tokens" or cfg.data.tokenizer is not None else None
+    color = sys.stdout.isatty()
+    how = "in green" if color else f"between {TRAINED_OPEN} and {TRAINED_CLOSE}"
+    print(f"seqpar.data: the first {n} training document{'s' if n != 1 else ''}, trained-on tokens {how} "
+          f"(the loss counts only those):", flush=True)
+    print(preview(train, tok, n, color=color, max_chars=max_chars), flush=True)
 
 
 if __name__ == "__main__":
