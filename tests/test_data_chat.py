@@ -474,7 +474,11 @@ def test_export_carries_the_chat_template(tmp_path: Path):
     import yaml
     from transformers import AutoTokenizer
 
-    d = model_dir(tmp_path, unmarked(CHATML))
+    # Qwen2.5-Instruct's layout: the vocabulary has <|endoftext|>, the config names <|im_end|> (the
+    # end of a turn, where generation must stop) and lists its added tokens
+    added = {"1": {"content": "<|im_start|>", "special": True}, "2": {"content": "<|im_end|>", "special": True}}
+    d = model_dir(tmp_path, unmarked(CHATML), eos_token="<|im_end|>", bos_token=None, model_max_length=32768,
+                  added_tokens_decoder=added)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS * 4])
     cfg = {"model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                      "num_key_value_heads": 1, "vocab_size": 512},
@@ -497,6 +501,10 @@ def test_export_carries_the_chat_template(tmp_path: Path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     exported = AutoTokenizer.from_pretrained(out)
+    im_end = exported.convert_tokens_to_ids("<|im_end|>")
+    assert exported.eos_token == "<|im_end|>" and exported.model_max_length == 32768
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == im_end
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == im_end
     (ids, _), *_ = render_ids(d, tmp_path / "x", [{"messages": CONVERSATIONS[1]}])
     assert exported.apply_chat_template(CONVERSATIONS[1], tokenize=True, return_dict=True)["input_ids"] == ids.tolist()
 

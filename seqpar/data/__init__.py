@@ -34,7 +34,9 @@ def build_tokenizer(cfg: DataConfig) -> Tokenizer:
     byte tokenizer. Raises ``DataError`` for a file that does not load or has no eos token."""
     if cfg.tokenizer is None:
         return ByteTokenizer()
-    return HFTokenizer(cfg.tokenizer, eos_token=cfg.eos_token)
+    # A chat model stops at its end-of-turn token (<|im_end|>, <|eot_id|>), which its
+    # tokenizer_config.json names as eos_token; the built-in look-up would find <|endoftext|> first.
+    return HFTokenizer(cfg.tokenizer, eos_token=cfg.eos_token, config_first=cfg.chat_template == "hf")
 
 
 def build_dataset(cfg: DataConfig, cache_dir: Path, say: Say | None = None, key: str = "data.paths",

@@ -125,6 +125,15 @@ def _encode(tok: Tokenizer, texts: list[str], path: Path, lines: tuple[int, int]
         raise DataError(f"{where}: {e}") from None
 
 
+def _eos_name(tok: Tokenizer) -> str:
+    """How the summary names the end-of-sequence token: its text and id."""
+    return f"{getattr(tok, 'eos_token', None) or 'eos'} (id {tok.eos_id})"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def _stream_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
@@ -182,9 +191,10 @@ class _StreamDataset(PackedDataset):
         return window_sample(window, self._doc_ends(lo, window))
 
     def describe(self) -> str:
+        eos = f", documents end with {self.eos_name}" if getattr(self, "eos_name", None) else ""
         return (
             f"{type(self).__name__}: {len(self.paths)} file(s), {self.num_tokens:,} tokens, "
-            f"{len(self):,} sequences of {self.seq_len}"
+            f"{len(self):,} sequences of {self.seq_len}{eos}"
         )
 
 
@@ -213,6 +223,7 @@ class TextDataset(_StreamDataset):
         # the stream holds every id it can emit (eos/bos included; no padding in stream windows)
         self.vocab_size_needed = int(meta["max_id"]) + 1
         self.vocab_source = tokenizer_name(tokenizer)
+        self.eos_name = _eos_name(tokenizer)
         if len(self) == 0:
             raise _too_small(self.paths, self.num_tokens, self.seq_len)
 
@@ -492,6 +503,7 @@ class SFTDataset(PackedDataset):
         self.bounds, self.truncated = greedy_pack(np.diff(self.offsets), self.seq_len)
         self.vocab_size_needed = max(int(meta["max_id"]), self.pad_id) + 1  # padding is emitted too
         self.vocab_source = tokenizer_name(tokenizer)
+        self.eos_name = _eos_name(tokenizer)
         path = getattr(tokenizer, "path", None)
         if meta.get("chat_records") and self.chat is None and path is not None and tokenizer_has_template(Path(path)):
             log.warning(
@@ -514,10 +526,11 @@ class SFTDataset(PackedDataset):
         return out
 
     def describe(self) -> str:
-        chat = f", chat template {self.chat.origin}" if self.chat is not None else ""
+        how = (f"chat template {self.chat.origin}, eos {self.eos_name}" if self.chat is not None
+               else f"examples end with {self.eos_name}")
         return (
-            f"SFTDataset: {self.num_examples:,} examples in {len(self):,} sequences of "
-            f"{self.seq_len} ({self.truncated} truncated{chat})"
+            f"SFTDataset: {_plural(self.num_examples, 'example')} in {_plural(len(self), 'sequence')} of "
+            f"{self.seq_len} ({self.truncated} truncated; {how})"
         )
 
     # -- tokenization ---------------------------------------------------------------------------

@@ -59,11 +59,11 @@ class HFTokenizer:
 
     The end-of-sequence token is, in this order: ``eos_token`` (``data.eos_token``), the first of
     ``EOS_TOKENS`` in the vocabulary, or the ``eos_token`` of a ``tokenizer_config.json`` next to
-    the file. The bos token likewise (``BOS_TOKENS``, then ``tokenizer_config.json``; none is fine),
+    the file (that one first with ``config_first``: a chat model's end-of-turn token). The bos token likewise (``BOS_TOKENS``, then ``tokenizer_config.json``; none is fine),
     and padding falls back to eos (padding is never a target). Problems raise ``DataError``.
     """
 
-    def __init__(self, path: str | Path, eos_token: str | None = None):
+    def __init__(self, path: str | Path, eos_token: str | None = None, config_first: bool = False):
         from tokenizers import Tokenizer as _HFTok
 
         self.path = Path(path)
@@ -92,7 +92,7 @@ class HFTokenizer:
         else:
             self.eos_token, eos = self._find(EOS_TOKENS)
             found_by = "builtin"
-            if eos is None:
+            if eos is None or (config_first and side.get("eos_token") and self._find(side["eos_token"])[1] is not None):
                 self.eos_token, eos = self._find(side.get("eos_token", ()))
                 found_by = "side"
         if eos is None:

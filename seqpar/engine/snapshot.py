@@ -124,8 +124,11 @@ class Snapshot:
         tok = tr.tokenizer
         if tr.cfg.data.tokenizer is None or tok is None:
             return {}
-        conf = {"tokenizer_class": "PreTrainedTokenizerFast", **{
+        # The tokenizer's own config kept (its added tokens, model_max_length, ...), the special
+        # tokens this run used written over it.
+        conf = {"tokenizer_class": "PreTrainedTokenizerFast", **_own_config(Path(tr.cfg.data.tokenizer)), **{
             k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k, None)}}
+        conf.pop("chat_template", None)  # set below: the one this run trained with, or none
         d = tr.cfg.data  # so an exported model still renders chats (read each time, as tokenizer.json is)
         template = template_for_export(Path(d.tokenizer), d.chat_template, d.chat_template_file, d.type == "sft")
         if template:
@@ -184,3 +187,14 @@ class Snapshot:
             return {out / ADAPTER_FILE: hashio.write_safetensors(out / ADAPTER_FILE, weights, {"format": "pt"}, mode=mode),
                     out / BASE_FILE: hashio.write_bytes(out / BASE_FILE, identity, mode=mode)}
         return job
+
+
+def _own_config(tokenizer: Path) -> dict[str, Any]:
+    """The ``tokenizer_config.json`` beside the run's tokenizer.json, or {} (none, or unreadable:
+    the checkpoint then writes the special tokens alone, as it always did)."""
+    try:
+        conf = json.loads(tokenizer.with_name("tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return conf if isinstance(conf, dict) else {}
+
