@@ -84,10 +84,15 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
     device = pick_device(cfg.train.device)
     topo = init_topology(cfg.parallel.ulysses_degree, cfg.parallel.ring_degree, device, cfg.parallel.backend)
 
+    trainer = None
+
     def outcome(state: str, code: int, reason: str) -> int:
-        """Record why the run ended where restart loops look (launchers lose exit codes)."""
+        """Record why the run ended where restart loops look (launchers lose exit codes), with the
+        step reached and the newest checkpoint this run wrote or resumed when it got that far."""
         if topo.is_main or os.environ.get("LOCAL_RANK", "0") == "0":
-            write_run_state(cfg.logging.run_dir if topo.is_main else None, state, exit_code=code, reason=reason)
+            step = getattr(getattr(trainer, "state", None), "step", None)
+            write_run_state(cfg.logging.run_dir if topo.is_main else None, state, exit_code=code, reason=reason,
+                            step=step, checkpoint=_newest_committed(trainer))
         return code
 
     try:
@@ -142,6 +147,16 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report an interrupted command
+
+
+def _newest_committed(trainer) -> str | None:
+    """The newest checkpoint with its final name (committed) in the run's store, for the record of
+    a run that ended on an error (a write still in flight is not counted)."""
+    try:
+        found = trainer.ckpt.store.list() if trainer is not None else []
+    except (AttributeError, OSError):
+        return None
+    return found[-1].tag if found else None
 
 
 def _cuda_available() -> bool:

@@ -375,6 +375,33 @@ def test_sft_messages(tmp_path: Path, hf_path: Path, use_hf: bool):
         assert tok.decode(ids[ids != tok.bos_id]) == rendered + tok.decode([tok.eos_id])
 
 
+def test_sft_long_examples_are_cut_or_left_out(tmp_path: Path, capsys):
+    """An example longer than data.seq_len is cut to its first seq_len tokens (named by file:line in
+    one warning); one whose cut leaves no trained token is left out of packing, so no sequence (and
+    no global batch) is all prompt; its neighbours pack together around the gap, in order."""
+    from seqpar.data.prepare import progress_printer
+
+    recs = [{"prompt": "a", "response": "first"}, {"prompt": "Long " * 200, "response": "never seen"},
+            {"prompt": "b", "response": "second"}, {"prompt": "Cut", "response": " tail" * 200}]
+    path = write_jsonl(tmp_path / "sft.jsonl", recs)
+    cfg = DataConfig(type="sft", paths=[path], seq_len=128)
+    ds = SFTDataset(cfg, ByteTokenizer(), tmp_path / "cache", progress_printer(0))
+    out = capsys.readouterr().out
+    assert (f"seqpar: warning: 2 of 4 SFT examples are longer than data.seq_len=128 and are cut to their first "
+            f"128 tokens, so their ends are not trained on ({path}:2, {path}:4); raise data.seq_len") in out
+    assert f"1 of them keep no trained token in that part and are left out of training ({path}:2)" in out
+    assert ds.truncated == 2 and ds.left_out == 1 and "1 left out with nothing to train on" in ds.describe()
+    tok = ByteTokenizer()
+    docs = [s["input_ids"][d] for i in range(len(ds)) for s in [ds[i]] for d in split_docs(s)
+            if not np.all(s["input_ids"][d] == tok.pad_id)]
+    texts = [tok.decode(d.tolist()) for d in docs]
+    assert texts[:2] == ["a\nfirst", "b\nsecond"] and texts[2].startswith("Cut\n tail")  # 1 and 3 share a sequence
+    assert len(ds) == 2 and not any("never seen" in t or "Long" in t for t in texts)
+    # other ranks do not repeat a warning about the data
+    SFTDataset(cfg, ByteTokenizer(), tmp_path / "cache", progress_printer(1))
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_sft_errors(tmp_path: Path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "response": "b"}, {"question": "?"}])
     with pytest.raises(ValueError, match=r"x\.jsonl:2: missing field 'messages' or 'prompt'/'response'"):

@@ -395,6 +395,7 @@ import numpy as np
 from seqpar.data.cache import cached
 from seqpar.errors import DataError
 cache, mode, log = sys.argv[1:4]
+go = Path(log).with_name("go")
 
 def build(w):
     with open(log, "a") as f:
@@ -402,7 +403,8 @@ def build(w):
     w.declare("x", np.int64)
     for i in range(30):
         w.append("x", np.arange(5) + i)
-        time.sleep(0.05)
+    while mode != "ok" and not go.exists():  # held until the test has seen the other process wait
+        time.sleep(0.02)
     if mode == "fail":
         raise DataError("bad record")
     return {"built_by": os.getpid()}
@@ -417,7 +419,8 @@ print("sum", int(arrays["x"].sum()), "by", meta["built_by"], flush=True)
 
 
 def _lock_workers(tmp_path: Path, first_mode: str):
-    """Starts a builder, waits until it is tokenizing, starts a second process on the same entry."""
+    """Starts a builder (held inside its build), waits until it builds, starts a second process on
+    the same entry and waits until that one says it is waiting."""
     import subprocess
     import sys
     import time
@@ -427,26 +430,32 @@ def _lock_workers(tmp_path: Path, first_mode: str):
     script = tmp_path / "worker.py"
     script.write_text(_LOCK_WORKER)
     cmd = [sys.executable, str(script), str(tmp_path / "cache")]
-    first = subprocess.Popen([*cmd, first_mode, str(log)], stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    out1, out2 = tmp_path / "out1", tmp_path / "out2"
+    first = subprocess.Popen([*cmd, first_mode, str(log)], stdout=out1.open("w"), text=True)
+    deadline = time.monotonic() + 120
     while "start" not in log.read_text():
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.02)
-    second = subprocess.Popen([*cmd, "ok", str(log)], stdout=subprocess.PIPE, text=True)
-    return first, second, log
+    second = subprocess.Popen([*cmd, "ok", str(log)], stdout=out2.open("w"), text=True)
+    while "waiting for another process" not in out2.read_text():
+        assert time.monotonic() < deadline and second.poll() is None, out2.read_text()
+        time.sleep(0.02)
+    return first, second, log, out1, out2
 
 
 def test_one_build_per_cache_directory(tmp_path: Path):
     """Two processes needing the same entry in one directory (the ranks of a node with a node-local
     data.cache_dir): the second waits for the first, says so once, and reads what it built."""
-    first, second, log = _lock_workers(tmp_path, "ok")
-    out1, _ = first.communicate(timeout=120)
-    out2, _ = second.communicate(timeout=120)
-    assert first.returncode == 0 and second.returncode == 0, (out1, out2)
+    first, second, log, out1, out2 = _lock_workers(tmp_path, "block")
+    (tmp_path / "go").touch()
+    first.wait(timeout=120)
+    second.wait(timeout=120)
+    o1, o2 = out1.read_text(), out2.read_text()
+    assert first.returncode == 0 and second.returncode == 0, (o1, o2)
     assert log.read_text().count("start") == 1, log.read_text()  # tokenized once
-    assert out2.count("waiting for another process tokenizing into") == 1, out2
-    assert f"pid {first.pid}" in out2  # names the builder
-    assert out1.splitlines()[-1] == out2.splitlines()[-1] == f"sum {sum(range(5)) * 30 + 5 * sum(range(30))} by {first.pid}"
+    assert o2.count("waiting for another process tokenizing into") == 1, o2
+    assert f"pid {first.pid}" in o2  # names the builder
+    assert o1.splitlines()[-1] == o2.splitlines()[-1] == f"sum {sum(range(5)) * 30 + 5 * sum(range(30))} by {first.pid}"
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["text-0123"]  # no lock file or temp folder left
 
 
@@ -456,16 +465,16 @@ def test_waiter_builds_when_the_builder_ends(tmp_path: Path, how: str):
     waiting for it builds the entry itself."""
     import signal
 
-    first, second, log = _lock_workers(tmp_path, "slow" if how == "killed" else "fail")
+    first, second, log, _, out2 = _lock_workers(tmp_path, "block" if how == "killed" else "fail")
     if how == "killed":
-        import time
-        time.sleep(0.3)  # the second is waiting by now
         first.send_signal(signal.SIGKILL)
-    first.communicate(timeout=120)
-    out2, _ = second.communicate(timeout=120)
-    assert second.returncode == 0, out2
+    else:
+        (tmp_path / "go").touch()
+    first.wait(timeout=120)
+    second.wait(timeout=120)
+    assert second.returncode == 0, out2.read_text()
     assert log.read_text().count("start") == 2
-    assert out2.splitlines()[-1].endswith(f"by {second.pid}")
+    assert out2.read_text().splitlines()[-1].endswith(f"by {second.pid}")
     assert (tmp_path / "cache" / "text-0123" / "meta.json").is_file()
 
 

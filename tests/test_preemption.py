@@ -237,6 +237,8 @@ def test_ctrl_c_saves_and_twice_aborts(tmp_path):
     record = read_run_state(run_dir / "run_state.json")
     assert record["state"] == "failed" and record["exit_code"] == 130
     assert [c.tag for c in CheckpointStore(run_dir / "checkpoints").list()] == saved
+    # a run ending on an error still records how far it got and the newest committed checkpoint
+    assert record["checkpoint"] == saved[-1] and isinstance(record["step"], int) and record["step"] >= 1
 
 
 def test_sigint_handling_rules(monkeypatch):

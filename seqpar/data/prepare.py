@@ -26,6 +26,8 @@ def progress_printer(rank: int) -> Say:
         if rank == 0:
             print(f"seqpar: {message}", flush=True)
             return
+        if message.startswith("warning:"):  # about the data, the same on every rank: said once, by rank 0
+            return
         note = (" (rank 0's entry is not in this rank's data.cache_dir: on node-local storage one rank per "
                 "node tokenizes again while the others wait for it; put data.cache_dir where all nodes see "
                 "it)") if first[0] else ""

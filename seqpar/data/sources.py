@@ -467,7 +467,8 @@ class SFTDataset(PackedDataset):
     tokenized as one piece, then the response) or ``{messages_field: [{role, content}, ...]}``
     rendered with ``cfg.chat_template`` (roles from ``CHAT_ROLES``). Loss is on the response (or
     every rendered ``assistant`` message) and on the final eos, never on the separator. Examples
-    longer than ``seq_len`` are cut to ``seq_len`` and counted in ``truncated``.
+    longer than ``seq_len`` are cut to ``seq_len`` and counted in ``truncated``; those left with no
+    trained token are not packed (``left_out``).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, cache_dir: Path, say: Say | None = None,
@@ -500,7 +501,20 @@ class SFTDataset(PackedDataset):
         self.loss_mask: np.ndarray = arrays["loss_mask"]  # 1 where the token is a target
         self.offsets: np.ndarray = arrays["offsets"]  # example k = tokens[offsets[k]:offsets[k+1]]
         self.num_examples = len(self.offsets) - 1
-        self.bounds, self.truncated = greedy_pack(np.diff(self.offsets), self.seq_len)
+        self.lines: np.ndarray | None = arrays.get("lines")  # each example's line in its file (cache v2+)
+        self.file_examples: list[int] | None = meta.get("file_examples")
+        lengths = np.diff(self.offsets)
+        long = np.flatnonzero(lengths > self.seq_len)
+        # An example cut so that none of its targets is left would fill a sequence with nothing to
+        # learn (and a global batch of such sequences has no token to normalise the loss by).
+        empty = [int(k) for k in long
+                 if not self.loss_mask[int(self.offsets[k]) + 1:int(self.offsets[k]) + self.seq_len].any()]
+        self.kept: np.ndarray | None = None  # example indices packed (None: all, in order)
+        if empty:
+            self.kept = np.setdiff1d(np.arange(self.num_examples), np.asarray(empty, dtype=np.int64))
+            lengths = lengths[self.kept]
+        self.bounds, _ = greedy_pack(lengths, self.seq_len)
+        self.truncated, self.left_out = len(long), len(empty)
         self.vocab_size_needed = max(int(meta["max_id"]), self.pad_id) + 1  # padding is emitted too
         self.vocab_source = tokenizer_name(tokenizer)
         self.eos_name = _eos_name(tokenizer)
@@ -511,10 +525,26 @@ class SFTDataset(PackedDataset):
                 "tokenizer '%s' ships the model's own chat template: set data.chat_template: hf to fine-tune "
                 "in the format the model was tuned (and is prompted) in", meta["chat_records"], path)
         if self.truncated:
-            log.warning(
-                "%d of %d SFT examples are longer than data.seq_len=%d and were truncated",
-                self.truncated, self.num_examples, self.seq_len,
-            )
+            warning = self._truncation_warning(long, empty)
+            say(warning) if say is not None else log.warning(warning.removeprefix("warning: "))
+
+    def _where(self, k: int) -> str:
+        """``file:line`` of example ``k`` (caches built before lines were recorded: its index)."""
+        if self.lines is None or self.file_examples is None:
+            return f"example {k}"
+        f = int(np.searchsorted(np.cumsum(self.file_examples), k, side="right"))
+        return f"{self.paths[f]}:{int(self.lines[k])}"
+
+    def _truncation_warning(self, long: np.ndarray, empty: list[int]) -> str:
+        shown = ", ".join(self._where(int(k)) for k in long[:3]) + (", ..." if len(long) > 3 else "")
+        msg = (f"warning: {self.truncated} of {_plural(self.num_examples, 'SFT example')} are longer than "
+               f"data.seq_len={self.seq_len} and are cut to their first {self.seq_len} tokens, so their ends are "
+               f"not trained on ({shown}); raise data.seq_len, or shorten or split those records")
+        if empty:
+            where = ", ".join(self._where(k) for k in empty[:3]) + (", ..." if len(empty) > 3 else "")
+            msg += (f"; {len(empty)} of them keep no trained token in that part and are left out of training "
+                    f"({where})")
+        return msg
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -530,7 +560,8 @@ class SFTDataset(PackedDataset):
                else f"examples end with {self.eos_name}")
         return (
             f"SFTDataset: {_plural(self.num_examples, 'example')} in {_plural(len(self), 'sequence')} of "
-            f"{self.seq_len} ({self.truncated} truncated; {how})"
+            f"{self.seq_len} ({self.truncated} truncated"
+            + (f", {self.left_out} left out with nothing to train on" if self.left_out else "") + f"; {how})"
         )
 
     # -- tokenization ---------------------------------------------------------------------------
@@ -623,8 +654,10 @@ class SFTDataset(PackedDataset):
         dtype = _stream_dtype(tok.vocab_size)
         out.declare("tokens", dtype)
         out.declare("loss_mask", np.uint8)
+        out.declare("lines", np.int64)  # each example's line in its file (for messages naming it)
         out.append("offsets", np.zeros(1, np.int64))
         state = {"total": 0, "examples": 0, "max_id": 0, "chat_records": 0}
+        file_examples = []
 
         def flush(records: list[Any], path: Path, lines: list[int]) -> None:
             if self.chat is not None:
@@ -647,7 +680,7 @@ class SFTDataset(PackedDataset):
                 mask.append(1)  # the model learns to stop
                 lengths.append(len(ids) - start)
             tokens = np.asarray(ids, dtype=dtype)
-            write(tokens, np.asarray(mask, dtype=np.uint8), lengths)
+            write(tokens, np.asarray(mask, dtype=np.uint8), lengths, lines)
 
         def flush_rendered(records: list[_Rendered], path: Path, lines: list[int]) -> None:
             # the whole rendering tokenized as one string (as apply_chat_template does; the template
@@ -663,11 +696,12 @@ class SFTDataset(PackedDataset):
                 if not m.any():
                     raise DataError(f"{path}:{line}: no token of this record's assistant text survived "
                                     f"tokenization: it has nothing to train on")
-            write(np.concatenate(ids).astype(dtype), np.concatenate(mask), [len(i) for i in ids])
+            write(np.concatenate(ids).astype(dtype), np.concatenate(mask), [len(i) for i in ids], lines)
 
-        def write(tokens: np.ndarray, mask: np.ndarray, lengths: list[int]) -> None:
+        def write(tokens: np.ndarray, mask: np.ndarray, lengths: list[int], lines: list[int]) -> None:
             out.append("tokens", tokens)
             out.append("loss_mask", mask)
+            out.append("lines", np.asarray(lines, dtype=np.int64))
             out.append("offsets", state["total"] + np.cumsum(lengths, dtype=np.int64))
             state["total"] += len(tokens)
             state["examples"] += len(lengths)
@@ -686,12 +720,23 @@ class SFTDataset(PackedDataset):
                     records, lines = [], []
             if records:
                 flush(records, path, lines)
+            file_examples.append(state["examples"] - sum(file_examples))
         progress.finish(f"{state['examples']:,} examples")
-        return {"max_id": state["max_id"], "examples": state["examples"], "chat_records": state["chat_records"]}
+        return {"max_id": state["max_id"], "examples": state["examples"], "chat_records": state["chat_records"],
+                "file_examples": file_examples}
 
     # -- packing --------------------------------------------------------------------------------
     def _sample(self, i: int) -> Sample:
         a, b = int(self.bounds[i]), int(self.bounds[i + 1])
+        if self.kept is not None:
+            idx = self.kept[a:b]
+            if idx[-1] - idx[0] != b - a - 1:  # an example left out in between: gather the others
+                pieces = [(int(self.offsets[k]), int(self.offsets[k + 1])) for k in idx]
+                tokens = np.concatenate([self.tokens[x:y] for x, y in pieces])[: self.seq_len]
+                mask = np.concatenate([self.loss_mask[x:y] for x, y in pieces])[: self.seq_len]
+                starts = np.cumsum([0] + [y - x for x, y in pieces[:-1]])
+                return pack_documents(tokens, mask, starts, self.seq_len, self.pad_id)
+            a, b = int(idx[0]), int(idx[-1]) + 1
         lo = int(self.offsets[a])
         hi = min(int(self.offsets[b]), lo + self.seq_len)  # only a lone example can be cut
         starts = np.asarray(self.offsets[a:b]) - lo
