@@ -486,6 +486,9 @@ class DataConfig(_Section):
                 "use data.eos_id): set data.tokenizer or remove data.eos_token"
             )
         if self.chat_template == "hf":
+            if self.type != "sft":
+                raise ValueError(f"data.chat_template hf renders chat records, which data.type sft reads (this "
+                                 f"is data.type '{self.type}'): set data.type: sft, or remove data.chat_template")
             _check_template_kwargs(self.chat_template_kwargs)
             if self.tokenizer is None:
                 raise ValueError("data.chat_template hf renders with the Jinja template of a Hugging Face "

@@ -19,7 +19,7 @@ from seqpar.data import build_dataset
 from seqpar.data.chat import load_chat_template, token_mask
 from seqpar.data.packing import IGNORE_INDEX
 from seqpar.data.sources import SFTDataset
-from seqpar.data.tokenizer import HFTokenizer
+from seqpar.data.tokenizer import ByteTokenizer, HFTokenizer
 from seqpar.engine.resume import check_data_unchanged
 from seqpar.errors import DataError
 
@@ -553,3 +553,63 @@ def test_show_marks_the_trained_text(tmp_path: Path):
     assert "\033[32m Hello tokens! <|im_end|>\n\033[0m" in colored and "⟦" not in colored
     clipped = preview(ds, tok, 1, max_chars=20)
     assert "characters ...]" in clipped and len(clipped) < len(preview(ds, tok, 1))
+
+
+def test_weights_roles_and_tool_arguments(tmp_path: Path, capsys):
+    """OpenAI's fine-tuning format: an assistant message with weight 0 is rendered but not trained
+    on, in both formats and both ways of finding turns; unknown roles are refused with the template
+    too (a template silently drops a role it does not know); tool calls with string arguments (double
+    JSON) are warned about once, naming the first record."""
+    from seqpar.data.prepare import progress_printer
+
+    convo = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello tokens.", "weight": 0},
+             {"role": "user", "content": "And labels?"}, {"role": "assistant", "content": "Hello labels."}]
+    tok_path = model_dir(tmp_path, unmarked(CHATML)) / "tokenizer.json"
+    tok = HFTokenizer(tok_path)
+    for name, template_file in (("prefix", None), ("blocks", tmp_path / "marked.jinja")):
+        (tmp_path / "marked.jinja").write_text(CHATML)
+        (ids, mask), = render_ids(tok_path.parent, tmp_path / name, [{"messages": convo}],
+                                  **({"chat_template_file": template_file} if template_file else {}))
+        assert tok.decode(ids[mask == 1].tolist()) == "Hello labels.<|im_end|>\n", name
+        assert "Hello tokens." in tok.decode(ids.tolist())
+    path = write_jsonl(tmp_path / "w.jsonl", [{"messages": convo}])
+    ds = SFTDataset(DataConfig(type="sft", paths=[path], seq_len=256), ByteTokenizer(), tmp_path / "cb")
+    (ids, mask), = examples(ds)
+    trained = ByteTokenizer().decode(ids[mask == 1].tolist())
+    assert "Hello labels." in trained and "Hello tokens." not in trained
+
+    with pytest.raises(DataError, match=r"r\.jsonl:1: messages\[0\] has role 'human'; known roles: .*ShareGPT"):
+        render_ids(tok_path.parent, tmp_path / "roles", [{"messages": [{"role": "human", "content": "hi"},
+                                                                        {"role": "assistant", "content": "yo"}]}])
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    records = [{"messages": CONVERSATIONS[0]},
+               {"messages": [{"role": "user", "content": "Weather?"},
+                             {"role": "assistant", "content": None, "tool_calls": [call]}]}]
+    path = write_jsonl(tmp_path / "t.jsonl", records)
+    tools_tok = model_dir(tmp_path, TOOLS_AND_REASONING, name="tools") / "tokenizer.json"
+    cfg = DataConfig(type="sft", paths=[path], seq_len=512, tokenizer=tools_tok, chat_template="hf")
+    SFTDataset(cfg, HFTokenizer(tools_tok), tmp_path / "ct", progress_printer(0))
+    out = capsys.readouterr().out
+    assert (f"seqpar: warning: 1 records have tool calls whose 'arguments' is a JSON string (first: {path}:2)"
+            in out and "json.loads" in out)
+    SFTDataset(cfg, HFTokenizer(tools_tok), tmp_path / "ct", progress_printer(0))  # from the cache: said again
+    assert "whose 'arguments' is a JSON string" in capsys.readouterr().out
+
+
+def test_conversations_need_sft_and_hf_needs_sft(tmp_path: Path):
+    """Chat records given to data.type text are named with the fix (data.type sft); chat_template hf
+    with another data.type is refused in the config; a template failing on a message without
+    content says that null keys are dropped."""
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0]}])
+    with pytest.raises(DataError, match=r"c\.jsonl:1: this record is a conversation .* set data\.type: sft"):
+        build_dataset(DataConfig(type="text", paths=[path], seq_len=64), tmp_path / "cache")
+    d = model_dir(tmp_path, "{% for m in messages %}{{ m.content.strip() }}{% generation %}x{% endgeneration %}"
+                            "{% endfor %}")
+    with pytest.raises(ValidationError, match=r"data\.chat_template hf renders chat records, which data\.type sft "
+                                              r"reads \(this is data\.type 'text'\)"):
+        DataConfig(type="text", paths=[path], tokenizer=d / "tokenizer.json", chat_template="hf")
+    with pytest.raises(DataError, match=r"refused this record: .*\(messages\[0\] has no content: keys holding null "
+                                        r"are dropped"):
+        render_ids(d, tmp_path / "n", [{"messages": [{"role": "user", "content": None},
+                                                     {"role": "assistant", "content": "a"}]}])

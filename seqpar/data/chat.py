@@ -111,7 +111,7 @@ class ChatTemplate:
                     raise DataError(f"{at}: the chat template ({self.origin}) cannot render the generation prompt "
                                     f"of a conversation that starts with the assistant ({_one_line(e)}): start "
                                     f"the record with a user (or system) message, or {fix}") from None
-                raise self._refused(where, e) from None
+                raise self._refused(where, e, messages) from None
             upto = self._checked_render(where, messages[: i + 1], **kw)
             if not upto.startswith(before):
                 raise DataError(f"{at}: the chat template ({self.origin}) renders this reply without the "
@@ -133,10 +133,13 @@ class ChatTemplate:
         try:
             return self.render(messages, **kw)
         except _template_errors() as e:
-            raise self._refused(where, e) from None
+            raise self._refused(where, e, messages) from None
 
-    def _refused(self, where: str, e: BaseException) -> DataError:
-        return DataError(f"{where}: the chat template ({self.origin}) refused this record: {_one_line(e)}")
+    def _refused(self, where: str, e: BaseException, messages: Sequence[dict[str, Any]] = ()) -> DataError:
+        bare = [i for i, m in enumerate(normalise(messages)) if "content" not in m]
+        hint = (f" (messages[{bare[0]}] has no content: keys holding null are dropped, as transformers drops "
+                f"them)" if bare else "")
+        return DataError(f"{where}: the chat template ({self.origin}) refused this record: {_one_line(e)}{hint}")
 
 
 def normalise(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

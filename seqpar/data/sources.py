@@ -238,6 +238,10 @@ class TextDataset(_StreamDataset):
             lines: list[int] = []
             content = docs = 0
             for lineno, rec in _iter_jsonl(path, progress):
+                if self.text_field not in rec and any(k in rec for k in ("messages", "conversations", "prompt")):
+                    raise DataError(f"{path}:{lineno}: this record is a conversation or a prompt/response pair "
+                                    f"(keys: {_keys(rec)}), not a document: set data.type: sft to fine-tune on "
+                                    f"it (data.type text trains on every token of data.text_field)")
                 batch.append(_get_str(rec, self.text_field, f"{path}:{lineno}", "data.text_field"))
                 lines.append(lineno)
                 if len(batch) == _ENCODE_BATCH:
@@ -452,6 +456,35 @@ class TokenDataset(_StreamDataset):
 # ----------------------------------------------------------------------------------------------
 # sft: prompt/response or chat messages, packed whole
 # ----------------------------------------------------------------------------------------------
+def _check_message(m: Any, at: str) -> tuple[str, bool]:
+    """``(role, trained)`` of one chat message: an object with a known role; an assistant message
+    is trained unless its ``weight`` is 0 (OpenAI's fine-tuning format)."""
+    if not isinstance(m, dict):
+        raise DataError(f"{at} must be a {{role, content}} object, got {type(m).__name__}")
+    if "role" not in m and "from" in m:
+        raise DataError(f"{at} has ShareGPT keys (from/value): convert messages to {{role, content}} with roles "
+                        f"{'/'.join(CHAT_ROLES[2:4])} (ShareGPT human/gpt = user/assistant)")
+    role = _get_str(m, "role", at)
+    if role not in CHAT_ROLES:
+        raise DataError(
+            f"{at} has role {_one_line(repr(role))}; known roles: {', '.join(CHAT_ROLES)} (loss is on "
+            f"'assistant'): rename it in the data (ShareGPT human/gpt = user/assistant)")
+    weight = m.get("weight", 1)
+    if weight not in (0, 1) or isinstance(weight, bool):
+        raise DataError(f"{at} has weight {_one_line(repr(weight))}: a message's weight is 0 (not trained on) or "
+                        f"1 (trained on, the default for assistant messages)")
+    return role, role == "assistant" and weight == 1
+
+
+def _require_trained(trained: list[bool], messages: list[Any], where: str, field: str) -> None:
+    if any(trained):
+        return
+    if any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        raise DataError(f"{where}: every assistant message in '{field}' has weight 0: nothing to train on "
+                        f"(remove the record, or set a weight to 1)")
+    raise DataError(f"{where}: '{field}' has no 'assistant' message to train on")
+
+
 @dataclass
 class _Rendered:
     """A record rendered by the model's chat template: its text and the trained character spans."""
@@ -524,6 +557,12 @@ class SFTDataset(PackedDataset):
                 "%d SFT records are chat messages rendered in data.chat_template's per-message format, but "
                 "tokenizer '%s' ships the model's own chat template: set data.chat_template: hf to fine-tune "
                 "in the format the model was tuned (and is prompted) in", meta["chat_records"], path)
+        if meta.get("string_arguments"):
+            warning = (f"warning: {meta['string_arguments']} records have tool calls whose 'arguments' is a JSON "
+                       f"string (first: {meta.get('string_arguments_at')}): chat templates write it with tojson, so "
+                       f"the model learns the arguments as an escaped string; store them as JSON objects (json.loads "
+                       f"them), as transformers expects")
+            say(warning) if say is not None else log.warning(warning.removeprefix("warning: "))
         if self.truncated:
             warning = self._truncation_warning(long, empty)
             say(warning) if say is not None else log.warning(warning.removeprefix("warning: "))
@@ -576,23 +615,14 @@ class SFTDataset(PackedDataset):
             out = []
             for j, m in enumerate(messages):
                 at = f"{where}: {c.messages_field}[{j}]"
-                if not isinstance(m, dict):
-                    raise DataError(f"{at} must be a {{role, content}} object, got {type(m).__name__}")
-                if "role" not in m and "from" in m:
-                    raise DataError(
-                        f"{at} has ShareGPT keys (from/value): convert messages to "
-                        f"{{role, content}} with roles {'/'.join(CHAT_ROLES[2:4])}"
-                    )
-                role = _get_str(m, "role", at)
+                role, trained = _check_message(m, at)
+                if m.get("content") is None and m.get("tool_calls"):
+                    raise DataError(f"{at} is a tool call without text 'content': the per-message format "
+                                    f"renders text only; data.chat_template: hf renders tool calls with the "
+                                    f"model's own template")
                 content = _get_str(m, "content", at)
-                if role not in CHAT_ROLES:
-                    raise DataError(
-                        f"{at} has role {_one_line(repr(role))}; known roles: {', '.join(CHAT_ROLES)} (loss is on "
-                        f"'assistant'): rename it in the data (ShareGPT human/gpt = user/assistant)"
-                    )
-                out.append((c.chat_template.format(role=role, content=content), role == "assistant"))
-            if not any(trained for _, trained in out):
-                raise DataError(f"{where}: '{c.messages_field}' has no 'assistant' message to train on")
+                out.append((c.chat_template.format(role=role, content=content), trained))
+            _require_trained([t for _, t in out], messages, where, c.messages_field)
             return out
         prompt, response = self._pair(rec, where)
         # the separator belongs to the prompt (tokenized with it, as a prompt is at inference)
@@ -611,6 +641,13 @@ class SFTDataset(PackedDataset):
     def _pair(self, rec: dict[str, Any], where: str) -> tuple[str, str]:
         c = self.cfg
         if c.prompt_field not in rec and c.response_field not in rec:
+            sharegpt = next((k for k, v in rec.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+                             and "from" in v[0] and "value" in v[0]), None)
+            if sharegpt is not None:
+                raise DataError(
+                    f"{where}: this is a ShareGPT record ('{sharegpt}' holds from/value turns): convert it to "
+                    f"'{c.messages_field}' with {{role, content}} messages (human -> user, gpt -> assistant, "
+                    f"system -> system)")
             raise DataError(
                 f"{where}: missing field '{c.messages_field}' or '{c.prompt_field}'/"
                 f"'{c.response_field}' (record has keys: {_keys(rec)}): set data.messages_field or "
@@ -627,18 +664,13 @@ class SFTDataset(PackedDataset):
         c = self.cfg
         if c.messages_field in rec:
             messages = self._messages(rec, where)
-            for j, m in enumerate(messages):
-                at = f"{where}: {c.messages_field}[{j}]"
-                if not isinstance(m, dict):
-                    raise DataError(f"{at} must be a {{role, content}} object, got {type(m).__name__}")
-                if "role" not in m and "from" in m:
-                    raise DataError(f"{at} has ShareGPT keys (from/value): convert messages to {{role, content}}")
-                _get_str(m, "role", at)
-            if not any(m["role"] == "assistant" for m in messages):
-                raise DataError(f"{where}: '{c.messages_field}' has no 'assistant' message to train on")
+            trained = [_check_message(m, f"{where}: {c.messages_field}[{j}]")[1] for j, m in enumerate(messages)]
+            _require_trained(trained, messages, where, c.messages_field)
+            self._note_string_arguments(messages, where)
         else:
             prompt, response = self._pair(rec, where)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            trained = [False, True]
         extra = {}
         for key in ("tools", "documents"):  # given to the template as transformers gives them
             value = rec.get(key)
@@ -647,7 +679,25 @@ class SFTDataset(PackedDataset):
                                 f"{{title, text}} for documents), got {type(value).__name__}")
             extra[key] = value
         text, spans = self.chat.trained_spans(messages, where, **extra)
+        assistants = [j for j, m in enumerate(messages) if m.get("role") == "assistant"]
+        if not all(trained[j] for j in assistants):  # some replies have weight 0
+            if len(spans) != len(assistants):
+                raise DataError(f"{where}: an assistant message has weight 0, but the chat template's "
+                                f"{{% generation %}} blocks ({len(spans)}) do not pair with the {len(assistants)} "
+                                f"assistant messages: drop the weights or the messages not to train on")
+            spans = [sp for sp, j in zip(spans, assistants) if trained[j]]
         return _Rendered(text, spans)
+
+    def _note_string_arguments(self, messages: list[Any], where: str) -> None:
+        """Counts tool calls whose ``arguments`` is a JSON string (OpenAI exports store it so):
+        templates apply ``tojson`` to it again, training the model to emit escaped JSON."""
+        for m in messages:
+            for call in m.get("tool_calls") or []:
+                args = call.get("function", {}).get("arguments") if isinstance(call, dict) else None
+                if isinstance(args, str) and args.lstrip().startswith("{"):
+                    self._string_args = getattr(self, "_string_args", 0) + 1
+                    self._string_args_at = getattr(self, "_string_args_at", where)
+                    return
 
     def _tokenize(self, tok: Tokenizer, out: ArrayWriter, progress: Progress) -> dict[str, Any]:
         """Appends ``tokens``, ``loss_mask`` and ``offsets`` a batch of records at a time."""
@@ -723,7 +773,8 @@ class SFTDataset(PackedDataset):
             file_examples.append(state["examples"] - sum(file_examples))
         progress.finish(f"{state['examples']:,} examples")
         return {"max_id": state["max_id"], "examples": state["examples"], "chat_records": state["chat_records"],
-                "file_examples": file_examples}
+                "file_examples": file_examples, "string_arguments": getattr(self, "_string_args", 0),
+                "string_arguments_at": getattr(self, "_string_args_at", None)}
 
     # -- packing --------------------------------------------------------------------------------
     def _sample(self, i: int) -> Sample:
