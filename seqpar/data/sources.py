@@ -516,6 +516,7 @@ class SFTDataset(PackedDataset):
             "messages_field": cfg.messages_field,
             "chat_template": cfg.chat_template,
             "sft_separator": cfg.sft_separator,
+            "records": 2,  # 2: message weights honoured, examples' lines recorded
         }
         self.chat: ChatTemplate | None = None
         if cfg.chat_template == "hf":
