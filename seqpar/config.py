@@ -1526,6 +1526,15 @@ def _check_positions(cfg: Config, origins: _Origins) -> None:
     """A sequence longer than the context the model declares is context extension: a note on what
     usually goes with it (training on, and exporting, positions the config does not claim)."""
     m, n = cfg.model, cfg.data.seq_len
+    given = origins.file_keys | origins.cli_keys
+    if (m.rope_scaling is not None and m.rope_scaling.rope_type in ("llama3", "yarn") and "model.rope_scaling" in given
+            and "model.rope_scaling.original_max_position_embeddings" not in given):
+        origins.notices.append(
+            f"model.rope_scaling ({m.rope_scaling.rope_type}) without original_max_position_embeddings: seqpar uses "
+            f"{m.rope_scaling.original_max_position_embeddings} (transformers would read max_position_embeddings); "
+            f"set it to the context the model was trained at, e.g. --model.rope_scaling "
+            f"'{{rope_type: {m.rope_scaling.rope_type}, factor: {m.rope_scaling.factor:g}, "
+            f"original_max_position_embeddings: 32768}}'")
     if n <= m.max_position_embeddings:
         return
     scaled = m.rope_scaling is not None

@@ -451,3 +451,25 @@ def test_sequence_longer_than_declared_context_is_noted(tmp_path, capsys):
     cfg = load_config(path, ["--model.rope_scaling", "{rope_type: linear, factor: 2.0}"])
     (note,) = [n for n in cfg.notices if "data.seq_len" in n]
     assert "rope_theta" not in note and "at least 8192" in note
+    # YaRN without the length it scales from: the default is named (transformers' differs)
+    cfg = load_config(path, ["--model.rope_scaling", "{rope_type: yarn, factor: 2.0}"])
+    (note,) = [n for n in cfg.notices if "original_max_position_embeddings" in n and "rope_scaling (yarn)" in n]
+    assert "seqpar uses 8192 (transformers would read max_position_embeddings)" in note
+    cfg = load_config(path, ["--model.rope_scaling",
+                             "{rope_type: yarn, factor: 2.0, original_max_position_embeddings: 4096}"])
+    assert not [n for n in cfg.notices if "rope_scaling (yarn)" in n]
+
+
+def test_context_change_on_resume_points_to_stages():
+    """Rerunning a run_dir with a longer data.seq_len (or other RoPE settings) is refused with the
+    staged route (export, then a new run from it), not just --resume none, which would silently
+    start over from the original weights."""
+    from seqpar.checkpoint.manager import ResumeError, check_resume_config
+
+    saved = {"data": {"seq_len": 8192}, "model": {"rope_theta": 1e6}}
+    with pytest.raises(ResumeError, match=r"data\.seq_len: 8192 -> 32768 \(changes what training computes; to "
+                                          r"extend the context in a new stage, export this run's checkpoint .*"
+                                          r"model\.hf_path and a new logging\.run_dir; --resume none would start over"):
+        check_resume_config(saved, {"data": {"seq_len": 32768}, "model": {"rope_theta": 1e6}}, [])
+    with pytest.raises(ResumeError, match=r"model\.rope_theta: 1000000\.0 -> 5000000\.0 \(.*new stage"):
+        check_resume_config(saved, {"data": {"seq_len": 8192}, "model": {"rope_theta": 5e6}}, [])

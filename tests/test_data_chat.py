@@ -480,8 +480,12 @@ def test_export_carries_the_chat_template(tmp_path: Path):
     d = model_dir(tmp_path, unmarked(CHATML), eos_token="<|im_end|>", bos_token=None, model_max_length=32768,
                   added_tokens_decoder=added)
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CONVERSATIONS * 4])
-    cfg = {"model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 1, "vocab_size": 512},
+    # the tokenizer's folder is the model's: a Qwen2 config.json, trained from random weights
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 32768,
+        "rope_theta": 10000.0, "tie_word_embeddings": True}))
+    cfg = {"model": {"hf_path": str(d), "load_weights": False},
            "data": {"type": "sft", "paths": [str(path)], "tokenizer": str(d / "tokenizer.json"), "seq_len": 256,
                     "chat_template": "hf"},
            "train": {"max_steps": 1, "global_batch_size": 1, "warmup_steps": 0},
@@ -496,6 +500,9 @@ def test_export_carries_the_chat_template(tmp_path: Path):
 
     n = len(build_dataset(DataConfig(**cfg["data"]), tmp_path / "run" / "cache"))
     assert re.search(rf"optim   1 steps \({1 / n:.2f} epochs of {n} sequences\)", r.stdout), r.stdout
+    assert "model   qwen2: 1 layers" in r.stdout and f"architecture of {d} (random weights: model.load_weights false)" in r.stdout
+    tag = tmp_path / "run" / "checkpoints" / "step00000001-seq000000"
+    assert f"saved {tag} (a Hugging Face model from it: python -m seqpar.ckpt export {tag} <dir>)" in r.stdout
     out = tmp_path / "hf"
     r = subprocess.run([sys.executable, "-m", "seqpar.ckpt", "export", str(tmp_path / "run"), str(out)],
                        capture_output=True, text=True, timeout=600)

@@ -81,6 +81,12 @@ def check_resume_config(saved: dict, current: dict, allowed: list[str], saved_st
             refused.append(f"{line} (the checkpoint is already at step {saved_step}; {fresh})")
         elif safe:
             refused.append(f"{line} (to change this run: --checkpoint.allow_changes '[{key}]'; {fresh})")
+        elif key in ("data.seq_len", "model.rope_theta", "model.max_position_embeddings") or key.startswith(
+                "model.rope_scaling"):
+            refused.append(f"{line} (changes what training computes; to extend the context in a new stage, "
+                           f"export this run's checkpoint (python -m seqpar.ckpt export) and start a new run "
+                           f"from it with model.hf_path and a new logging.run_dir; --resume none would start "
+                           f"over from the original weights)")
         else:
             refused.append(f"{line} (changes what training computes; {fresh})")
     if refused:

@@ -347,7 +347,8 @@ class Trainer:
                 f"model   {m.arch}: {m.num_hidden_layers} layers, hidden {m.hidden_size}, heads {kv}, "
                 f"vocab {m.vocab_size}{moe}: {self.n_params / 1e6:,.2f}M params "
                 f"({self.n_active / 1e6:,.2f}M active)"
-                + (f", from {m.hf_path}" if m.hf_path else "")
+                + ((f", from {m.hf_path}" if m.load_weights else
+                    f", architecture of {m.hf_path} (random weights: model.load_weights false)") if m.hf_path else "")
                 + (f"; {'QLoRA (NF4 base)' if m.lora.quantize_base else 'LoRA'} r{m.lora.rank} on {','.join(m.lora.targets)}{' + experts' if m.lora.experts else ''}"
                    f"{' + ' + ','.join(m.lora.trainable) if m.lora.trainable else ''}: "
                    f"{self.n_trainable / 1e6:,.3f}M trainable" if m.lora else ""),
@@ -459,6 +460,10 @@ class Trainer:
             from seqpar.evaluate import passkey_summary, percent  # accuracy with its chance level
 
             pk = self.cfg.data.passkey
+            last = self.ckpt.writer.last_committed
+            if last is not None and not self.cfg.checkpoint.keep_best:
+                print(f"saved {last} (a Hugging Face model from it: python -m seqpar.ckpt export {last} <dir>)",
+                      flush=True)
             print(
                 f"done: {self.state.step} steps, loss {self.state.first_loss:.4f} -> {result['final_loss']:.4f}"
                 + (f", held-out loss {self._last_eval[1]:.4f} at step {self._last_eval[0]}" if self._last_eval else "")
