@@ -542,13 +542,15 @@ def test_show_marks_the_trained_text(tmp_path: Path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[1]}, {"messages": CONVERSATIONS[0]}])
     data = {"type": "sft", "paths": [str(path)], "tokenizer": str(d / "tokenizer.json"), "seq_len": 512,
             "chat_template": "hf"}
-    cfg = {"model": {"vocab_size": 512}, "data": data, "logging": {"run_dir": str(tmp_path / "run")}}
+    cfg = {"model": {"vocab_size": 512}, "data": data, "logging": {"run_dir": str(tmp_path / "run")},
+           "train": {"global_batch_size": 4, "max_steps": 10}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = subprocess.run([sys.executable, "-m", "seqpar.data", "--config", str(tmp_path / "run.yaml"), "--show", "2"],
                        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert "trained-on tokens between ⟦ and ⟧" in out
+    assert "seqpar.data: train.max_steps 10 x 4 sequences per step = 40.00 epochs of this data" in out  # 1 sequence
     assert "--- document 0 (in sequence 0): " in out and "--- document 1 (in sequence 0): " in out
     assert "<|im_start|>assistant\n⟦ Hello tokens! <|im_end|>\n⟧<|im_start|>user\nAnd labels?" in out
     assert "<|im_start|>assistant\n⟦Paris.<|im_end|>\n⟧" in out

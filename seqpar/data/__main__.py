@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nseqpar.data: interrupted: nothing was cached for the data being tokenized", file=sys.stderr)
         return 130
     say(f"train: {train.describe()}")
+    if (gbs := cfg.train.global_batch_size) is not None:  # else it depends on the world size
+        epochs = cfg.train.max_steps * gbs / max(len(train), 1)
+        say(f"train.max_steps {cfg.train.max_steps} x {gbs} sequences per step = {epochs:.2f} epochs of this data")
     if args.show > 0:
         show(cfg, train, args.show, args.show_chars)
     if held_out is not None:
