@@ -493,6 +493,7 @@ def test_stop_while_waiting(tmp_path: Path):
         with pytest.raises(cache_mod.Stopped):
             cache_mod.cached(cache, "text-0123", lambda w: pytest.fail("built while another held the lock"),
                              say=said.append, stop=lambda: polls.append(1) or len(polls) > 2)
+        assert lock.exists()  # the builder's lock file stays: a waiter never removes what it does not hold
     finally:
         os.close(fd)
     assert len(said) == 1 and said[0].startswith(f"waiting for another process tokenizing into {cache / 'text-0123'}")

@@ -586,6 +586,11 @@ def test_weights_roles_and_tool_arguments(tmp_path: Path, capsys):
     (ids, mask), = examples(ds)
     trained = ByteTokenizer().decode(ids[mask == 1].tolist())
     assert "Hello labels." in trained and "Hello tokens." not in trained
+    # a checkpoint from before weights were honoured trained those messages: its fingerprint differs
+    assert ds.content_fingerprint()["records"] == "message weights honoured"
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"messages": CONVERSATIONS[0]}])
+    assert "records" not in SFTDataset(DataConfig(type="sft", paths=[plain], seq_len=256), ByteTokenizer(),
+                                       tmp_path / "cb").content_fingerprint()
 
     with pytest.raises(DataError, match=r"r\.jsonl:1: messages\[0\] has role 'human'; known roles: .*ShareGPT"):
         render_ids(tok_path.parent, tmp_path / "roles", [{"messages": [{"role": "human", "content": "hi"},
@@ -622,3 +627,55 @@ def test_conversations_need_sft_and_hf_needs_sft(tmp_path: Path):
                                         r"are dropped"):
         render_ids(d, tmp_path / "n", [{"messages": [{"role": "user", "content": None},
                                                      {"role": "assistant", "content": "a"}]}])
+
+
+def test_checkpoint_tokenizer_config_drops_custom_code(tmp_path: Path):
+    """A checkpoint keeps the tokenizer's own config, except a custom-code tokenizer class (auto_map),
+    which the checkpoint does not carry: the exported tokenizer would not load."""
+    from seqpar.engine.snapshot import _own_config
+
+    d = model_dir(tmp_path, None, tokenizer_class="Qwen2Tokenizer", model_max_length=4096)
+    assert _own_config(d / "tokenizer.json")["tokenizer_class"] == "Qwen2Tokenizer"
+    d2 = model_dir(tmp_path, None, name="custom", tokenizer_class="ChatGLM4Tokenizer",
+                   auto_map={"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]})
+    conf = _own_config(d2 / "tokenizer.json")
+    assert "auto_map" not in conf and conf["tokenizer_class"] == "PreTrainedTokenizerFast"
+    (d2 / "tokenizer_config.json").write_text("{not json")
+    assert _own_config(d2 / "tokenizer.json") == {}
+
+
+def test_broken_tokenizer_config_does_not_stop_other_runs(tmp_path: Path):
+    """Only an hf run needs the tokenizer's template: a text run or a per-message SFT run beside a
+    tokenizer_config.json that is not JSON, or has named templates without 'default', exports no
+    template instead of failing at its first checkpoint."""
+    from seqpar.data.chat import template_for_export
+
+    d = model_dir(tmp_path, None)
+    side = json.loads((d / "tokenizer_config.json").read_text())
+    side["chat_template"] = [{"name": "tool_use", "template": "x"}]
+    (d / "tokenizer_config.json").write_text(json.dumps(side))
+    assert template_for_export(d / "tokenizer.json", "<|{role}|>\n{content}\n", None, sft=False) is None
+    with pytest.raises(DataError, match="no 'default'"):
+        template_for_export(d / "tokenizer.json", "hf", None, sft=True)
+    (d / "tokenizer_config.json").write_text("{not json")
+    assert template_for_export(d / "tokenizer.json", "<|{role}|>\n{content}\n", None, sft=False) is None
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0]}])
+    SFTDataset(DataConfig(type="sft", paths=[path], seq_len=256, tokenizer=d / "tokenizer.json"),
+               HFTokenizer(d / "tokenizer.json"), tmp_path / "cache")  # per-message: starts
+
+
+def test_all_left_out_and_malformed_tool_calls(tmp_path: Path):
+    """Every example cut to nothing trainable is one line naming the first; malformed tool calls
+    reach the template (its own refusal names the record) instead of a traceback."""
+    path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p " * 100, "response": "r"}])
+    with pytest.raises(DataError, match=r"data\.paths: every example is longer than data\.seq_len=32 with no trained "
+                                        r"token in its first 32 \(first: .*long\.jsonl:1\)"):
+        SFTDataset(DataConfig(type="sft", paths=[path], seq_len=32), ByteTokenizer(), tmp_path / "cache")
+    d = model_dir(tmp_path, TOOLS_AND_REASONING)
+    for calls in (3, [{"function": None}], [{"function": "f"}]):
+        rec = {"messages": [{"role": "user", "content": "q"},
+                            {"role": "assistant", "content": "a", "tool_calls": calls}]}
+        try:
+            render_ids(d, tmp_path / f"t{abs(hash(str(calls)))}", [rec])
+        except DataError as e:
+            assert "r.jsonl:1" in str(e)

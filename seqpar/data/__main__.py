@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         epochs = cfg.train.max_steps * gbs / max(len(train), 1)
         say(f"train.max_steps {cfg.train.max_steps} x {gbs} sequences per step = {epochs:.2f} epochs of this data")
     if args.show > 0:
-        show(cfg, train, args.show, args.show_chars)
+        try:
+            show(cfg, train, args.show, max(args.show_chars, 2))
+        except UserError as e:  # e.g. a token file's tokenizer that cannot be loaded to decode
+            print(f"seqpar.data: {e}", file=sys.stderr)
+            return 2
     if held_out is not None:
         say(f"held-out: {held_out.describe()}")
     if cfg.data.type in ("text", "sft"):

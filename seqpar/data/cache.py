@@ -221,25 +221,28 @@ class _BuildLock:
         self.path = final.parent / f".{final.name}.lock"
         self.final, self.say, self.stop = final, say, stop
         self.fd: int | None = None
+        self.held = False
 
     def __enter__(self) -> _BuildLock:
         import fcntl
 
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise _unwritable(self.final, e) from None
         told = False
         while True:
+            self.fd = self._open()
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
+                if self._current():
+                    self.held = True
+                    return self
+                # the holder removed this file when it was done: lock the one that is there now
+                self._close()
+                continue
             except BlockingIOError:  # another process holds it: it is building this entry
-                pass
-            except OSError:  # no locks on this file system
+                self._close()
+            except OSError:  # no locks on this file system: build side by side (safe, see above)
+                self._close()
                 return self
             if self.stop is not None and self.stop():
-                self.__exit__()
                 raise Stopped()
             if not told and self.say is not None:
                 self.say(f"waiting for another process tokenizing into {self.final} ({_builders(self.final)}); "
@@ -247,17 +250,40 @@ class _BuildLock:
                 told = True
             time.sleep(self.POLL_S)
 
-    def __exit__(self, *exc: object) -> None:
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # created by another user: locking needs no write access
+            try:
+                return os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise _unwritable(self.final, e) from None
+        except OSError as e:
+            raise _unwritable(self.final, e) from None
+
+    def _current(self) -> bool:
+        """Whether the locked file is still the one at the path (not one its holder removed)."""
+        try:
+            here, mine = os.stat(self.path), os.fstat(self.fd)  # type: ignore[arg-type]
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _close(self) -> None:
         if self.fd is not None:
-            # Removed while held, so no lock files pile up. A process that opened it before may then
-            # lock the removed file while a newcomer locks a new one: both re-check for the entry
-            # first, and at worst two build side by side, which is safe (the first rename wins).
+            os.close(self.fd)
+            self.fd = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            # Removed while held, so no lock files pile up; a waiter that then locks the removed
+            # file sees it is gone (_current) and locks the new one. Only the holder removes it.
             try:
                 self.path.unlink()
             except OSError:
                 pass
-            os.close(self.fd)  # releases the lock
-            self.fd = None
+            self.held = False
+        self._close()  # releases the lock
 
 
 def _builders(final: Path) -> str:

@@ -5,8 +5,8 @@ An instruct model was tuned in one exact chat format; fine-tuning it in another 
 per-message format) teaches it a second one. With ``hf`` a record is rendered the way
 ``transformers``' ``apply_chat_template`` renders it (the same sandboxed Jinja environment and
 helpers, the same special-token variables, messages normalised the same way: keys holding null
-dropped, reasoning under ``reasoning_content`` / ``thinking`` / ``reasoning`` given under all
-three), tokenized as one string, and the loss goes on what the model generates for each assistant
+dropped, reasoning found under ``reasoning_content``, ``thinking`` or ``reasoning`` given as both
+``reasoning_content`` and ``thinking``), tokenized as one string, and the loss goes on what the model generates for each assistant
 turn: from the end of the generation prompt through its end-of-turn token. Two ways to find that
 text, in order:
 
@@ -217,17 +217,26 @@ def template_for_export(tokenizer_path: Path, chat_template: str, template_file:
         return None
     if template_file is not None and chat_template == "hf":
         return _read_text(template_file, "data.chat_template_file")
-    source, _, tool_source = _template_beside(tokenizer_path)
+    try:
+        source, _, tool_source = _template_beside(tokenizer_path)
+    except DataError:
+        if chat_template == "hf":
+            raise
+        return None  # the tokenizer's own template is only carried along: a broken one is left behind
     if tool_source is None:
         return source
     return [{"name": "default", "template": source}, {"name": "tool_use", "template": tool_source}]
 
 
 def tokenizer_has_template(tokenizer_path: Path) -> bool:
-    """Whether ``data.chat_template: hf`` would find a template beside this tokenizer file."""
+    """Whether ``data.chat_template: hf`` would find a template beside this tokenizer file (an
+    unreadable tokenizer_config.json counts as none: only hf runs need it)."""
     if tokenizer_path.with_name("chat_template.jinja").is_file():
         return True
-    return bool(_read_json(tokenizer_path.with_name("tokenizer_config.json")).get("chat_template"))
+    try:
+        return bool(_read_json(tokenizer_path.with_name("tokenizer_config.json")).get("chat_template"))
+    except DataError:
+        return False
 
 
 # -- internals -------------------------------------------------------------------------------------

@@ -525,6 +525,7 @@ class SFTDataset(PackedDataset):
                 raise DataError("data.chat_template hf needs a Hugging Face tokenizer: set data.tokenizer")
             self.chat = load_chat_template(Path(path), cfg.chat_template_file, cfg.chat_template_kwargs)
             settings["jinja"] = self.chat.digest  # the template text and its variables
+            del settings["sft_separator"]  # the template places every separator
         self.file_hashes = [file_sha256(p, cache_dir) for p in self.paths]
         self.tokenizer_key = tokenizer.cache_key
         name = "sft-" + cache_key("sft", self.file_hashes, tokenizer.cache_key, settings)[:24]
@@ -535,6 +536,7 @@ class SFTDataset(PackedDataset):
         self.loss_mask: np.ndarray = arrays["loss_mask"]  # 1 where the token is a target
         self.offsets: np.ndarray = arrays["offsets"]  # example k = tokens[offsets[k]:offsets[k+1]]
         self.num_examples = len(self.offsets) - 1
+        self.weighted = bool(meta.get("weight0"))  # records with weight-0 messages
         self.lines: np.ndarray | None = arrays.get("lines")  # each example's line in its file (cache v2+)
         self.file_examples: list[int] | None = meta.get("file_examples")
         lengths = np.diff(self.offsets)
@@ -549,15 +551,20 @@ class SFTDataset(PackedDataset):
             lengths = lengths[self.kept]
         self.bounds, _ = greedy_pack(lengths, self.seq_len)
         self.truncated, self.left_out = len(long), len(empty)
+        if len(self) == 0:
+            raise DataError(f"{key}: every example is longer than data.seq_len={self.seq_len} with no trained "
+                            f"token in its first {self.seq_len} (first: {self._where(empty[0])}): nothing to train "
+                            f"on; raise data.seq_len, or shorten or split the records")
         self.vocab_size_needed = max(int(meta["max_id"]), self.pad_id) + 1  # padding is emitted too
         self.vocab_source = tokenizer_name(tokenizer)
         self.eos_name = _eos_name(tokenizer)
         path = getattr(tokenizer, "path", None)
         if meta.get("chat_records") and self.chat is None and path is not None and tokenizer_has_template(Path(path)):
-            log.warning(
-                "%d SFT records are chat messages rendered in data.chat_template's per-message format, but "
-                "tokenizer '%s' ships the model's own chat template: set data.chat_template: hf to fine-tune "
-                "in the format the model was tuned (and is prompted) in", meta["chat_records"], path)
+            warning = (f"warning: {meta['chat_records']} SFT records are chat messages rendered in "
+                       f"data.chat_template's per-message format, but tokenizer '{path}' ships the model's own chat "
+                       f"template: set data.chat_template: hf to fine-tune in the format the model was tuned (and is "
+                       f"prompted) in")
+            say(warning) if say is not None else log.warning(warning.removeprefix("warning: "))
         if meta.get("string_arguments"):
             warning = (f"warning: {meta['string_arguments']} records have tool calls whose 'arguments' is a JSON "
                        f"string (first: {meta.get('string_arguments_at')}): chat templates write it with tojson, so "
@@ -591,6 +598,8 @@ class SFTDataset(PackedDataset):
 
     def content_fingerprint(self) -> dict[str, str]:
         out = {**{str(p): h for p, h in zip(self.paths, self.file_hashes)}, "tokenizer": self.tokenizer_key}
+        if self.weighted:  # checkpoints from before weights were honoured trained these messages
+            out["records"] = "message weights honoured"
         if self.chat is not None:  # an edited template changes the tokens as much as edited data
             out["chat_template"] = self.chat.digest
         return out
@@ -693,8 +702,10 @@ class SFTDataset(PackedDataset):
         """Counts tool calls whose ``arguments`` is a JSON string (OpenAI exports store it so):
         templates apply ``tojson`` to it again, training the model to emit escaped JSON."""
         for m in messages:
-            for call in m.get("tool_calls") or []:
-                args = call.get("function", {}).get("arguments") if isinstance(call, dict) else None
+            calls = m.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
+                function = call.get("function") if isinstance(call, dict) else None
+                args = function.get("arguments") if isinstance(function, dict) else None
                 if isinstance(args, str) and args.lstrip().startswith("{"):
                     self._string_args = getattr(self, "_string_args", 0) + 1
                     self._string_args_at = getattr(self, "_string_args_at", where)
@@ -707,7 +718,7 @@ class SFTDataset(PackedDataset):
         out.declare("loss_mask", np.uint8)
         out.declare("lines", np.int64)  # each example's line in its file (for messages naming it)
         out.append("offsets", np.zeros(1, np.int64))
-        state = {"total": 0, "examples": 0, "max_id": 0, "chat_records": 0}
+        state = {"total": 0, "examples": 0, "max_id": 0, "chat_records": 0, "weight0": 0}
         file_examples = []
 
         def flush(records: list[Any], path: Path, lines: list[int]) -> None:
@@ -765,6 +776,9 @@ class SFTDataset(PackedDataset):
             for lineno, rec in _iter_jsonl(path, progress):
                 records.append(self._segments(rec, f"{path}:{lineno}"))
                 state["chat_records"] += self.cfg.messages_field in rec
+                msgs = rec.get(self.cfg.messages_field)
+                state["weight0"] += isinstance(msgs, list) and any(isinstance(m, dict) and m.get("weight") == 0
+                                                                   for m in msgs)
                 lines.append(lineno)
                 if len(records) == _ENCODE_BATCH:
                     flush(records, path, lines)
@@ -774,7 +788,8 @@ class SFTDataset(PackedDataset):
             file_examples.append(state["examples"] - sum(file_examples))
         progress.finish(f"{state['examples']:,} examples")
         return {"max_id": state["max_id"], "examples": state["examples"], "chat_records": state["chat_records"],
-                "file_examples": file_examples, "string_arguments": getattr(self, "_string_args", 0),
+                "file_examples": file_examples, "weight0": state["weight0"],
+                "string_arguments": getattr(self, "_string_args", 0),
                 "string_arguments_at": getattr(self, "_string_args_at", None)}
 
     # -- packing --------------------------------------------------------------------------------

@@ -196,5 +196,10 @@ def _own_config(tokenizer: Path) -> dict[str, Any]:
         conf = json.loads(tokenizer.with_name("tokenizer_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return conf if isinstance(conf, dict) else {}
+    if not isinstance(conf, dict):
+        return {}
+    if "auto_map" in conf:  # a tokenizer class of custom code the checkpoint does not carry: the plain one
+        conf = {k: v for k, v in conf.items() if k != "auto_map"}
+        conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return conf
 
