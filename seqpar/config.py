@@ -416,6 +416,9 @@ class DataConfig(_Section):
     eos_id: int | None = Field(None, ge=0, description="tokens: document separator id")
     prompt_field: str = Field("prompt", description="sft: prompt field (no loss)")
     response_field: str = Field("response", description="sft: response field (loss)")
+    packing: Literal["greedy", "best_fit"] = Field(
+        "greedy", description="sft: greedy = in file order, a new sequence when the next example does not fit; "
+                              "best_fit = longest first, each into the fullest sequence it fits (less padding)")
     sft_separator: str = Field(
         "\n", description="sft: text between prompt and response (no loss); '' = joined as is"
     )

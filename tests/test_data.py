@@ -402,6 +402,47 @@ def test_sft_long_examples_are_cut_or_left_out(tmp_path: Path, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
+def test_best_fit_packing(tmp_path: Path):
+    """data.packing best_fit: every example once, each sequence within seq_len, sequences fuller than
+    greedy file-order packing (measured here on long examples), the same packing on every call;
+    documents inside a sequence keep their own positions and labels."""
+    from seqpar.data.packing import best_fit_pack, greedy_pack
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(800, 3000, 400)
+    order, bounds = best_fit_pack(lengths, 4096)
+    assert sorted(order.tolist()) == list(range(400))
+    seqs = [order[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+    assert all(lengths[q].sum() <= 4096 for q in seqs) and all(list(q) == sorted(q) for q in seqs)
+    greedy_bounds, _ = greedy_pack(lengths, 4096)
+    lower = int(np.ceil(lengths.sum() / 4096))
+    assert len(seqs) < 0.85 * (len(greedy_bounds) - 1) and len(seqs) <= 1.03 * lower + 1, (len(seqs), len(greedy_bounds), lower)
+    again = best_fit_pack(lengths, 4096)
+    assert np.array_equal(again[0], order) and np.array_equal(again[1], bounds)
+    assert best_fit_pack(np.array([5000, 10]), 4096)[1].tolist() == [0, 1, 2]  # a cut example fills a sequence
+
+    recs = [{"prompt": f"q{k}", "response": "x" * int(n)} for k, n in enumerate(rng.integers(20, 200, 60))]
+    path = write_jsonl(tmp_path / "sft.jsonl", recs)
+    tok = ByteTokenizer()
+    greedy = SFTDataset(DataConfig(type="sft", paths=[path], seq_len=256), tok, tmp_path / "c")
+    best = SFTDataset(DataConfig(type="sft", paths=[path], seq_len=256, packing="best_fit"), tok, tmp_path / "c")
+    assert len(best) < len(greedy) and best.fill > greedy.fill and "best_fit packing" in best.describe()
+    seen = []
+    for i in range(len(best)):
+        s = best[i]
+        check_invariants(s, 256)
+        for d in split_docs(s):
+            ids, labels = s["input_ids"][d], s["labels"][d]
+            if np.all(ids == tok.pad_id):
+                continue
+            text = tok.decode(ids.tolist())
+            k = int(text.split("\n")[0][1:])
+            assert text == f"q{k}\n" + recs[k]["response"]  # whole, its own positions
+            assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) == recs[k]["response"]
+            seen.append(k)
+    assert sorted(seen) == list(range(60))
+
+
 def test_sft_errors(tmp_path: Path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "response": "b"}, {"question": "?"}])
     with pytest.raises(ValueError, match=r"x\.jsonl:2: missing field 'messages' or 'prompt'/'response'"):
@@ -620,3 +661,19 @@ def test_loader_over_real_dataset(tmp_path: Path):
     for b in batches:
         assert b.input_ids.shape == (2, 256)
         assert b.num_loss_tokens == 2 * 255
+
+
+def test_bench_packing_script_prints_its_table():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench_packing.py"), "--scale", "0.02",
+                        "--seq-len", "4096"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| long") or line.startswith("| medium")]
+    assert len(rows) == 2
+    for row in rows:  # best fit never needs more sequences than greedy
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        greedy, best = (int(cells[k].split(", ")[0].replace(",", "")) for k in (2, 3))
+        assert best <= greedy, row

@@ -32,7 +32,7 @@ import numpy as np
 from seqpar.config import DataConfig
 from seqpar.data.chat import ChatTemplate, load_chat_template, token_mask, tokenizer_has_template
 from seqpar.data.cache import ArrayWriter, Progress, Say, cache_key, cached, file_sha256, remembered
-from seqpar.data.packing import PackedDataset, Sample, greedy_pack, pack_documents, window_sample
+from seqpar.data.packing import PackedDataset, Sample, best_fit_pack, greedy_pack, pack_documents, window_sample
 from seqpar.data.tokenizer import Tokenizer, _one_line, tokenizer_name
 from seqpar.errors import DataError
 
@@ -545,12 +545,20 @@ class SFTDataset(PackedDataset):
         # learn (and a global batch of such sequences has no token to normalise the loss by).
         empty = [int(k) for k in long
                  if not self.loss_mask[int(self.offsets[k]) + 1:int(self.offsets[k]) + self.seq_len].any()]
-        self.kept: np.ndarray | None = None  # example indices packed (None: all, in order)
+        # sequence b holds examples order[bounds[b]:bounds[b+1]] (order None: all, in file order)
+        self.order: np.ndarray | None = None
+        kept = np.arange(self.num_examples)
         if empty:
-            self.kept = np.setdiff1d(np.arange(self.num_examples), np.asarray(empty, dtype=np.int64))
-            lengths = lengths[self.kept]
-        self.bounds, _ = greedy_pack(lengths, self.seq_len)
+            kept = np.setdiff1d(kept, np.asarray(empty, dtype=np.int64))
+            self.order = kept
+        if cfg.packing == "best_fit":
+            within, self.bounds = best_fit_pack(lengths[kept], self.seq_len)
+            self.order = kept[within]
+        else:
+            self.bounds, _ = greedy_pack(lengths[kept], self.seq_len)
         self.truncated, self.left_out = len(long), len(empty)
+        # real (not padding) tokens per sequence token: what packing leaves to compute
+        self.fill = float(np.minimum(lengths[kept], self.seq_len).sum()) / max(len(self) * self.seq_len, 1)
         if len(self) == 0:
             raise DataError(f"{key}: every example is longer than data.seq_len={self.seq_len} with no trained "
                             f"token in its first {self.seq_len} (first: {self._where(empty[0])}): nothing to train "
@@ -607,9 +615,10 @@ class SFTDataset(PackedDataset):
     def describe(self) -> str:
         how = (f"chat template {self.chat.origin}, eos {self.eos_name}" if self.chat is not None
                else f"examples end with {self.eos_name}")
+        hint = " (data.packing: best_fit packs tighter)" if self.cfg.packing == "greedy" and self.fill < 0.85 else ""
         return (
             f"SFTDataset: {_plural(self.num_examples, 'example')} in {_plural(len(self), 'sequence')} of "
-            f"{self.seq_len} ({self.truncated} truncated"
+            f"{self.seq_len}, {self.cfg.packing} packing {100 * self.fill:.0f}% full{hint} ({self.truncated} truncated"
             + (f", {self.left_out} left out with nothing to train on" if self.left_out else "") + f"; {how})"
         )
 
@@ -795,9 +804,9 @@ class SFTDataset(PackedDataset):
     # -- packing --------------------------------------------------------------------------------
     def _sample(self, i: int) -> Sample:
         a, b = int(self.bounds[i]), int(self.bounds[i + 1])
-        if self.kept is not None:
-            idx = self.kept[a:b]
-            if idx[-1] - idx[0] != b - a - 1:  # an example left out in between: gather the others
+        if self.order is not None:
+            idx = self.order[a:b]
+            if idx[-1] - idx[0] != b - a - 1:  # not consecutive in the files: gather them
                 pieces = [(int(self.offsets[k]), int(self.offsets[k + 1])) for k in idx]
                 tokens = np.concatenate([self.tokens[x:y] for x, y in pieces])[: self.seq_len]
                 mask = np.concatenate([self.loss_mask[x:y] for x, y in pieces])[: self.seq_len]
