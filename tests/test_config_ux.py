@@ -432,7 +432,7 @@ def test_readme_chat_sft_config_validates(tmp_path):
         block = block.replace(a, b)
     write(tmp_path / "chats.jsonl", "".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
     cfg = load_config(write(tmp_path / "chat-sft.yaml", block))
-    assert cfg.data.chat_template == "hf" and cfg.layout(8).dp == 2
+    assert cfg.data.chat_template == "hf" and cfg.data.packing == "best_fit" and cfg.layout(8).dp == 2
     ds = build_dataset(cfg.data.model_copy(update={"seq_len": 256}), tmp_path / "cache")
     assert len(examples(ds)) == len(CONVERSATIONS)
 
