@@ -397,6 +397,10 @@ def test_sft_long_examples_are_cut_or_left_out(tmp_path: Path, capsys):
     texts = [tok.decode(d.tolist()) for d in docs]
     assert texts[:2] == ["a\nfirst", "b\nsecond"] and texts[2].startswith("Cut\n tail")  # 1 and 3 share a sequence
     assert len(ds) == 2 and not any("never seen" in t or "Long" in t for t in texts)
+    # the summary's trained share counts the targets the sequences really hold
+    targets = sum(int((ds[i]["labels"] != IGNORE_INDEX).sum()) for i in range(len(ds)))
+    assert ds.trained_share == pytest.approx(targets / (len(ds) * 128))
+    assert f"{100 * targets / (len(ds) * 128):.0f}% trained" in ds.describe()
     # other ranks do not repeat a warning about the data
     SFTDataset(cfg, ByteTokenizer(), tmp_path / "cache", progress_printer(1))
     assert "warning" not in capsys.readouterr().out

@@ -559,6 +559,12 @@ class SFTDataset(PackedDataset):
         self.truncated, self.left_out = len(long), len(empty)
         # real (not padding) tokens per sequence token: what packing leaves to compute
         self.fill = float(np.minimum(lengths[kept], self.seq_len).sum()) / max(len(self) * self.seq_len, 1)
+        # trained tokens per sequence token (caches from before it was recorded: unknown)
+        self.trained_share: float | None = None
+        if "trained_tokens" in meta:
+            cut = sum(int(np.count_nonzero(self.loss_mask[int(self.offsets[k]) + self.seq_len:int(self.offsets[k + 1])]))
+                      for k in long)
+            self.trained_share = (int(meta["trained_tokens"]) - cut) / max(len(self) * self.seq_len, 1)
         if len(self) == 0:
             raise DataError(f"{key}: every example is longer than data.seq_len={self.seq_len} with no trained "
                             f"token in its first {self.seq_len} (first: {self._where(empty[0])}): nothing to train "
@@ -618,7 +624,9 @@ class SFTDataset(PackedDataset):
         hint = " (data.packing: best_fit packs tighter)" if self.cfg.packing == "greedy" and self.fill < 0.85 else ""
         return (
             f"SFTDataset: {_plural(self.num_examples, 'example')} in {_plural(len(self), 'sequence')} of "
-            f"{self.seq_len}, {self.cfg.packing} packing {100 * self.fill:.0f}% full{hint} ({self.truncated} truncated"
+            f"{self.seq_len}, {self.cfg.packing} packing {100 * self.fill:.0f}% full"
+            + (f", {100 * self.trained_share:.0f}% trained" if self.trained_share is not None else "")
+            + f"{hint} ({self.truncated} truncated"
             + (f", {self.left_out} left out with nothing to train on" if self.left_out else "") + f"; {how})"
         )
 
@@ -775,6 +783,7 @@ class SFTDataset(PackedDataset):
             out.append("lines", np.asarray(lines, dtype=np.int64))
             out.append("offsets", state["total"] + np.cumsum(lengths, dtype=np.int64))
             state["total"] += len(tokens)
+            state["trained"] = state.get("trained", 0) + int(np.count_nonzero(mask))
             state["examples"] += len(lengths)
             state["max_id"] = max(state["max_id"], int(tokens.max()))
             progress.advance(ntokens=len(tokens))
@@ -797,7 +806,7 @@ class SFTDataset(PackedDataset):
             file_examples.append(state["examples"] - sum(file_examples))
         progress.finish(f"{state['examples']:,} examples")
         return {"max_id": state["max_id"], "examples": state["examples"], "chat_records": state["chat_records"],
-                "file_examples": file_examples, "weight0": state["weight0"],
+                "file_examples": file_examples, "weight0": state["weight0"], "trained_tokens": state.get("trained", 0),
                 "string_arguments": getattr(self, "_string_args", 0),
                 "string_arguments_at": getattr(self, "_string_args_at", None)}
 
