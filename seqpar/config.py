@@ -570,6 +570,9 @@ class TrainConfig(_Section):
     """Optimisation and the micro-batch loop."""
 
     max_steps: int = Field(100, ge=1, description="optimizer steps")
+    epochs: float | None = Field(
+        None, gt=0, description="passes over the training data: sets max_steps from the data's size at start-up "
+                                "(then leave max_steps unset)")
     micro_batch_size: int = Field(1, ge=1, description="sequences per rank per micro-step")
     global_batch_size: int | None = Field(
         None, ge=1, description="sequences per optimizer step (sets grad_accum_steps)"
@@ -630,7 +633,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.warmup_steps > self.max_steps:
+        if self.warmup_steps > self.max_steps and self.epochs is None:  # epochs: checked once max_steps is known
             # (load_config lowers a warmup that comes from a lower layer than max_steps: _fit_warmup)
             raise ValueError(
                 f"train.warmup_steps={self.warmup_steps} > train.max_steps={self.max_steps}: set "
@@ -1220,8 +1223,8 @@ def _alias(names: str, *keys: str, note: str = "") -> None:
 
 _alias("steps num_steps total_steps max_train_steps train_steps training_steps num_training_steps max_iters "
        "train_iters iters iterations max_iterations total_iters", "train.max_steps")
-_alias("epochs epoch num_epochs num_train_epochs max_epochs train_epochs", "train.max_steps",
-       note="seqpar counts optimizer steps, not epochs")
+_alias("epoch num_epochs num_train_epochs max_epochs train_epochs", "train.epochs",
+       note="or train.max_steps: optimizer steps")
 _alias("learning_rate lr_max max_lr peak_lr base_lr init_lr", "train.lr")
 _alias("min_lr lr_min final_lr min_learning_rate", "train.min_lr_ratio", note="a ratio: final lr = lr x min_lr_ratio")
 _alias("warmup warmups lr_warmup lr_warmup_steps warmup_iters lr_warmup_iters num_warmup_steps warmup_step "
@@ -1461,6 +1464,24 @@ def _fit_warmup(file_data: dict[str, Any], overrides: dict[str, Any], merged: di
     train = merged.get("train")
     if not isinstance(train, dict):
         return
+    def layer(key: str) -> int:  # 2: the command line, 1: the config file, 0: seqpar's default
+        for rank, tree in ((2, overrides), (1, file_data)):
+            sec = tree.get("train")
+            if isinstance(sec, dict) and sec.get(key) is not None:
+                return rank
+        return 0
+
+    le, lm = layer("epochs"), layer("max_steps")
+    if le and lm:  # the higher layer wins (--train.epochs over a file's max_steps); one layer: ambiguous
+        if le == lm:
+            where = "the command line" if le == 2 else origins.source
+            raise ConfigError(f"invalid configuration ({origins.source}): both train.epochs and train.max_steps are "
+                              f"set in {where}: train.epochs sets max_steps from the data's size; remove one of them")
+        loser, winner = ("max_steps", "epochs") if le > lm else ("epochs", "max_steps")
+        origins.notices.append(f"--train.{winner} replaces train.{loser}={train[loser]!r} of {origins.source}")
+        del train[loser]
+    if train.get("epochs") is not None:
+        return  # max_steps (and a warmup longer than it) is settled at start-up, from the data
     fields = TrainConfig.model_fields
     warm = train.get("warmup_steps", fields["warmup_steps"].default)
     steps = train.get("max_steps", fields["max_steps"].default)

@@ -33,7 +33,7 @@ NEUTRAL_CHANGES = ("logging.*", "checkpoint.*", "data.passkey.eval_samples", "da
 # Deliberate changes a resumed run may make, each only when named in checkpoint.allow_changes
 # (e.g. extending a run: train.max_steps also stretches the LR decay). Anything else is refused.
 SAFE_CHANGES = ("train.max_steps", "train.lr", "train.min_lr_ratio", "train.decay", "train.warmup_steps",
-                "train.cooldown_ratio")
+                "train.cooldown_ratio", "train.epochs")
 # How the computation is laid out on ranks. Accepted here: the trainer compares the saved and
 # current layouts themselves and allows a change only as an elastic resume (the same global
 # batch, checkpoint.elastic on; mid-window: a window position the new micro-steps can continue).
@@ -68,6 +68,8 @@ def check_resume_config(saved: dict, current: dict, allowed: list[str], saved_st
     extension: the run would just be over)."""
     refused, accepted = [], []
     fresh = "to start over: --resume none or a new logging.run_dir"
+    if any(fnmatch.fnmatch("train.epochs", pat) for pat in allowed):
+        allowed = [*allowed, "train.max_steps"]  # set by train.epochs: allowing one allows the other
     for key, old, new in config_changes(saved, current):
         if key in RESUME_KEYS:
             continue

@@ -13,6 +13,7 @@ the config or the data (one line naming the key or file and the fix).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -48,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     say(f"train: {train.describe()}")
     if (gbs := cfg.train.global_batch_size) is not None:  # else it depends on the world size
-        epochs = cfg.train.max_steps * gbs / max(len(train), 1)
-        say(f"train.max_steps {cfg.train.max_steps} x {gbs} sequences per step = {epochs:.2f} epochs of this data")
+        if cfg.train.epochs is not None:
+            steps = max(1, math.ceil(cfg.train.epochs * len(train) / gbs))
+            say(f"train.epochs {cfg.train.epochs:g} of this data at {gbs} sequences per step = {steps} steps")
+        else:
+            epochs = cfg.train.max_steps * gbs / max(len(train), 1)
+            say(f"train.max_steps {cfg.train.max_steps} x {gbs} sequences per step = {epochs:.2f} epochs of this data")
     if args.show > 0:
         try:
             show(cfg, train, args.show, max(args.show_chars, 2))

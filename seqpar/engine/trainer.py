@@ -18,6 +18,7 @@ Checkpoints: after any micro-batch the trainer hands the checkpoint manager name
 from __future__ import annotations
 
 import copy
+import math
 import os
 import platform
 import shutil
@@ -206,6 +207,8 @@ class Trainer:
             self._build_data()
         if dist.is_initialized():
             dist.barrier(group=topo.startup_group)
+        if cfg.train.epochs is not None:
+            self._steps_from_epochs()
         self._last_eval: tuple[int, float] | None = None
         self.sampler = GlobalSampler(len(self.dataset), cfg.data.seed, cfg.data.shuffle)
         self.loader = MicroBatchLoader(
@@ -314,6 +317,18 @@ class Trainer:
         # checkpoint recorded; anything else opens a new one (RunLogger.open_wandb)
         self.logger.open_wandb(cfg.logging.wandb, self.run_dir, saved_id=self._resumed_wandb_id,
                                newest=cfg.checkpoint.resume == "auto", config=cfg.model_dump(mode="json"))
+
+    def _steps_from_epochs(self) -> None:
+        """``train.epochs`` -> ``train.max_steps``, now that the data's size is known (the same on
+        every rank: a pure function of the data and the layout's global batch)."""
+        t = self.cfg.train
+        steps = max(1, math.ceil(t.epochs * len(self.dataset) / self.layout.global_batch_size))
+        if t.warmup_steps > steps:
+            if self.topo.is_main:
+                print(f"seqpar: note: train.warmup_steps={t.warmup_steps} is more than the {steps} steps of "
+                      f"train.epochs={t.epochs:g}: warming up over all {steps} steps instead", file=sys.stderr, flush=True)
+            t.warmup_steps = steps
+        t.max_steps = steps
 
     def _build_data(self) -> None:
         """Training and held-out datasets, and the tokenizer the checkpoints carry for export.
