@@ -494,7 +494,8 @@ class _Rendered:
 
 
 class SFTDataset(PackedDataset):
-    """Supervised examples packed whole, in file order, into ``seq_len`` sequences.
+    """Supervised examples packed whole into ``seq_len`` sequences (``cfg.packing``: in file order,
+    or best fit).
 
     A record is ``{prompt_field, response_field}`` (strings; ``prompt + cfg.sft_separator`` is
     tokenized as one piece, then the response) or ``{messages_field: [{role, content}, ...]}``
