@@ -359,6 +359,8 @@ def test_cli_plain_lines_then_bar_after_resume(tmp_path):
     assert len(frames) == 1 and frames[0].startswith("train: 100%") and "4/4" in frames[0], shown
     assert "evaluating passkey" in raw and not any("evaluating passkey" in line for line in shown), shown
     done = shown.index(next(line for line in shown if line.startswith("done: 4 steps")))
-    assert shown[done - 1] == frames[0], shown  # the final frame, then the result
+    # the final frame, the last checkpoint with the export command, then the result
+    assert shown[done - 2] == frames[0] and shown[done - 1].startswith("saved ") and \
+        "python -m seqpar.ckpt export" in shown[done - 1], shown
     ckpt = [line for line in shown if line.startswith("checkpoint ")]
     assert len(ckpt) == 2 and "step00000004-seq000000" in ckpt[1], shown  # the first of this process and the final

@@ -173,10 +173,10 @@ def _one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split())
 
 
-def _side_config(path: Path) -> dict[str, tuple[str, ...]]:
-    """``eos_token`` / ``bos_token`` / ``pad_token`` of a ``tokenizer_config.json`` beside ``path``
-    (each a 1-tuple of the token string, absent when unset); ``{}`` when there is none or it is
-    unreadable (it is only a fallback: the error for a missing eos says what was looked at)."""
+def tokenizer_config(path: Path) -> dict[str, Any]:
+    """The ``tokenizer_config.json`` beside tokenizer file ``path``; ``{}`` when there is none or it
+    is unreadable (for the uses that only fall back on it: the eos look-up, what a checkpoint
+    carries; a chat template it must hold is read strictly, by seqpar.data.chat)."""
     side = path.with_name("tokenizer_config.json")
     if side == path or not side.is_file():
         return {}
@@ -184,9 +184,17 @@ def _side_config(path: Path) -> dict[str, tuple[str, ...]]:
         data: Any = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _side_config(path: Path) -> dict[str, tuple[str, ...]]:
+    """``eos_token`` / ``bos_token`` / ``pad_token`` of a ``tokenizer_config.json`` beside ``path``
+    (each a 1-tuple of the token string, absent when unset); ``{}`` when there is none or it is
+    unreadable (it is only a fallback: the error for a missing eos says what was looked at)."""
+    data = tokenizer_config(path)
     out = {}
     for key in ("eos_token", "bos_token", "pad_token"):
-        v = data.get(key) if isinstance(data, dict) else None
+        v = data.get(key)
         if isinstance(v, dict):  # {"content": "</s>", "lstrip": false, ...}
             v = v.get("content")
         if isinstance(v, str) and v:

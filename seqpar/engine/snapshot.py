@@ -16,6 +16,7 @@ import yaml
 from seqpar.checkpoint import hashio
 from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
 from seqpar.data.chat import template_for_export
+from seqpar.data.tokenizer import tokenizer_config
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import fragment_map
 from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, trainable_state_dict
@@ -190,16 +191,10 @@ class Snapshot:
 
 
 def _own_config(tokenizer: Path) -> dict[str, Any]:
-    """The ``tokenizer_config.json`` beside the run's tokenizer.json, or {} (none, or unreadable:
-    the checkpoint then writes the special tokens alone, as it always did)."""
-    try:
-        conf = json.loads(tokenizer.with_name("tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(conf, dict):
-        return {}
-    if "auto_map" in conf:  # a tokenizer class of custom code the checkpoint does not carry: the plain one
+    """The tokenizer's own config to carry (seqpar.data.tokenizer.tokenizer_config), without a
+    custom-code tokenizer class (auto_map): the checkpoint does not carry that code."""
+    conf = tokenizer_config(tokenizer)
+    if "auto_map" in conf:
         conf = {k: v for k, v in conf.items() if k != "auto_map"}
         conf["tokenizer_class"] = "PreTrainedTokenizerFast"
     return conf
-
