@@ -16,7 +16,8 @@ import yaml
 from seqpar.checkpoint import hashio
 from seqpar.checkpoint.manager import CONFIG_FILE, TRAINER_STATE
 from seqpar.data.chat import template_for_export
-from seqpar.data.tokenizer import tokenizer_config
+from seqpar.config import DataConfig
+from seqpar.data.tokenizer import Tokenizer, tokenizer_config
 from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.reshard import fragment_map
 from seqpar.models.lora import ADAPTER_DIR, ADAPTER_FILE, BASE_FILE, trainable_state_dict
@@ -75,7 +76,7 @@ class Snapshot:
             trainer_state["wandb_run_id"] = tr.logger.wandb_id
         raw = {TRAINER_STATE: json.dumps(trainer_state, indent=1).encode(),
                CONFIG_FILE: yaml.safe_dump(tr.cfg.model_dump(mode="json"), sort_keys=False).encode(),
-               **self._tokenizer_files()}
+               **tr.tokenizer_files}
         return rank_trees, raw if tr.topo.is_main else {}, jobs, meta, deferred, live
 
     def _weights(self, deferred: dict[str, Any]) -> tuple[list[Job], list]:
@@ -116,26 +117,6 @@ class Snapshot:
     def special_ids(self) -> dict[str, int | None]:
         tok = self.tr.tokenizer
         return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id} if tok else {}
-
-    def _tokenizer_files(self) -> dict[str, bytes]:
-        """``tokenizer/`` of a checkpoint (exported beside the weights): the tokenizer.json trained
-        with, and a tokenizer_config.json naming the special tokens this run used (a tokenizer.json
-        alone loads in transformers without an eos token)."""
-        tr = self.tr
-        tok = tr.tokenizer
-        if tr.cfg.data.tokenizer is None or tok is None:
-            return {}
-        # The tokenizer's own config kept (its added tokens, model_max_length, ...), the special
-        # tokens this run used written over it.
-        conf = {"tokenizer_class": "PreTrainedTokenizerFast", **_own_config(Path(tr.cfg.data.tokenizer)), **{
-            k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k, None)}}
-        conf.pop("chat_template", None)  # set below: the one this run trained with, or none
-        d = tr.cfg.data  # so an exported model still renders chats (read each time, as tokenizer.json is)
-        template = template_for_export(Path(d.tokenizer), d.chat_template, d.chat_template_file, d.type == "sft")
-        if template:
-            conf["chat_template"] = template
-        return {"tokenizer/tokenizer.json": Path(tr.cfg.data.tokenizer).read_bytes(),
-                "tokenizer/tokenizer_config.json": (json.dumps(conf, indent=1) + "\n").encode()}
 
     def _hf_job(self, weights: dict[str, torch.Tensor]) -> Job:
         cfg = self.tr.cfg.model
@@ -188,6 +169,25 @@ class Snapshot:
             return {out / ADAPTER_FILE: hashio.write_safetensors(out / ADAPTER_FILE, weights, {"format": "pt"}, mode=mode),
                     out / BASE_FILE: hashio.write_bytes(out / BASE_FILE, identity, mode=mode)}
         return job
+
+
+def tokenizer_files(data: DataConfig, tok: Tokenizer | None) -> dict[str, bytes]:
+    """``tokenizer/`` of every checkpoint (exported beside the weights), read once at start-up, so
+    checkpoints carry what the run trained with: the tokenizer.json, and a tokenizer_config.json
+    that is the tokenizer's own (its added tokens, model_max_length, ...) with this run's special
+    tokens written over it (a tokenizer.json alone loads in transformers without an eos token) and
+    the chat template the run trained with (an exported model renders chats as trained)."""
+    if data.tokenizer is None or tok is None:
+        return {}
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", **_own_config(Path(data.tokenizer)), **{
+        k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k, None)}}
+    conf.pop("chat_template", None)  # the one this run trained with, or none
+    template = template_for_export(Path(data.tokenizer), data.chat_template, data.chat_template_file,
+                                   data.type == "sft")
+    if template:
+        conf["chat_template"] = template
+    return {"tokenizer/tokenizer.json": Path(data.tokenizer).read_bytes(),
+            "tokenizer/tokenizer_config.json": (json.dumps(conf, indent=1) + "\n").encode()}
 
 
 def _own_config(tokenizer: Path) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from seqpar.engine.evaluation import held_out_loss
 from seqpar.engine.extensions import Extensions
 from seqpar.engine.memory import apply_memory_policy
 from seqpar.engine.resume import Resume
-from seqpar.engine.snapshot import Snapshot
+from seqpar.engine.snapshot import Snapshot, tokenizer_files
 from seqpar.engine.zero3_init import build_partitioned_model
 from seqpar.data.loader import to_device
 from seqpar.data import Batch, GlobalSampler, MicroBatchLoader, PasskeyDataset, build_tokenizer
@@ -337,6 +337,7 @@ class Trainer:
         self.dataset, self.eval_set = prepare_data(self.cfg, self.data_say, lambda: signals.received is not None)
         self.data_fingerprint = self.dataset.content_fingerprint()
         self.tokenizer = build_tokenizer(self.cfg.data) if self.cfg.data.type != "tokens" else None
+        self.tokenizer_files = tokenizer_files(self.cfg.data, self.tokenizer)  # what checkpoints carry
 
     # -- summary ----------------------------------------------------------------------------------
     def _fused_optimizer(self) -> bool:
