@@ -9,7 +9,8 @@
 # After an attempt, `python -m seqpar.checkpoint.runstate status` decides:
 #   0  finished                       -> exit 0
 #   75 preempted (checkpoint saved)   -> restart at once; exit 75 if this script was signalled
-#   2  config / resume error, or the checkpoint dir is locked by another job -> exit 2, no retry
+#   2  config / resume error, training diverged (train.max_skipped_steps), or the checkpoint dir
+#      is locked by another job -> exit 2, no retry
 #   74 checkpoint I/O error, 1 other  -> restart after BACKOFF_S; after MAX_RESTARTS such failures,
 #                                        exit with that status (preemptions do not count)
 # SIGTERM / SIGUSR1 / SIGINT to this script go to the registered ranks (INT as TERM: the ranks save

@@ -592,6 +592,11 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
+    max_skipped_steps: int = Field(
+        5, ge=0, description="optimizer steps in a row whose gradients are not finite (NaN/inf) that are skipped "
+        "(not applied: weights and optimizer state unchanged, the LR schedule moves on) before the run stops; "
+        "0 = stop at the first"
+    )
     optimizer: Literal["adamw", "galore", "qgalore"] = Field(
         "adamw", description="adamw (DeepSpeed, any ZeRO stage); galore: low-rank moments; qgalore: GaLore with "
         "INT8 weights, INT4 projectors, bf16 moments (seqpar.optim, ZeRO-0)"

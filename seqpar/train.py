@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
     quiet_deepspeed()  # before DeepSpeed starts: no INFO lines, no "op built successfully" on every start
     from seqpar.data.cache import Stopped
     from seqpar.engine import Trainer
+    from seqpar.engine.nonfinite import Diverged
     from seqpar.engine.trainer import CheckpointIOError
     from seqpar.parallel import init_topology, pick_device
 
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None, extra_state: dict | None = None) -> int:
         if topo.is_main:
             print(f"seqpar: {e}", file=sys.stderr)
         return outcome("io_error", EXIT_IO, str(e))
+    except Diverged as e:  # a restart would skip the same steps again: a person decides (exit 2)
+        if topo.is_main:
+            print(f"seqpar: {e}", file=sys.stderr)
+        return outcome("diverged", EXIT_USAGE, str(e))
     except Stopped:  # asked to stop while tokenizing: nothing trained, nothing to save
         reason = "stop requested while tokenizing the data (nothing to save; the next run tokenizes again)"
         if topo.is_main:

@@ -340,6 +340,14 @@ def save_tree(tree: Any, path: Path) -> list[Path]:
     return files
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fresh memory of its own. safetensors 0.8 hands out views into the file's buffer at
+    any alignment (offset 12 of 64 is common); CPU kernels take other code paths for misaligned
+    inputs and round differently, so a resumed run drifted from the uninterrupted one (GaLore's
+    projector SVD on a restored gradient, AMD EPYC). A copy also leaves no live tensor on the file."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class LazyTensor:
     """A tensor of a checkpoint file, read on demand (elastic resume needs a few slices of each).
 
@@ -365,10 +373,10 @@ class LazyTensor:
 
     def flat(self, lo: int, hi: int) -> torch.Tensor:
         if len(self.shape) == 1:
-            return self._slice[lo:hi]
+            return _owned(self._slice[lo:hi])
         row = math.prod(self.shape[1:])
         first, last = lo // row, -(-hi // row)
-        return self._slice[first:last].reshape(-1)[lo - first * row : hi - first * row]
+        return _owned(self._slice[first:last].reshape(-1)[lo - first * row : hi - first * row])
 
 
 LAZY_MIN_NUMEL = 1 << 16  # smaller tensors are read whole even when lazy
@@ -383,7 +391,7 @@ class _LazyTensors:
 
     def __getitem__(self, key: str) -> Any:
         t = LazyTensor(self.handle, key)
-        return t if len(t.shape) >= 1 and t.numel() >= LAZY_MIN_NUMEL else self.handle.get_tensor(key)
+        return t if len(t.shape) >= 1 and t.numel() >= LAZY_MIN_NUMEL else _owned(self.handle.get_tensor(key))
 
 
 def load_tree(path: Path, lazy: bool = False) -> Any:
@@ -392,4 +400,6 @@ def load_tree(path: Path, lazy: bool = False) -> Any:
     st = path.with_suffix(".safetensors")
     if not st.exists():
         return decode(skeleton, {})
-    return decode(skeleton, _LazyTensors(st) if lazy else load_file(str(st)))
+    if lazy:
+        return decode(skeleton, _LazyTensors(st))
+    return decode(skeleton, {k: _owned(t) for k, t in load_file(str(st)).items()})

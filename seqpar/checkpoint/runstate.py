@@ -27,7 +27,8 @@ RUN_STATE_FILE = "run_state.json"
 EXIT_FINISHED, EXIT_FAILED, EXIT_USAGE, EXIT_IO, EXIT_PREEMPTED = 0, 1, 2, 74, 75
 # state -> the exit status it stands for; `running` means "started and never recorded an end"
 STATES = {"running": EXIT_FAILED, "finished": EXIT_FINISHED, "preempted": EXIT_PREEMPTED,
-          "usage_error": EXIT_USAGE, "io_error": EXIT_IO, "failed": EXIT_FAILED}
+          "usage_error": EXIT_USAGE, "io_error": EXIT_IO, "failed": EXIT_FAILED,
+          "diverged": EXIT_USAGE}  # gradients not finite step after step: retrying repeats it
 
 
 def _warn(msg: str) -> None:

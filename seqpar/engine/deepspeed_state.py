@@ -25,6 +25,7 @@ Everything returned is a CPU copy (the live tensors keep changing).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -161,6 +162,40 @@ def weight_replica_group(engine):
     """The ranks holding the same weights, over which DeepSpeed averages gradients (data x sequence
     parallel; expert parallelism aside)."""
     return engine.seq_data_parallel_group
+
+
+# -- steps whose gradients are not finite (engine/nonfinite.py) --------------------------------------
+def skips_nonfinite_steps(engine) -> bool:
+    """DeepSpeed's ZeRO, bf16 and unfused 16-bit optimizers skip a step whose global gradient norm is
+    NaN or inf themselves (no update, ``skipped_steps`` + 1, the LR scheduler not stepped); the
+    plain optimizer DeepSpeed runs at stage 0 in fp32 applies it."""
+    return optimizer_kind(engine) != "torch"
+
+
+def skipped_steps(engine) -> int:
+    return int(engine.skipped_steps)
+
+
+@contextmanager
+def step_skipped(engine):
+    """``engine.step()`` inside makes no update with the plain stage-0 optimizer and DeepSpeed
+    counts the step as skipped, as it does for its own optimizers: ``_take_model_step`` reads
+    ``optimizer.overflow`` after ``optimizer.step()``. Clipping and zeroing the gradients still run."""
+    opt = engine.optimizer
+    if optimizer_kind(engine) != "torch":
+        raise RuntimeError("step_skipped is for the plain stage-0 optimizer; DeepSpeed's own skip such steps")
+    opt.step = lambda *args, **kwargs: None  # the instance attribute hides the class's step
+    opt.overflow = True
+    try:
+        yield
+    finally:
+        del opt.step, opt.overflow
+
+
+def advance_schedule(engine) -> None:
+    """Step the LR scheduler DeepSpeed left where it was for a skipped step."""
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()
 
 
 # -- optimizer + scheduler -------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.evaluation import held_out_loss
 from seqpar.engine.extensions import Extensions
 from seqpar.engine.memory import apply_memory_policy
+from seqpar.engine.nonfinite import Diverged, NonFiniteGuard, diverged_message, skipped_message
 from seqpar.engine.resume import Resume
 from seqpar.engine.snapshot import Snapshot, tokenizer_files
 from seqpar.engine.zero3_init import build_partitioned_model
@@ -126,6 +127,8 @@ class TrainState:
     last_loss: float | None = None
     window_micro_losses: list[float] = field(default_factory=list)  # rank 0's CE sum per micro-batch
     window_routing: list[int] = field(default_factory=list)  # MoE assignment digest per micro-batch
+    skipped_steps: int = 0  # steps whose gradients were not finite: not applied (engine/nonfinite.py)
+    skips_in_a_row: int = 0
     # This process's records (not saved): what tests compare, bitwise, with an uninterrupted run.
     losses: list[float] = field(default_factory=list, metadata={"session": True})
     micro_losses: list[float] = field(default_factory=list, metadata={"session": True})
@@ -291,6 +294,7 @@ class Trainer:
                                            master=not cfg.low_precision_weights)
         if refused:
             raise ConfigError("this DeepSpeed setup is not supported:\n  - " + "\n  - ".join(refused))
+        self.nonfinite = NonFiniteGuard(self.engine, self._trainable, topo.control_group)
 
         self.logger = RunLogger(
             self.run_dir, topo.is_main, cfg.train.max_steps, cfg.logging.progress_bar, cfg.logging.tensorboard,
@@ -532,7 +536,7 @@ class Trainer:
         ``checkpoint.on_write_error``. Collective."""
         self.ckpt.writer.abort()
         self.ckpt.writer.wait()
-        newest = next((c.tag for c in reversed(self.ckpt.store.list()) if (c.path / "COMMITTED").is_file()), None)
+        newest = self._newest_committed()
         where = f"the newest committed checkpoint is {newest}" if newest else "no checkpoint is committed yet"
         if self.cfg.checkpoint.on_write_error == "stop":
             raise CheckpointIOError(
@@ -544,6 +548,9 @@ class Trainer:
                   f"on (checkpoint.on_write_error: warn); {where}", file=sys.stderr, flush=True)
         self.ckpt.writer.clear()
         dist.barrier()
+
+    def _newest_committed(self) -> str | None:
+        return next((c.tag for c in reversed(self.ckpt.store.list()) if (c.path / "COMMITTED").is_file()), None)
 
     def _record_run_state(self, state: str, checkpoint: Path | str | None = None) -> None:
         """The outcome where restart loops look: <run_dir>/run_state.json (rank 0) and the
@@ -571,7 +578,11 @@ class Trainer:
                 self._grad_norm = clip_grad_norm_(*self._own_clipping, self.expert_parallel, self.cfg.train.grad_clip)
             elif self.int8_weights is not None:  # INT8 weights' gradients: reduced here, clipped with the rest
                 self._grad_norm = self.int8_weights.finish(self._trainable, self.cfg.train.grad_clip, lay.world_size)
-        self.engine.step()
+            skipped = self.nonfinite.step(self._grad_norm)
+            if skipped and self.int8_weights is not None:  # the optimizer did not consume them
+                self.int8_weights.discard()
+        else:
+            self.engine.step()
         self._acc["ce"] += out.loss_sum.detach().double()
         self._acc["aux"] += out.aux_loss.detach().double()
         st.record_micro_batch(out.loss_sum.detach().clone(),
@@ -580,7 +591,7 @@ class Trainer:
         st.consumed_samples += lay.micro_batch_size * lay.dp
         self.extensions.call("on_micro_batch_end", self)
         if closes:
-            self._close_window()
+            self._close_window(skipped)
             self.extensions.call("on_step_end", self)
 
     def _model_inputs(self, batch):
@@ -620,10 +631,10 @@ class Trainer:
             self._acc["aux"] += self._resumed_acc["aux"]
             self._resumed_acc = None
 
-    def _close_window(self) -> None:
+    def _close_window(self, skipped: bool = False) -> None:
         st, lay = self.state, self.layout
         st.materialize()  # the step's one host read (DeepSpeed's clipping reads the norm anyway)
-        router_stats = self.model.update_routers()
+        router_stats = self.model.update_routers(step_bias=not skipped)
         sums = torch.stack([self._acc["ce"], self._acc["aux"]])
         dist.all_reduce(sums)  # CE is split over SP ranks; each SP rank holds the whole-sequence aux
         loss = (sums[0] / self._acc["tokens"].double()).item()
@@ -633,8 +644,19 @@ class Trainer:
         st.consumed_tokens += self._acc["tokens_n"]
         st.record_step(loss)
         self._window = None
-        if st.step % self.cfg.logging.log_every == 0 or st.step == self.cfg.train.max_steps:
+        st.skipped_steps += skipped
+        st.skips_in_a_row = st.skips_in_a_row + 1 if skipped else 0
+        if skipped:
+            self._skipped(loss)
+        if st.step % self.cfg.logging.log_every == 0 or st.step == self.cfg.train.max_steps or skipped:
             self._log(loss, aux, router_stats)
+
+    def _skipped(self, loss: float) -> None:
+        """Say so on the step, or stop once train.max_skipped_steps is passed (every rank alike)."""
+        st, limit = self.state, self.cfg.train.max_skipped_steps
+        if st.skips_in_a_row > limit:
+            raise Diverged(diverged_message(st.step, st.skips_in_a_row, limit, self._newest_committed()))
+        self.logger.print(skipped_message(st.step, self.cfg.train.max_steps, loss, st.skips_in_a_row, limit))
 
     def _log(self, loss: float, aux: float, router_stats: dict[str, float]) -> None:
         if self.device.type == "cuda":
@@ -656,6 +678,8 @@ class Trainer:
         grad_norm = self._grad_norm if own else self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
+        if self.state.skipped_steps:
+            metrics["skipped_steps"] = self.state.skipped_steps
         if self.cfg.model.moe is not None:
             metrics["aux_loss"] = aux
             metrics.update(router_stats)

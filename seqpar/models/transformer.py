@@ -408,10 +408,11 @@ class Transformer(nn.Module):
         reading it now would stall the GPU every micro-batch."""
         return torch.stack([r.routing_digest.detach().reshape(()) for _, r in self.routers()]).clone()
 
-    def update_routers(self, group=None) -> dict[str, float]:
+    def update_routers(self, group=None, step_bias: bool = True) -> dict[str, float]:
         """End of an optimizer step: sum token counts over all ranks, step the expert bias, reset.
 
-        One all-reduce for all layers. Returns load statistics for logging.
+        One all-reduce for all layers. Returns load statistics for logging. ``step_bias`` false:
+        the step was skipped (gradients not finite), so the bias stays, like the weights.
         """
         routers = [r for _, r in self.routers()]
         if not routers:
@@ -425,7 +426,7 @@ class Transformer(nn.Module):
         counts, dropped = table[:, :-1], table[:, -1]
         mean = counts.mean(dim=1, keepdim=True)
         for r, c, m in zip(routers, counts, mean):
-            if r.expert_bias is not None:
+            if r.expert_bias is not None and step_bias:
                 # DeepSeek-V3: raise under-loaded experts' bias, lower over-loaded ones'.
                 r.expert_bias += r.cfg.bias_update_rate * torch.sign(m - c)
             r.tokens_per_expert.zero_()

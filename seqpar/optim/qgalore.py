@@ -161,6 +161,11 @@ class Int8Weights:
         clip_to_norm_(grads, norm, max_norm)
         return norm
 
+    def discard(self) -> None:
+        """Drop the window's gradients: its step was skipped (they were not finite)."""
+        for q in self.layers.values():
+            q.weight_grad = None
+
     def state_dict(self) -> dict[str, Tensor]:
         """The gradients of the open window (this rank's, unreduced)."""
         return {name: q.weight_grad.detach() for name, q in self.layers.items() if q.weight_grad is not None}
