@@ -18,6 +18,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -279,7 +280,9 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
-        self.jsonl.write(json.dumps(record) + "\n")
+        # strict JSON: a NaN loss or inf grad_norm (a skipped step) is written as null
+        self.jsonl.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                     for k, v in record.items()}) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

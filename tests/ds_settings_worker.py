@@ -32,6 +32,7 @@ CASES = {  # name: (zero stage, precision, deepspeed keys merged over seqpar's d
     "bfloat16 key": (2, "fp32", {"bfloat16": {"enabled": True}}),
     "fp32 accumulation spelt float": (2, "bf16", {"data_types": {"grad_accum_dtype": "float"}}),
     "elastic_checkpoint": (1, "fp32", {"zero_optimization": {"elastic_checkpoint": True}}),
+    "no grad norm": (2, "fp32", {"zero_optimization": {"compute_grad_norm": False}, "gradient_clipping": 0.0}),
 }
 
 

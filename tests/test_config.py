@@ -267,4 +267,5 @@ def test_unsupported_deepspeed_settings_are_refused(tmp_path):
     assert any("train.precision" in w for w in found["bfloat16 key"]), found
     assert any("grad_accum_dtype" in w for w in found["fp32 accumulation spelt float"]), found
     assert any("elastic_checkpoint" in w for w in found["elastic_checkpoint"]), found
+    assert any("compute_grad_norm false" in w and "not finite" in w for w in found["no grad norm"]), found
     assert "managed_gradient_accumulation" in found["trainer"] and "not supported" in found["trainer"], found

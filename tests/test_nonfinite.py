@@ -13,6 +13,29 @@ from common import BASE, ENV, ROOT, final_hashes, read_rows, run, torchrun, writ
 from seqpar.checkpoint.runstate import classify, read_run_state
 
 
+def test_older_checkpoints_and_clipping_by_an_infinite_norm():
+    """A trainer state saved before the skip counters existed loads with them at 0; clipping by a
+    norm that is not finite makes the gradients NaN (never 0: the optimizer would step on zeros)."""
+    import torch
+
+    from seqpar.engine.trainer import TrainState
+    from seqpar.optim.clip import clip_to_norm_
+
+    saved = TrainState(step=7, micro_step=2).state_dict()
+    old = {k: v for k, v in saved.items() if k not in ("skipped_steps", "skips_in_a_row")}
+    st = TrainState(skipped_steps=3)
+    st.load_state_dict(old)
+    assert (st.step, st.micro_step, st.skipped_steps) == (7, 2, 3)  # missing: kept as constructed
+    with pytest.raises(KeyError):  # anything else missing is still an error
+        TrainState().load_state_dict({k: v for k, v in saved.items() if k != "step"})
+    grads = [torch.ones(3), torch.full((2,), 2.0)]
+    clip_to_norm_(grads, torch.tensor(float("inf")), 1.0)
+    assert all(torch.isnan(g).all() for g in grads)
+    grads = [torch.ones(4)]
+    clip_to_norm_(grads, torch.tensor(4.0), 1.0)  # finite norms clip as before
+    assert torch.allclose(grads[0], torch.full((4,), 0.25), atol=1e-6)
+
+
 @pytest.mark.slow
 def test_skipped_on_every_optimizer_path(tmp_path):
     r = torchrun(2, "nonfinite_worker.py", str(tmp_path / "rows.jsonl"), cwd=tmp_path, timeout=900)
@@ -47,7 +70,8 @@ def test_diverged_run_stops_and_resume_is_bitwise(tmp_path):
     assert rec["state"] == "diverged" and rec["step"] == 6 and rec["checkpoint"].startswith("step00000005")
     assert classify(rec, 1)[0] == 2  # restart wrappers do not retry it
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert [x.get("skipped_steps") for x in rows] == [None, None, None, 1, 2]
+    assert [x.get("skipped_steps") for x in rows] == [None, None, None, 1, 2, 3]  # the stopping step too
+    assert rows[3]["loss"] is None and rows[3]["grad_norm"] is None  # strict JSON: NaN / inf as null
     # a higher limit is accepted on resume without allow_changes; the run goes on skipping
     r = run(r.args + ["--train.max_skipped_steps", "10"], env={**ENV, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
                                                                 "SEQPAR_TEST_NAN_STEPS": "3,4,5,6,7"})

@@ -128,6 +128,9 @@ def unsupported_settings(engine, precision: str, offload: tuple[bool, bool] | No
     if engine.torch_autocast_enabled():
         why.append("deepspeed.torch_autocast: its gradient scaler state is not checkpointed and seqpar owns "
                    "precision; remove it and set train.precision")
+    if engine.zero_optimization_stage() in (1, 2) and not engine.zero_compute_grad_norm():
+        why.append("deepspeed.zero_optimization.compute_grad_norm false: ZeRO-1/2 then cannot tell a step whose "
+                   "gradients are not finite (NaN/inf would reach the weights); remove it")
     if not engine.managed_gradient_accumulation():
         why.append("deepspeed.managed_gradient_accumulation false: seqpar drives accumulation windows itself; "
                    "remove it")
@@ -184,12 +187,19 @@ def step_skipped(engine):
     opt = engine.optimizer
     if optimizer_kind(engine) != "torch":
         raise RuntimeError("step_skipped is for the plain stage-0 optimizer; DeepSpeed's own skip such steps")
-    opt.step = lambda *args, **kwargs: None  # the instance attribute hides the class's step
+    # an instance attribute hides the class's step; torch's LR scheduler may have put its own
+    # wrapper there, which comes back afterwards
+    wrapped = opt.__dict__.get("step")
+    opt.step = lambda *args, **kwargs: None
     opt.overflow = True
     try:
         yield
     finally:
-        del opt.step, opt.overflow
+        del opt.overflow
+        if wrapped is None:
+            del opt.step
+        else:
+            opt.step = wrapped
 
 
 def advance_schedule(engine) -> None:

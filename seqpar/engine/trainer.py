@@ -113,6 +113,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str 
     return groups
 
 
+ADDED_LATER = ("skipped_steps", "skips_in_a_row")  # TrainState fields older checkpoints lack
+
+
 @dataclass
 class TrainState:
     """Loop position and what the trainer itself needs to resume. Saved with every checkpoint, so
@@ -139,7 +142,8 @@ class TrainState:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for k in self.state_dict():
-            setattr(self, k, copy.copy(sd[k]))
+            if k in sd or k not in ADDED_LATER:  # a checkpoint from before a field existed: its default
+                setattr(self, k, copy.copy(sd[k]))
 
     def record_micro_batch(self, loss_sum: torch.Tensor | float, digest: torch.Tensor | int | None) -> None:
         """Device tensors are kept as they are (reading them would stall the GPU every micro-batch)
@@ -646,15 +650,16 @@ class Trainer:
         self._window = None
         st.skipped_steps += skipped
         st.skips_in_a_row = st.skips_in_a_row + 1 if skipped else 0
-        if skipped:
-            self._skipped(loss)
         if st.step % self.cfg.logging.log_every == 0 or st.step == self.cfg.train.max_steps or skipped:
             self._log(loss, aux, router_stats)
+        if skipped:
+            self._skipped(loss)
 
     def _skipped(self, loss: float) -> None:
         """Say so on the step, or stop once train.max_skipped_steps is passed (every rank alike)."""
         st, limit = self.state, self.cfg.train.max_skipped_steps
         if st.skips_in_a_row > limit:
+            self._settle()  # every rank is here: a checkpoint still being written is named if it commits
             raise Diverged(diverged_message(st.step, st.skips_in_a_row, limit, self._newest_committed()))
         self.logger.print(skipped_message(st.step, self.cfg.train.max_steps, loss, st.skips_in_a_row, limit))
 

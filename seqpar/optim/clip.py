@@ -19,4 +19,7 @@ def clip_to_norm_(grads: list[Tensor], norm: Tensor, max_norm: float) -> None:
     """Scale ``grads`` in place so that their global ``norm`` is at most ``max_norm`` (0: off)."""
     if max_norm > 0 and grads:
         coef = max_norm / (norm + 1e-6)
-        torch._foreach_mul_(grads, torch.where(coef < 1, coef, torch.ones_like(coef)))
+        coef = torch.where(coef < 1, coef, torch.ones_like(coef))
+        # an inf norm (squares overflowed) would scale everything to 0 and let the step through:
+        # NaN instead, so the optimizer's own check skips it (engine/nonfinite.py)
+        torch._foreach_mul_(grads, torch.where(torch.isfinite(norm), coef, torch.full_like(coef, float("nan"))))
