@@ -81,7 +81,7 @@ def test_diverged_run_stops_and_resume_is_bitwise(tmp_path):
     over = {"checkpoint": {**BASE["checkpoint"], "keep_last": 100}}
     r, full = _nan_run(tmp_path, "full", "2", **over)
     assert r.returncode == 0 and "WARNING: step 3/8" in r.stdout, r.stderr[-3000:]
-    assert "done: 8 steps" in r.stdout
+    assert "done: 8 steps, loss" in r.stdout and ", 1 skipped (gradients not finite)" in r.stdout
     tag = next(p for p in sorted((full / "checkpoints").iterdir()) if p.name.startswith("step00000004-seq000003"))
     r, resumed = _nan_run(tmp_path, "resumed", "2", "--resume", str(tag), **over)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]

@@ -491,6 +491,7 @@ class Trainer:
             print(
                 f"done: {self.state.step} steps, loss {self.state.first_loss:.4f} -> {result['final_loss']:.4f}"
                 + (f", held-out loss {self._last_eval[1]:.4f} at step {self._last_eval[0]}" if self._last_eval else "")
+                + (f", {self.state.skipped_steps} skipped (gradients not finite)" if self.state.skipped_steps else "")
                 + (f", {passkey_summary(result['passkey_accuracy'], pk.eval_samples, pk.key_digits)}"
                    if "passkey_accuracy" in result else "")
                 + (f", {percent(result['passkey_accuracy_other_shard'])} with the key in another rank's shard"
