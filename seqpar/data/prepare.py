@@ -64,11 +64,14 @@ def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None,
     return build_dataset(held_out, cache_dir, say, "data.eval_paths", stop, tokenizer)
 
 
-def prepare_data(cfg: Config, say: Say | None = None,
-                 stop: Callable[[], bool] | None = None) -> tuple[PackedDataset, PackedDataset | None]:
+def prepare_data(cfg: Config, say: Say | None = None, stop: Callable[[], bool] | None = None,
+                 tokenizer: Tokenizer | None = None) -> tuple[PackedDataset, PackedDataset | None]:
     """(training set, held-out set or None), built and checked; ``say``: progress printer;
-    ``stop``: true when the process is asked to stop (tokenizing then raises ``cache.Stopped``)."""
-    tok = build_tokenizer(cfg.data) if cfg.data.type in ("text", "sft") else None  # loaded once
+    ``stop``: true when the process is asked to stop (tokenizing then raises ``cache.Stopped``);
+    ``tokenizer``: ``build_tokenizer(cfg.data)`` when the caller already has it (loaded once)."""
+    tok = None
+    if cfg.data.type in ("text", "sft"):
+        tok = tokenizer if tokenizer is not None else build_tokenizer(cfg.data)
     if tok is not None:
         check_tokenizer_fits(cfg, tok)
     if cfg.data.eval_paths and not cfg.train.eval_every and say is not None:

@@ -342,9 +342,10 @@ class Trainer:
         """Training and held-out datasets, and the tokenizer the checkpoints carry for export.
         A preemption while tokenizing ends it (``Stopped``; train.py exits 75, nothing to save)."""
         signals = StopSignal.install()
-        self.dataset, self.eval_set = prepare_data(self.cfg, self.data_say, lambda: signals.received is not None)
-        self.data_fingerprint = self.dataset.content_fingerprint()
         self.tokenizer = build_tokenizer(self.cfg.data) if self.cfg.data.type != "tokens" else None
+        self.dataset, self.eval_set = prepare_data(self.cfg, self.data_say, lambda: signals.received is not None,
+                                                   tokenizer=self.tokenizer)
+        self.data_fingerprint = self.dataset.content_fingerprint()
         self.tokenizer_files = tokenizer_files(self.cfg.data, self.tokenizer)  # what checkpoints carry
 
     # -- summary ----------------------------------------------------------------------------------
