@@ -210,6 +210,33 @@ def test_qwen3_multi_turn_needs_generation_blocks(tmp_path: Path):
     (ids, mask), = examples(ds)
     assert tok.decode(ids[mask == 1].tolist()) == "Paris.<|im_end|>\n"
     assert tok.decode(ids.tolist()).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nParis.<|im_end|>\n")
+    # what a checkpoint carries renders as trained: the run's kwargs are the exported template's
+    # defaults (transformers on the exported folder gives the ids trained on), and a variable passed
+    # at inference still wins
+    from transformers import AutoTokenizer
+
+    from seqpar.engine.snapshot import tokenizer_files
+
+    trained = {"enable_thinking": False, "note": "a '\"}} %} #} {{x}} \\ é 😀", "my-var": 1}
+    out = tmp_path / "exported"
+    out.mkdir()
+    for name, blob in tokenizer_files(DataConfig(**{**cfg, "paths": [one]}, chat_template_kwargs=trained),
+                                      tok).items():
+        (out / Path(name).name).write_bytes(blob)
+    exported = AutoTokenizer.from_pretrained(out)
+    assert exported.apply_chat_template(CONVERSATIONS[0], tokenize=True, return_dict=True)["input_ids"] == ids.tolist()
+    ask = CONVERSATIONS[0][:1]
+    prompt = exported.apply_chat_template(ask, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # thinking off, as trained
+    assert exported.apply_chat_template(ask, tokenize=False, add_generation_prompt=True, enable_thinking=True) == \
+        AutoTokenizer.from_pretrained(d).apply_chat_template(ask, tokenize=False, add_generation_prompt=True) != prompt
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    # any JSON value survives as a Jinja literal (nothing in a string closes the tag); a name no
+    # template can refer to is left out
+    assert _compile_jinja_template(exported.chat_template + "|{{ note }}").render(messages=[]).endswith(
+        "|" + trained["note"])
+    assert "my-var" not in exported.chat_template
 
 
 def test_template_sources_and_cache(tmp_path: Path, caplog):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import keyword
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -208,15 +209,17 @@ def special_tokens(tokenizer_path: Path) -> dict[str, str]:
 
 
 def template_for_export(tokenizer_path: Path, chat_template: str, template_file: Path | None,
-                        sft: bool) -> str | list[dict[str, str]] | None:
+                        sft: bool, kwargs: dict[str, Any] | None = None) -> str | list[dict[str, str]] | None:
     """The chat template a checkpoint's tokenizer carries (so an exported model still renders
-    chats): the one an ``hf`` run trained with (with its ``tool_use`` sibling, as named templates);
-    else, for runs that do not train on chats, the tokenizer's own (the model's format, untouched).
-    None for the per-message format, which a Jinja template of the tokenizer would misdescribe."""
+    chats): the one an ``hf`` run trained with (with its ``tool_use`` sibling, as named templates),
+    with the run's ``data.chat_template_kwargs`` as its defaults; else, for runs that do not train
+    on chats, the tokenizer's own (the model's format, untouched). None for the per-message
+    format, which a Jinja template of the tokenizer would misdescribe."""
     if chat_template != "hf" and (sft or not tokenizer_has_template(tokenizer_path)):
         return None
+    trained = kwargs if chat_template == "hf" else None
     if template_file is not None and chat_template == "hf":
-        return _read_text(template_file, "data.chat_template_file")
+        return with_defaults(_read_text(template_file, "data.chat_template_file"), trained)
     try:
         source, _, tool_source = _template_beside(tokenizer_path)
     except DataError:
@@ -224,8 +227,45 @@ def template_for_export(tokenizer_path: Path, chat_template: str, template_file:
             raise
         return None  # the tokenizer's own template is only carried along: a broken one is left behind
     if tool_source is None:
+        return with_defaults(source, trained)
+    return [{"name": "default", "template": with_defaults(source, trained)},
+            {"name": "tool_use", "template": with_defaults(tool_source, trained)}]
+
+
+def with_defaults(source: str, kwargs: dict[str, Any] | None) -> str:
+    """``source`` preceded by one ``{% set %}`` per variable of ``kwargs`` that the caller has not
+    passed: an exported model renders chats as it was trained (``enable_thinking: false``) without
+    its users knowing the run's settings, and a variable passed to ``apply_chat_template`` still
+    wins. Names a template cannot refer to (not identifiers) cannot change its output: left out."""
+    lines = []
+    for key, value in (kwargs or {}).items():
+        if key.isidentifier() and not keyword.iskeyword(key) and key not in _JINJA_WORDS:
+            lines.append(f"{{%- if {key} is not defined %}}{{%- set {key} = {_literal(value)} %}}{{%- endif %}}")
+    if not lines:
         return source
-    return [{"name": "default", "template": source}, {"name": "tool_use", "template": tool_source}]
+    return ("{#- seqpar: the data.chat_template_kwargs this model was trained with, as defaults -#}\n"
+            + "\n".join(lines) + source)
+
+
+# Words Jinja's parser reads as literals or operators: not variable names
+_JINJA_WORDS = frozenset({"true", "false", "none", "and", "or", "not", "in", "is", "if", "else"})
+
+
+def _literal(value: Any) -> str:
+    """A Jinja literal for a JSON value (``data.chat_template_kwargs`` holds JSON values only)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value)  # Jinja reads Python's escapes; a quoted '%}' does not close the tag (tested)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(str(k))}: {_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"not a JSON value: {value!r}")  # config validation refuses these first
 
 
 def tokenizer_has_template(tokenizer_path: Path) -> bool:

@@ -176,14 +176,15 @@ def tokenizer_files(data: DataConfig, tok: Tokenizer | None) -> dict[str, bytes]
     checkpoints carry what the run trained with: the tokenizer.json, and a tokenizer_config.json
     that is the tokenizer's own (its added tokens, model_max_length, ...) with this run's special
     tokens written over it (a tokenizer.json alone loads in transformers without an eos token) and
-    the chat template the run trained with (an exported model renders chats as trained)."""
+    the chat template the run trained with, its ``data.chat_template_kwargs`` as defaults (an
+    exported model renders chats as trained)."""
     if data.tokenizer is None or tok is None:
         return {}
     conf = {"tokenizer_class": "PreTrainedTokenizerFast", **_own_config(Path(data.tokenizer)), **{
         k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "pad_token") if getattr(tok, k, None)}}
     conf.pop("chat_template", None)  # the one this run trained with, or none
     template = template_for_export(Path(data.tokenizer), data.chat_template, data.chat_template_file,
-                                   data.type == "sft")
+                                   data.type == "sft", data.chat_template_kwargs)
     if template:
         conf["chat_template"] = template
     return {"tokenizer/tokenizer.json": Path(data.tokenizer).read_bytes(),
