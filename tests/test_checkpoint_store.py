@@ -357,16 +357,17 @@ def test_writer_hashes_while_writing(tmp_path, monkeypatch):
 
 
 def test_keep_best_protects_the_lowest_eval_loss(tmp_path):
-    """checkpoint.keep_best: retention never deletes the checkpoint with the lowest held-out loss."""
+    """checkpoint.keep_best: retention never deletes the checkpoint with the lowest held-out loss; a
+    NaN loss (a manifest written before NaN was left out) is never the best."""
     store = CheckpointStore(tmp_path)
-    for step, loss in ((1, 3.0), (2, 1.5), (3, 2.0), (4, 2.5)):
+    for step, loss in ((1, float("nan")), (2, 3.0), (3, 1.5), (4, 2.0), (5, 2.5)):
         part = store.begin(tag_for(step, 0))
         (part / "trainer_state.json").write_text("{}")
         pos = {"step": step, "window_samples": 0, "consumed_samples": 8 * step, "micro_step": 0}
         new = store.commit(tag_for(step, 0), describe_files(part, [part / "trainer_state.json"]),
                            {"position": pos, "eval_loss": loss})
         store.retain(keep_last=1, protect=set(), committed_now=new, keep_best=True)
-    assert store.best() == (tag_for(2, 0), 1.5)
-    assert [c.step for c in store.list()] == [2, 4]
+    assert store.best() == (tag_for(3, 0), 1.5)
+    assert [c.step for c in store.list()] == [3, 5]
     store.retain(keep_last=1, protect=set(), committed_now=new, keep_best=False)
-    assert [c.step for c in store.list()] == [4]
+    assert [c.step for c in store.list()] == [5]

@@ -29,6 +29,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -359,14 +360,15 @@ class CheckpointStore:
         return self.verify(path)
 
     def best(self) -> tuple[str, float] | None:
-        """(tag, eval loss) of the committed checkpoint with the lowest held-out loss, if any has one."""
+        """(tag, eval loss) of the committed checkpoint with the lowest finite held-out loss, if any."""
         scored = []
         for c in self.list():
             try:
                 loss = json.loads((c.path / MANIFEST).read_text()).get("eval_loss")
             except (OSError, ValueError, AttributeError):
                 continue
-            if isinstance(loss, (int, float)) and (c.path / MARKER).is_file():
+            # a NaN loss (older manifests) compares false with everything: min() could keep it as the best
+            if isinstance(loss, (int, float)) and math.isfinite(loss) and (c.path / MARKER).is_file():
                 scored.append((float(loss), c.order, c.tag))
         return (min(scored)[2], min(scored)[0]) if scored else None
 

@@ -7,6 +7,7 @@ copy before the next optimizer step). The trainer calls ``Snapshot(trainer).cont
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,8 @@ class Snapshot:
         jobs, live = self._weights(deferred)
         meta = tr._meta()
         if tr._last_eval and tr._last_eval[0] == st.step and not st.micro_step:
-            meta["eval_loss"] = tr._last_eval[1]  # checkpoint.keep_best keeps the lowest
+            loss = tr._last_eval[1]  # checkpoint.keep_best keeps the lowest; a NaN one is no loss (strict JSON)
+            meta["eval_loss"] = loss if math.isfinite(loss) else None
         trainer_state = {**meta, **st.state_dict(), "sampler": tr.sampler.state_dict(),
                          "special_tokens": self.special_ids(),  # for the export of ZeRO-3 shards
                          "data_fingerprint": tr.data_fingerprint}  # a resume on other data is refused
