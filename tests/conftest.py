@@ -1,15 +1,55 @@
-"""Fixtures shared by the command-line fault and preemption tests."""
+"""Suite-wide set-up: two pytest workers on two cores (pyproject's ``-n 2``), fixtures shared by
+the command-line fault and preemption tests."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
-from common import command, final_hashes, run
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    # One intra-op thread per worker: two workers with two OpenMP threads each on two cores make an
+    # in-process test many times slower (spin-waits). Set before any test module imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from common import command, final_hashes, run  # noqa: E402  (after OMP_NUM_THREADS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first (stable order otherwise): with two workers the run then ends on short
+    tests instead of one worker finishing a 5-minute test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(autouse=True)
+def _machine_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Under several workers, a test marked ``alone`` (it checks a wall-clock promise) runs with
+    the machine to itself: it holds an exclusive lock, every other test a shared one. The
+    turnstile lets a waiting ``alone`` test in before the other worker's next test."""
+    if not WORKER:
+        yield
+        return
+    base = Path(tempfile.gettempdir()) / f"seqpar-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'run')}"
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(f"{base}.turnstile", "a") as turnstile, open(f"{base}.share", "a") as share:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(share, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(share, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
 def references(tmp_path_factory) -> dict[tuple[int, int], dict[str, str]]:
-    """Final state of uninterrupted runs, by (processes, max_steps), computed on first use."""
+    """Final state of uninterrupted runs, by (processes, max_steps), computed on first use (the
+    tests that use it share one worker: ``xdist_group("references")``)."""
     tmp = tmp_path_factory.mktemp("ref")
 
     class Refs(dict):

@@ -22,6 +22,7 @@ import pytest
 from common import ENV, command, final_hashes, free_port, kill_all, newest_committed, run, start
 
 
+@pytest.mark.xdist_group("references")  # one worker computes the reference runs once
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, kills", [(1, 15), (2, 5)])
 def test_sigkill_at_random_instants_always_resumes_exactly(tmp_path, references, nproc, kills):
@@ -59,6 +60,7 @@ def test_sigkill_at_random_instants_always_resumes_exactly(tmp_path, references,
     assert len(trials) == kills + 1
 
 
+@pytest.mark.xdist_group("references")  # one worker computes the reference runs once
 @pytest.mark.slow
 def test_sigterm_two_ranks_saves_mid_window_exits_and_resumes_exactly(tmp_path, references):
     """Two ranks started as a scheduler would (srun-style, RANK/WORLD_SIZE per process), both

@@ -61,6 +61,7 @@ def check_stopped_at_a_committed_checkpoint(run_dir: Path, t0: float, launcher_s
     return tag
 
 
+@pytest.mark.xdist_group("references")  # one worker computes the reference runs once
 @pytest.mark.slow
 def test_sigterm_through_torchrun_agent_all_or_one_rank(tmp_path, references):
     """The three ways a SIGTERM reaches a torchrun job (Kubernetes / a restart wrapper: the agent
@@ -92,6 +93,7 @@ def test_sigterm_through_torchrun_agent_all_or_one_rank(tmp_path, references):
     assert final_hashes(run_dir) == references[(2, 24)]
 
 
+@pytest.mark.xdist_group("references")  # one worker computes the reference runs once
 @pytest.mark.slow
 def test_agent_killed_ranks_stop_and_replacement_waits_for_the_lock(tmp_path, references):
     """torchrun's agent SIGKILLed: its ranks (own sessions) notice the launcher is gone, save and
@@ -119,6 +121,7 @@ def test_agent_killed_ranks_stop_and_replacement_waits_for_the_lock(tmp_path, re
     assert final_hashes(run_dir) == references[(2, 24)]
 
 
+@pytest.mark.xdist_group("references")  # one worker computes the reference runs once
 @pytest.mark.slow
 def test_write_failure_on_rank1_is_agreed_at_once(tmp_path, references):
     """An injected ENOSPC on rank 1 (twice: the retry fails too) stops both ranks within a micro-batch
