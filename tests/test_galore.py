@@ -397,16 +397,23 @@ def test_resume_across_a_projector_refresh_is_bitwise(tmp_path, optimizer, preci
         assert ("fp32 master weights" if master else "bf16 weights (stochastic rounding)") in full.stdout
     # refreshes happen at optimizer steps 1 and 3 (state step 0 and 2; Q-GaLore's interval doubles
     # after the second: window 1, threshold 0); stops before each of them
+    # One chain (a process start costs more than the run): stopped at the step boundary, resumed
+    # and stopped again mid-window, resumed to the end. The counter counts this process's
+    # micro-batches, so the second stop lands per_step // 2 into the window after the boundary.
     per_step = 4 // nproc  # micro-batches per step on each rank (global batch 4, micro 1)
-    for name, stop in (("boundary", str(2 * per_step)), ("mid", str(2 * per_step + per_step // 2))):
-        cmd, run_dir = galore_run(tmp_path, name, precision, optimizer, master, nproc)
-        stopped = run(cmd, timeout=600, env={**ENV, "SEQPAR_STOP_AFTER_MICRO_BATCHES": stop})
+    cmd, run_dir = galore_run(tmp_path, "stopped", precision, optimizer, master, nproc)
+    ck = run_dir / "checkpoints"
+    for where, stop, resume, tag in (("boundary", 2 * per_step, "none", "step00000002-seq000000"),
+                                     ("mid", per_step // 2, "auto", f"step00000002-seq{per_step // 2 * nproc:06d}")):
+        stopped = run(cmd + ["--resume", resume], timeout=600,
+                      env={**ENV, "SEQPAR_STOP_AFTER_MICRO_BATCHES": str(stop)})
         # exit 75 (preempted); under torchrun the agent reports its workers' non-zero exit as 1
         assert stopped.returncode == (75 if nproc == 1 else 1), stopped.stdout[-3000:]
         assert "stop requested (SEQPAR_STOP_AFTER_MICRO_BATCHES): saved" in stopped.stdout
-        resumed = run(cmd + ["--resume", "auto"], timeout=600)
-        assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-3000:]
-        assert final_hashes(run_dir) == final_hashes(full_dir), name
+        assert (ck / "latest").read_text().strip() == tag, (where, (ck / "latest").read_text())
+    resumed = run(cmd + ["--resume", "auto"], timeout=600)
+    assert resumed.returncode == 0 and f"resumed from {ck / tag}" in resumed.stdout, resumed.stdout[-3000:]
+    assert final_hashes(run_dir) == final_hashes(full_dir)
     # the parts of the checkpoint: seqpar.optim.sizes (what bench_checkpoint.py --sizes reports for
     # the 1B shape) = the real files
     from seqpar.optim.sizes import checkpoint_bytes
