@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -27,14 +25,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _machine_share(request: pytest.FixtureRequest) -> Iterator[None]:
+def _machine_share(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Under several workers, a test marked ``alone`` (it checks a wall-clock promise) runs with
     the machine to itself: it holds an exclusive lock, every other test a shared one. The
-    turnstile lets a waiting ``alone`` test in before the other worker's next test."""
+    turnstile lets a waiting ``alone`` test in before the other worker's next test. The lock files
+    live in this run's pytest-N directory (the workers' base temps are inside it)."""
     if not WORKER:
         yield
         return
-    base = Path(tempfile.gettempdir()) / f"seqpar-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', 'run')}"
+    base = tmp_path_factory.getbasetemp().parent / "machine"
     alone = request.node.get_closest_marker("alone") is not None
     with open(f"{base}.turnstile", "a") as turnstile, open(f"{base}.share", "a") as share:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
