@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -450,7 +450,7 @@ class Probe:
 PROBE_MARK = "bench_train probe: "
 
 
-def probe_child(args: argparse.Namespace, overrides: list[str]) -> int:
+def probe_child(args: argparse.Namespace, overrides: list[str], tmp: Path) -> int:
     """One ``--longest`` probe (a fresh process): build the Trainer at ``args.probe`` tokens, run
     the steps, print a ``PROBE_MARK`` JSON line (a CUDA out-of-memory is a result, not a crash)."""
     import torch
@@ -461,7 +461,6 @@ def probe_child(args: argparse.Namespace, overrides: list[str]) -> int:
     from seqpar.rng import set_deterministic
 
     s = args.probe
-    tmp = Path(tempfile.mkdtemp(prefix="seqpar-bench-probe-"))
     cfg = build_config(args, base_config(args, overrides), s, tmp / "run")
     set_deterministic(cfg.train.deterministic)  # as seqpar/train.py: before any CUDA work
     quiet_deepspeed(announce=lambda line: print(line, file=sys.stderr, flush=True))
@@ -569,15 +568,29 @@ def longest(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def scratch(kind: str) -> Iterator[Path]:
+    """Run directories and data caches of one invocation, removed when it ends (also on error)."""
+    with tempfile.TemporaryDirectory(prefix=f"seqpar-bench-{kind}-", ignore_cleanup_errors=True) as d:
+        yield Path(d)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     if args.probe is not None:
-        return probe_child(args, overrides)
+        with scratch("probe") as tmp:
+            return probe_child(args, overrides, tmp)
     if args.longest:
         return longest(args, overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         sys.exit("bench_train.py runs as one process (world size 1): start it with python, not a launcher")
+    with scratch("train") as tmp:
+        return bench(args, overrides, tmp)
+
+
+def bench(args: argparse.Namespace, overrides: list[str], tmp: Path) -> int:
+    """The table: each sequence length through the trainer and the plain loop, in this process."""
     seq_lens = [int(x) for x in (args.seq_lens or DEFAULT_SEQ_LENS[args.model]).split(",") if x.strip()]
 
     import torch
@@ -589,7 +602,6 @@ def main(argv: list[str] | None = None) -> int:
     from seqpar.metrics import peak_tflops, quiet_deepspeed
     from seqpar.parallel import init_topology, pick_device
 
-    tmp = Path(tempfile.mkdtemp(prefix="seqpar-bench-train-"))
     try:
         base = base_config(args, overrides)
         cfgs = {s: build_config(args, base, s, tmp / f"seq{s}") for s in seq_lens}

@@ -4,7 +4,9 @@ the command-line fault and preemption tests."""
 from __future__ import annotations
 
 import fcntl
+import getpass
 import os
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +24,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Slow tests first (stable order otherwise): with two workers the run then ends on short
     tests instead of one worker finishing a 5-minute test alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path set-up (and xdist's basetemp of this worker)
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary files of tested processes (torchrun's agent directories, test workers' run
+    directories) go under this run's pytest-N directory, which pytest rotates, not loose in /tmp.
+    Set before collection, so test modules' own environments inherit it. torch's compile cache
+    stays where it was: warm across runs, shared by the workers."""
+    import tempfile
+
+    import common
+
+    try:
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())  # torch's default cache name
+    except (KeyError, OSError):  # no passwd entry (some containers): torch falls back the same way
+        user = f"uid_{os.getuid()}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
+    base = config._tmp_path_factory.getbasetemp()  # as xdist itself reads it
+    tmp = (base.parent if WORKER else base) / "tmp"
+    tmp.mkdir(exist_ok=True)
+    for env in (os.environ, common.ENV):
+        env["TMPDIR"] = str(tmp)
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
 
 
 @pytest.fixture(autouse=True)

@@ -12,16 +12,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def scratch_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The environment of a benchmark run whose temporary files go to a directory of their own, to
+    check that the script removes its run directories and data caches when it ends."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    # torch's compile cache stays where it was (it is meant to outlive a run, and stays warm)
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "TMPDIR": str(scratch), "TORCHINDUCTOR_CACHE_DIR": cache_dir()}, scratch
+
+
 def test_bench_train_cpu(tmp_path: Path):
     out = tmp_path / "rows.json"
+    env, scratch = scratch_env(tmp_path)
     # --peak-tflops: MFU columns on CPU too (and the trainer's own MFU record, from seqpar.flops)
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--device", "cpu", "--seq-lens", "128,256",
          "--steps", "2", "--warmup", "1", "--peak-tflops", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False,
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False, env=env,
     )
     assert r.returncode == 0, r.stdout + r.stderr
+    assert not list(scratch.iterdir())  # its run directories and data cache are gone
     lines = r.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("| seq_len"))
     columns = [c.strip() for c in lines[head].strip("|").split("|")]
@@ -143,7 +156,7 @@ def test_bench_train_longest_bisects_on_measured_peaks(tmp_path: Path):
 def test_bench_train_longest_with_packed_documents(tmp_path: Path):
     """--doc-len: a probe's rows pack documents of that length (how the 1M fit is checked within a
     device session); the probe records how many documents its timed row held."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env, scratch = scratch_env(tmp_path)
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--device", "cpu", "--longest",
                         "--steps", "1", "--warmup", "0", "--granularity", "1024", "--seq-lens", "1024",
                         "--max-len", "1024", "--doc-len", "256", "--json", str(tmp_path / "p.json")],
@@ -151,6 +164,7 @@ def test_bench_train_longest_with_packed_documents(tmp_path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
     (probe,) = json.loads((tmp_path / "p.json").read_text())["probes"]
     assert probe["fits"] and probe["docs_per_row"] == 4
+    assert not list(scratch.iterdir())  # the probe process removed its run directory
     assert "rows packed with documents of 256 tokens" in r.stdout
 
 
