@@ -109,8 +109,11 @@ checks() {
   step "8K throughput" 60 150 checks.log "${B1[@]}" --seq-lens 8192 --steps 4 --warmup 2
   step "deepspeed launcher" 45 120 checks.log deepspeed --num_gpus 1 seqpar/train.py --config configs/tiny-cpu.yaml \
     --train.precision bf16 --train.max_steps 60 --logging.run_dir /tmp/seqpar-tiny --logging.progress_bar false
-  step "zero3" 45 120 checks.log python3 seqpar/train.py --config configs/tiny-cpu.yaml --parallel.zero_stage 3 \
-    --train.precision bf16 --train.max_steps 60 --logging.run_dir /tmp/seqpar-tiny-z3 --logging.progress_bar false
+  # also the CUDA profiler path: device-time table and memory history of two steps
+  step "zero3 + profile" 45 120 checks.log python3 seqpar/train.py --config configs/tiny-cpu.yaml --parallel.zero_stage 3 \
+    --train.precision bf16 --train.max_steps 60 --logging.run_dir /tmp/seqpar-tiny-z3 --logging.progress_bar false \
+    --logging.profile '{steps: [50, 51], memory: true}'
+  step "profile table" 5 20 checks.log head -25 /tmp/seqpar-tiny-z3/profile/steps50-51/rank0.txt
   step "checkpoint costs" 45 120 checks.log python3 scripts/bench_checkpoint.py --hidden 2048 --layers 8 --out /tmp/ckbench
 }
 

@@ -754,6 +754,33 @@ class WandbConfig(_Section):
         "online", description="offline: written under run_dir/wandb for a later `wandb sync`")
 
 
+class ProfileConfig(_Section):
+    """A torch.profiler trace of a few optimizer steps: where the time goes (engine/profiling.py)."""
+
+    steps: list[int] = Field(..., min_length=2, max_length=2, description=(
+        "[first, last] optimizer steps to trace, numbered as the log numbers them (1 = the first step); "
+        "writes run_dir/profile/steps<first>-<last>/rank<r>.trace.json.gz and rank<r>.txt"))
+    ranks: list[int] = Field([0], min_length=1, description="ranks that trace (each writes its own files)")
+    memory: bool = Field(False, description=(
+        "also record allocations (the table gains memory columns); on CUDA a rank<r>.memory.pickle "
+        "snapshot for https://pytorch.org/memory_viz"))
+    shapes: bool = Field(False, description="record operator input shapes (larger traces)")
+
+    @field_validator("steps")
+    @classmethod
+    def _step_range(cls, v: list[int]) -> list[int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"expected [first, last] with 1 <= first <= last, got {v}")
+        return v
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        if min(v) < 0:
+            raise ValueError(f"ranks are 0 or more, got {v}")
+        return sorted(set(v))
+
+
 class LoggingConfig(_Section):
     """Where metrics go and how progress is shown (rank 0 only)."""
 
@@ -770,6 +797,8 @@ class LoggingConfig(_Section):
         "when at most one per optimizer step, else the first; the progress line sums up the others); a stop's "
         "and the final save always print"
     )
+    profile: ProfileConfig | None = Field(
+        None, description="trace some steps with torch.profiler (e.g. {steps: [5, 6]}); None = off")
 
     @field_validator("tensorboard", mode="before")
     @classmethod
@@ -999,6 +1028,10 @@ class Config(_Section):
         if world_size % p.expert_degree:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.expert_degree={p.expert_degree}: "
                               f"launch a multiple of {p.expert_degree} processes or lower the degree")
+        prof = self.logging.profile
+        if prof is not None and prof.ranks[-1] >= world_size:
+            raise ConfigError(f"logging.profile.ranks: rank {prof.ranks[-1]} does not exist in a world of "
+                              f"{world_size} processes: name ranks 0-{world_size - 1}")
         per_micro = t.micro_batch_size * dp
         if t.global_batch_size is not None and t.grad_accum_steps is not None:
             if t.global_batch_size != per_micro * t.grad_accum_steps:

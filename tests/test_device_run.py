@@ -37,12 +37,14 @@ def _bench_train():
     return mod
 
 
-def test_device_run_commands_are_valid(tmp_path: Path):
+def test_device_run_commands_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(ROOT)  # the script's paths are relative to the repository root, where it runs
     steps = _dry_run(tmp_path)
     names = [n for n, _ in steps]
     # the measurements come first, in the issues' order: speed (11, 13), then memory (12), then checks
     assert names.index("train 32K") < names.index("moe") < names.index("128K offload=false") < names.index("selftest")
     out_files = set()
+    profiled: list[str] = []  # profile directories of the train.py runs so far
     bt = _bench_train()
     for name, cmd in steps:
         out_files |= {a for a in cmd if a.startswith(str(tmp_path / "out"))}
@@ -64,9 +66,13 @@ def test_device_run_commands_are_valid(tmp_path: Path):
             assert re.match(r"(fits|does not fit): predicted peak [\d.]+ GiB", r.stdout.strip().splitlines()[-1]), name
         elif "seqpar/train.py" in cmd:
             i = cmd.index("seqpar/train.py")
+            if "--logging.profile" in cmd:
+                profiled.append(cmd[cmd.index("--logging.run_dir") + 1] + "/profile/")
             r = subprocess.run([sys.executable, *cmd[i:], "--print-config"], capture_output=True, text=True,
                                timeout=120, cwd=ROOT, env=ENV)
             assert r.returncode == 0, f"{name}: {r.stderr[-2000:]}"
+        elif cmd[0] == "head":  # shows what an earlier step wrote: the profile table of a profiled run
+            assert any(cmd[-1].startswith(d) for d in profiled), name
         else:
             script = next(a for a in cmd if a.startswith("scripts/"))
             flags = cmd[cmd.index(script) + 1:]

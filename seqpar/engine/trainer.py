@@ -43,6 +43,7 @@ from seqpar.engine import deepspeed_state as dss
 from seqpar.engine.evaluation import held_out_loss
 from seqpar.engine.extensions import Extensions
 from seqpar.engine.memory import apply_memory_policy
+from seqpar.engine.profiling import StepProfiler
 from seqpar.engine.nonfinite import Diverged, NonFiniteGuard, diverged_message, skipped_message
 from seqpar.engine.resume import Resume
 from seqpar.engine.snapshot import Snapshot, tokenizer_files
@@ -305,6 +306,8 @@ class Trainer:
             checkpoint_lines=cfg.logging.checkpoint_lines, save_every_micro_batches=cfg.checkpoint.every_micro_batches,
             grad_accum_steps=self.layout.grad_accum_steps,
         )
+        say = self.logger.print if topo.is_main else (lambda text: print(f"rank {topo.rank}: {text}", flush=True))
+        self.profiler = StepProfiler(cfg.logging.profile, self.run_dir, topo.rank, self.device, say)
         self.peak = peak_tflops(self.device, cfg.logging.peak_tflops)
         self._step_flops = 0.0  # training FLOPs of the open window's global batch (for MFU)
         self.config_path = config_path
@@ -387,7 +390,9 @@ class Trainer:
                 + (f"stable, then the last {c.train.cooldown_ratio:.0%} of steps linear" if c.train.decay == "wsd"
                    else c.train.decay) + f" to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"memory  {self._memory_line()}",
-                f"output  {self.run_dir}" + ("" if self.run_dir.is_absolute() else f" (in {Path.cwd()})"),
+                f"output  {self.run_dir}" + ("" if self.run_dir.is_absolute() else f" (in {Path.cwd()})")
+                + (f"; profile of steps {c.logging.profile.steps[0]}-{c.logging.profile.steps[1]} (ranks "
+                   f"{','.join(map(str, c.logging.profile.ranks))}) in {self.profiler.dir}" if c.logging.profile else ""),
                 f"ckpt    {self._disk_line()}",
             ]
         )
@@ -454,6 +459,7 @@ class Trainer:
             if self.stop.agree(group=self.topo.control_group)[0]:  # signalled while starting up: nothing to save
                 return self._preempted(None)
             while self.state.step < self.cfg.train.max_steps:
+                self.profiler.before(self.state.step, self.state.micro_step)
                 self.train_micro_batch()
                 evaluated = self._evaluate_if_due()  # before any save here: its loss goes with it
                 self.stop.tick()
@@ -466,6 +472,7 @@ class Trainer:
                 if self.ckpt.due(st.step, st.micro_step, st.step * self.layout.grad_accum_steps + st.micro_step) or (
                         evaluated and self.cfg.checkpoint.keep_best):
                     self.save_checkpoint()
+                self.profiler.after(self.state.step)
             if self.cfg.checkpoint.at_end and not self._saved_at(self._position()):
                 self.save_checkpoint()
             self._settle()
@@ -474,6 +481,7 @@ class Trainer:
             # second Ctrl-C (KeyboardInterrupt) aborts at once: a write it cuts stays a .partial-
             # folder, which never counts as a checkpoint
             if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                self.profiler.finish(self.state.step)  # a stop or an error ends the trace with what it has
                 self.ckpt.finish(mirror_wait_s=0 if self.exit_code == EXIT_PREEMPTED else None)
         result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.last_loss}
         if isinstance(self.dataset, PasskeyDataset) and self.cfg.data.passkey.eval_samples:
