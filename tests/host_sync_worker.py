@@ -56,7 +56,7 @@ def main() -> None:
                 setattr(torch.Tensor, name, fn)
         mid_window += watch
         # the stop agreement after every micro-batch, as the loop does it
-        tr.stop.agree(tr.ckpt.writer.failed(), group=tr.topo.control_group)
+        tr.stop.agree(tr.ckpt.writer.failed(), tr.ckpt.interval_elapsed(), group=tr.topo.control_group)
     tr.ckpt.finish()
     print(json.dumps({"mid_window_micro_batches": mid_window, "reads": reads,
                       "micro_losses": tr.state.micro_losses, "routing": tr.state.routing,

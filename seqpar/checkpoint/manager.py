@@ -123,6 +123,7 @@ class CheckpointManager:
         self.writer = CheckpointWriter(self.store, rank, world, cfg.async_write, on_commit=self._retain,
                                        mode=self.store.mode)
         self.last_block_s = 0.0
+        self._since_save = time.monotonic()  # checkpoint.every_minutes counts from here
         # off-node copies (rank 0): fsspec is imported only when a mirror is configured
         self.mirror = AsyncMirror(self._far()) if cfg.mirror and rank == 0 else None
 
@@ -142,6 +143,11 @@ class CheckpointManager:
             raise DirLockedError(error)
 
     # -- saving -----------------------------------------------------------------------------------
+    def interval_elapsed(self) -> bool:
+        """This rank's clock says a ``checkpoint.every_minutes`` save is due (ranks agree on it in
+        ``StopSignal.agree``)."""
+        return bool(self.cfg.every_minutes) and time.monotonic() - self._since_save >= 60 * self.cfg.every_minutes
+
     def due(self, step: int, micro_step: int, micro_batches_done: int) -> bool:
         c = self.cfg
         if c.every_micro_batches and micro_batches_done % c.every_micro_batches == 0:
@@ -186,6 +192,7 @@ class CheckpointManager:
         snap.jobs.extend(jobs)
         self.writer.submit(tag, snap, {**meta, "position": pos.as_dict()})
         self.last_block_s = time.perf_counter() - t0
+        self._since_save = time.monotonic()
         return tag
 
     def settle(self) -> None:

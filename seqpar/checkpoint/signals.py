@@ -102,17 +102,19 @@ class StopSignal:
             return f"its launcher {self.gone} exited"
         return signal.Signals(self.received).name
 
-    def agree(self, write_failed: bool = False, group=None) -> tuple[bool, bool]:
-        """(stop, a checkpoint write failed) on every rank if true on any rank (collective over
-        ``group``, a gloo group: the flags are CPU tensors, so no GPU work is waited for)."""
+    def agree(self, write_failed: bool = False, save_due: bool = False, group=None) -> tuple[bool, bool, bool]:
+        """(stop, a checkpoint write failed, a timed save is due) on every rank if true on any rank
+        (collective over ``group``, a gloo group: the flags are CPU tensors, so no GPU work is
+        waited for). One all-reduce carries all three: ranks' clocks differ, so a time-based save
+        is decided here, like a stop, not by each rank alone."""
         import torch
         import torch.distributed as dist
 
-        flags = torch.tensor([float(self.received is not None), float(write_failed)])
+        flags = torch.tensor([float(self.received is not None), float(write_failed), float(save_due)])
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        stop, failed = flags.tolist()
-        return bool(stop), bool(failed)
+        stop, failed, due = flags.tolist()
+        return bool(stop), bool(failed), bool(due)
 
     def _launcher_gone(self) -> str | None:
         for pid, created, name in self._launchers:

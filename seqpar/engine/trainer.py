@@ -463,14 +463,15 @@ class Trainer:
                 self.train_micro_batch()
                 evaluated = self._evaluate_if_due()  # before any save here: its loss goes with it
                 self.stop.tick()
-                stop, failed = self.stop.agree(self.ckpt.writer.failed(), group=self.topo.control_group)
+                stop, failed, timed = self.stop.agree(self.ckpt.writer.failed(), self.ckpt.interval_elapsed(),
+                                                      group=self.topo.control_group)
                 if failed:  # a background write failed on some rank: every rank learns it here
                     self._write_failed(self.ckpt.agreed_failure() or "a checkpoint write failed")
                 if stop:
                     return self._preempted(self.save_checkpoint())
                 st = self.state
-                if self.ckpt.due(st.step, st.micro_step, st.step * self.layout.grad_accum_steps + st.micro_step) or (
-                        evaluated and self.cfg.checkpoint.keep_best):
+                if timed or self.ckpt.due(st.step, st.micro_step, st.step * self.layout.grad_accum_steps
+                                          + st.micro_step) or (evaluated and self.cfg.checkpoint.keep_best):
                     self.save_checkpoint()
                 self.profiler.after(self.state.step)
             if self.cfg.checkpoint.at_end and not self._saved_at(self._position()):
