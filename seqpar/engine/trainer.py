@@ -482,7 +482,8 @@ class Trainer:
             # second Ctrl-C (KeyboardInterrupt) aborts at once: a write it cuts stays a .partial-
             # folder, which never counts as a checkpoint
             if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                self.profiler.finish(self.state.step)  # a stop or an error ends the trace with what it has
+                # a stop or an error ends the trace with what it has; a completed run says a range it never reached
+                self.profiler.finish(self.state.step if self.state.step >= self.cfg.train.max_steps else None)
                 self.ckpt.finish(mirror_wait_s=0 if self.exit_code == EXIT_PREEMPTED else None)
         result: dict[str, Any] = {"step": self.state.step, "final_loss": self.state.last_loss}
         if isinstance(self.dataset, PasskeyDataset) and self.cfg.data.passkey.eval_samples:
