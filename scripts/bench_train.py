@@ -493,10 +493,18 @@ def run_probe(args: argparse.Namespace, overrides: list[str], s: int) -> Probe:
                         ("--peak-tflops", args.peak_tflops), ("--doc-len", args.doc_len)):
         if value is not None:
             argv += [flag, str(value)]
-    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+    # the child's temporary files go in a directory this process removes: a probe the OOM killer
+    # ends (SIGKILL) cannot clean up after itself
+    with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe, \
+            scratch("probe") as tmp:
         # the child's own process group: not the rendezvous this process (--variant) may hold
         env = {k: v for k, v in os.environ.items()
                if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        if "TORCHINDUCTOR_CACHE_DIR" not in env:  # torch's compile cache stays where it was (warm)
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir()
+        env["TMPDIR"] = str(tmp)
         child = subprocess.Popen(argv + overrides, stdout=fo, stderr=fe, text=True, env=env)
         _, status, usage = os.wait4(child.pid, 0)  # reaped here, with the child's resource usage
         child.returncode = os.waitstatus_to_exitcode(status)

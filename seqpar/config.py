@@ -698,8 +698,8 @@ class CheckpointConfig(_Section):
     every_micro_batches: int = Field(0, ge=0, description="save after every N micro-batches (0 = off)")
     every_steps: int = Field(0, ge=0, description="save after every N optimizer steps (0 = off)")
     every_minutes: float = Field(0.0, ge=0, description=(
-        "save after the first micro-batch that ends this many minutes after the last save or the start "
-        "(any rank's clock; all ranks save together; 0 = off)"))
+        "save after the first micro-batch that ends this many minutes after the last save or the start of "
+        "training (any rank's clock; all ranks save together; 0 = off)"))
     at_end: bool = Field(True, description="save when training finishes")
     keep_last: int = Field(3, ge=1, description="complete checkpoints kept (plus the resumed-from one)")
     async_write: bool = Field(True, description="write in the background (one write in flight)")

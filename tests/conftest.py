@@ -41,7 +41,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except (KeyError, OSError):  # no passwd entry (some containers): torch falls back the same way
         user = f"uid_{os.getuid()}"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
-    base = config._tmp_path_factory.getbasetemp()  # as xdist itself reads it
+    factory = getattr(config, "_tmp_path_factory", None)  # as xdist itself reads it (absent: -p no:tmpdir)
+    if factory is None:
+        return
+    base = factory.getbasetemp()
     tmp = (base.parent if WORKER else base) / "tmp"
     tmp.mkdir(exist_ok=True)
     for env in (os.environ, common.ENV):

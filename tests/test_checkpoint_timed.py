@@ -6,25 +6,32 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from common import BASE, TRAIN, final_hashes, run, write_config
 from seqpar.checkpoint.manager import CheckpointManager
 from seqpar.checkpoint.signals import StopSignal
-from seqpar.checkpoint.store import parse_tag
+from seqpar.checkpoint.store import Position, parse_tag
 from seqpar.config import CheckpointConfig
 
 
 def test_the_clock_counts_from_the_last_save(tmp_path, monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("seqpar.checkpoint.manager.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("seqpar.checkpoint.manager._clock", lambda: now[0])
     off = CheckpointManager(CheckpointConfig(), tmp_path / "a", 0, 1, pin=False)
     timed = CheckpointManager(CheckpointConfig(every_minutes=2), tmp_path / "b", 0, 1, pin=False)
+    now[0] += 500.0  # start-up and the resume load do not count: the trainer restarts the clock
+    timed.restart_clock()
     now[0] += 119.9
     assert not timed.interval_elapsed()
     now[0] += 0.1
     assert timed.interval_elapsed() and not off.interval_elapsed()
-    timed._since_save = now[0]  # what save() sets once its snapshot is handed to the writer
-    assert not timed.interval_elapsed()
+    # a save (whatever triggered it) restarts the clock once its snapshot is handed to the writer
+    tag = timed.save(Position(1, 0, 8), {"model": {"w": torch.ones(3)}}, {}, [], {})
+    timed.finish()
+    assert tag == "step00000001-seq000000" and not timed.interval_elapsed()
+    now[0] += 120.0
+    assert timed.interval_elapsed()
     # one all-reduce carries it with the stop and write-failure flags (here without a process group)
     stop = StopSignal(signals=())  # no handlers: the test process keeps its own
     assert stop.agree(False, True) == (False, False, True)

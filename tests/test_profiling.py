@@ -73,7 +73,7 @@ def test_profiler_traces_exactly_the_range_and_keeps_earlier_traces(tmp_path):
 def test_profile_settings_are_checked():
     for bad, msg in [("{steps: [3, 2]}", "1 <= first <= last"), ("{steps: [0, 1]}", "1 <= first <= last"),
                      ("{steps: [1]}", "at least 2 items"), ("{steps: [1, 2], ranks: [-1]}", "ranks are 0 or more"),
-                     ("{steps: [1, 2], rank: [1]}", "rank")]:
+                     ("{steps: [1, 2], rank: [1]}", "logging.profile.rank: unknown key; did you mean '--logging.profile.ranks'")]:
         with pytest.raises(ConfigError, match=re.escape(msg)) as e:
             load_config(None, ["--logging.profile", bad])
         assert "logging.profile" in str(e.value)
@@ -107,3 +107,19 @@ def test_profiled_run_trains_bitwise_like_the_plain_run(tmp_path, references):
         assert ranges(out / f"rank{r}.2.trace.json.gz") == ["step 3 micro-batch 3", "step 3 micro-batch 4"]
         assert (out / f"rank{r}.2.txt").read_text().startswith(f"# rank {r}, optimizer steps 3-3 (")
     assert final_hashes(run_dir) == references[(2, 8)]
+
+
+def test_a_trace_that_cannot_be_written_is_said_not_raised(tmp_path):
+    """finish() runs in the trainer's finally (a stop, an error): a failed write must not replace
+    the run's own exit with another exception; no partial file is left under a final name."""
+    cfg = load_config(None, ["--logging.profile", "{steps: [1, 1]}"]).logging.profile
+    (tmp_path / "profile").write_text("a file where the directory should go")
+    said: list[str] = []
+    prof = StepProfiler(cfg, tmp_path, 0, torch.device("cpu"), said.append)
+    prof.before(0, 0)
+    micro_batch(0, 0)
+    prof.after(1)  # the range ends: finish() writes, fails, says so
+    assert len(said) == 1 and said[0].startswith("logging.profile: the trace of steps 1-1 was not written: ")
+    assert not prof.active
+    prof.finish(1)  # idempotent: nothing more is said
+    assert len(said) == 1

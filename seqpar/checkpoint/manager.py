@@ -96,6 +96,11 @@ def check_resume_config(saved: dict, current: dict, allowed: list[str], saved_st
     return accepted
 
 
+def _clock() -> float:
+    """Seconds for ``checkpoint.every_minutes`` (a function of its own: tests move it)."""
+    return time.monotonic()
+
+
 def _collect(value: Any) -> list[Any]:
     """Every rank's ``value`` (collective; [value] without a process group)."""
     if not dist.is_initialized():
@@ -123,7 +128,7 @@ class CheckpointManager:
         self.writer = CheckpointWriter(self.store, rank, world, cfg.async_write, on_commit=self._retain,
                                        mode=self.store.mode)
         self.last_block_s = 0.0
-        self._since_save = time.monotonic()  # checkpoint.every_minutes counts from here
+        self._since_save = _clock()  # checkpoint.every_minutes counts from here (restart_clock: training starts)
         # off-node copies (rank 0): fsspec is imported only when a mirror is configured
         self.mirror = AsyncMirror(self._far()) if cfg.mirror and rank == 0 else None
 
@@ -143,10 +148,14 @@ class CheckpointManager:
             raise DirLockedError(error)
 
     # -- saving -----------------------------------------------------------------------------------
+    def restart_clock(self) -> None:
+        """``checkpoint.every_minutes`` counts from now (training starts, or a save was handed off)."""
+        self._since_save = _clock()
+
     def interval_elapsed(self) -> bool:
         """This rank's clock says a ``checkpoint.every_minutes`` save is due (ranks agree on it in
         ``StopSignal.agree``)."""
-        return bool(self.cfg.every_minutes) and time.monotonic() - self._since_save >= 60 * self.cfg.every_minutes
+        return bool(self.cfg.every_minutes) and _clock() - self._since_save >= 60 * self.cfg.every_minutes
 
     def due(self, step: int, micro_step: int, micro_batches_done: int) -> bool:
         c = self.cfg
@@ -192,7 +201,7 @@ class CheckpointManager:
         snap.jobs.extend(jobs)
         self.writer.submit(tag, snap, {**meta, "position": pos.as_dict()})
         self.last_block_s = time.perf_counter() - t0
-        self._since_save = time.monotonic()
+        self.restart_clock()
         return tag
 
     def settle(self) -> None:

@@ -3,7 +3,8 @@
 A signal handler only records the signal (no I/O, no collectives). The trainer calls
 ``StopSignal.agree()`` after each micro-batch: one all-reduce (MAX) tells every rank whether any
 rank was signalled (or lost its launcher, or failed to write a checkpoint), so all of them act on
-the same micro-batch: save the same checkpoint, wait until it is committed, and exit together.
+the same micro-batch: save the same checkpoint, wait until it is committed, and exit together. The
+same all-reduce carries whether any rank's ``checkpoint.every_minutes`` clock says a save is due.
 
 The handler is installed at the very top of ``train.main()`` (``install()``), so a signal that
 arrives while the run is still starting up is not lost: the run exits with ``EXIT_PREEMPTED``

@@ -17,6 +17,7 @@ with the steps it has, and a run resumed inside the range traces what is left of
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,15 +73,17 @@ class StepProfiler:
         if self.device.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
             if self.cfg.memory:
-                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+                # Python frames only: symbolising C++ frames at the dump takes minutes on a large model
+                torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
         self._prof = torch.profiler.profile(activities=acts, record_shapes=self.cfg.shapes,
                                             profile_memory=self.cfg.memory)
         self._prof.start()
         self._t0 = time.perf_counter()
 
     def finish(self, final_step: int | None = None) -> None:
-        """Stop tracing and write the files (idempotent). ``final_step``: the run ended there; a
-        range it never reached is said, so an empty profile directory is never a mystery."""
+        """Stop tracing and write the files (idempotent; never raises: a failed trace must not turn
+        a stop, an error or a finished run into another exit). ``final_step``: the run completed
+        there; a range it never reached is said, so an empty profile directory is no mystery."""
         if self._range is not None:  # an exception inside the micro-batch
             self._range.__exit__(None, None, None)
             self._range = None
@@ -91,25 +94,42 @@ class StepProfiler:
             self._done = True
             return
         prof, self._prof, self._done = self._prof, None, True
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        prof.stop()
-        wall = time.perf_counter() - self._t0
-        self.dir.mkdir(parents=True, exist_ok=True)
-        stem = self._free_stem()
-        prof.export_chrome_trace(f"{stem}.trace.json.gz")
         cuda = self.device.type == "cuda"
-        sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         steps = f"{self._traced[0]}-{self._traced[-1]}" if self._traced else "none"
-        table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
-        Path(f"{stem}.txt").write_text(
-            f"# rank {self.rank}, optimizer steps {steps} ({wall:.2f} s wall under the profiler, which "
-            f"slows the host side), sorted by {sort}\n{table}\n")
-        if cuda and self.cfg.memory:
-            torch.cuda.memory._dump_snapshot(f"{stem}.memory.pickle")
-            torch.cuda.memory._record_memory_history(enabled=None)
+        try:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            prof.stop()
+            wall = time.perf_counter() - self._t0
+            self.dir.mkdir(parents=True, exist_ok=True)
+            stem = self._free_stem()
+            # each file under a temporary name first: a rank killed while writing leaves no torn trace
+            self._write(f"{stem}.trace.json.gz", lambda tmp: prof.export_chrome_trace(tmp), suffix=".gz")
+            sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
+            self._write(f"{stem}.txt", lambda tmp: Path(tmp).write_text(
+                f"# rank {self.rank}, optimizer steps {steps} ({wall:.2f} s wall under the profiler, which "
+                f"slows the host side), sorted by {sort}\n{table}\n"))
+            if cuda and self.cfg.memory:
+                self._write(f"{stem}.memory.pickle", torch.cuda.memory._dump_snapshot)
+        except Exception as e:  # noqa: BLE001  (reported, never raised: see the docstring)
+            self.say(f"logging.profile: the trace of steps {steps} was not written: {type(e).__name__}: {e}")
+            return
+        finally:
+            if cuda and self.cfg.memory:
+                try:
+                    torch.cuda.memory._record_memory_history(enabled=None)
+                except Exception:  # noqa: BLE001  (a CUDA context already broken by the error being raised)
+                    pass
         self.say(f"profile of steps {steps}: {stem}.trace.json.gz (open in https://ui.perfetto.dev), "
                  f"{stem.name}.txt (operators by self time)")
+
+    @staticmethod
+    def _write(path: str, write: Callable[[str], Any], suffix: str = "") -> None:
+        """``write(tmp)`` then rename to ``path`` (``suffix``: an ending the writer needs to see)."""
+        tmp = f"{path}.partial{suffix}"
+        write(tmp)
+        os.replace(tmp, path)
 
     def _free_stem(self) -> Path:
         """``rank<r>``, or ``rank<r>.2``, ``.3``...: a resumed run tracing the rest of the range (or

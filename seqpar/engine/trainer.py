@@ -392,7 +392,9 @@ class Trainer:
                 f"memory  {self._memory_line()}",
                 f"output  {self.run_dir}" + ("" if self.run_dir.is_absolute() else f" (in {Path.cwd()})")
                 + (f"; profile of steps {c.logging.profile.steps[0]}-{c.logging.profile.steps[1]} (ranks "
-                   f"{','.join(map(str, c.logging.profile.ranks))}) in {self.profiler.dir}" if c.logging.profile else ""),
+                   f"{','.join(map(str, c.logging.profile.ranks))}) in {self.profiler.dir}"
+                   + (f" (never reached: train.max_steps is {c.train.max_steps})"
+                      if c.logging.profile.steps[0] > c.train.max_steps else "") if c.logging.profile else ""),
                 f"ckpt    {self._disk_line()}",
             ]
         )
@@ -455,6 +457,7 @@ class Trainer:
         self.logger.start_at(self.state.step)
         self.engine.train()
         self._record_run_state("running")
+        self.ckpt.restart_clock()  # checkpoint.every_minutes counts training time, not start-up or the resume load
         try:
             if self.stop.agree(group=self.topo.control_group)[0]:  # signalled while starting up: nothing to save
                 return self._preempted(None)
@@ -533,6 +536,7 @@ class Trainer:
             self._settle()
         saved = f"saved {tag}" if tag else f"nothing new to save (resumes from {self.ckpt.resumed_from or 'the start'})"
         self.logger.print(f"stop requested ({self.stop.describe()}): {saved}, exiting")
+        self.profiler.finish()  # before the barrier: once one rank exits, the launcher kills the others
         self._record_run_state("preempted", tag or self.ckpt.resumed_from)
         dist.barrier()  # the record is written before any rank exits
         self.stop.consume()
