@@ -104,7 +104,7 @@ class StepProfiler:
             self.dir.mkdir(parents=True, exist_ok=True)
             stem = self._free_stem()
             # each file under a temporary name first: a rank killed while writing leaves no torn trace
-            self._write(f"{stem}.trace.json.gz", lambda tmp: prof.export_chrome_trace(tmp), suffix=".gz")
+            self._write(f"{stem}.trace.json.gz", prof.export_chrome_trace, suffix=".gz")
             sort = "self_device_time_total" if cuda else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60)
             self._write(f"{stem}.txt", lambda tmp: Path(tmp).write_text(
@@ -128,8 +128,12 @@ class StepProfiler:
     def _write(path: str, write: Callable[[str], Any], suffix: str = "") -> None:
         """``write(tmp)`` then rename to ``path`` (``suffix``: an ending the writer needs to see)."""
         tmp = f"{path}.partial{suffix}"
-        write(tmp)
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):  # the write failed part-way: no torn file is left behind
+                os.remove(tmp)
 
     def _free_stem(self) -> Path:
         """``rank<r>``, or ``rank<r>.2``, ``.3``...: a resumed run tracing the rest of the range (or
