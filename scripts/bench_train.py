@@ -117,6 +117,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--doc-len", type=int, default=None,
                    help="--longest/--probe: pack documents of this many tokens into each row (same memory as one "
                         "document: the attention kernels are varlen; a fraction of the attention time)")
+    p.add_argument("--write-config", default=None, metavar="PATH",
+                   help="write the Trainer's config at the first of --seq-lens (or --probe) as YAML and exit: the "
+                        "benchmarked run for seqpar/train.py --config PATH (e.g. with --logging.profile)")
     p.add_argument("--probe", type=int, default=None,
                    help="only the Trainer at this seq_len (no plain loop): one JSON line with s/step and peak")
     args, overrides = p.parse_known_args(argv)
@@ -586,6 +589,8 @@ def scratch(kind: str) -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DS_ACCELERATOR", args.device)
+    if args.write_config:
+        return write_config(args, overrides)
     if args.probe is not None:
         with scratch("probe") as tmp:
             return probe_child(args, overrides, tmp)
@@ -595,6 +600,24 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench_train.py runs as one process (world size 1): start it with python, not a launcher")
     with scratch("train") as tmp:
         return bench(args, overrides, tmp)
+
+
+def write_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    """``--write-config``: the config the Trainer would run with, as a file ``seqpar/train.py`` takes."""
+    import yaml
+
+    from seqpar.config import ConfigError
+
+    s = args.probe or int((args.seq_lens or DEFAULT_SEQ_LENS[args.model]).split(",")[0])
+    try:
+        cfg = build_config(args, base_config(args, overrides), s, Path("runs") / f"bench_train-{s}")
+    except ConfigError as e:
+        print(f"bench_train: {e}", file=sys.stderr)
+        return 2
+    Path(args.write_config).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    print(f"bench_train: wrote {args.write_config}: the Trainer's run at {s} tokens ({cfg.train.max_steps} steps; "
+          f"python seqpar/train.py --config {args.write_config} [--section.key value ...])", flush=True)
+    return 0
 
 
 def bench(args: argparse.Namespace, overrides: list[str], tmp: Path) -> int:

@@ -11,7 +11,8 @@
 #   memory  issue 12: 1M tokens on the H200 and 512K under an 80 GiB cap (rows packed with 32K
 #           documents: same memory, a fraction of the attention time), offload off/on at 128K, the planner's
 #           predictions for those points, the CUDA paths of the memory features
-#   checks  kernel self-test, SP smoke test, launcher runs (deepspeed, ZeRO-3), 8K throughput, ckpt costs
+#   checks  kernel self-test, SP smoke test, launcher runs (deepspeed, ZeRO-3), 8K throughput, a profile of
+#           one 32K Trainer step (the operator table), the CUDA profiler path, ckpt costs
 #
 # BUDGET (seconds, default 570: a device call may run 600) bounds the whole run: a step that cannot
 # finish in what is left is skipped and says so; each step's timeout is its own cap or what is left.
@@ -107,6 +108,11 @@ checks() {
   step "selftest" 30 120 checks.log python3 scripts/gpu_selftest.py
   step "smoke" 60 240 checks.log python3 -m torch.distributed.run --nproc_per_node 1 scripts/gpu_smoke.py --device cuda
   step "8K throughput" 60 150 checks.log "${B1[@]}" --seq-lens 8192 --steps 4 --warmup 2
+  # where a 32K Trainer step's time goes (issue 11): the benchmark's own Trainer config, step 4 traced
+  step "profile 32K config" 5 60 checks.log "${B1[@]}" --seq-lens 32768 --write-config /tmp/seqpar-bench-32k.yaml
+  step "profile 32K" 90 200 checks.log python3 seqpar/train.py --config /tmp/seqpar-bench-32k.yaml \
+    --train.max_steps 4 --logging.run_dir /tmp/seqpar-prof-32k --logging.profile '{steps: [4, 4]}'
+  step "profile 32K table" 5 20 checks.log head -45 /tmp/seqpar-prof-32k/profile/steps4-4/rank0.txt
   step "deepspeed launcher" 45 120 checks.log deepspeed --num_gpus 1 seqpar/train.py --config configs/tiny-cpu.yaml \
     --train.precision bf16 --train.max_steps 60 --logging.run_dir /tmp/seqpar-tiny --logging.progress_bar false
   # also the CUDA profiler path: device-time table and memory history of two steps

@@ -45,12 +45,20 @@ def test_device_run_commands_are_valid(tmp_path: Path, monkeypatch: pytest.Monke
     assert names.index("train 32K") < names.index("moe") < names.index("128K offload=false") < names.index("selftest")
     out_files = set()
     profiled: list[str] = []  # profile directories of the train.py runs so far
+    written: dict[str, str] = {}  # configs bench_train --write-config writes there -> written here
     bt = _bench_train()
     for name, cmd in steps:
         out_files |= {a for a in cmd if a.startswith(str(tmp_path / "out"))}
         if cmd[:2] == ["python3", "scripts/bench_train.py"]:
             # parse and validate the config each run would build, at its lengths, with the CPU's settings
             args, overrides = bt.parse_args(cmd[2:])
+            if args.write_config:  # write it here (no training): a later step's --config reads it
+                local = str(tmp_path / Path(args.write_config).name)
+                argv = [local if a == args.write_config else a for a in cmd[2:]]
+                r = subprocess.run([sys.executable, "scripts/bench_train.py", *argv], capture_output=True, text=True,
+                                   timeout=120, cwd=ROOT, env=ENV)
+                assert r.returncode == 0 and Path(local).is_file(), f"{name}: {r.stderr[-2000:]}"
+                written[args.write_config] = local
             lengths = [args.probe] if args.probe else [int(x) for x in args.seq_lens.split(",")]
             for extra in [[]] + [v for _, v in args.variant]:
                 base = bt.base_config(args, overrides + extra)
@@ -68,7 +76,10 @@ def test_device_run_commands_are_valid(tmp_path: Path, monkeypatch: pytest.Monke
             i = cmd.index("seqpar/train.py")
             if "--logging.profile" in cmd:
                 profiled.append(cmd[cmd.index("--logging.run_dir") + 1] + "/profile/")
-            r = subprocess.run([sys.executable, *cmd[i:], "--print-config"], capture_output=True, text=True,
+            argv = [written.get(a, a) for a in cmd[i:]]
+            config = argv[argv.index("--config") + 1]
+            assert config in written.values() or not config.startswith("/"), f"{name}: no earlier step writes {config}"
+            r = subprocess.run([sys.executable, *argv, "--print-config"], capture_output=True, text=True,
                                timeout=120, cwd=ROOT, env=ENV)
             assert r.returncode == 0, f"{name}: {r.stderr[-2000:]}"
         elif cmd[0] == "head":  # shows what an earlier step wrote: the profile table of a profiled run
