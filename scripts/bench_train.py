@@ -602,13 +602,18 @@ def main(argv: list[str] | None = None) -> int:
         return bench(args, overrides, tmp)
 
 
+def seq_lengths(args: argparse.Namespace) -> list[int]:
+    """``--seq-lens``, or the model's default lengths."""
+    return [int(x) for x in (args.seq_lens or DEFAULT_SEQ_LENS[args.model]).split(",") if x.strip()]
+
+
 def write_config(args: argparse.Namespace, overrides: list[str]) -> int:
     """``--write-config``: the config the Trainer would run with, as a file ``seqpar/train.py`` takes."""
     import yaml
 
     from seqpar.config import ConfigError
 
-    s = args.probe or int((args.seq_lens or DEFAULT_SEQ_LENS[args.model]).split(",")[0])
+    s = args.probe or seq_lengths(args)[0]
     try:
         cfg = build_config(args, base_config(args, overrides), s, Path("runs") / f"bench_train-{s}")
     except ConfigError as e:
@@ -622,7 +627,7 @@ def write_config(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def bench(args: argparse.Namespace, overrides: list[str], tmp: Path) -> int:
     """The table: each sequence length through the trainer and the plain loop, in this process."""
-    seq_lens = [int(x) for x in (args.seq_lens or DEFAULT_SEQ_LENS[args.model]).split(",") if x.strip()]
+    seq_lens = seq_lengths(args)
 
     import torch
     import torch.distributed as dist

@@ -47,9 +47,8 @@ def pytest_configure(config: pytest.Config) -> None:
     base = factory.getbasetemp()
     tmp = (base.parent if WORKER else base) / "tmp"
     tmp.mkdir(exist_ok=True)
-    for env in (os.environ, common.ENV):
-        env["TMPDIR"] = str(tmp)
-        env["TORCHINDUCTOR_CACHE_DIR"] = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    os.environ["TMPDIR"] = str(tmp)
+    common.ENV.update(TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=os.environ["TORCHINDUCTOR_CACHE_DIR"])
     tempfile.tempdir = None  # recomputed from TMPDIR on next use
 
 

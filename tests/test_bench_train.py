@@ -12,23 +12,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _inductor_cache() -> str:
-    """torch's compile cache as this process would place it (tests/conftest.py pins it already)."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return cache_dir()
-
-
 def scratch_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """The environment of a benchmark run whose temporary files go to a directory of their own, to
     check that the script removes its run directories and data caches when it ends."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    # torch's compile cache stays where it was (it is meant to outlive a run, and stays warm)
+    # torch's compile cache stays where it was: tests/conftest.py pins TORCHINDUCTOR_CACHE_DIR
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "TMPDIR": str(scratch), "TORCHINDUCTOR_CACHE_DIR": _inductor_cache()}, scratch
+            "TMPDIR": str(scratch)}, scratch
 
 
 def test_bench_train_cpu(tmp_path: Path):

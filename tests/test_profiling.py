@@ -65,7 +65,11 @@ def test_profiler_traces_exactly_the_range_and_keeps_earlier_traces(tmp_path):
     assert not StepProfiler(cfg, tmp_path, 1, torch.device("cpu"), said.append).on
     late = cfg.model_copy(update={"steps": [9, 9]})
     n = len(said)
-    drive(StepProfiler(late, tmp_path, 0, torch.device("cpu"), said.append))
+    late_profiler = StepProfiler(late, tmp_path, 0, torch.device("cpu"), said.append)
+    assert late_profiler.describe(4) == (f"; profile of steps 9-9 (ranks 0) in {tmp_path}/profile/steps9-9 "
+                                         "(never reached: train.max_steps is 4)")
+    assert StepProfiler(None, tmp_path, 0, torch.device("cpu"), said.append).describe(4) == ""
+    drive(late_profiler)
     assert said[n:] == ["logging.profile: steps 9-9 not traced: the run ended at step 4"]
     assert not (tmp_path / "profile" / "steps9-9").exists()
 

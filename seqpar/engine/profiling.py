@@ -43,6 +43,14 @@ class StepProfiler:
         self._t0 = 0.0
         self._done = False
 
+    def describe(self, max_steps: int) -> str:
+        """``; profile of steps 5-6 (ranks 0) in <dir>`` for the summary's output line ('' when off)."""
+        if self.cfg is None:
+            return ""
+        first, last = self.cfg.steps
+        late = f" (never reached: train.max_steps is {max_steps})" if first > max_steps else ""
+        return f"; profile of steps {first}-{last} (ranks {','.join(map(str, self.cfg.ranks))}) in {self.dir}{late}"
+
     @property
     def active(self) -> bool:
         return self._prof is not None

@@ -391,10 +391,7 @@ class Trainer:
                    else c.train.decay) + f" to {c.train.lr * c.train.min_lr_ratio:g}, clip {c.train.grad_clip:g}",
                 f"memory  {self._memory_line()}",
                 f"output  {self.run_dir}" + ("" if self.run_dir.is_absolute() else f" (in {Path.cwd()})")
-                + (f"; profile of steps {c.logging.profile.steps[0]}-{c.logging.profile.steps[1]} (ranks "
-                   f"{','.join(map(str, c.logging.profile.ranks))}) in {self.profiler.dir}"
-                   + (f" (never reached: train.max_steps is {c.train.max_steps})"
-                      if c.logging.profile.steps[0] > c.train.max_steps else "") if c.logging.profile else ""),
+                + self.profiler.describe(c.train.max_steps),
                 f"ckpt    {self._disk_line()}",
             ]
         )
