@@ -76,6 +76,11 @@ class _Origins:
         return f"--{key}" if leaf else key
 
 
+def eval_set_name(path: Path) -> str:
+    """A held-out file's name in the logs with ``data.eval_per_file``: ``eval_loss/<this>``."""
+    return Path(path).stem
+
+
 def _origins(info: ValidationInfo | None) -> _Origins:
     ctx = getattr(info, "context", None)
     found = ctx.get("seqpar") if isinstance(ctx, dict) else None
@@ -403,6 +408,10 @@ class DataConfig(_Section):
     eval_paths: list[Path] = Field(
         default_factory=list, description="held-out files for train.eval_every (same format as paths)"
     )
+    eval_per_file: bool = Field(
+        False, description="each data.eval_paths file its own held-out set, logged as eval_loss/<file name "
+        "without extension>; eval_loss covers them all; false = the files form one set"
+    )
     weights: list[float] | None = Field(
         None, description="one per data.paths file: each file its own source, sampled in these proportions "
         "(sources above their natural share repeat); None = the files form one dataset"
@@ -460,6 +469,15 @@ class DataConfig(_Section):
                 raise ValueError(
                     f"data.passkey.curriculum_start_len={self.passkey.curriculum_start_len} leaves no room "
                     f"for two documents in data.seq_len={self.seq_len}: set it to at most {self.seq_len // 2}")
+        if self.eval_per_file:
+            if self.type == "passkey":
+                raise ValueError("data.eval_per_file names held-out files, but the passkey task has none (its "
+                                 "held-out split is generated): remove data.eval_per_file")
+            seen: dict[str, int] = {}
+            for i, path in enumerate(self.eval_paths):
+                if (j := seen.setdefault(eval_set_name(path), i)) != i:
+                    raise ValueError(f"data.eval_per_file names each held-out set by its file: data.eval_paths[{j}] "
+                                     f"and [{i}] are both '{eval_set_name(path)}': rename one of the files")
         if self.weights is not None:
             if self.type == "passkey":
                 raise ValueError("data.weights mixes data.paths files, but data.type is 'passkey' (no files): "
@@ -617,7 +635,12 @@ class TrainConfig(_Section):
         "on CUDA when installed, else the chunked torch loss"
     )
     eval_every: int = Field(0, ge=0, description="held-out loss every N optimizer steps (0 = off)")
-    eval_samples: int = Field(64, ge=1, description="held-out sequences scored at each evaluation")
+    eval_samples: int = Field(64, ge=1, description="held-out sequences scored at each evaluation (per set "
+                              "with data.eval_per_file)")
+    eval_by_position: list[int] = Field(
+        default_factory=list, description="also the held-out loss by position in the document: bucket edges, "
+        "e.g. [4096, 16384] = tokens at positions 0-4K, 4K-16K and 16K-seq_len (long-context use)"
+    )
     attention: Literal["auto", "torch", "sdpa", "flash_attn"] = Field(
         "auto", description="auto/sdpa: the fastest correct fused kernel per shape, measured at start-up on CUDA "
         "(cuDNN, flash, efficient; flash-attn 2 / FA4 for packed documents when installed); "
@@ -634,6 +657,13 @@ class TrainConfig(_Section):
     def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not all(0 <= b < 1 for b in v):
             raise ValueError("each of train.betas must be in [0, 1)")
+        return v
+
+    @field_validator("eval_by_position")
+    @classmethod
+    def _edges(cls, v: list[int]) -> list[int]:
+        if any(e < 1 for e in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"train.eval_by_position must be increasing positions >= 1, got {v} (e.g. [4096, 16384])")
         return v
 
     @model_validator(mode="after")
@@ -954,6 +984,9 @@ class Config(_Section):
         if self.train.eval_every and self.data.type != "passkey" and not self.data.eval_paths:
             raise ValueError(f"train.eval_every={self.train.eval_every} needs held-out data: set data.eval_paths "
                              "(files like data.paths, not trained on), or set train.eval_every to 0")
+        if self.train.eval_by_position and self.train.eval_by_position[-1] >= self.data.seq_len:
+            raise ValueError(f"train.eval_by_position={self.train.eval_by_position}: every edge must be below "
+                             f"data.seq_len={self.data.seq_len} (the last bucket ends there)")
         if self.checkpoint.keep_best and not self.train.eval_every:
             raise ValueError("checkpoint.keep_best keeps the checkpoint with the lowest held-out loss: it needs "
                              "train.eval_every > 0")

@@ -40,6 +40,16 @@ LossFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
 LOSS_IMPLS = ("auto", "torch", "liger", "cce")
 
 
+def _tile(h: Tensor, w: Tensor, lab: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """One tile's LSE and token losses (0 on ignored rows), in ``acc``; its logits die here."""
+    logits = (h @ w.t()).to(acc)  # the one live tile
+    lse = torch.logsumexp(logits, dim=-1)
+    tgt = logits.gather(1, lab.clamp_min(0).unsqueeze(1)).squeeze(1)
+    del logits  # free the tile before the next one is allocated
+    # where (not multiply) so a non-finite ignored row cannot leak a NaN into the sum
+    return lse, torch.where(lab != IGNORE_INDEX, lse - tgt, 0.0)
+
+
 class _ChunkedCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
@@ -49,14 +59,8 @@ class _ChunkedCE(torch.autograd.Function):
         lse = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for lo in range(0, hidden.shape[0], chunk):
-            lab = labels[lo : lo + chunk]
-            logits = (h_all[lo : lo + chunk] @ w.t()).to(acc)  # the one live tile
-            lse_c = torch.logsumexp(logits, dim=-1)
-            tgt = logits.gather(1, lab.clamp_min(0).unsqueeze(1)).squeeze(1)
-            del logits  # free the tile before the next one is allocated
-            lse[lo : lo + chunk] = lse_c
-            # where (not multiply) so a non-finite ignored row cannot leak a NaN into the sum
-            total += torch.where(lab != IGNORE_INDEX, lse_c - tgt, 0.0).sum()
+            lse[lo : lo + chunk], losses = _tile(h_all[lo : lo + chunk], w, labels[lo : lo + chunk], acc)
+            total += losses.sum()
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk = chunk
         return total
@@ -107,6 +111,22 @@ def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk:
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")
     return _ChunkedCE.apply(hidden, weight, labels, chunk)
+
+
+@torch.no_grad()
+def token_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
+    """Each token's cross-entropy [T] (0 where ``IGNORE_INDEX``), tile by tile as
+    ``chunked_cross_entropy``'s forward (the same values; no gradients): evaluation reports the
+    held-out loss by position in the document from it (``seqpar.engine.evaluation``)."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 tokens, got {chunk}")
+    cdt = torch.promote_types(hidden.dtype, weight.dtype)
+    acc = torch.promote_types(cdt, torch.float32)
+    h_all, w = hidden.to(cdt), weight.to(cdt)
+    out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    for lo in range(0, hidden.shape[0], chunk):
+        out[lo : lo + chunk] = _tile(h_all[lo : lo + chunk], w, labels[lo : lo + chunk], acc)[1]
+    return out
 
 
 # -- optional fused CUDA kernels ---------------------------------------------------------------------

@@ -398,7 +398,7 @@ def test_readme_own_data_config_validates(tmp_path):
                 "/data/": str(tmp_path) + "/", "/runs/": str(tmp_path / "runs") + "/"}
     for a, b in stand_in.items():
         block = block.replace(a, b)
-    for name in ("books.jsonl", "web.jsonl", "heldout.jsonl"):
+    for name in ("books.jsonl", "web.jsonl", "heldout-books.jsonl", "heldout-web.jsonl"):
         write(tmp_path / name, '{"text": "x"}\n')
     from test_data import make_hf_tokenizer
 
@@ -406,6 +406,7 @@ def test_readme_own_data_config_validates(tmp_path):
     path = write(tmp_path / "my-run.yaml", block)
     cfg = load_config(path)
     assert cfg.data.weights == [0.3, 0.7] and cfg.train.decay == "wsd" and cfg.model.arch == "qwen2"
+    assert cfg.data.eval_per_file and cfg.train.eval_by_position == [4096, 16384]
     lay = cfg.layout(8)
     assert lay.dp == 2 and lay.global_batch_size == 32
 

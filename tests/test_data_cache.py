@@ -253,6 +253,14 @@ def test_prepare_ahead_then_train(tmp_path: Path):
     quiet = subprocess.run(cli + ["--train.eval_every", "0"], capture_output=True, text=True, env=env, cwd=tmp_path,
                            timeout=300)
     assert quiet.returncode == 0 and "warning: data.eval_paths is not read: train.eval_every is 0" in quiet.stdout
+    second = write_jsonl(tmp_path / "web.jsonl", [{"text": d} for d in _docs(8, seed=2)])
+    per_file = subprocess.run(cli + ["--data.eval_per_file", "true", "--data.eval_paths", f"[{eval_f}, {second}]"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert per_file.returncode == 0, per_file.stderr  # eval.jsonl's entry is the one above; web.jsonl is new
+    assert "tokenizing data.eval_paths[1] (1 file" in per_file.stdout and "eval_paths[0]" not in per_file.stdout
+    assert "seqpar.data: held-out eval: TextDataset" in per_file.stdout
+    assert "seqpar.data: held-out web: TextDataset" in per_file.stdout
+    assert len(list((tmp_path / "run" / "cache").iterdir())) == 3
     bad = subprocess.run(cli + ["--model.vocab_size", "100"], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from seqpar.loss import LOSS_IMPLS, chunked_cross_entropy, select_loss
+from seqpar.loss import LOSS_IMPLS, chunked_cross_entropy, select_loss, token_cross_entropy
 
 IGN = -100
 CPU = torch.device("cpu")
@@ -61,6 +61,19 @@ def test_matches_dense_cross_entropy(dtype, tol, t, chunk, ignore):
     assert got.dtype == dtype and h.grad.dtype == dtype and w.grad.dtype == dtype
     assert abs(float(got.detach()) - float(want)) <= tol * abs(float(want))
     assert rel(h.grad, gh) <= tol and rel(w.grad, gw) <= tol
+
+
+@pytest.mark.parametrize("t,chunk,ignore", CASES)
+def test_token_losses_are_the_dense_definition_and_sum_to_the_loss(t, chunk, ignore):
+    """Evaluation's per-token path: each token's CE (0 when ignored), summing to the training loss."""
+    h, w, lab = make(t, ignore=ignore, dtype=torch.float64)
+    got = token_cross_entropy(h, w, lab, chunk)
+    want = F.cross_entropy(h.detach() @ w.detach().t(), lab, reduction="none", ignore_index=IGN)
+    assert got.shape == (t,) and not got.requires_grad
+    assert torch.allclose(got, want, rtol=1e-12, atol=0) and bool((got[list(ignore)] == 0).all())
+    assert float(got.sum()) == pytest.approx(float(chunked_cross_entropy(h, w, lab, chunk)), rel=1e-12)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        token_cross_entropy(h, w, lab, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

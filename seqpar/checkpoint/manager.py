@@ -29,7 +29,10 @@ from seqpar.errors import UserError
 RESUME_KEYS = ("checkpoint.resume", "checkpoint.allow_changes")
 # Keys that never change what is computed: accepted silently (reported in the resume line).
 NEUTRAL_CHANGES = ("logging.*", "checkpoint.*", "data.passkey.eval_samples", "data.cache_dir",
-                   "parallel.zero3_init", "train.galore.shard_state", "train.max_skipped_steps")
+                   "parallel.zero3_init", "train.galore.shard_state", "train.max_skipped_steps",
+                   # held-out evaluation only reads the weights (tests/test_evaluation.py: bitwise the same training)
+                   "train.eval_every", "train.eval_samples", "train.eval_by_position", "data.eval_paths",
+                   "data.eval_per_file")
 # Deliberate changes a resumed run may make, each only when named in checkpoint.allow_changes
 # (e.g. extending a run: train.max_steps also stretches the LR decay). Anything else is refused.
 SAFE_CHANGES = ("train.max_steps", "train.lr", "train.min_lr_ratio", "train.decay", "train.warmup_steps",

@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:  # e.g. a token file's tokenizer that cannot be loaded to decode
             print(f"seqpar.data: {e}", file=sys.stderr)
             return 2
-    if held_out is not None:
-        say(f"held-out: {held_out.describe()}")
+    for name, ds in (held_out or {}).items():
+        say(f"held-out{'' if name is None else ' ' + name}: {ds.describe()}")
     if cfg.data.type in ("text", "sft"):
         say(f"ready in {time.monotonic() - start:.1f} s: cache {cache_dir_of(cfg).resolve()} (the job reads it "
             f"while its data.cache_dir, or logging.run_dir, resolves there and data.paths, data.tokenizer and "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from seqpar.config import Config
+from seqpar.config import Config, eval_set_name
 from seqpar.data import PackedDataset, PasskeyDataset, build_dataset, build_tokenizer
 from seqpar.data.cache import Say
 from seqpar.data.tokenizer import Tokenizer, tokenizer_name
@@ -50,23 +50,33 @@ def check_tokenizer_fits(cfg: Config, tok: Tokenizer) -> None:
             f"raise model.vocab_size to at least {tok.vocab_size} or use the model's own tokenizer")
 
 
+# Held-out sets by name: None = one set (the passkey split, or data.eval_paths read together);
+# with data.eval_per_file each file is its own set, named by config.eval_set_name.
+HeldOut = dict[str | None, PackedDataset]
+
+
 def build_eval_dataset(cfg: Config, cache_dir: Path, say: Say | None = None,
                        stop: Callable[[], bool] | None = None,
-                       tokenizer: Tokenizer | None = None) -> PackedDataset | None:
-    """The held-out dataset, or None when ``train.eval_every`` is off: the passkey task's eval
-    split, or ``data.eval_paths`` read as one set (``data.weights`` apply to training files only)."""
+                       tokenizer: Tokenizer | None = None) -> HeldOut | None:
+    """The held-out sets, or None when ``train.eval_every`` is off: the passkey task's eval
+    split, or ``data.eval_paths`` read as one set or (``data.eval_per_file``) one set per file,
+    each cached on its own (``data.weights`` apply to training files only)."""
     if not cfg.train.eval_every:
         return None
     if cfg.data.type == "passkey":
-        return PasskeyDataset(cfg.data.model_copy(update={"passkey": cfg.data.passkey.model_copy(
-            update={"eval_samples": max(cfg.train.eval_samples, cfg.data.passkey.eval_samples)})}), split="eval")
-    held_out = cfg.data.model_copy(update={"paths": list(cfg.data.eval_paths), "weights": None})
-    return build_dataset(held_out, cache_dir, say, "data.eval_paths", stop, tokenizer)
+        return {None: PasskeyDataset(cfg.data.model_copy(update={"passkey": cfg.data.passkey.model_copy(
+            update={"eval_samples": max(cfg.train.eval_samples, cfg.data.passkey.eval_samples)})}), split="eval")}
+    if not cfg.data.eval_per_file:
+        held_out = cfg.data.model_copy(update={"paths": list(cfg.data.eval_paths), "weights": None})
+        return {None: build_dataset(held_out, cache_dir, say, "data.eval_paths", stop, tokenizer)}
+    return {eval_set_name(path): build_dataset(cfg.data.model_copy(update={"paths": [path], "weights": None}),
+                                               cache_dir, say, f"data.eval_paths[{i}]", stop, tokenizer)
+            for i, path in enumerate(cfg.data.eval_paths)}
 
 
 def prepare_data(cfg: Config, say: Say | None = None, stop: Callable[[], bool] | None = None,
-                 tokenizer: Tokenizer | None = None) -> tuple[PackedDataset, PackedDataset | None]:
-    """(training set, held-out set or None), built and checked; ``say``: progress printer;
+                 tokenizer: Tokenizer | None = None) -> tuple[PackedDataset, HeldOut | None]:
+    """(training set, held-out sets or None), built and checked; ``say``: progress printer;
     ``stop``: true when the process is asked to stop (tokenizing then raises ``cache.Stopped``);
     ``tokenizer``: ``build_tokenizer(cfg.data)`` when the caller already has it (loaded once)."""
     tok = None
@@ -81,8 +91,8 @@ def prepare_data(cfg: Config, say: Say | None = None, stop: Callable[[], bool] |
     cache_dir = cache_dir_of(cfg)
     train = build_dataset(cfg.data, cache_dir, say, stop=stop, tokenizer=tok)
     held_out = build_eval_dataset(cfg, cache_dir, say, stop, tok)
-    for ds, key in ((train, "data.paths"), (held_out, "data.eval_paths")):
-        if ds is not None and ds.vocab_size_needed > cfg.model.vocab_size:
+    for ds, key in ((train, "data.paths"), *((ds, "data.eval_paths") for ds in (held_out or {}).values())):
+        if ds.vocab_size_needed > cfg.model.vocab_size:
             source = getattr(ds, "vocab_source", "")
             raise DataError(
                 f"{key}: the data emits token ids up to {ds.vocab_size_needed - 1}"

@@ -346,7 +346,7 @@ class Trainer:
         A preemption while tokenizing ends it (``Stopped``; train.py exits 75, nothing to save)."""
         signals = StopSignal.install()
         self.tokenizer = build_tokenizer(self.cfg.data) if self.cfg.data.type != "tokens" else None
-        self.dataset, self.eval_set = prepare_data(self.cfg, self.data_say, lambda: signals.received is not None,
+        self.dataset, self.eval_sets = prepare_data(self.cfg, self.data_say, lambda: signals.received is not None,
                                                    tokenizer=self.tokenizer)
         self.data_fingerprint = self.dataset.content_fingerprint()
         self.tokenizer_files = tokenizer_files(self.cfg.data, self.tokenizer)  # what checkpoints carry
@@ -517,13 +517,12 @@ class Trainer:
     def _evaluate_if_due(self) -> bool:
         """Held-out loss every ``train.eval_every`` steps (collective); True when it ran."""
         st, every = self.state, self.cfg.train.eval_every
-        if self.eval_set is None or st.micro_step or st.step % every:
+        if self.eval_sets is None or st.micro_step or st.step % every:
             return False
-        loss = held_out_loss(self, self.eval_set)
-        self._last_eval = (st.step, loss)
-        self.logger.log(st.step, {"eval_loss": loss})
-        n = min(self.cfg.train.eval_samples, len(self.eval_set))
-        self.logger.print(f"eval step {st.step}/{self.cfg.train.max_steps} | held-out loss {loss:.4f} ({n} sequences)")
+        result = held_out_loss(self, self.eval_sets)
+        self._last_eval = (st.step, result.loss)
+        self.logger.log(st.step, result.metrics())
+        self.logger.print(result.line(st.step, self.cfg.train.max_steps))
         return True
 
     def _preempted(self, tag: str | None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import ModelConfig, RopeScalingConfig, is_moe_layer
 from seqpar.kernels import AttnMeta, LocalAttention, TorchAttention, attn_meta_from_positions
-from seqpar.loss import chunked_cross_entropy
+from seqpar.loss import chunked_cross_entropy, token_cross_entropy
 from seqpar.models.moe import MoE, Router, SwiGLU
 from seqpar.models.tiling import tiled
 
@@ -226,10 +226,9 @@ class LMHead(nn.Linear):
 
     loss_fn = staticmethod(chunked_cross_entropy)  # Transformer.set_loss swaps in a fused kernel
 
-    def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 4096) -> Tensor:  # type: ignore[override]
-        if labels is None:
-            return F.linear(x, self.weight)
-        return self.loss_fn(x, self.weight, labels, chunk)
+    def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 4096,  # type: ignore[override]
+                per_token: bool = False) -> Tensor:
+        return _head(self, x, labels, chunk, per_token)
 
 
 class TiedLMHead(nn.Module):
@@ -246,10 +245,18 @@ class TiedLMHead(nn.Module):
 
     loss_fn = staticmethod(chunked_cross_entropy)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 4096) -> Tensor:
-        if labels is None:
-            return F.linear(x, self.weight)
-        return self.loss_fn(x, self.weight, labels, chunk)
+    def forward(self, x: Tensor, labels: Tensor | None = None, chunk: int = 4096, per_token: bool = False) -> Tensor:
+        return _head(self, x, labels, chunk, per_token)
+
+
+def _head(head: LMHead | TiedLMHead, x: Tensor, labels: Tensor | None, chunk: int, per_token: bool) -> Tensor:
+    """Logits without labels; with them the summed CE, or each token's CE [T] (``per_token``, no
+    gradients: evaluation by position)."""
+    if labels is None:
+        return F.linear(x, head.weight)
+    if per_token:
+        return token_cross_entropy(x, head.weight, labels, chunk)
+    return head.loss_fn(x, head.weight, labels, chunk)
 
 
 class Backbone(nn.Module):
@@ -265,6 +272,7 @@ class ModelOutput:
     loss_sum: Tensor | None  # summed CE over labelled tokens (caller normalises)
     aux_loss: Tensor  # MoE load-balancing loss (0 for dense)
     logits: Tensor | None = None  # [B, S, V] when no labels are given
+    token_losses: Tensor | None = None  # [B * S] each token's CE (0 = no label), with per_token
 
 
 class Transformer(nn.Module):
@@ -341,7 +349,9 @@ class Transformer(nn.Module):
         position_ids: Tensor,
         labels: Tensor | None = None,
         meta: AttnMeta | None = None,
+        per_token: bool = False,
     ) -> ModelOutput:
+        """``per_token`` (with labels, no gradients): also each token's CE, for evaluation."""
         ids = input_ids.reshape(-1)
         pos = position_ids.reshape(-1)
         if meta is None:
@@ -367,6 +377,9 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if labels is None:
             return ModelOutput(None, aux, self.lm_head(x).view(*input_ids.shape, -1))
+        if per_token:
+            losses = self.lm_head(x, labels.reshape(-1), self.loss_chunk_size, per_token=True)
+            return ModelOutput(losses.sum(), aux, token_losses=losses)
         return ModelOutput(self.lm_head(x, labels.reshape(-1), self.loss_chunk_size), aux)
 
     # -- router state -----------------------------------------------------------------------------
