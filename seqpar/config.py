@@ -986,7 +986,8 @@ class Config(_Section):
                              "(files like data.paths, not trained on), or set train.eval_every to 0")
         if self.train.eval_by_position and self.train.eval_by_position[-1] >= self.data.seq_len:
             raise ValueError(f"train.eval_by_position={self.train.eval_by_position}: every edge must be below "
-                             f"data.seq_len={self.data.seq_len} (the last bucket ends there)")
+                             f"data.seq_len={self.data.seq_len} (the last bucket ends there): drop the edges "
+                             f">= {self.data.seq_len} or raise data.seq_len")
         if self.checkpoint.keep_best and not self.train.eval_every:
             raise ValueError("checkpoint.keep_best keeps the checkpoint with the lowest held-out loss: it needs "
                              "train.eval_every > 0")

@@ -264,4 +264,4 @@ def select_loss(impl: str, device: torch.device, deterministic: bool = False) ->
     return LossImpl("torch", chunked_cross_entropy)
 
 
-__all__ = ["IGNORE_INDEX", "LOSS_IMPLS", "LossImpl", "chunked_cross_entropy", "select_loss"]
+__all__ = ["IGNORE_INDEX", "LOSS_IMPLS", "LossImpl", "chunked_cross_entropy", "select_loss", "token_cross_entropy"]

@@ -371,3 +371,21 @@ def test_keep_best_protects_the_lowest_eval_loss(tmp_path):
     assert [c.step for c in store.list()] == [3, 5]
     store.retain(keep_last=1, protect=set(), committed_now=new, keep_best=False)
     assert [c.step for c in store.list()] == [5]
+
+
+def test_keep_best_compares_only_losses_measured_on_the_same_held_out_data(tmp_path):
+    """A resume may change the held-out data (evaluation settings are neutral): a loss measured on
+    other data is not comparable, so it is never the best; a manifest that does not say (written
+    before eval_set was recorded) still counts."""
+    store = CheckpointStore(tmp_path)
+    for step, loss, eval_set in ((1, 1.0, None), (2, 0.5, "old"), (3, 2.0, "new"), (4, 3.0, "new")):
+        part = store.begin(tag_for(step, 0))
+        (part / "trainer_state.json").write_text("{}")
+        pos = {"step": step, "window_samples": 0, "consumed_samples": 8 * step, "micro_step": 0}
+        store.commit(tag_for(step, 0), describe_files(part, [part / "trainer_state.json"]),
+                     {"position": pos, "eval_loss": loss, **({"eval_set": eval_set} if eval_set else {})})
+    assert store.best() == (tag_for(2, 0), 0.5)  # no eval_set of its own: every loss counts
+    store.eval_set = "new"
+    assert store.best() == (tag_for(1, 0), 1.0)
+    (tmp_path / tag_for(1, 0)).rename(tmp_path / "elsewhere")
+    assert store.best() == (tag_for(3, 0), 2.0)

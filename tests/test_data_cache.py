@@ -252,7 +252,11 @@ def test_prepare_ahead_then_train(tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "run" / "cache").iterdir()) == entries
     quiet = subprocess.run(cli + ["--train.eval_every", "0"], capture_output=True, text=True, env=env, cwd=tmp_path,
                            timeout=300)
-    assert quiet.returncode == 0 and "warning: data.eval_paths is not read: train.eval_every is 0" in quiet.stdout
+    assert quiet.returncode == 0 and "warning: data.eval_paths is not used: train.eval_every is 0" in quiet.stdout
+    quiet = subprocess.run(cli + ["--train.eval_every", "0", "--train.eval_by_position", "[8]"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=300)
+    assert ("warning: data.eval_paths and train.eval_by_position are not used: train.eval_every is 0"
+            in quiet.stdout), quiet.stdout
     second = write_jsonl(tmp_path / "web.jsonl", [{"text": d} for d in _docs(8, seed=2)])
     per_file = subprocess.run(cli + ["--data.eval_per_file", "true", "--data.eval_paths", f"[{eval_f}, {second}]"],
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

@@ -217,4 +217,4 @@ def test_tokenizer_loaded_once_per_run(tmp_path: Path, monkeypatch):
                                     "eval_paths": files[:1], "seq_len": 16},
                            "logging": {"run_dir": str(tmp_path / "run")}})
     train, held_out = prepare_data(cfg)
-    assert isinstance(train, MixtureDataset) and held_out is not None and len(loads) == 1
+    assert isinstance(train, MixtureDataset) and list(held_out) == [None] and len(loads) == 1

@@ -43,10 +43,11 @@ def test_eval_every_logs_held_out_loss_and_keep_best_keeps_the_lowest(tmp_path):
 @pytest.mark.slow
 def test_eval_loss_is_the_same_under_sequence_parallelism(tmp_path):
     """The held-out loss, also by position, of 2 Ulysses ranks (each scoring its shard) and of 2
-    zigzag-ring ranks (shards of reordered chunks) equals one process's."""
+    zigzag-ring ranks (shards of reordered chunks) equals one process's; so does that of 2
+    data-parallel ranks scoring 3 sequences (the second rank's second turn is padding: not counted)."""
     losses = {}
     for name, nproc, par in (("one", 1, {}), ("sp2", 2, {"ulysses_degree": 2, "zero_stage": 3}),
-                             ("ring2", 2, {"ring_degree": 2})):
+                             ("ring2", 2, {"ring_degree": 2}), ("dp2", 2, {})):
         cmd, run_dir = command(tmp_path, name, nproc, train={"max_steps": 2, "eval_every": 2, "eval_samples": 3,
                                                              "eval_by_position": [32, 64]},
                                checkpoint={"every_micro_batches": 0}, parallel=par)
@@ -59,7 +60,7 @@ def test_eval_loss_is_the_same_under_sequence_parallelism(tmp_path):
         assert "| by position 0-32 " in r.stdout and ", 64-128 " in r.stdout, r.stdout[-2000:]
     assert len(losses["one"]) == 1 and set(losses["one"][0]) == {
         "eval_loss", "eval_loss_by_position/0-32", "eval_loss_by_position/32-64", "eval_loss_by_position/64-128"}
-    for sp in ("sp2", "ring2"):
+    for sp in ("sp2", "ring2", "dp2"):
         assert list(losses[sp][0]) == list(losses["one"][0]), losses
         for key, value in losses["one"][0].items():
             assert losses[sp][0][key] == pytest.approx(value, rel=1e-4), (sp, key, losses)

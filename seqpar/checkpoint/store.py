@@ -173,6 +173,7 @@ class CheckpointStore:
     def __init__(self, root: Path, mode: int = 0o600):
         self.root = Path(root)
         self.mode = mode  # of every file the store writes (checkpoint.file_mode)
+        self.eval_set: str | None = None  # what this run's eval_loss measures (evaluation.eval_identity)
 
     # -- the lock: one writing job per directory ---------------------------------------------------
     def lock(self, wait_s: float = 120.0, log=print) -> bool:
@@ -360,11 +361,15 @@ class CheckpointStore:
         return self.verify(path)
 
     def best(self) -> tuple[str, float] | None:
-        """(tag, eval loss) of the committed checkpoint with the lowest finite held-out loss, if any."""
+        """(tag, eval loss) of the committed checkpoint with the lowest finite held-out loss, if any;
+        with ``eval_set`` set, among those scored on that held-out data (or not saying which)."""
         scored = []
         for c in self.list():
             try:
-                loss = json.loads((c.path / MANIFEST).read_text()).get("eval_loss")
+                manifest = json.loads((c.path / MANIFEST).read_text())
+                loss = manifest.get("eval_loss")
+                if self.eval_set is not None and manifest.get("eval_set", self.eval_set) != self.eval_set:
+                    continue  # scored on other held-out data (a resume changed it): not comparable
             except (OSError, ValueError, AttributeError):
                 continue
             # a NaN loss (older manifests) compares false with everything: min() could keep it as the best

@@ -84,10 +84,12 @@ def prepare_data(cfg: Config, say: Say | None = None, stop: Callable[[], bool] |
         tok = tokenizer if tokenizer is not None else build_tokenizer(cfg.data)
     if tok is not None:
         check_tokenizer_fits(cfg, tok)
-    if cfg.data.eval_paths and not cfg.train.eval_every and say is not None:
+    unused = [k for k, v in (("data.eval_paths", cfg.data.eval_paths), ("data.eval_per_file", cfg.data.eval_per_file),
+                             ("train.eval_by_position", cfg.train.eval_by_position)) if v]
+    if unused and not cfg.train.eval_every and say is not None:
         # a warning, not an error: runs (and checkpoints) with this setting existed before the check
-        say("warning: data.eval_paths is not read: train.eval_every is 0 (set it to N for a held-out loss every "
-            "N steps)")
+        say(f"warning: {' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: train.eval_every is 0 "
+            "(set it to N for a held-out loss every N steps)")
     cache_dir = cache_dir_of(cfg)
     train = build_dataset(cfg.data, cache_dir, say, stop=stop, tokenizer=tok)
     held_out = build_eval_dataset(cfg, cache_dir, say, stop, tok)

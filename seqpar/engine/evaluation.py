@@ -7,13 +7,16 @@ scored each time (the same ones, so evaluations are comparable); every DP rank s
 sequence-parallel ranks their shards, and a loss is the sum of token cross-entropies over all
 labelled tokens, like training's. ``eval_loss`` covers every scored token of every set.
 
-``train.eval_by_position`` also splits the tokens by their position in the document (the context
-the model had when predicting them): whether the loss keeps falling deep into a long context is
-what a context extension is for, and a single mean hides it.
+``train.eval_by_position`` also splits the tokens by their position in their document within the
+sequence (the context the model had when predicting them): whether the loss keeps falling deep into
+a long context is what a context extension is for, and a single mean hides it. Scored with
+``loss.token_cross_entropy`` whatever ``train.loss_impl`` is (fused kernels return only the sum).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,7 +28,18 @@ from seqpar.data import Batch, PackedDataset
 from seqpar.data.packing import IGNORE_INDEX
 
 if TYPE_CHECKING:
+    from seqpar.config import Config
     from seqpar.engine.trainer import Trainer
+
+
+def eval_identity(cfg: "Config") -> str:
+    """What an ``eval_loss`` measured (the held-out data and how many sequences of it), recorded
+    next to it in a checkpoint's manifest: ``checkpoint.keep_best`` compares only losses measured
+    alike, since a resume may change the evaluation settings."""
+    d, t = cfg.data, cfg.train
+    what = {"type": d.type, "eval_paths": [str(p) for p in d.eval_paths], "per_file": d.eval_per_file,
+            "samples": t.eval_samples, "seq_len": d.seq_len}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _short(n: int) -> str:
@@ -49,10 +63,9 @@ def position_sums(losses: torch.Tensor, positions: torch.Tensor, labels: torch.T
     at that index is the next token, predicted from position + 1 tokens of context)."""
     bucket = torch.bucketize(positions, edges, right=True)  # edges[b-1] <= position < edges[b]
     labelled = (labels != IGNORE_INDEX).double()
-    out = torch.zeros(edges.numel() + 1, 2, dtype=torch.float64, device=losses.device)
-    out[:, 0].index_add_(0, bucket, losses.double() * labelled)
-    out[:, 1].index_add_(0, bucket, labelled)
-    return out
+    values = torch.stack([losses.double() * labelled, labelled], dim=1)  # [T, 2]
+    # a one-hot product, not index_add_ (atomics on CUDA): the same weights give bitwise the same loss
+    return torch.nn.functional.one_hot(bucket, edges.numel() + 1).double().t() @ values
 
 
 @dataclass

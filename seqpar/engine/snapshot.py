@@ -71,6 +71,7 @@ class Snapshot:
         if tr._last_eval and tr._last_eval[0] == st.step and not st.micro_step:
             loss = tr._last_eval[1]  # checkpoint.keep_best keeps the lowest; a NaN one is no loss (strict JSON)
             meta["eval_loss"] = loss if math.isfinite(loss) else None
+            meta["eval_set"] = tr.ckpt.store.eval_set  # keep_best compares only losses measured alike
         trainer_state = {**meta, **st.state_dict(), "sampler": tr.sampler.state_dict(),
                          "special_tokens": self.special_ids(),  # for the export of ZeRO-3 shards
                          "data_fingerprint": tr.data_fingerprint}  # a resume on other data is refused

@@ -40,7 +40,7 @@ from seqpar.checkpoint.store import FORMAT_VERSION, Position
 from seqpar.checkpoint.writer import WriteFailed
 from seqpar.config import Config, ConfigError, Layout
 from seqpar.engine import deepspeed_state as dss
-from seqpar.engine.evaluation import held_out_loss
+from seqpar.engine.evaluation import eval_identity, held_out_loss
 from seqpar.engine.extensions import Extensions
 from seqpar.engine.memory import apply_memory_policy
 from seqpar.engine.profiling import StepProfiler
@@ -316,6 +316,7 @@ class Trainer:
         self._resumed_acc: dict[str, float] | None = None
         self.ckpt = CheckpointManager(cfg.checkpoint, self.run_dir, topo.rank, topo.world_size,
                                       pin=self.device.type == "cuda")
+        self.ckpt.store.eval_set = eval_identity(cfg) if cfg.train.eval_every else None
         self.stop = StopSignal.install()  # train.main() installed it first; kept start-up signals
         self.stop.arm()
         self.exit_code = 0
