@@ -410,7 +410,7 @@ class DataConfig(_Section):
     )
     eval_per_file: bool = Field(
         False, description="each data.eval_paths file its own held-out set, logged as eval_loss/<file name "
-        "without extension>; eval_loss covers them all; false = the files form one set"
+        "minus its last suffix>; eval_loss covers them all; false = the files form one set"
     )
     weights: list[float] | None = Field(
         None, description="one per data.paths file: each file its own source, sampled in these proportions "
