@@ -491,3 +491,21 @@ def test_cli_resume_on_edited_data_is_refused(tmp_path: Path):
                         "--checkpoint.allow_changes", "[data.content]"], capture_output=True, text=True, timeout=300,
                        cwd=tmp_path, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0 and "already complete at step 1" in r.stdout, r.stderr[-2000:]
+
+
+def test_held_out_file_past_the_vocabulary_is_named(tmp_path: Path):
+    """With data.eval_per_file the vocabulary error names the held-out set whose tokens do not fit."""
+    from seqpar.config import validate_config
+    from seqpar.data.prepare import prepare_data
+
+    ok, wide = tmp_path / "train.npy", tmp_path / "web.npy"
+    np.save(ok, np.arange(300, dtype=np.int32) % 200)
+    t = np.arange(300, dtype=np.int32) % 200
+    t[5] = 400
+    np.save(wide, t)
+    cfg = validate_config({"model": {"vocab_size": 320}, "train": {"eval_every": 5},
+                           "data": {"type": "tokens", "paths": [str(ok)], "eval_paths": [str(ok), str(wide)],
+                                    "eval_per_file": True, "seq_len": 16},
+                           "logging": {"run_dir": str(tmp_path / "run")}})
+    one_line_error(lambda: prepare_data(cfg), "data.eval_paths (web): the data emits token ids up to 400",
+                   f"token file '{wide}'", "model.vocab_size=320")

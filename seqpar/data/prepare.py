@@ -93,7 +93,8 @@ def prepare_data(cfg: Config, say: Say | None = None, stop: Callable[[], bool] |
     cache_dir = cache_dir_of(cfg)
     train = build_dataset(cfg.data, cache_dir, say, stop=stop, tokenizer=tok)
     held_out = build_eval_dataset(cfg, cache_dir, say, stop, tok)
-    for ds, key in ((train, "data.paths"), *((ds, "data.eval_paths") for ds in (held_out or {}).values())):
+    for ds, key in ((train, "data.paths"), *((ds, "data.eval_paths" + ("" if name is None else f" ({name})"))
+                                             for name, ds in (held_out or {}).items())):
         if ds.vocab_size_needed > cfg.model.vocab_size:
             source = getattr(ds, "vocab_source", "")
             raise DataError(
