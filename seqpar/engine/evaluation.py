@@ -117,12 +117,12 @@ def held_out_loss(trainer: "Trainer", sets: dict[str | None, PackedDataset]) -> 
     finally:
         trainer.engine.train()
     dist.all_reduce(sums)
-    loss = lambda r: (r[0] / r[1]).item() if r[1] > 0 else math.nan  # noqa: E731
-    total = sums[: len(sets)].sum(0)
-    named = [k for k in sets if k is not None]
+    rows = sums.tolist()  # one host read
+    loss = lambda ce, n: ce / n if n > 0 else math.nan  # noqa: E731
+    per_set, per_bucket = rows[: len(sets)], rows[len(sets):]
     return HeldOutResult(
-        loss=loss(total), sequences=sum(sizes),
-        sets={k: loss(sums[j]) for j, k in enumerate(sets) if k is not None} if named else {},
+        loss=loss(sum(r[0] for r in per_set), sum(r[1] for r in per_set)), sequences=sum(sizes),
+        sets={k: loss(*r) for k, r in zip(sets, per_set) if k is not None},
         positions=dict(zip(position_buckets(cfg.train.eval_by_position, cfg.data.seq_len),
-                           (loss(r) for r in sums[len(sets):]))) if edges.numel() else {},
+                           (loss(*r) for r in per_bucket))) if edges.numel() else {},
     )
